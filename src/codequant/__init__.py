@@ -1,0 +1,9 @@
+"""CodeQuant: 4-bit codebook weights and 4-bit activations for Mixture-of-Experts LLMs."""
+
+from .format import FORMAT_VERSION, PackedWeight, pack
+from .modules.experts import CodeQuantExperts
+from .modules.linear import CodeQuantLinear, quantize_linear
+from .quantizers.activations import ActQuantSpec
+
+__version__ = "0.1.0"
+__all__ = ["FORMAT_VERSION", "PackedWeight", "pack", "CodeQuantExperts", "CodeQuantLinear", "quantize_linear", "ActQuantSpec"]

@@ -1,0 +1,95 @@
+"""CodeQuantLinear: a linear layer on packed CodeQuant weights (see :mod:`codequant.format`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, pack, padded_columns
+from ..kernels import select_backend
+from ..quantizers.activations import ActQuantSpec
+from ..transforms.hadamard import block_hadamard
+
+
+class CodeQuantLinear(nn.Module):
+    """y = Q_act(x H) W_hat^T + b, W_hat from 4-bit indices into per-row/group codebooks.
+
+    ``hadamard_block`` > 0 applies the online block Hadamard H to the input first (its
+    inverse is folded into the weight). ``backend`` forces a kernel backend (None: by device).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int | None = None,
+        act: ActQuantSpec = ActQuantSpec(bits=16),
+        hadamard_block: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        group_size = group_size or in_features
+        if in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.act, self.hadamard_block, self.backend = act, hadamard_block, None
+        kp = padded_columns(in_features)
+        self.register_buffer("indices", torch.zeros(out_features, kp // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "codebook",
+            torch.zeros(out_features, in_features // group_size, CODEBOOK_SIZE, dtype=CODEBOOK_DTYPE, device=device),
+        )
+        self.register_buffer("row_sum", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_packed(
+        cls,
+        weight: PackedWeight,
+        bias: torch.Tensor | None = None,
+        act: ActQuantSpec = ActQuantSpec(bits=16),
+        hadamard_block: int = 0,
+    ) -> "CodeQuantLinear":
+        dtype = bias.dtype if bias is not None else torch.float32
+        module = cls(weight.in_features, weight.out_features, bias is not None, weight.group_size, act, hadamard_block, dtype, weight.indices.device)
+        module.indices.copy_(weight.indices)
+        module.codebook.copy_(weight.codebook)
+        module.row_sum.copy_(weight.row_sum)
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.indices, self.codebook, self.row_sum, self.in_features)
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.codebook.shape[-2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard_block:
+            x = block_hadamard(x, self.hadamard_block)
+        return select_backend("linear", x.device.type, self.backend)(x, self.packed, self.act, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"act_bits={self.act.bits}, hadamard_block={self.hadamard_block}, bias={self.bias is not None}"
+        )
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bits: int = 4,
+    group_size: int | None = None,
+    act_bits: int = 16,
+) -> CodeQuantLinear:
+    """Data-free CodeQuant linear: k-means codebooks of 2^bits centroids per row (or group)."""
+    from ..quantizers.codebook import fit_codebooks
+
+    idx, codebook = fit_codebooks(weight.float(), bits=bits, group_size=group_size or weight.shape[-1])
+    return CodeQuantLinear.from_packed(pack(idx, codebook), bias, ActQuantSpec(bits=act_bits))

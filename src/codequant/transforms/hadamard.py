@@ -1,0 +1,53 @@
+"""Hadamard matrices: the random-Hadamard rotation start and the online block transform.
+
+H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]] (Sylvester); H_n / sqrt(n) is orthogonal.
+A block Hadamard of block h applies H_h / sqrt(h) to each run of h consecutive channels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix H_n / sqrt(n); n must be a power of two."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two size, got {n}")
+    return (_sylvester(n) / math.sqrt(n)).to(dtype)
+
+
+def largest_power_of_two_block(n: int) -> int:
+    """The largest power of two dividing n: the block of the online transform for n channels."""
+    return n & -n
+
+
+def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x @ blockdiag(H_block, ..., H_block) over the last dim (orthonormal, self-inverse)."""
+    k = x.shape[-1]
+    h = hadamard(block, torch.float32).to(x.device)
+    y = x.float().reshape(*x.shape[:-1], k // block, block) @ h
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def random_hadamard(n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """diag(random signs) @ blockdiag Hadamard: an orthogonal n x n matrix.
+
+    For n a power of two this is a full randomized Hadamard matrix; otherwise the
+    largest power-of-two blocks are used (n = 2^a * m gives m blocks of 2^a).
+    """
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    block = largest_power_of_two_block(n)
+    h = torch.block_diag(*[hadamard(block, torch.float64)] * (n // block))
+    return (signs[:, None] * h).to(dtype)
