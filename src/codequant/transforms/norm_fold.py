@@ -1,0 +1,146 @@
+"""Stage 0: fold the residual-stream norms' scales into the linears that read them.
+
+After :func:`fold_norms` every residual norm is scale-free (gamma = 1), so it commutes with
+any orthogonal rotation of the stream, and the full-precision network is unchanged.
+
+RMSNorm(x) * gamma read by W becomes RMSNorm(x) read by W diag(gamma).
+
+LayerNorm with bias (PhiMoE) is first made an RMSNorm: every writer of the stream (the
+embedding table, o_proj, the experts' and MLPs' down projections, their biases) is
+centred over the hidden dim, so the stream has zero mean and
+LayerNorm(x) = RMSNorm(x) * gamma + beta exactly. gamma folds into the readers as above;
+beta folds into the readers' biases (b <- b + W beta, a zero bias is added where a linear
+has none) when every reader of that norm is an nn.Linear. When a reader cannot take a bias
+(fused experts), the norm keeps beta / gamma as its own bias (an :class:`RMSNormWithBias`):
+W diag(gamma) (x_hat + beta / gamma) = W (gamma x_hat + beta).
+Norms inside attention (q_norm, k_norm, q_a_layernorm, kv_a_layernorm) are left alone.
+
+Where the checkpoint code finds what changed (module names relative to the model):
+``config.codequant_rms_norms`` (every replaced LayerNorm, now an RMSNorm),
+``config.codequant_rms_norm_biases`` (those of them that keep a bias, RMSNormWithBias),
+``config.codequant_added_biases`` (linears that received a bias they did not have).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import ArchitectureAdapter
+from ..modules.norm import RMSNorm
+
+
+class RMSNormWithBias(RMSNorm):
+    """y = x / sqrt(mean(x^2) + eps) * weight + bias: a LayerNorm on a zero-mean stream."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=torch.float32, device=None):
+        super().__init__(hidden_size, eps, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.bias.to(x.dtype)
+
+
+def untie_word_embeddings(model: nn.Module, adapter: ArchitectureAdapter) -> bool:
+    """Give lm_head its own copy of a tied embedding table; True if it was tied."""
+    head, emb = adapter.lm_head(model), adapter.embed_tokens(model)
+    tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+    if tied:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+    return tied
+
+
+def center_residual_writers(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """Subtract from every stream writer (and the embedding table) its mean over the
+    hidden dim, so the residual stream has zero mean (in float64, cast back)."""
+    with torch.no_grad():
+        for w in adapter.residual_writers(model):
+            t = w.tensor
+            t.copy_(_centered(t.double(), w.stream_dim).to(t.dtype))
+            if w.bias is not None:
+                b = w.bias_tensor
+                b.copy_(_centered(b.double(), -1).to(b.dtype))
+
+
+def fold_norms(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+    """Fold every residual norm's gamma (and LayerNorm beta) into its readers; in place.
+
+    Ties between lm_head and the embedding are broken first (see module doc for LayerNorm).
+    """
+    untie_word_embeddings(model, adapter)
+    groups = adapter.residual_readers(model)
+    if any(isinstance(g.norm, nn.LayerNorm) for g in groups):
+        center_residual_writers(model, adapter)
+    replaced, with_bias, added_biases = [], [], []
+    with torch.no_grad():
+        for g in groups:
+            gamma = _norm_weight(g.norm)
+            beta = getattr(g.norm, "bias", None) if isinstance(g.norm, nn.LayerNorm) else None
+            beta_in_readers = beta is not None and all(isinstance(r.module, nn.Linear) for r in g.readers)
+            for r in g.readers:
+                w = r.tensor
+                w64 = w.double()
+                if beta_in_readers:
+                    shift = w64 @ beta.double()
+                    if r.module.bias is None:
+                        r.module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+                        added_biases.append(r.name)
+                    r.module.bias.copy_((r.module.bias.double() + shift).to(r.module.bias.dtype))
+                if gamma is not None:
+                    w.copy_((w64 * gamma.double()).to(w.dtype))
+            if isinstance(g.norm, nn.LayerNorm):
+                keep_bias = beta is not None and not beta_in_readers
+                if keep_bias and gamma is not None:
+                    if bool(torch.any(gamma == 0)):
+                        raise ValueError(f"{g.name}: a zero LayerNorm scale with a bias cannot be folded into fused experts")
+                    beta = (beta.double() / gamma.double()).to(beta.dtype)
+                new = _rms_from_layer_norm(g.norm, beta if keep_bias else None)
+                _set_module(model, g.name, new)
+                replaced.append(g.name)
+                if keep_bias:
+                    with_bias.append(g.name)
+            elif gamma is not None:
+                g.norm.weight.fill_(1.0)
+    config = model.config
+    config.codequant_rms_norms = sorted(set(getattr(config, "codequant_rms_norms", []) or []) | set(replaced))
+    config.codequant_rms_norm_biases = sorted(set(getattr(config, "codequant_rms_norm_biases", []) or []) | set(with_bias))
+    config.codequant_added_biases = sorted(set(getattr(config, "codequant_added_biases", []) or []) | set(added_biases))
+    return model
+
+
+def residual_norms_are_folded(model: nn.Module, adapter: ArchitectureAdapter) -> bool:
+    """True when every residual norm is scale-free (gamma = 1, no LayerNorm left)."""
+    for g in adapter.residual_readers(model):
+        if isinstance(g.norm, nn.LayerNorm):
+            return False
+        gamma = _norm_weight(g.norm)
+        if gamma is not None and not bool(torch.all(gamma == 1)):
+            return False
+    return True
+
+
+def _centered(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t - t.mean(dim=dim, keepdim=True)
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
+    return getattr(norm, "weight", None)
+
+
+def _rms_from_layer_norm(norm: nn.LayerNorm, bias: torch.Tensor | None) -> RMSNorm:
+    (hidden,) = norm.normalized_shape
+    ref = norm.weight if norm.weight is not None else torch.empty(0)
+    cls = RMSNormWithBias if bias is not None else RMSNorm
+    new = cls(hidden, norm.eps, dtype=ref.dtype, device=ref.device)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
