@@ -1,0 +1,209 @@
+"""CPU lookup-table kernels for packed CodeQuant weights (compiled extension ``_lut``).
+
+``linear`` and ``moe`` have the signatures of :mod:`codequant.kernels.reference` (plus a
+``threads`` argument, default ``torch.get_num_threads()``) and register as the ``cpu``
+backend, which :func:`codequant.kernels.select_backend` picks for CPU tensors.
+
+Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
+``CODEQUANT_CPU_ISA=portable|avx2|avx512`` or :func:`use_isa`):
+
+* W4A16 (``act.bits >= 16``): float32 activations; centroids looked up as float32
+  (vpermps on AVX-512) and multiplied-added in float32. Matches the reference up to
+  float32 summation order.
+* W4A8 / W4A4 (``act.bits <= 8``): the activations are quantized per token (or per
+  group) in C exactly as :func:`~codequant.quantizers.activations.quantize_activations`
+  does (bit-identical codes, scales, zeros), the codebooks are held as int8 with one
+  scale per row and group (``sc = max|C| / 127``), and the dot products are integer
+  (vpshufb lookups + vpdpbusd on AVX-512, vpmaddubsw on AVX2). The one approximation is
+  that int8 rounding of the centroids, so the documented tolerance is::
+
+      |y - y_ref| <= 0.5 * sum_k sc[n, g(k)] * |x_hat_k|  (+ float32 rounding)
+
+  i.e. each weight is off by at most half an int8 step of its row/group's largest centroid
+  (relative 1/254). The int8 codebooks and the row sums they need are prepared once per
+  weight and cached (keyed on the codebook tensor, invalidated when it is modified).
+
+Configurations without a SIMD path (group sizes that are not multiples of 32) run the
+portable kernels, which handle every group size; training-mode calls (inputs that need
+gradients) and activation widths of 9-15 bits go to the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+from ...format import PackedWeight
+from ...quantizers.activations import ActQuantSpec
+from .. import reference, register_backend
+
+try:
+    from . import _lut
+except ImportError as exc:  # the compiled extension is missing: no cpu backend
+    raise ImportError(f"codequant CPU kernels are not built ({exc}); reinstall with `pip install .`") from exc
+
+__all__ = ["linear", "moe", "isa", "available_isas", "use_isa", "int8_codebook", "INT8_HALF_STEP"]
+
+INT8_HALF_STEP = 0.5  # tolerance unit: half an int8 codebook step (see module doc)
+
+
+def isa() -> str:
+    """The instruction set the kernels run on now: ``avx512``, ``avx2`` or ``portable``."""
+    return _lut.isa()
+
+
+def available_isas() -> list[str]:
+    return list(_lut.available_isas())
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the kernels on instruction set ``name`` inside the block."""
+    old = _lut.isa()
+    _lut.set_isa(name)
+    try:
+        yield
+    finally:
+        _lut.set_isa(old)
+
+
+# ---------------------------------------------------------------- int8 codebooks (cached)
+
+_cache: dict[int, dict] = {}
+
+
+def _forget(key: int) -> None:
+    _cache.pop(key, None)
+
+
+def int8_codebook(weight: PackedWeight, act_group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cb8 int8 [..., N, G', 16], sc float32 [..., N, G'], rs8 float32 [..., N, K / act_group]).
+
+    cb8 = round(codebook / sc) with sc = max|codebook| / 127 per row and group; rs8 the
+    per-activation-group row sums of sc * cb8[idx]. Cached per codebook tensor.
+    """
+    cb = weight.codebook
+    key = id(cb)
+    stamp = (cb.data_ptr(), cb._version, weight.indices.data_ptr(), weight.indices._version, tuple(cb.shape))
+    entry = _cache.get(key)
+    if entry is None or entry["stamp"] != stamp:
+        if entry is None:
+            weakref.finalize(cb, _forget, key)
+        c = cb.float()
+        sc = c.abs().amax(-1) / 127.0
+        cb8 = torch.round(c / torch.where(sc > 0, sc, torch.ones_like(sc)).unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        entry = {"stamp": stamp, "cb8": cb8.contiguous(), "sc": sc.contiguous(), "rs8": {}}
+        _cache[key] = entry
+    k = weight.in_features
+    ga = act_group or k
+    if ga not in entry["rs8"]:
+        idx = weight.indices.contiguous()
+        n_rows = idx.shape[:-1].numel()
+        out = torch.empty(*idx.shape[:-1], k // ga, dtype=torch.float32)
+        _lut.rowsum8(idx.data_ptr(), entry["cb8"].data_ptr(), entry["sc"].data_ptr(), n_rows, k, weight.group_size, ga, out.data_ptr())
+        entry["rs8"][ga] = out
+    return entry["cb8"], entry["sc"], entry["rs8"][ga]
+
+
+# ---------------------------------------------------------------- ops
+
+
+def _usable(x: torch.Tensor, *specs: ActQuantSpec) -> bool:
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return all((not s.enabled) or 1 <= s.bits <= 8 for s in specs)
+
+
+def _act_args(spec: ActQuantSpec, k: int) -> tuple[int, int, float]:
+    if not spec.enabled:
+        return 0, 0, 1.0
+    ga = spec.group_size or k
+    if k % ga:
+        raise ValueError(f"activation group size {ga} does not divide {k} channels")
+    return spec.bits, ga, float(spec.clip)
+
+
+def _x_arg(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if x.dtype == torch.bfloat16:
+        return x.contiguous(), 1
+    return x.to(torch.float32).contiguous(), 0
+
+
+def _weight_args(weight: PackedWeight, spec: ActQuantSpec) -> tuple:
+    for t in (weight.indices, weight.codebook, weight.row_sum):
+        if t.device.type != "cpu":
+            raise ValueError("cpu kernels need CPU weights")
+    if not weight.indices.is_contiguous() or not weight.codebook.is_contiguous():
+        weight = PackedWeight(weight.indices.contiguous(), weight.codebook.contiguous(), weight.row_sum, weight.in_features)
+    if spec.enabled:
+        cb8, sc, rs8 = int8_codebook(weight, spec.group_size)
+        return weight, (weight.indices.data_ptr(), 0, cb8.data_ptr(), sc.data_ptr(), rs8.data_ptr())
+    return weight, (weight.indices.data_ptr(), weight.codebook.data_ptr(), 0, 0, 0)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act: ActQuantSpec,
+    bias: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """y = Q_act(x) @ W_hat^T + bias on packed weights; see the module doc for the tolerance."""
+    if not _usable(x, act):
+        return reference.linear(x, weight, act, bias)
+    k, n = weight.in_features, weight.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {k}")
+    lead = x.shape[:-1]
+    x2, bf16 = _x_arg(x.reshape(-1, k))
+    bits, ga, clip = _act_args(act, k)
+    weight, ptrs = _weight_args(weight, act)
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    _lut.linear(
+        x2.data_ptr(), bf16, x2.shape[0], k, k, bits, ga, clip, *ptrs, n, weight.group_size,
+        0 if b is None else b.data_ptr(), y.data_ptr(), int(threads or torch.get_num_threads()),
+    )
+    return y.reshape(*lead, n).to(x.dtype)
+
+
+def moe(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: PackedWeight,
+    down: PackedWeight,
+    act: ActQuantSpec,
+    down_act: ActQuantSpec,
+    hadamard_block: int = 0,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """Routed SwiGLU experts, all active experts of all tokens in one call (reference.moe semantics)."""
+    if not _usable(x, act, down_act) or (top_k_weights.requires_grad and torch.is_grad_enabled()):
+        return reference.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+    t, h = x.shape
+    e, two_i = gate_up.indices.shape[0], gate_up.out_features
+    inter = two_i // 2
+    if gate_up.in_features != h or down.in_features != inter or down.out_features != h:
+        raise ValueError("gate_up must be [E, 2I, H] and down [E, H, I]")
+    if hadamard_block and (inter % hadamard_block or hadamard_block & (hadamard_block - 1)):
+        raise ValueError(f"hadamard block {hadamard_block} must be a power of two dividing {inter}")
+    x2, bf16 = _x_arg(x)
+    idx = top_k_index.to(torch.int64).contiguous()
+    wts = top_k_weights.detach().to(torch.float32).contiguous()
+    bits, ga, clip = _act_args(act, h)
+    dbits, dga, dclip = _act_args(down_act, inter)
+    gate_up, gp = _weight_args(gate_up, act)
+    down, dp = _weight_args(down, down_act)
+    y = torch.empty(t, h, dtype=torch.float32)
+    _lut.moe(
+        x2.data_ptr(), bf16, t, h, idx.shape[1], e, idx.data_ptr(), wts.data_ptr(),
+        *gp, two_i, gate_up.group_size, *dp, down.group_size,
+        bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(), int(threads or torch.get_num_threads()),
+    )
+    return y.to(x.dtype)
+
+
+register_backend("cpu", linear=linear, moe=moe)

@@ -1,0 +1,181 @@
+// AVX2 kernels (AVX2 + FMA + F16C), for x86 CPUs without AVX-512.
+//
+// Float activations: vpermps holds 8 floats, so the 16 centroids sit in two registers;
+// both are looked up and bit 3 of the index (shifted into the sign bit) blends them.
+// Integer activations: one 32-byte load is one 64-column block; low and high nibbles
+// index the int8 codebook with vpshufb, and vpmaddubsw + vpmaddwd form the dot product
+// with the uint8 codes (natural column order). 8-bit codes could saturate vpmaddubsw,
+// so they are split as q = 128 * (q >> 7) + (q & 127) into two exact products.
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#include <immintrin.h>
+
+#include "cq_kernels.h"
+
+namespace cq {
+namespace {
+
+bool f32_ok(const Weight& w) { return w.NG == 1 || w.G % 32 == 0; }
+bool i8_ok(const Weight& w, const ActQ& a) {
+  return (w.NG == 1 || w.G % 32 == 0) && (a.NA == 1 || a.GA % 32 == 0);
+}
+
+inline __m256 lookup8(__m256i i, __m256 lo, __m256 hi) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, i);
+  const __m256 b = _mm256_permutevar8x32_ps(hi, i);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MB>
+void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  constexpr int NA = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  const int64_t nb = w.KP / 64;
+  const uint8_t* p = w.idx + n * (w.KP / 2);
+  const uint16_t* cbrow = w.cb16 + n * w.NG * 16;
+  const float* x = a.x + m0 * a.ldx;
+  __m256 acc[MB][NA];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
+  int64_t gl = -1, gh = -1;
+  __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0;  // tables of the low / high 32 columns
+  for (int64_t b = 0; b < nb; ++b) {
+    int64_t g0 = w.NG == 1 ? 0 : (64 * b) / w.G, g1 = w.NG == 1 ? 0 : (64 * b + 32) / w.G;
+    if (g1 >= w.NG) g1 = w.NG - 1;
+    if (g0 != gl) {
+      l0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g0)));
+      h0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g0 + 8)));
+      gl = g0;
+    }
+    if (g1 != gh) {
+      l1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g1)));
+      h1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g1 + 8)));
+      gh = g1;
+    }
+    for (int part = 0; part < 4; ++part) {  // bytes 8*part .. +7: columns 8*part.. and 32+8*part..
+      const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32 * b + 8 * part)));
+      const __m256 wl = lookup8(i, l0, h0);
+      const __m256 wh = lookup8(_mm256_srli_epi32(i, 4), l1, h1);
+      const float* xb = x + 64 * b + 8 * part;
+      for (int m = 0; m < MB; ++m) {
+        const float* xm = xb + m * a.ldx;
+        acc[m][part % NA] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xm), acc[m][part % NA]);
+        acc[m][(part + 1) % NA] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xm + 32), acc[m][(part + 1) % NA]);
+      }
+    }
+  }
+  const float bn = bias ? bias[n] : 0.f;
+  for (int m = 0; m < MB; ++m) {
+    __m256 s = acc[m][0];
+    for (int j = 1; j < NA; ++j) s = _mm256_add_ps(s, acc[m][j]);
+    y[(m0 + m) * ldy + n] = hsum8(s) + bn;
+  }
+}
+
+void f32_rows(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 8 <= a.M; m += 8) f32_block<8>(w, a, y, ldy, bias, n, m);
+    if (a.M - m >= 4) { f32_block<4>(w, a, y, ldy, bias, n, m); m += 4; }
+    if (a.M - m >= 2) { f32_block<2>(w, a, y, ldy, bias, n, m); m += 2; }
+    if (a.M - m >= 1) { f32_block<1>(w, a, y, ldy, bias, n, m); m += 1; }
+  }
+}
+
+// int32 lanes of sum over byte pairs of u8 codes * s8 weights (no saturation: codes < 128).
+inline __m256i dot_small(__m256i q, __m256i w) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, w), _mm256_set1_epi16(1));
+}
+// Same for 8-bit codes: q = 128 * (q >> 7) + (q & 127), each part exact in vpmaddubsw.
+inline __m256i dot_wide(__m256i q, __m256i w) {
+  const __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x7F));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 7), _mm256_set1_epi8(1));
+  return _mm256_add_epi32(dot_small(lo, w), _mm256_slli_epi32(dot_small(hi, w), 7));
+}
+
+template <int MB, bool BITS8>
+void i8_block(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  const int64_t nb = w.KP / 64;
+  const int64_t G = w.NG == 1 ? w.KP : w.G, GA = a.NA == 1 ? w.KP : a.GA;
+  const int64_t S = gcd64(G, GA);
+  const uint8_t* p = w.idx + n * (w.KP / 2);
+  const int8_t* cb = w.cb8 + n * w.NG * 16;
+  const float* sc = w.sc + n * w.NG;
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  __m256i acc[MB];
+  __m256 accf[MB];
+  for (int m = 0; m < MB; ++m) { acc[m] = _mm256_setzero_si256(); accf[m] = _mm256_setzero_ps(); }
+  int64_t gl = -1, gh = -1;
+  __m256i tl = _mm256_setzero_si256(), th = tl;
+  auto flush = [&](int64_t col) {  // the segment holding column col ends here
+    int64_t g = col / G, ga = col / GA;
+    if (g >= w.NG) g = w.NG - 1;
+    if (ga >= a.NA) ga = a.NA - 1;
+    for (int m = 0; m < MB; ++m) {
+      const __m256i t = acc[m];
+      const float f = sc[g] * a.s[(m0 + m) * a.NA + ga];
+      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(f), accf[m]);
+      acc[m] = _mm256_setzero_si256();
+    }
+  };
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t col = 64 * b;
+    int64_t g0 = col / G, g1 = (col + 32) / G;
+    if (g1 >= w.NG) g1 = w.NG - 1;
+    if (g0 != gl) { tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + 16 * g0))); gl = g0; }
+    if (g1 != gh) { th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + 16 * g1))); gh = g1; }
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * b));
+    const __m256i wl = _mm256_shuffle_epi8(tl, _mm256_and_si256(v, m0f));
+    const __m256i wh = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f));
+    const bool split = (col + 32) % S == 0;  // the two halves belong to different segments
+    for (int m = 0; m < MB; ++m) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col));
+      acc[m] = _mm256_add_epi32(acc[m], BITS8 ? dot_wide(q, wl) : dot_small(q, wl));
+    }
+    if (split) flush(col);
+    for (int m = 0; m < MB; ++m) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col + 32));
+      acc[m] = _mm256_add_epi32(acc[m], BITS8 ? dot_wide(q, wh) : dot_small(q, wh));
+    }
+    if ((col + 64) % S == 0 || b == nb - 1) flush(col + 32);
+  }
+  const float bn = bias ? bias[n] : 0.f;
+  const float* rs = w.rs8 + n * a.NA;
+  for (int m = 0; m < MB; ++m) {
+    float v = hsum8(accf[m]);
+    const float* s = a.s + (m0 + m) * a.NA;
+    const float* z = a.z + (m0 + m) * a.NA;
+    for (int64_t g = 0; g < a.NA; ++g) v -= s[g] * z[g] * rs[g];
+    y[(m0 + m) * ldy + n] = v + bn;
+  }
+}
+
+template <bool BITS8>
+void i8_rows_t(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) i8_block<4, BITS8>(w, a, y, ldy, bias, n, m);
+    if (a.M - m >= 2) { i8_block<2, BITS8>(w, a, y, ldy, bias, n, m); m += 2; }
+    if (a.M - m >= 1) { i8_block<1, BITS8>(w, a, y, ldy, bias, n, m); m += 1; }
+  }
+}
+
+void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  if (a.bits >= 8)
+    i8_rows_t<true>(w, a, y, ldy, bias, n0, n1);
+  else
+    i8_rows_t<false>(w, a, y, ldy, bias, n0, n1);
+}
+
+}  // namespace
+
+const Isa isa_avx2 = {"avx2", f32_ok, i8_ok, f32_rows, i8_rows, false};
+
+}  // namespace cq
+#endif

@@ -1,0 +1,220 @@
+// AVX-512 kernels (F/BW/VL/VNNI + F16C/FMA), compiled for those features by target
+// pragma and called only after the runtime check in cq_module.cpp.
+//
+// Float activations (W4A16): 16 float centroids live in one zmm; vpermps looks up 16
+// columns at once (it reads only the low 4 bits of each index, so the low nibble needs
+// no mask and the high nibble one shift).
+// Integer activations (W4A8/W4A4): one 64-byte load holds two 64-column blocks; the low
+// and high nibbles index a 16-byte int8 codebook with vpshufb, and vpdpbusd multiplies
+// the int8 weights with the uint8 activation codes, which the caller stores interleaved
+// per 128 columns ([0-31, 64-95, 32-63, 96-127]) so they line up with the nibbles.
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c,bmi2")
+#include <immintrin.h>
+
+#include "cq_kernels.h"
+
+namespace cq {
+namespace {
+
+bool f32_ok(const Weight& w) { return w.NG == 1 || w.G % 32 == 0; }
+
+// Both the codebook group and the activation group are whole rows or multiples of 128
+// columns ("wide": one table per 128-column step), or multiples of 32 ("narrow").
+inline bool wide_ok(int64_t g, int64_t k) { return g == k || g % 128 == 0; }
+bool i8_ok(const Weight& w, const ActQ& a) {
+  return (w.NG == 1 || w.G % 32 == 0) && (a.NA == 1 || a.GA % 32 == 0);
+}
+
+template <int MB>
+void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  constexpr int NA = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  const int64_t nb = w.KP / 64;
+  const uint8_t* p = w.idx + n * (w.KP / 2);
+  const uint16_t* cbrow = w.cb16 + n * w.NG * 16;
+  const float* x = a.x + m0 * a.ldx;
+  __m512 acc[MB][NA];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_ps();
+  const bool whole = w.NG == 1 || w.G % 64 == 0;
+  const int64_t bpg = w.NG == 1 ? nb : w.G / 64;
+  __m512 cb0 = _mm512_setzero_ps(), cb1 = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (whole) {
+      if (b % bpg == 0) {
+        cb0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cbrow + 16 * (b / bpg))));
+        cb1 = cb0;
+      }
+    } else {  // G a multiple of 32: the low nibbles (first 32 columns) and the high ones may differ
+      int64_t g0 = (64 * b) / w.G, g1 = (64 * b + 32) / w.G;
+      if (g1 >= w.NG) g1 = w.NG - 1;
+      cb0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cbrow + 16 * g0)));
+      cb1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cbrow + 16 * g1)));
+    }
+    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 32 * b)));
+    const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 32 * b + 16)));
+    const __m512 w0 = _mm512_permutexvar_ps(i0, cb0);
+    const __m512 w1 = _mm512_permutexvar_ps(i1, cb0);
+    const __m512 w2 = _mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), cb1);
+    const __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(i1, 4), cb1);
+    const float* xb = x + 64 * b;
+    for (int m = 0; m < MB; ++m) {
+      const float* xm = xb + m * a.ldx;
+      acc[m][0 % NA] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0 % NA]);
+      acc[m][1 % NA] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1 % NA]);
+      acc[m][2 % NA] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), acc[m][2 % NA]);
+      acc[m][3 % NA] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), acc[m][3 % NA]);
+    }
+  }
+  const float bn = bias ? bias[n] : 0.f;
+  for (int m = 0; m < MB; ++m) {
+    __m512 s = acc[m][0];
+    for (int j = 1; j < NA; ++j) s = _mm512_add_ps(s, acc[m][j]);
+    y[(m0 + m) * ldy + n] = _mm512_reduce_add_ps(s) + bn;
+  }
+}
+
+void f32_rows(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 16 <= a.M; m += 16) f32_block<16>(w, a, y, ldy, bias, n, m);
+    if (a.M - m >= 8) { f32_block<8>(w, a, y, ldy, bias, n, m); m += 8; }
+    if (a.M - m >= 4) { f32_block<4>(w, a, y, ldy, bias, n, m); m += 4; }
+    if (a.M - m >= 2) { f32_block<2>(w, a, y, ldy, bias, n, m); m += 2; }
+    if (a.M - m >= 1) { f32_block<1>(w, a, y, ldy, bias, n, m); m += 1; }
+  }
+}
+
+inline __m512i load_step(const uint8_t* p, int64_t bytes_left) {
+  if (bytes_left >= 64) return _mm512_loadu_si512((const void*)p);
+  return _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p);  // one 32-byte block left
+}
+
+inline __m512i table4(const int8_t* t0, const int8_t* t1) {  // [t0, t0, t1, t1] (16 bytes each)
+  const __m256i a = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t0));
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)t1));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+
+inline float finish(__m512 accf, const ActQ& a, const float* rs, int64_t m) {
+  float v = _mm512_reduce_add_ps(accf);
+  const float* s = a.s + m * a.NA;
+  const float* z = a.z + m * a.NA;
+  for (int64_t g = 0; g < a.NA; ++g) v -= s[g] * z[g] * rs[g];
+  return v;
+}
+
+// Codebook and activation groups whole rows or multiples of 128 columns.
+template <int MB>
+void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  constexpr int NA = MB <= 2 ? 2 : 1;
+  const int64_t rowbytes = w.KP / 2, KQ = q_columns(w.KP), nsteps = KQ / 128;
+  const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
+  const int64_t S = gcd64(G, GA);
+  const uint8_t* p = w.idx + n * rowbytes;
+  const int8_t* cb = w.cb8 + n * w.NG * 16;
+  const float* sc = w.sc + n * w.NG;
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  __m512i acc[MB][NA];
+  __m512 accf[MB];
+  for (int m = 0; m < MB; ++m) {
+    accf[m] = _mm512_setzero_ps();
+    for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+  }
+  __m512i tab = _mm512_setzero_si512();
+  for (int64_t s = 0; s < nsteps; ++s) {
+    const int64_t col = 128 * s;
+    if (col % G == 0) tab = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(cb + 16 * (col / G))));
+    const __m512i v = load_step(p + 64 * s, rowbytes - 64 * s);
+    const __m512i wlo = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, m0f));
+    const __m512i whi = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+    for (int m = 0; m < MB; ++m) {
+      const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], _mm512_loadu_si512((const void*)q), wlo);
+      acc[m][1 % NA] = _mm512_dpbusd_epi32(acc[m][1 % NA], _mm512_loadu_si512((const void*)(q + 64)), whi);
+    }
+    if ((col + 128) % S == 0 || s == nsteps - 1) {
+      const float scg = sc[col / G];
+      for (int m = 0; m < MB; ++m) {
+        __m512i t = acc[m][0];
+        for (int j = 1; j < NA; ++j) t = _mm512_add_epi32(t, acc[m][j]);
+        const float f = scg * a.s[(m0 + m) * a.NA + col / GA];
+        accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(f), accf[m]);
+        for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+      }
+    }
+  }
+  const float bn = bias ? bias[n] : 0.f;
+  const float* rs = w.rs8 + n * a.NA;
+  for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = finish(accf[m], a, rs, m0 + m) + bn;
+}
+
+// Groups multiples of 32 columns: every 128-column step may see four codebooks and four
+// activation scales; the low-nibble and high-nibble halves are scaled separately.
+template <int MB>
+void i8_narrow(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  const int64_t rowbytes = w.KP / 2, KQ = q_columns(w.KP), nsteps = KQ / 128;
+  const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
+  const uint8_t* p = w.idx + n * rowbytes;
+  const int8_t* cb = w.cb8 + n * w.NG * 16;
+  const float* sc = w.sc + n * w.NG;
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  __m512 accf[MB];
+  for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < nsteps; ++s) {
+    const int64_t col = 128 * s;
+    int64_t g[4], ga[4];  // groups of the quarters [0-31], [32-63], [64-95], [96-127]
+    for (int j = 0; j < 4; ++j) {
+      g[j] = (col + 32 * j) / G;
+      if (g[j] >= w.NG) g[j] = w.NG - 1;
+      ga[j] = (col + 32 * j) / GA;
+      if (ga[j] >= a.NA) ga[j] = a.NA - 1;
+    }
+    const __m512i tlo = table4(cb + 16 * g[0], cb + 16 * g[2]);
+    const __m512i thi = table4(cb + 16 * g[1], cb + 16 * g[3]);
+    const __m512i v = load_step(p + 64 * s, rowbytes - 64 * s);
+    const __m512i wlo = _mm512_shuffle_epi8(tlo, _mm512_and_si512(v, m0f));
+    const __m512i whi = _mm512_shuffle_epi8(thi, _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+    for (int m = 0; m < MB; ++m) {
+      const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
+      const float* sm = a.s + (m0 + m) * a.NA;
+      const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void*)q), wlo);
+      const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void*)(q + 64)), whi);
+      const __m512 flo = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[g[0]] * sm[ga[0]]), _mm512_set1_ps(sc[g[2]] * sm[ga[2]]));
+      const __m512 fhi = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[g[1]] * sm[ga[1]]), _mm512_set1_ps(sc[g[3]] * sm[ga[3]]));
+      accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), flo, accf[m]);
+      accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), fhi, accf[m]);
+    }
+  }
+  const float bn = bias ? bias[n] : 0.f;
+  const float* rs = w.rs8 + n * a.NA;
+  for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = finish(accf[m], a, rs, m0 + m) + bn;
+}
+
+#define CQ_I8_ROWS(NAME, KERNEL)                                                                       \
+  void NAME(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) { \
+    for (int64_t n = n0; n < n1; ++n) {                                                                \
+      int64_t m = 0;                                                                                   \
+      for (; m + 8 <= a.M; m += 8) KERNEL<8>(w, a, y, ldy, bias, n, m);                                \
+      if (a.M - m >= 4) { KERNEL<4>(w, a, y, ldy, bias, n, m); m += 4; }                              \
+      if (a.M - m >= 2) { KERNEL<2>(w, a, y, ldy, bias, n, m); m += 2; }                              \
+      if (a.M - m >= 1) { KERNEL<1>(w, a, y, ldy, bias, n, m); m += 1; }                              \
+    }                                                                                                  \
+  }
+
+CQ_I8_ROWS(i8_rows_wide, i8_wide)
+CQ_I8_ROWS(i8_rows_narrow, i8_narrow)
+
+void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  if (wide_ok(w.G, w.K) && wide_ok(a.GA, w.K))
+    i8_rows_wide(w, a, y, ldy, bias, n0, n1);
+  else
+    i8_rows_narrow(w, a, y, ldy, bias, n0, n1);
+}
+
+}  // namespace
+
+const Isa isa_avx512 = {"avx512", f32_ok, i8_ok, f32_rows, i8_rows, true};
+
+}  // namespace cq
+#endif

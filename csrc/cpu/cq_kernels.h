@@ -1,0 +1,91 @@
+// CodeQuant CPU lookup-table kernels: shared declarations.
+//
+// Operands are the packed format v1 of src/codequant/format.py, read in place:
+//   idx  uint8 [N, KP/2]: per 64-column block, byte j = column 64b+j (low nibble) and
+//        column 64b+32+j (high nibble); KP = K rounded up to 64, padding index 0.
+//   cb16 float16 [N, NG, 16]: the codebook of group g of row n (float-activation path).
+// The integer-activation path reads int8 copies of the codebooks, prepared once per
+// weight by the Python wrapper (src/codequant/kernels/cpu/__init__.py):
+//   cb8  int8 [N, NG, 16] = round(cb / sc), sc [N, NG] = max|cb| / 127,
+//   rs8  float [N, NA]: sum over the columns of activation group a of sc * cb8[idx].
+// Integer activations are codes q in 0..2^bits-1 with scale s and zero z per token and
+// activation group (exactly quantize_activations), so that
+//   y[m, n] = sum_segments sc * s * sum_k cb8[idx_k] * q_k  -  sum_a s * z * rs8[n, a].
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+namespace cq {
+
+struct Weight {
+  const uint8_t* idx;
+  const uint16_t* cb16;
+  const int8_t* cb8;
+  const float* sc;
+  const float* rs8;
+  int64_t N, K, KP, G, NG;
+};
+
+// Float activations: x [M, ldx] float32, zero beyond K up to KP.
+struct ActF {
+  const float* x;
+  int64_t ldx;
+  int64_t M;
+};
+
+// Integer activations: q [M, ldq] uint8 in the layout the kernel asks for (natural, or
+// interleaved per 128 columns as [0-31, 64-95, 32-63, 96-127]), zero beyond K;
+// s, z [M, NA] per activation group of GA columns (GA = K: per token).
+struct ActQ {
+  const uint8_t* q;
+  int64_t ldq;
+  const float* s;
+  const float* z;
+  int64_t NA, GA, M;
+  int bits;
+};
+
+// One instruction-set implementation. A kernel pointer is null where the ISA has no
+// fast path for the group sizes; `*_ok` tell which configurations the ISA handles.
+struct Isa {
+  const char* name;
+  bool (*f32_ok)(const Weight&);
+  bool (*i8_ok)(const Weight&, const ActQ&);
+  // Rows [n0, n1) for all M tokens; y[m * ldy + n] = dot + bias[n] (bias may be null).
+  void (*f32_rows)(const Weight&, const ActF&, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1);
+  void (*i8_rows)(const Weight&, const ActQ&, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1);
+  bool q_interleave128;  // activation code layout this ISA's i8_rows reads
+};
+
+extern const Isa isa_portable;
+extern const Isa isa_avx2;
+extern const Isa isa_avx512;
+
+inline int64_t q_columns(int64_t KP) { return (KP + 127) / 128 * 128; }
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline int64_t gcd64(int64_t a, int64_t b) {
+  while (b) { int64_t t = a % b; a = b; b = t; }
+  return a;
+}
+
+}  // namespace cq

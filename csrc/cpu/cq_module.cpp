@@ -1,0 +1,620 @@
+// The Python extension codequant.kernels.cpu._lut: CPU-feature dispatch, a small thread
+// pool, activation preparation (float copy, or per-token integer quantization that is
+// bit-identical to codequant.quantizers.activations.quantize_activations), the linear
+// op and the fused MoE op. Tensors arrive as data pointers of contiguous CPU tensors
+// (the Python wrapper checks dtypes, shapes and contiguity).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CQ_X86 1
+#endif
+
+#include "cq_kernels.h"
+
+namespace cq {
+namespace {
+
+// ---------------------------------------------------------------- ISA dispatch
+
+bool cpu_has(const char* isa) {
+#ifdef CQ_X86
+  __builtin_cpu_init();
+  if (!strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  if (!strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return !strcmp(isa, "portable");
+}
+
+const Isa* isa_by_name(const char* name) {
+#ifdef CQ_X86
+  if (!strcmp(name, "avx512")) return &isa_avx512;
+  if (!strcmp(name, "avx2")) return &isa_avx2;
+#endif
+  if (!strcmp(name, "portable")) return &isa_portable;
+  return nullptr;
+}
+
+const Isa* best_isa() {
+  for (const char* name : {"avx512", "avx2"})
+    if (cpu_has(name)) return isa_by_name(name);
+  return &isa_portable;
+}
+
+const Isa* g_isa = nullptr;
+
+// ---------------------------------------------------------------- thread pool
+// Workers spin briefly after a job (decode issues many small ops back to back), then
+// sleep on a condition variable, so an idle pool costs no CPU. Work is handed out in
+// chunks through an atomic counter, which balances load on a busy machine.
+
+class Pool {
+ public:
+  typedef void (*Fn)(void* ctx, int64_t item);
+
+  void run(int threads, int64_t items, Fn fn, void* ctx) {
+    if (threads <= 1 || items <= 1) {
+      for (int64_t i = 0; i < items; ++i) fn(ctx, i);
+      return;
+    }
+    std::lock_guard<std::mutex> job_lock(job_mu_);  // one job at a time (callers release the GIL)
+    const int workers = (int)std::min<int64_t>(threads - 1, items - 1);
+    ensure(workers);
+    fn_ = fn;
+    ctx_ = ctx;
+    items_ = items;
+    next_.store(0, std::memory_order_relaxed);
+    job_workers_ = workers;
+    pending_.store(workers, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work();
+    while (pending_.load(std::memory_order_acquire) != 0) pause();
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.detach();  // never block interpreter shutdown
+  }
+
+ private:
+  static void pause() {
+#ifdef CQ_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void work() {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < items_;) fn_(ctx_, i);
+  }
+
+  void ensure(int workers) {
+    while ((int)threads_.size() < workers) {
+      const int id = (int)threads_.size();
+      threads_.emplace_back([this, id] { loop(id); });
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        pause();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_) return;
+      if (id < job_workers_) {
+        work();
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex job_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0};
+  Fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t items_ = 0;
+  int job_workers_ = 0;
+  bool stop_ = false;
+};
+
+Pool* g_pool = nullptr;
+
+template <class F>
+void parallel_for(int threads, int64_t items, F&& f) {
+  struct Tramp {
+    static void call(void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); }
+  };
+  g_pool->run(threads, items, &Tramp::call, (void*)&f);
+}
+
+// ---------------------------------------------------------------- activations
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// One token row as float32 into out[0..K), zeros up to KP.
+void load_row(const void* x, int bf16, int64_t K, int64_t KP, float* out) {
+  if (bf16) {
+    const uint16_t* s = (const uint16_t*)x;
+    for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_float(s[k]);
+  } else {
+    memcpy(out, x, K * sizeof(float));
+  }
+  for (int64_t k = K; k < KP; ++k) out[k] = 0.f;
+}
+
+// Per-token (per-group) asymmetric min-max quantization, operation for operation the
+// float32 arithmetic of quantize_activations (round half to even), so codes, scales and
+// zeros are bit-identical. Codes are stored interleaved per 128 columns when asked.
+void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
+                  float* s, float* z) {
+  const float qmax = (float)((1 << bits) - 1);
+  uint8_t* dst = q;
+  std::vector<uint8_t> tmp;
+  if (interleave) {
+    tmp.assign(KQ, 0);
+    dst = tmp.data();
+  } else {
+    memset(q + K, 0, KQ - K);
+  }
+  for (int64_t a = 0; a * GA < K; ++a) {
+    const float* xa = x + a * GA;
+    float mx = -INFINITY, mn = INFINITY;
+    for (int64_t k = 0; k < GA; ++k) {
+      mx = std::max(mx, xa[k]);
+      mn = std::min(mn, xa[k]);
+    }
+    const float hi = std::max(mx, 0.f) * clip;
+    const float lo = std::min(mn, 0.f) * clip;
+    float scale = (hi - lo) / qmax;
+    if (!(scale >= 1e-8f)) scale = 1e-8f;
+    const float zero = nearbyintf(-lo / scale);
+    for (int64_t k = 0; k < GA; ++k) {
+      float v = nearbyintf(xa[k] / scale) + zero;
+      v = std::min(std::max(v, 0.f), qmax);
+      dst[a * GA + k] = (uint8_t)v;
+    }
+    s[a] = scale;
+    z[a] = zero;
+  }
+  if (interleave) {
+    static const int64_t from[4] = {0, 64, 32, 96};
+    for (int64_t c = 0; c < KQ; c += 128)
+      for (int j = 0; j < 4; ++j) memcpy(q + c + 32 * j, dst + c + from[j], 32);
+  }
+}
+
+// Prepared activations of M rows for one weight shape.
+struct Acts {
+  bool integer = false;
+  int bits = 0;
+  int64_t K = 0, KP = 0, KQ = 0, GA = 0, NA = 1;
+  std::vector<float> xf;
+  std::vector<uint8_t> q;
+  std::vector<float> s, z;
+
+  void init(int64_t M, int64_t k, int b, int64_t ga, bool interleave) {
+    integer = b > 0 && b < 16;
+    bits = b;
+    K = k;
+    KP = (k + 63) / 64 * 64;
+    KQ = q_columns(KP);
+    GA = integer && ga > 0 ? ga : k;
+    NA = K / GA;
+    interleave_ = interleave;
+    if (integer) {
+      q.resize(M * KQ);
+      s.resize(M * NA);
+      z.resize(M * NA);
+    } else {
+      xf.resize(M * KP);
+    }
+  }
+  // Row m from float32 data x[0..K).
+  void set_row(int64_t m, const float* x, float clip) {
+    if (integer)
+      quantize_row(x, K, bits, GA, clip, KQ, interleave_, &q[m * KQ], &s[m * NA], &z[m * NA]);
+    else
+      load_row(x, 0, K, KP, &xf[m * KP]);
+  }
+  ActF f(int64_t m0, int64_t M) const { return ActF{xf.data() + m0 * KP, KP, M}; }
+  ActQ i(int64_t m0, int64_t M) const { return ActQ{q.data() + m0 * KQ, KQ, s.data() + m0 * NA, z.data() + m0 * NA, NA, GA, M, bits}; }
+
+ private:
+  bool interleave_ = false;
+};
+
+const Isa* pick(const Weight& w, bool integer, const Acts& acts) {
+  if (integer) return g_isa->i8_ok(w, acts.i(0, 0)) ? g_isa : &isa_portable;
+  return g_isa->f32_ok(w) ? g_isa : &isa_portable;
+}
+
+// Rows per work item: enough items for balance, each at least a few KiB of weights.
+int64_t rows_per_item(int64_t N, int64_t KP, int threads) {
+  int64_t r = N / (8 * (int64_t)threads) + 1;
+  const int64_t min_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, KP / 2));
+  return std::max(r, min_rows);
+}
+
+void run_rows(const Isa* isa, const Weight& w, const Acts& acts, int64_t m0, int64_t M, float* y, int64_t ldy,
+              const float* bias, int64_t n0, int64_t n1) {
+  if (acts.integer)
+    isa->i8_rows(w, acts.i(m0, M), y, ldy, bias, n0, n1);
+  else
+    isa->f32_rows(w, acts.f(m0, M), y, ldy, bias, n0, n1);
+}
+
+Weight make_weight(int64_t idx, int64_t cb16, int64_t cb8, int64_t sc, int64_t rs8, int64_t N, int64_t K, int64_t G) {
+  Weight w;
+  w.idx = (const uint8_t*)idx;
+  w.cb16 = (const uint16_t*)cb16;
+  w.cb8 = (const int8_t*)cb8;
+  w.sc = (const float*)sc;
+  w.rs8 = (const float*)rs8;
+  w.N = N;
+  w.K = K;
+  w.KP = (K + 63) / 64 * 64;
+  w.G = G;
+  w.NG = K / G;
+  return w;
+}
+
+Weight expert(const Weight& w, int64_t e, int64_t NA) {
+  Weight r = w;
+  r.idx += e * w.N * (w.KP / 2);
+  if (r.cb16) r.cb16 += e * w.N * w.NG * 16;
+  if (r.cb8) r.cb8 += e * w.N * w.NG * 16;
+  if (r.sc) r.sc += e * w.N * w.NG;
+  if (r.rs8) r.rs8 += e * w.N * NA;
+  return r;
+}
+
+// ---------------------------------------------------------------- linear
+
+void linear(const void* x, int bf16, int64_t M, int64_t K, int64_t ldx, int bits, int64_t GA, float clip, const Weight& w,
+            const float* bias, float* y, int threads) {
+  const Isa* isa = g_isa;
+  Acts acts;
+  acts.init(M, K, bits, GA, false);
+  isa = pick(w, acts.integer, acts);
+  acts.init(M, K, bits, GA, isa->q_interleave128);
+  std::vector<float> row(acts.KP);
+  for (int64_t m = 0; m < M; ++m) {
+    const char* xm = (const char*)x + m * ldx * (bf16 ? 2 : 4);
+    if (!acts.integer && !bf16) {
+      load_row(xm, 0, K, acts.KP, &acts.xf[m * acts.KP]);
+    } else {
+      load_row(xm, bf16, K, acts.KP, row.data());
+      acts.set_row(m, row.data(), clip);
+    }
+  }
+  if ((w.N * w.KP / 2) * M < 65536) threads = 1;  // too small to be worth waking the pool
+  const int64_t R = rows_per_item(w.N, w.KP, threads), items = (w.N + R - 1) / R;
+  parallel_for(threads, items, [&](int64_t i) {
+    run_rows(isa, w, acts, 0, M, y, w.N, bias, i * R, std::min(w.N, (i + 1) * R));
+  });
+}
+
+// ---------------------------------------------------------------- fused MoE
+
+void fwht_block(float* h, int64_t n) {
+  for (int64_t len = 1; len < n; len <<= 1)
+    for (int64_t i = 0; i < n; i += 2 * len)
+      for (int64_t j = i; j < i + len; ++j) {
+        const float a = h[j], b = h[j + len];
+        h[j] = a + b;
+        h[j + len] = a - b;
+      }
+  const float c = (float)(1.0 / sqrt((double)n));
+  for (int64_t j = 0; j < n; ++j) h[j] *= c;
+}
+
+struct MoeArgs {
+  const void* x;
+  int bf16;
+  int64_t T, H, k, E;
+  const int64_t* topi;
+  const float* topw;
+  Weight gu, dn;  // stacked over experts: gu.N = 2I, dn.N = H
+  int bits, dbits;
+  int64_t GA, dGA;
+  float clip, dclip;
+  int64_t hadamard;
+  float* y;
+  int threads;
+};
+
+void moe(const MoeArgs& A) {
+  const int64_t T = A.T, k = A.k, P = T * k, H = A.H, I2 = A.gu.N, I = I2 / 2;
+  // Assignments sorted by (expert, token, slot): contiguous token rows per expert.
+  std::vector<int64_t> order(P);
+  for (int64_t p = 0; p < P; ++p) order[p] = p;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return A.topi[a] < A.topi[b]; });
+  std::vector<int64_t> where(P);  // assignment (t*k+slot) -> row in expert-sorted order
+  for (int64_t r = 0; r < P; ++r) where[order[r]] = r;
+  struct Group { int64_t e, r0, M; };
+  std::vector<Group> groups;
+  for (int64_t r = 0; r < P;) {
+    int64_t e = A.topi[order[r]], r1 = r;
+    while (r1 < P && A.topi[order[r1]] == e) ++r1;
+    if (e >= 0 && e < A.E) groups.push_back({e, r, r1 - r});
+    r = r1;
+  }
+
+  // Input activations, one row per assignment (quantized once per token).
+  Acts ax;
+  ax.init(P, H, A.bits, A.GA, false);
+  const Isa* isa_gu = pick(A.gu, ax.integer, ax);
+  ax.init(P, H, A.bits, A.GA, isa_gu->q_interleave128);
+  {
+    Acts one;
+    one.init(T, H, A.bits, A.GA, isa_gu->q_interleave128);
+    std::vector<float> row(one.KP);
+    for (int64_t t = 0; t < T; ++t) {
+      load_row((const char*)A.x + t * H * (A.bf16 ? 2 : 4), A.bf16, H, one.KP, row.data());
+      one.set_row(t, row.data(), A.clip);
+    }
+    for (int64_t r = 0; r < P; ++r) {
+      const int64_t t = order[r] / k;
+      if (ax.integer) {
+        memcpy(&ax.q[r * ax.KQ], &one.q[t * ax.KQ], ax.KQ);
+        memcpy(&ax.s[r * ax.NA], &one.s[t * ax.NA], ax.NA * sizeof(float));
+        memcpy(&ax.z[r * ax.NA], &one.z[t * ax.NA], ax.NA * sizeof(float));
+      } else {
+        memcpy(&ax.xf[r * ax.KP], &one.xf[t * ax.KP], ax.KP * sizeof(float));
+      }
+    }
+  }
+  const int64_t gu_na = ax.NA;
+
+  // Work items: (expert group, row range) for gate_up, then for down.
+  struct Item { int64_t g, n0, n1; };
+  auto make_items = [&](int64_t N, int64_t KP) {
+    std::vector<Item> items;
+    const int64_t R = rows_per_item(N * (int64_t)groups.size(), KP, A.threads);
+    for (int64_t g = 0; g < (int64_t)groups.size(); ++g)
+      for (int64_t n0 = 0; n0 < N; n0 += R) items.push_back({g, n0, std::min(N, n0 + R)});
+    return items;
+  };
+
+  std::vector<float> gu_out(P * I2);
+  {
+    std::vector<Item> items = make_items(I2, A.gu.KP);
+    parallel_for(A.threads, (int64_t)items.size(), [&](int64_t i) {
+      const Group& g = groups[items[i].g];
+      const Weight w = expert(A.gu, g.e, gu_na);
+      run_rows(isa_gu, w, ax, g.r0, g.M, &gu_out[g.r0 * I2], I2, nullptr, items[i].n0, items[i].n1);
+    });
+  }
+
+  // SwiGLU, online block Hadamard, down-input activations.
+  Acts ad;
+  ad.init(P, I, A.dbits, A.dGA, false);
+  const Isa* isa_dn = pick(A.dn, ad.integer, ad);
+  ad.init(P, I, A.dbits, A.dGA, isa_dn->q_interleave128);
+  parallel_for(A.threads, P, [&](int64_t r) {
+    std::vector<float> h(ad.KP);
+    const float* gu = &gu_out[r * I2];
+    for (int64_t j = 0; j < I; ++j) {
+      const float g = gu[j];
+      h[j] = g / (1.f + expf(-g)) * gu[I + j];
+    }
+    if (A.hadamard > 0)
+      for (int64_t j = 0; j < I; j += A.hadamard) fwht_block(&h[j], A.hadamard);
+    ad.set_row(r, h.data(), A.dclip);
+  });
+
+  std::vector<float> dn_out(P * H);
+  {
+    std::vector<Item> items = make_items(H, A.dn.KP);
+    parallel_for(A.threads, (int64_t)items.size(), [&](int64_t i) {
+      const Group& g = groups[items[i].g];
+      const Weight w = expert(A.dn, g.e, ad.NA);
+      run_rows(isa_dn, w, ad, g.r0, g.M, &dn_out[g.r0 * H], H, nullptr, items[i].n0, items[i].n1);
+    });
+  }
+
+  // Combine per token in ascending expert order (the reference's accumulation order).
+  parallel_for(A.threads, T, [&](int64_t t) {
+    std::vector<int64_t> slots(k);
+    for (int64_t j = 0; j < k; ++j) slots[j] = t * k + j;
+    std::stable_sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return A.topi[a] < A.topi[b]; });
+    float* yt = A.y + t * H;
+    for (int64_t c = 0; c < H; ++c) yt[c] = 0.f;
+    for (int64_t p : slots) {
+      if (A.topi[p] < 0 || A.topi[p] >= A.E) continue;
+      const float wgt = A.topw[p];
+      const float* d = &dn_out[where[p] * H];
+      for (int64_t c = 0; c < H; ++c) yt[c] += d[c] * wgt;
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cq
+
+// ---------------------------------------------------------------- Python bindings
+
+using namespace cq;
+
+static PyObject* py_linear(PyObject*, PyObject* args) {
+  long long x, M, K, ldx, GA, idx, cb16, cb8, sc, rs8, N, G, bias, y;
+  int bf16, bits, threads;
+  double clip;
+  if (!PyArg_ParseTuple(args, "LiLLLiLdLLLLLLLLLi", &x, &bf16, &M, &K, &ldx, &bits, &GA, &clip, &idx, &cb16, &cb8, &sc, &rs8,
+                        &N, &G, &bias, &y, &threads))
+    return nullptr;
+  const Weight w = make_weight(idx, cb16, cb8, sc, rs8, N, K, G);
+  Py_BEGIN_ALLOW_THREADS
+  linear((const void*)x, bf16, M, K, ldx, bits, GA, (float)clip, w, (const float*)bias, (float*)y, threads);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_moe(PyObject*, PyObject* args) {
+  long long x, T, H, k, E, topi, topw, g_idx, g_cb16, g_cb8, g_sc, g_rs8, g_N, g_G, d_idx, d_cb16, d_cb8, d_sc, d_rs8, d_G,
+      GA, dGA, had, y;
+  int bf16, bits, dbits, threads;
+  double clip, dclip;
+  if (!PyArg_ParseTuple(args, "LiLLLLLLLLLLLLLLLLLLLiLdiLdLLi", &x, &bf16, &T, &H, &k, &E, &topi, &topw, &g_idx, &g_cb16, &g_cb8,
+                        &g_sc, &g_rs8, &g_N, &g_G, &d_idx, &d_cb16, &d_cb8, &d_sc, &d_rs8, &d_G, &bits, &GA, &clip, &dbits,
+                        &dGA, &dclip, &had, &y, &threads))
+    return nullptr;
+  MoeArgs A;
+  A.x = (const void*)x;
+  A.bf16 = bf16;
+  A.T = T;
+  A.H = H;
+  A.k = k;
+  A.E = E;
+  A.topi = (const int64_t*)topi;
+  A.topw = (const float*)topw;
+  A.gu = make_weight(g_idx, g_cb16, g_cb8, g_sc, g_rs8, g_N, H, g_G);
+  A.dn = make_weight(d_idx, d_cb16, d_cb8, d_sc, d_rs8, H, g_N / 2, d_G);
+  A.bits = bits;
+  A.GA = GA;
+  A.clip = (float)clip;
+  A.dbits = dbits;
+  A.dGA = dGA;
+  A.dclip = (float)dclip;
+  A.hadamard = had;
+  A.y = (float*)y;
+  A.threads = threads;
+  Py_BEGIN_ALLOW_THREADS
+  moe(A);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_quantize(PyObject*, PyObject* args) {
+  // quantize(x_f32_ptr, M, K, bits, GA, clip, q_ptr [M, K] natural order, s_ptr, z_ptr)
+  long long x, M, K, GA, q, s, z;
+  int bits;
+  double clip;
+  if (!PyArg_ParseTuple(args, "LLLiLdLLL", &x, &M, &K, &bits, &GA, &clip, &q, &s, &z)) return nullptr;
+  const int64_t ga = GA > 0 ? GA : K, na = K / ga, KQ = q_columns((K + 63) / 64 * 64);
+  std::vector<uint8_t> buf(KQ);
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row((const float*)x + m * K, K, bits, ga, (float)clip, KQ, false, buf.data(), (float*)s + m * na, (float*)z + m * na);
+    memcpy((uint8_t*)q + m * K, buf.data(), K);
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_rowsum8(PyObject*, PyObject* args) {
+  // rowsum8(idx, cb8, sc, N, K, G, GA, out [N, K/GA]): sum over each activation group of sc * cb8[idx].
+  long long idx, cb8, sc, N, K, G, GA, out;
+  if (!PyArg_ParseTuple(args, "LLLLLLLL", &idx, &cb8, &sc, &N, &K, &G, &GA, &out)) return nullptr;
+  const int64_t KP = (K + 63) / 64 * 64, NG = K / G, NA = K / GA;
+  Py_BEGIN_ALLOW_THREADS
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* row = (const uint8_t*)idx + n * (KP / 2);
+    for (int64_t a = 0; a < NA; ++a) {
+      double acc = 0.0;
+      for (int64_t c = a * GA; c < (a + 1) * GA; ++c) {
+        const uint8_t b = row[(c >> 6) * 32 + (c & 31)];
+        const int nib = (c & 32) ? (b >> 4) : (b & 15);
+        const int64_t g = c / G;
+        acc += (double)((const float*)sc)[n * NG + g] * (double)((const int8_t*)cb8)[(n * NG + g) * 16 + nib];
+      }
+      ((float*)out)[n * NA + a] = (float)acc;
+    }
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_set_isa(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  const Isa* isa = isa_by_name(name);
+  if (!isa || !cpu_has(name)) {
+    PyErr_Format(PyExc_ValueError, "instruction set %s is not available on this CPU or build", name);
+    return nullptr;
+  }
+  g_isa = isa;
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_isa(PyObject*, PyObject*) { return PyUnicode_FromString(g_isa->name); }
+
+static PyObject* py_available(PyObject*, PyObject*) {
+  PyObject* list = PyList_New(0);
+  for (const char* name : {"portable", "avx2", "avx512"})
+    if (isa_by_name(name) && cpu_has(name)) {
+      PyObject* s = PyUnicode_FromString(name);
+      PyList_Append(list, s);
+      Py_DECREF(s);
+    }
+  return list;
+}
+
+static PyMethodDef methods[] = {
+    {"linear", py_linear, METH_VARARGS, "y = Q(x) W_hat^T + b on packed weights (pointers; see the Python wrapper)."},
+    {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
+    {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
+    {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
+    {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set: portable, avx2 or avx512."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
+    {"available_isas", py_available, METH_NOARGS, "Instruction sets this CPU and build support."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lut", "CodeQuant CPU lookup-table kernels.", -1, methods};
+
+PyMODINIT_FUNC PyInit__lut(void) {
+  g_isa = best_isa();
+  if (const char* env = getenv("CODEQUANT_CPU_ISA")) {
+    if (*env) {
+      const Isa* isa = isa_by_name(env);
+      if (!isa || !cpu_has(env)) {
+        PyErr_Format(PyExc_ImportError, "CODEQUANT_CPU_ISA=%s is not available on this CPU or build", env);
+        return nullptr;
+      }
+      g_isa = isa;
+    }
+  }
+  if (!g_pool) g_pool = new Pool();
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,63 @@
+// Portable scalar kernels: every group size, every activation group, any K. Always
+// correct; the SIMD files fall back here for configurations they do not handle.
+#include "cq_kernels.h"
+
+namespace cq {
+namespace {
+
+inline int nibble(const uint8_t* row, int64_t k) {
+  const uint8_t b = row[(k >> 6) * 32 + (k & 31)];
+  return (k & 32) ? (b >> 4) : (b & 15);
+}
+
+bool f32_ok(const Weight&) { return true; }
+bool i8_ok(const Weight&, const ActQ&) { return true; }
+
+void f32_rows(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  float table[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.idx + n * (w.KP / 2);
+    const uint16_t* cb = w.cb16 + n * w.NG * 16;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = a.x + m * a.ldx;
+      double acc = 0.0;
+      for (int64_t g = 0; g < w.NG; ++g) {
+        for (int c = 0; c < 16; ++c) table[c] = half_to_float(cb[g * 16 + c]);
+        float part = 0.f;
+        for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) part += table[nibble(row, k)] * x[k];
+        acc += part;
+      }
+      y[m * ldy + n] = (float)acc + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  const int64_t seg = gcd64(w.G, a.GA);  // columns sharing one codebook scale and one activation scale
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.idx + n * (w.KP / 2);
+    const int8_t* cb = w.cb8 + n * w.NG * 16;
+    const float* sc = w.sc + n * w.NG;
+    const float* rs = w.rs8 + n * a.NA;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const uint8_t* q = a.q + m * a.ldq;
+      const float* s = a.s + m * a.NA;
+      const float* z = a.z + m * a.NA;
+      float acc = 0.f;
+      for (int64_t k0 = 0; k0 < w.K; k0 += seg) {
+        const int8_t* t = cb + (k0 / w.G) * 16;
+        int32_t dot = 0;
+        for (int64_t k = k0; k < k0 + seg; ++k) dot += (int32_t)t[nibble(row, k)] * (int32_t)q[k];
+        acc += (float)dot * (sc[k0 / w.G] * s[k0 / a.GA]);
+      }
+      for (int64_t g = 0; g < a.NA; ++g) acc -= s[g] * z[g] * rs[g];
+      y[m * ldy + n] = acc + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+}  // namespace
+
+const Isa isa_portable = {"portable", f32_ok, i8_ok, f32_rows, i8_rows, false};
+
+}  // namespace cq
