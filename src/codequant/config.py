@@ -1,0 +1,123 @@
+"""QuantConfig: one small dataclass for a quantization run, with the paper's defaults.
+
+Load from YAML or TOML with :meth:`QuantConfig.from_file`; unknown keys are errors.
+``method`` picks the recipe; the stages each method runs are in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which stages a method runs."""
+
+    rotation: str  # "none" | "hadamard" (random Hadamard R1) | "learned" (AOS)
+    weights: str  # "codebook" (k-means) | "rtn" (uniform grid) | "gptq"
+    finetune: bool  # ACCF centroid fine-tuning
+    permute: bool  # POG (only matters when group_size < row length)
+
+
+METHODS: dict[str, Recipe] = {
+    "rtn": Recipe("none", "rtn", False, False),
+    "quarot": Recipe("hadamard", "rtn", False, False),
+    "spinquant": Recipe("learned", "rtn", False, False),
+    "gptq": Recipe("hadamard", "gptq", False, False),
+    "kmeans": Recipe("learned", "codebook", False, True),
+    "codequant": Recipe("learned", "codebook", True, True),
+}
+
+TARGET_KINDS = ("attention", "router", "experts", "shared_experts", "dense_mlp")
+
+
+@dataclass
+class QuantConfig:
+    """A CodeQuant run. Defaults follow the paper: W4 with 16 centroids per row, per-token
+    asymmetric A4, learned rotation (AOS), POG when grouped, ACCF for a few epochs."""
+
+    method: str = "codequant"
+    wbits: int = 4
+    abits: int = 4
+    group_size: int | None = None  # None: one codebook per row
+    act_group_size: int = 0  # 0: one scale per token
+    act_clip: float = 1.0
+    online_hadamard: bool = True  # block Hadamard before every down projection (when abits < 16)
+    value_rotation: bool = False  # per-head Hadamard R2 between v_proj and o_proj
+    targets: tuple[str, ...] = TARGET_KINDS
+    # calibration
+    calib: str | None = None  # file, directory or HF dataset; None: text sampled from the model
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    device: str = "auto"
+    # stage 1: AOS
+    rotation_steps: int = 400
+    rotation_lr: float = 1e-2
+    rotation_tokens: int = 2048  # sampled tokens per norm output
+    # stage 3: codebooks and ACCF
+    kmeans_iters: int = 20
+    accf_epochs: int = 3
+    accf_lr: float = 1e-4
+    accf_batch_tokens: int = 4096
+    router_kl_weight: float = 1.0
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        self.validate()
+
+    @property
+    def recipe(self) -> Recipe:
+        return METHODS[self.method]
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if not 2 <= self.wbits <= 4:
+            raise ValueError(f"--wbits must be between 2 and 4 (codebooks of 4 to 16 centroids), got {self.wbits}")
+        if not (2 <= self.abits <= 8 or self.abits == 16):
+            raise ValueError(f"--abits must be between 2 and 8, or 16 for no activation quantization, got {self.abits}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"--group-size must be a positive number of columns, got {self.group_size}")
+        unknown = set(self.targets) - set(TARGET_KINDS)
+        if unknown:
+            raise ValueError(f"unknown targets {sorted(unknown)}; choose from: {', '.join(TARGET_KINDS)}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError(f"need at least one calibration sample of 2 tokens, got nsamples={self.nsamples} seqlen={self.seqlen}")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "QuantConfig":
+        """Read a YAML (.yaml/.yml) or TOML (.toml) file; keyword overrides win."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.safe_load(text) or {})
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of option names to values")
+        return cls.from_dict({**data, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {unknown}; valid options: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    def fingerprint(self) -> str:
+        """Stable text identifying every setting that changes the result (for resume)."""
+        d = self.to_dict()
+        d.pop("device")
+        return json.dumps(d, sort_keys=True)
