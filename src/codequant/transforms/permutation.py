@@ -23,6 +23,7 @@ KV head (v_proj rows, o_proj columns of every query head reading that head).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -54,7 +55,13 @@ def pog_permutation(weight: torch.Tensor, group_size: int, block_size: int = 2) 
     return torch.cat([torch.cat(grp) for grp in groups]).to(weight.device)
 
 
-def apply_pog(model: nn.Module, adapter: ArchitectureAdapter, group_size: int, block_size: int = 2) -> int:
+def apply_pog(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    group_size: int,
+    block_size: int = 2,
+    exclude: Collection[str] = (),
+) -> int:
     """Permute every permutable channel set whose consumer is clustered in groups of
     ``group_size`` < its in_features; in place, the network is unchanged.
 
@@ -62,21 +69,30 @@ def apply_pog(model: nn.Module, adapter: ArchitectureAdapter, group_size: int, b
     (groups spanning whole heads are not changed by an in-head order). ``block_size``
     as in :func:`pog_permutation` (lowered to gcd(block_size, group_size)). Returns the number
     of channel sets permuted.
+
+    ``exclude``: down projections (names relative to the model, e.g. the keys returned by
+    :func:`~codequant.transforms.rotation.fold_online_hadamard`) whose intermediate
+    channels are left alone. A down projection that already holds an online Hadamard
+    (W H_b, input h H_b) must be excluded: H_b mixes the channels between the producer
+    and the consumer, so permuting them would change the network. Run POG before
+    fold_online_hadamard instead (it is legal then, though H_b mixes the grouping again).
     """
     gate, up, down = adapter.layout.swiglu
     block_size = math.gcd(block_size, group_size)
     count = 0
     with torch.no_grad():
-        for layer in adapter.layers(model):
+        for i, layer in enumerate(adapter.layers(model)):
+            prefix = adapter.layer_name(i)
             experts = adapter.experts(layer)
-            if experts is not None and group_size < experts.down_proj.shape[-1]:
+            excluded = f"{prefix}.{adapter.layout.mlp}.{adapter.layout.experts}" in exclude
+            if experts is not None and not excluded and group_size < experts.down_proj.shape[-1]:
                 for e in range(experts.down_proj.shape[0]):
                     perm = pog_permutation(experts.down_proj[e], group_size, block_size)
                     _permute_experts(experts, e, perm)
                     count += 1
-            for _, mlp in adapter.swiglu_mlps(layer):
+            for name, mlp in adapter.swiglu_mlps(layer):
                 d = getattr(mlp, down)
-                if group_size < d.in_features:
+                if f"{prefix}.{name}.{down}" not in exclude and group_size < d.in_features:
                     perm = pog_permutation(d.weight, group_size, block_size)
                     _permute_rows(getattr(mlp, gate), perm)
                     _permute_rows(getattr(mlp, up), perm)

@@ -243,7 +243,7 @@ def train_rotation(
         loss.backward()
         opt.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
     with torch.no_grad():
         R = r0.double() @ torch.linalg.matrix_exp(_skew(p.detach().double()))
         R = _orthogonalize(R)
