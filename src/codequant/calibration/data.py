@@ -74,8 +74,7 @@ def load_texts(source: str, model_dir: str | Path | None = None) -> list[str]:
             raise FileNotFoundError(f"data file {source} does not exist")
         else:
             texts = _load_hf_dataset(source)
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
+    if not any(t and t.strip() for t in texts):
         raise ValueError(f"data source {source} is empty: it holds no text; give a file with text in it")
     return texts
 

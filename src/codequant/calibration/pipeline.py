@@ -1,0 +1,671 @@
+"""The CodeQuant driver: load, transform, then quantize one decoder layer at a time.
+
+    model -> fold norms -> R1 (random Hadamard, or AOS-trained) -> [R2] -> POG
+          -> for each layer i (on the chosen device, the rest on the CPU):
+               attention linears: codebooks (or RTN / GPTQ) [+ ACCF on output MSE]
+               MLP / MoE block:   router, experts, shared experts [+ ACCF on block MSE + router KL]
+               X_{i+1} = quantized_layer_i(X_i)   (calibrate, then propagate)
+          -> packed checkpoint
+
+Each layer is calibrated on the outputs of the already-quantized layers before it. A
+finished layer is saved under ``OUT.partial/``; rerunning the same command resumes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import SUPPORTED_ARCHITECTURES, ArchitectureAdapter, QuantTarget, get_adapter
+from ..config import QuantConfig
+from ..format import PackedWeight, bits_per_weight, pack
+from ..modules.experts import CodeQuantExperts
+from ..modules.linear import CodeQuantLinear
+from ..modules.router import quantize_router
+from ..quantizers import accf
+from ..quantizers.activations import ActQuantSpec, fake_quantize_activations
+from ..quantizers.codebook import check_group_size, fit_codebooks
+from ..quantizers.gptq import gptq
+from ..quantizers.uniform import rtn
+from ..transforms.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
+from ..transforms.norm_fold import fold_norms
+from ..transforms.permutation import apply_pog
+from ..transforms.rotation import rotate_residual, rotate_value_heads, train_rotation
+from ..utils import atomic_save_tensors
+from .data import calibration_windows, load_texts, sample_from_model
+
+log = logging.getLogger("codequant")
+
+
+@dataclass
+class QuantResult:
+    model: nn.Module
+    tokenizer: object
+    report: dict = field(default_factory=dict)
+
+
+# -- loading --------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local Hugging Face directory or a hub id, on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model path {name_or_path} does not exist or holds no config.json; give a Hugging Face model "
+            "directory or a hub id such as Qwen/Qwen3-30B-A3B"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(path) if looks_local else name_or_path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load model {name_or_path!r}: {e}") from None
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {config.model_type!r} ({', '.join(config.architectures or [])}); "
+            f"CodeQuant supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    source = str(path) if looks_local else name_or_path
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+# -- calibration data -------------------------------------------------------------------
+def calibration_tokens(model, tokenizer, config: QuantConfig, cache: Path | None, model_dir: str | None) -> tuple[torch.Tensor, str]:
+    """[nsamples, seqlen] tokens and a description of where they came from."""
+    if cache is not None and cache.is_file():
+        tokens = load_file(str(cache))["tokens"]
+        if tokens.shape == (config.nsamples, config.seqlen):
+            return tokens, f"cached {cache}"
+    if config.calib:
+        texts = load_texts(config.calib, model_dir)
+        tokens, source = calibration_windows(tokenizer, texts, config.nsamples, config.seqlen, config.seed), config.calib
+    else:
+        log.info("no calibration data given: sampling %d x %d tokens from the full-precision model", config.nsamples, config.seqlen)
+        tokens = sample_from_model(model, tokenizer, config.nsamples, config.seqlen, config.seed)
+        source = "text sampled from the full-precision model (data-free)"
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"tokens": tokens.contiguous()}, cache)
+    return tokens, source
+
+
+# -- running layers ---------------------------------------------------------------------
+class LayerRunner:
+    """Runs decoder layer i of ``model`` standalone on [n, S, H] streams, in batches."""
+
+    def __init__(self, model, adapter: ArchitectureAdapter, device: torch.device, batch_size: int = 8):
+        self.model, self.adapter, self.device, self.batch_size = model, adapter, device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for s in range(0, x.shape[0], self.batch_size):
+            h = x[s : s + self.batch_size]
+            y = layer(h, **self.adapter.layer_kwargs(self.model, h, None, i))
+            out[s : s + self.batch_size] = y[0] if isinstance(y, tuple) else y
+        return out
+
+
+def _capture_inputs(modules: dict[str, nn.Module]):
+    """Forward pre-hooks that collect each module's first input as [tokens, features]."""
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for name, m in modules.items()
+    ]
+    return store, handles
+
+
+def _cat(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat(v) for k, v in store.items()}
+
+
+# -- per-target statistics --------------------------------------------------------------
+@dataclass
+class InputStats:
+    """a_k = E[x_k^2], b_k = E[x_k xq_k] (xq = Q_act(x)), and for GPTQ H = 2 E[xq xq^T]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    count: int
+    hessian: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, x: torch.Tensor, act: ActQuantSpec, hessian: bool) -> "InputStats":
+        xq = fake_quantize_activations(x, act)
+        n = max(x.shape[0], 1)
+        h = 2 * (xq.T @ xq) / n if hessian else None
+        return cls((x * x).sum(0) / n, (x * xq).sum(0) / n, x.shape[0], h)
+
+
+def _experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, act: ActQuantSpec, down_act: ActQuantSpec, hadamard: int, hessian: bool):
+    """Per-expert input statistics of gate_up and down, and token counts."""
+    num, hidden, inter = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
+    dev = x.device
+    gu = [InputStats(torch.ones(hidden, device=dev), torch.ones(hidden, device=dev), 0, torch.eye(hidden, device=dev) if hessian else None) for _ in range(num)]
+    dn = [InputStats(torch.ones(inter, device=dev), torch.ones(inter, device=dev), 0, torch.eye(inter, device=dev) if hessian else None) for _ in range(num)]
+    for e in torch.unique(top_k_index).tolist():
+        tok = torch.nonzero((top_k_index == e).any(-1)).squeeze(-1)
+        xe = x[tok]
+        gate, up = F.linear(xe, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+        if hadamard:
+            h = block_hadamard(h, hadamard)
+        gu[e], dn[e] = InputStats.of(xe, act, hessian), InputStats.of(h, down_act, hessian)
+    return gu, dn
+
+
+# -- quantizing one weight ----------------------------------------------------------------
+def initial_codebook(weight: torch.Tensor, stats: list[InputStats] | InputStats | None, config: QuantConfig, group_size: int):
+    """(idx, codebook) for weight [..., N, K] by the method's weight quantizer."""
+    recipe = config.recipe
+    if recipe.weights == "rtn":
+        return rtn(weight, config.wbits, group_size)
+    if recipe.weights == "gptq":
+        if weight.ndim == 2:
+            return gptq(weight, stats.hessian, config.wbits, group_size)
+        parts = [gptq(weight[e], stats[e].hessian, config.wbits, group_size) for e in range(weight.shape[0])]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    if stats is None:
+        importance = None
+    elif isinstance(stats, list):
+        importance = torch.stack([s.a for s in stats])
+    else:
+        importance = stats.a
+    return fit_codebooks(weight, config.wbits, group_size, importance, config.kmeans_iters, config.seed)
+
+
+def _stack_ab(stats):
+    if isinstance(stats, list):
+        return torch.stack([s.a for s in stats]), torch.stack([s.b for s in stats])
+    return stats.a, stats.b
+
+
+# -- the driver ---------------------------------------------------------------------------
+class Quantizer:
+    """One quantization run (see the module doc). Use :func:`quantize`."""
+
+    def __init__(self, model, tokenizer, config: QuantConfig, out_dir: Path | None, model_source: str | None, progress: bool):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.adapter = get_adapter(model)
+        self.device = resolve_device(config.device)
+        self.out_dir, self.model_source, self.progress = out_dir, model_source, progress
+        self.partial = Path(f"{out_dir}.partial") if out_dir is not None else None
+        self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
+        self.use_online_hadamard = config.online_hadamard and config.abits < 16 and config.recipe.rotation != "none"
+        self.report: dict = {"unreached_experts": {}, "accf": {}}
+
+    # stage selection ---------------------------------------------------------------------
+    def _selected(self, layer: nn.Module, target: QuantTarget) -> bool:
+        kinds = self.config.targets
+        attn = self.adapter.layout.attention + "."
+        if target.kind in ("router", "experts"):
+            return target.kind in kinds
+        if target.name.startswith(attn):
+            return "attention" in kinds
+        return ("shared_experts" if self.adapter.is_moe(layer) else "dense_mlp") in kinds
+
+    def _group(self, k: int, name: str) -> int:
+        g = self.config.group_size or k
+        if k % g:
+            raise ValueError(f"--group-size {g} does not divide the row length {k} of {name}; choose a divisor of {k}")
+        return check_group_size(g, k)
+
+    def _hadamard_for(self, layer: nn.Module, target: QuantTarget) -> int:
+        if not self.use_online_hadamard:
+            return 0
+        downs = {id(t.module) for t in self.adapter.down_projections(layer)}
+        if id(target.module) not in downs:
+            return 0
+        k = target.module.down_proj.shape[-1] if target.kind == "experts" else target.module.in_features
+        return largest_power_of_two_block(k)
+
+    def check_group_sizes(self) -> None:
+        for i, layer in enumerate(self.adapter.layers(self.model)):
+            for t in self.adapter.quant_targets(layer):
+                name = f"{self.adapter.layer_name(i)}.{t.name}"
+                if t.kind == "experts":
+                    self._group(t.module.gate_up_proj.shape[-1], f"{name}.gate_up_proj")
+                    self._group(t.module.down_proj.shape[-1], f"{name}.down_proj")
+                else:
+                    self._group(t.module.weight.shape[-1], name)
+
+    # global transforms -----------------------------------------------------------------
+    def transform(self, tokens: torch.Tensor) -> None:
+        recipe = self.config.recipe
+        fold_norms(self.model, self.adapter)
+        if recipe.rotation == "none":
+            return
+        hidden = self.adapter.hidden_size(self.model)
+        saved = self.partial / "rotation.safetensors" if self.partial else None
+        if saved is not None and saved.is_file():
+            r1 = load_file(str(saved))["R1"]
+        elif recipe.rotation == "hadamard":
+            r1 = random_hadamard(hidden, self.config.seed)
+        else:
+            r1 = self.learn_rotation(tokens)
+        if saved is not None:
+            atomic_save_tensors({"R1": r1.contiguous()}, saved)
+        rotate_residual(self.model, self.adapter, r1.to(torch.float64))
+        if self.config.value_rotation:
+            rotate_value_heads(self.model, self.adapter, self.config.seed)
+        if recipe.permute and self.config.group_size:
+            apply_pog(self.model, self.adapter, self.config.group_size)
+
+    @torch.no_grad()
+    def learn_rotation(self, tokens: torch.Tensor) -> torch.Tensor:
+        """AOS: sample normalized stream activations of every layer, train R1 on them."""
+        g = torch.Generator().manual_seed(self.config.seed)
+        samples: list[torch.Tensor] = []
+
+        def sample(module, args, out):
+            acts = out.detach().reshape(-1, out.shape[-1]).float()
+            pick = torch.randperm(acts.shape[0], generator=g)[: self.config.rotation_tokens]
+            samples.append(acts[pick.to(acts.device)].cpu())
+
+        x = self.embed(tokens)
+        run = LayerRunner(self.model, self.adapter, self.device, batch_size=x.shape[0])
+        for i, layer in enumerate(tqdm(self.adapter.layers(self.model), desc="AOS: collecting activations", disable=not self.progress)):
+            with on_device(layer, self.device):
+                norms = (self.adapter.input_norm(layer), self.adapter.post_attention_norm(layer))
+                hooks = [m.register_forward_hook(sample) for m in norms]
+                x = run(i, layer, x)
+                for h in hooks:
+                    h.remove()
+        acts = torch.cat(samples).to(self.device)
+        bar = tqdm(total=self.config.rotation_steps, desc="AOS: training R1", disable=not self.progress)
+        bits = self.config.abits if self.config.abits < 16 else 4
+        with torch.enable_grad():
+            r1 = train_rotation(acts, bits, self.config.rotation_steps, self.config.rotation_lr, seed=self.config.seed, progress=lambda step, loss: bar.update(1))
+        bar.close()
+        return r1.cpu()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.adapter.embed_tokens(self.model)
+        with torch.no_grad():
+            return emb(tokens).float().to(self.device)
+
+    # the layer loop --------------------------------------------------------------------
+    def run(self, tokens: torch.Tensor) -> None:
+        x = self.embed(tokens)
+        run = LayerRunner(self.model, self.adapter, self.device)
+        for i, layer in enumerate(tqdm(self.adapter.layers(self.model), desc="quantizing layers", disable=not self.progress)):
+            with on_device(layer, self.device):
+                saved = self.partial / f"layer_{i:04d}.safetensors" if self.partial else None
+                if saved is not None and saved.is_file():
+                    self.restore_layer(layer, saved)
+                else:
+                    self.quantize_layer(i, layer, x, run)
+                    if saved is not None:
+                        self.save_layer(layer, saved)
+                self._set_backend(layer, "reference")
+                x = run(i, layer, x)
+                self._set_backend(layer, None)
+
+    def quantize_layer(self, i: int, layer: nn.Module, x: torch.Tensor, run: LayerRunner) -> None:
+        targets = [t for t in self.adapter.quant_targets(layer) if self._selected(layer, t)]
+        attn_prefix = self.adapter.layout.attention + "."
+        attention = [t for t in targets if t.name.startswith(attn_prefix)]
+        mlp = [t for t in targets if not t.name.startswith(attn_prefix)]
+        name = self.adapter.layer_name(i)
+        # attention linears, on inputs from the full-precision attention
+        store, handles = _capture_inputs({t.name: t.module for t in attention})
+        run(i, layer, x)
+        for h in handles:
+            h.remove()
+        inputs = _cat(store)
+        for t in attention:
+            self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+        if not mlp:
+            return
+        # MLP block, on inputs from the quantized attention
+        block = self.adapter.mlp(layer)
+        store, handles = _capture_inputs({"block": block})
+        self._set_backend(layer, "reference")
+        run(i, layer, x)
+        for h in handles:
+            h.remove()
+        xm = _cat(store)["block"]
+        if self.adapter.is_moe(layer):
+            self.quantize_moe_block(layer, block, mlp, xm, name)
+        else:
+            store, handles = _capture_inputs({t.name: t.module for t in mlp})
+            with torch.no_grad():
+                for s in range(0, xm.shape[0], 8192):
+                    block(xm[s : s + 8192][None])
+            for h in handles:
+                h.remove()
+            inputs = _cat(store)
+            for t in mlp:
+                self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+
+    def _weight_for(self, layer, t: QuantTarget) -> tuple[torch.Tensor, int]:
+        """The weight the quantizer sees (with the online Hadamard folded in) and its block."""
+        hb = self._hadamard_for(layer, t)
+        w = t.module.weight.detach().float()
+        return (block_hadamard(w, hb) if hb else w), hb
+
+    def quantize_linear_alone(self, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> None:
+        """A linear (or router) fitted on its own inputs: codebooks, then ACCF on output MSE."""
+        w, hb = self._weight_for(layer, t)
+        if hb:
+            x = block_hadamard(x, hb)
+        g = self._group(w.shape[-1], full_name)
+        stats = InputStats.of(x, self.act, self.config.recipe.weights == "gptq")
+        idx, cb = initial_codebook(w, stats, self.config, g)
+        if self.config.recipe.finetune:
+            book = accf.Codebook(idx, cb)
+
+            def loss_fn(batch):
+                xb = x[batch]
+                ref = xb @ w.T
+                y = fake_quantize_activations(xb, self.act) @ book().T
+                return (y - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
+
+            history = accf.finetune([book], loss_fn, x.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, lambda: book.reassign(w, stats.a, stats.b), self.config.seed)
+            self.report["accf"][full_name] = history
+            idx, cb = book.idx, book.codebook.detach()
+        self.install(layer, t, pack(idx, cb), hb)
+
+    def quantize_moe_block(self, layer: nn.Module, block: nn.Module, targets: list[QuantTarget], xm: torch.Tensor, name: str) -> None:
+        """Router, experts and shared experts, fine-tuned together on block MSE + router KL."""
+        hessian = self.config.recipe.weights == "gptq"
+        router = self.adapter.router(layer)
+        experts = self.adapter.experts(layer)
+        router_w = router.weight.detach().float().clone()
+        router_b = None if getattr(router, "bias", None) is None else router.bias.detach().float().clone()
+        # full-precision targets and routing
+        routed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def capture_routing(module, args, kwargs):
+            bound = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
+            hidden = bound["hidden_states"].detach()
+            routed.append((hidden.reshape(-1, hidden.shape[-1]).float(), bound["top_k_index"].detach()))
+
+        hook = experts.register_forward_pre_hook(capture_routing, with_kwargs=True)
+        linear_targets = [t for t in targets if t.kind == "linear"]
+        store, handles = _capture_inputs({t.name: t.module for t in linear_targets})
+        y_ref = torch.empty_like(xm)
+        with torch.no_grad():
+            for s in range(0, xm.shape[0], 8192):
+                y_ref[s : s + 8192] = _block_output(block, xm[s : s + 8192])
+        hook.remove()
+        for h in handles:
+            h.remove()
+        x_experts = torch.cat([h for h, _ in routed])
+        top_k_index = torch.cat([i for _, i in routed])
+        inputs = _cat(store)
+        # initial codebooks
+        books: dict[str, tuple[QuantTarget, accf.Codebook, torch.Tensor, object, int]] = {}
+        for t in targets:
+            full = f"{name}.{t.name}"
+            if t.kind == "experts":
+                hb = self._hadamard_for(layer, t)
+                gu_w = experts.gate_up_proj.detach().float()
+                d_w = experts.down_proj.detach().float()
+                if hb:
+                    d_w = block_hadamard(d_w, hb)
+                gu_stats, d_stats = _experts_stats(experts, x_experts, top_k_index, self.act, self.act, hb, hessian)
+                unreached = [e for e, s in enumerate(gu_stats) if s.count == 0]
+                if unreached:
+                    self.report["unreached_experts"][full] = unreached
+                    for e in unreached:  # data-free k-means for experts no token reached
+                        gu_stats[e] = InputStats(torch.ones_like(gu_stats[e].a), torch.ones_like(gu_stats[e].b), 0, gu_stats[e].hessian)
+                gi, gc = initial_codebook(gu_w, gu_stats, self.config, self._group(gu_w.shape[-1], f"{full}.gate_up_proj"))
+                di, dc = initial_codebook(d_w, d_stats, self.config, self._group(d_w.shape[-1], f"{full}.down_proj"))
+                a_gu, b_gu = _stack_ab(gu_stats)
+                a_d, b_d = _stack_ab(d_stats)
+                books[f"{t.name}.gate_up"] = (t, accf.Codebook(gi, gc), gu_w, (a_gu[:, None], b_gu[:, None]), hb)
+                books[f"{t.name}.down"] = (t, accf.Codebook(di, dc), d_w, (a_d[:, None], b_d[:, None]), hb)
+            else:
+                if t.kind == "router":
+                    w, hb, x_in = router_w, 0, xm
+                else:
+                    w, hb = self._weight_for(layer, t)
+                    x_in = block_hadamard(inputs[t.name], hb) if hb else inputs[t.name]
+                stats = InputStats.of(x_in, self.act, hessian)
+                idx, cb = initial_codebook(w, stats, self.config, self._group(w.shape[-1], full))
+                books[t.name] = (t, accf.Codebook(idx, cb), w, (stats.a, stats.b), hb)
+        if self.config.recipe.finetune:
+            self.finetune_moe_block(layer, block, router, experts, books, xm, y_ref, router_w, router_b, name)
+        # install the deployable modules
+        for key, (t, book, _, _, hb) in books.items():
+            if t.kind == "experts":
+                if key.endswith(".gate_up"):
+                    down = books[f"{t.name}.down"][1]
+                    module = CodeQuantExperts.from_packed(pack(book.idx, book.codebook.detach()), pack(down.idx, down.codebook.detach()), self.act, self.act, hb)
+                    _set_module(layer, t.name, module)
+            else:
+                self.install(layer, t, pack(book.idx, book.codebook.detach()), hb)
+
+    def finetune_moe_block(self, layer, block, router, experts, books, xm, y_ref, router_w, router_b, name) -> None:
+        sims, experts_target = [], None
+        for key, (t, book, _, _, hb) in books.items():
+            if t.kind == "experts":
+                experts_target = t
+            else:
+                sims.append(accf.SimulatedWeight(t.module, book, accf.InputTransform(self.act, hb)))
+        original_experts = experts
+        if experts_target is not None:
+            gu, dn = books[f"{experts_target.name}.gate_up"], books[f"{experts_target.name}.down"]
+            sim_experts = accf.SimulatedExperts(gu[1], dn[1], experts.act_fn, accf.InputTransform(self.act), accf.InputTransform(self.act, dn[4]))
+            _set_module(layer, experts_target.name, sim_experts)
+        scale = y_ref.pow(2).mean().clamp(min=1e-12)
+        router_book = next((b[1] for b in books.values() if b[0].kind == "router"), None)
+
+        def loss_fn(batch):
+            xb = xm[batch]
+            loss = (_block_output(block, xb) - y_ref[batch]).pow(2).mean() / scale
+            if router_book is not None:
+                logits = F.linear(fake_quantize_activations(xb, self.act), router.weight, router_b)
+                loss = loss + self.config.router_kl_weight * accf.kl_divergence(F.linear(xb, router_w, router_b), logits)
+            return loss
+
+        def reassign():
+            for t, book, w, (a, b), _ in books.values():
+                book.reassign(w, a, b)
+
+        steps = self.config.accf_epochs * -(-xm.shape[0] // self.config.accf_batch_tokens)
+        bar = tqdm(total=steps, desc=f"ACCF {name} MoE block", leave=False, disable=not self.progress)
+        with torch.enable_grad():
+            history = accf.finetune([b[1] for b in books.values()], loss_fn, xm.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, reassign, self.config.seed, bar.update)
+        bar.close()
+        self.report["accf"][f"{name}.mlp"] = history
+        for sim in sims:
+            sim.remove()
+        if experts_target is not None:
+            _set_module(layer, experts_target.name, original_experts)
+
+    def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int) -> None:
+        if t.kind == "router":
+            quantize_router(t.module, weight, self.act)
+            return
+        bias = None if t.module.bias is None else t.module.bias.detach().float()
+        _set_module(layer, t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
+
+    # resume -----------------------------------------------------------------------------
+    def save_layer(self, layer: nn.Module, path: Path) -> None:
+        tensors, specs = {}, {}
+        for name, module in layer.named_modules():
+            if isinstance(module, CodeQuantLinear):
+                specs[name] = {"kind": "linear", "hadamard_block": module.hadamard_block}
+                if module.bias is not None:
+                    tensors[f"{name}.bias"] = module.bias.detach()
+            elif isinstance(module, CodeQuantExperts):
+                specs[name] = {"kind": "experts", "hadamard_block": module.hadamard_block}
+            elif hasattr(module, "codequant_act"):
+                specs[name] = {"kind": "router", "hadamard_block": 0}
+            else:
+                continue
+            for buf in ("indices", "codebook", "row_sum", "gate_up_indices", "gate_up_codebook", "gate_up_row_sum", "down_indices", "down_codebook", "down_row_sum"):
+                if hasattr(module, buf) and isinstance(getattr(module, buf), torch.Tensor):
+                    tensors[f"{name}.{buf}"] = getattr(module, buf).detach().contiguous().cpu()
+        atomic_save_tensors(tensors, path, {"specs": json.dumps(specs)})
+
+    def restore_layer(self, layer: nn.Module, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            specs = json.loads(f.metadata()["specs"])
+        tensors = load_file(str(path), device=str(self.device))
+        for name, spec in specs.items():
+            module = layer.get_submodule(name)
+            pw = lambda prefix, k: PackedWeight(tensors[f"{name}.{prefix}indices"], tensors[f"{name}.{prefix}codebook"], tensors[f"{name}.{prefix}row_sum"], k)  # noqa: E731
+            if spec["kind"] == "experts":
+                new = CodeQuantExperts.from_packed(pw("gate_up_", module.gate_up_proj.shape[-1]), pw("down_", module.down_proj.shape[-1]), self.act, self.act, spec["hadamard_block"])
+                _set_module(layer, name, new)
+            elif spec["kind"] == "router":
+                quantize_router(module, pw("", module.weight.shape[-1]), self.act)
+            else:
+                bias = tensors.get(f"{name}.bias")
+                _set_module(layer, name, CodeQuantLinear.from_packed(pw("", module.in_features), bias, self.act, spec["hadamard_block"]))
+
+    @staticmethod
+    def _set_backend(layer: nn.Module, backend: str | None) -> None:
+        for m in layer.modules():
+            if isinstance(m, (CodeQuantLinear, CodeQuantExperts)):
+                m.backend = backend
+
+
+def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An MLP / MoE block's output for tokens x [T, H], as float32 [T, H]."""
+    out = block(x[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(x.shape).float()
+
+
+@contextlib.contextmanager
+def on_device(layer: nn.Module, device: torch.device):
+    """Hold ``layer`` on ``device`` in float32 for the block; then back on the CPU in its dtype."""
+    dtype = next(layer.parameters()).dtype
+    layer.to(device, torch.float32)
+    try:
+        yield layer
+    finally:
+        layer.to("cpu")
+        _cast_float_params(layer, dtype)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _cast_float_params(layer: nn.Module, dtype: torch.dtype) -> None:
+    for p in layer.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def model_bits_per_weight(model: nn.Module) -> float:
+    """Storage bits per quantized weight over every packed module (codebooks included)."""
+    bits, count = 0.0, 0
+    for m in model.modules():
+        packs = []
+        if isinstance(m, CodeQuantLinear):
+            packs = [m.packed]
+        elif isinstance(m, CodeQuantExperts):
+            packs = [m.gate_up, m.down]
+        for p in packs:
+            n = p.indices.shape[:-1].numel() * p.in_features
+            bits, count = bits + bits_per_weight(p) * n, count + n
+    return bits / max(count, 1)
+
+
+def peak_memory() -> dict:
+    out = {"peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def quantize(
+    model: str | nn.Module,
+    config: QuantConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    calibration: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize ``model`` (a hub id, a local directory, or a loaded model with ``tokenizer``)
+    by ``config``; with ``out_dir``, write the packed checkpoint there (resumable).
+    ``calibration`` [nsamples, seqlen] tokens replace the config's data source."""
+    config = config or QuantConfig()
+    start = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    source = model if isinstance(model, str) else None
+    if isinstance(model, str):
+        model, tokenizer = load_model(model, torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16)
+    out = Path(out_dir) if out_dir is not None else None
+    q = Quantizer(model, tokenizer, config, out, source, progress)
+    q.check_group_sizes()
+    if q.partial is not None:
+        manifest = q.partial / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != config.fingerprint():
+            raise ValueError(f"{q.partial} holds a run with other settings; delete it or use another --out")
+        q.partial.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"fingerprint": config.fingerprint(), "model": source}))
+    cache = q.partial / "calibration_tokens.safetensors" if q.partial else None
+    model.to("cpu")
+    if calibration is not None:
+        tokens, data_source = calibration, "calibration tokens given by the caller"
+    else:
+        tokens, data_source = calibration_tokens(model, tokenizer, config, cache, source)
+    log.info("calibration data: %s (%d x %d tokens)", data_source, *tokens.shape)
+    rotary = q.adapter.rotary_emb(model).to(q.device)
+    q.transform(tokens)
+    q.run(tokens)
+    rotary.to("cpu")
+    report = {
+        "method": config.method,
+        "wbits": config.wbits,
+        "abits": config.abits,
+        "group_size": config.group_size,
+        "calibration": data_source,
+        "bits_per_weight": round(model_bits_per_weight(model), 4),
+        "unreached_experts": q.report["unreached_experts"],
+        "accf_loss_per_epoch": q.report["accf"],
+    }
+    if out is not None:
+        from ..io.checkpoint import save_quantized
+
+        extra = {"method": config.method, "config": config.to_dict(), "calibration": data_source, "source_model": source,
+                 "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": "down_proj" if q.use_online_hadamard else None}}
+        save_quantized(model, out, tokenizer, extra)
+        if cache is not None and cache.is_file():
+            os.replace(cache, out / "calibration_tokens.safetensors")
+        _remove_tree(q.partial)
+        report["out_dir"] = str(out)
+    report["seconds"] = round(time.time() - start, 1)
+    report.update(peak_memory())
+    return QuantResult(model, tokenizer, report)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

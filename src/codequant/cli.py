@@ -1,0 +1,224 @@
+"""The ``codequant`` command: quantize, eval, generate, compare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = REPO_ROOT / "models" / "codequant-moe-tiny"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+log = logging.getLogger("codequant")
+
+
+def default_model() -> str:
+    if not (FIXTURE / "config.json").is_file():
+        raise FileNotFoundError(f"no MODEL given and the bundled fixture model is not at {FIXTURE}; pass a model directory or hub id")
+    return str(FIXTURE)
+
+
+# -- quantize -------------------------------------------------------------------------------
+def _config_from_args(args):
+    from .config import QuantConfig
+
+    flags = {
+        "method": args.method, "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
+        "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "seed": args.seed,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.config:
+        return QuantConfig.from_file(args.config, **overrides)
+    return QuantConfig.from_dict(overrides, source="command line")
+
+
+def cmd_quantize(args) -> int:
+    from .calibration.pipeline import quantize
+    from .io.checkpoint import checkpoint_summary
+
+    config = _config_from_args(args)
+    model = args.model or default_model()
+    log.info("quantizing %s with %s (W%dA%d, group %s) on %s", model, config.method, config.wbits, config.abits, config.group_size or "row", config.device)
+    result = quantize(model, config, args.out, progress=not args.no_progress)
+    summary = checkpoint_summary(args.out)
+    r = result.report
+    rows = [
+        ("method", f"{config.method}  W{config.wbits}A{config.abits}  group {config.group_size or 'row'}"),
+        ("calibration", f"{r['calibration']}  ({config.nsamples} x {config.seqlen} tokens)"),
+        ("time", f"{r['seconds']:.1f} s"),
+        ("peak memory", ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith("peak"))),
+        ("bits per weight", f"{r['bits_per_weight']:.3f} (quantized weights, codebooks included)"),
+        ("checkpoint", f"{args.out}  {summary.get('file_bytes', 0) / 2**20:.2f} MiB"),
+        ("unreached experts", sum(len(v) for v in r["unreached_experts"].values())),
+    ]
+    print("\nCodeQuant summary")
+    for k, v in rows:
+        print(f"  {k:<18} {v}")
+    return 0
+
+
+# -- eval -------------------------------------------------------------------------------------
+def load_any(path: str, device: str):
+    """A full-precision or CodeQuant model (and its tokenizer) for evaluation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration.pipeline import load_model, resolve_device
+
+    dev = resolve_device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    if (Path(path) / "config.json").is_file() and "quantization_config" in json.loads((Path(path) / "config.json").read_text()):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        model, tokenizer = load_model(path, dtype)
+    return model.to(dev), tokenizer
+
+
+def eval_windows_for(data: str | None, tokenizer, model, seqlen: int, max_windows: int | None, model_dir: str | None, seed: int = 0):
+    """Token windows of a data source, or (no source) text sampled from ``model``."""
+    from .calibration.data import eval_windows, load_texts, sample_from_model
+
+    if data:
+        return eval_windows(tokenizer, load_texts(data, model_dir), seqlen, max_windows), data
+    n = max_windows or 16
+    return sample_from_model(model, tokenizer, n, seqlen, seed + 1), f"text sampled from {model_dir or 'the model'} (data-free)"
+
+
+def cmd_eval(args) -> int:
+    from .evaluation.perplexity import evaluate
+
+    model, tokenizer = load_any(args.model, args.device)
+    ref = load_any(args.ref, args.device)[0] if args.ref else None
+    windows, source = eval_windows_for(args.data, tokenizer, ref if ref is not None else model, args.seqlen, args.max_windows, args.ref or args.model)
+    log.info("evaluation data: %s (%d windows of %d tokens)", source, *windows.shape)
+    result = evaluate(model, windows, ref, progress=not args.no_progress)
+    result["data"] = source
+    if args.tasks:
+        from .evaluation.tasks import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), data_dir=args.task_dir, limit=args.limit)
+    print(format_eval_table(args.model, result))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def format_eval_table(name: str, result: dict) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"| model | perplexity | KL vs ref | top-1 agreement | tokens |", "|---|---|---|---|---|"]
+    lines.append(f"| {name} | {result['perplexity']:.3f} | {fmt(result['kl'], '.4f')} | {fmt(result['top1_agreement'], '.3f')} | {result['tokens']} |")
+    for task, r in (result.get("tasks") or {}).items():
+        lines.append(f"| {task} | acc {r['acc']:.3f} | acc_norm {fmt(r.get('acc_norm'), '.3f')} | | {r['n']} |")
+    return "\n".join(lines)
+
+
+# -- generate --------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    _, tps = generate(args.model, args.prompt, args.max_new_tokens, stream=True, device=args.device)
+    print(f"\n[{tps:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# -- compare ---------------------------------------------------------------------------------
+def cmd_compare(args) -> int:
+    from .evaluation.compare import compare
+
+    compare(
+        args.model or default_model(), args.out, methods=args.methods.split(","), modes=args.modes.split(","),
+        data={d.split("=", 1)[0]: d.split("=", 1)[1] for d in args.data}, seqlen=args.seqlen, max_windows=args.max_windows,
+        nsamples=args.nsamples, calib_seqlen=args.calib_seqlen, calib=args.calib, device=args.device, progress=not args.no_progress,
+    )
+    return 0
+
+
+def _write_json(path: str, obj) -> None:
+    from .utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codequant", description="4-bit codebook weights and 4-bit activations for MoE LLMs")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face causal LM and write a CodeQuant checkpoint")
+    q.add_argument("model", nargs="?", help="hub id or local directory (default: the bundled fixture model)")
+    q.add_argument("--out", required=True, help="output directory (written atomically; rerun to resume)")
+    q.add_argument("--method", help="codequant (default), kmeans, gptq, spinquant, quarot, rtn")
+    q.add_argument("--wbits", type=int, help="weight bits: 2..4 (default 4: 16 centroids)")
+    q.add_argument("--abits", type=int, help="activation bits: 2..8, or 16 for none (default 4)")
+    q.add_argument("--group-size", type=int, help="columns per codebook (default: the whole row)")
+    q.add_argument("--calib", help="calibration text: file, directory or HF dataset (default: sampled from the model)")
+    q.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")
+    q.add_argument("--device", help="cuda, cpu or auto (default)")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--config", help="YAML or TOML file of QuantConfig options; flags override it")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against a reference, zero-shot tasks")
+    e.add_argument("model", help="model directory or hub id (CodeQuant checkpoints too)")
+    e.add_argument("--data", help="evaluation text: file, directory, heldout:CORPUS_DIR or HF dataset (default: sampled from the reference)")
+    e.add_argument("--ref", help="full-precision model to compare with (KL, top-1 agreement)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int)
+    e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--tasks", help="comma-separated zero-shot tasks: arc_easy,piqa,winogrande")
+    e.add_argument("--task-dir", default=str(SHARED_DATA / "tasks"), help="folder of the task .jsonl files")
+    e.add_argument("--limit", type=int, help="at most this many examples per task")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="stream a completion and report tokens per second")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("compare", help="quantize with every method and tabulate perplexity and KL (table, JSON, plot)")
+    c.add_argument("model", nargs="?", help="default: the bundled fixture model")
+    c.add_argument("--out", required=True, help="folder for results.json, results.md and results.png")
+    c.add_argument("--methods", default="rtn,quarot,spinquant,gptq,kmeans,codequant")
+    c.add_argument("--modes", default="w4a16,w4a4")
+    c.add_argument("--data", action="append", default=[], help="NAME=SOURCE evaluation set (repeatable)")
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--max-windows", type=int, default=32)
+    c.add_argument("--calib", help="calibration text (default: sampled from the model)")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--calib-seqlen", type=int, default=512)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    import codequant  # noqa: F401  (registers the transformers quantizer)
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"codequant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("codequant: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""ACCF: adaptive clustering with centroid fine-tuning, on simulated quantized modules.
+
+During calibration a quantized weight is W_hat = C[idx] with the codebook C a trainable
+parameter and idx fixed between reassignments. Every weight's gradient flows into its
+centroid (the sum over members: the true gradient). Objectives (METHOD.md):
+  * attention linears:  || Q(x) W_hat^T - x W^T ||^2 on the linear's own inputs;
+  * MoE blocks:         || block_hat(x) - block(x) ||^2 + lambda KL(p_router || p_router_hat).
+After each epoch every weight is reassigned to argmin_c (b_k w - a_k c)^2 with
+a_k = E[x_k^2], b_k = E[x_k xq_k] (:func:`codequant.quantizers.codebook.assign`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..transforms.hadamard import block_hadamard
+from .activations import ActQuantSpec, fake_quantize_activations
+from .codebook import assign
+
+
+class Codebook(nn.Module):
+    """The parametrization W -> W_hat = C[idx]: trainable C [..., N, K/G, C], fixed idx [..., N, K]."""
+
+    def __init__(self, idx: torch.Tensor, codebook: torch.Tensor):
+        super().__init__()
+        self.register_buffer("idx", idx)
+        self.codebook = nn.Parameter(codebook.float().clone())
+
+    @property
+    def group_size(self) -> int:
+        return self.idx.shape[-1] // self.codebook.shape[-2]
+
+    def forward(self, _original: torch.Tensor | None = None) -> torch.Tensor:
+        k = self.idx.shape[-1]
+        grouped = self.idx.reshape(*self.idx.shape[:-1], k // self.group_size, self.group_size)
+        return torch.gather(self.codebook, -1, grouped).reshape(self.idx.shape)
+
+    @torch.no_grad()
+    def reassign(self, weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        self.idx.copy_(assign(weight, self.codebook, self.group_size, a, b))
+
+
+class InputTransform:
+    """Forward pre-hook: optional online block Hadamard, then activation fake-quantization."""
+
+    def __init__(self, act: ActQuantSpec, hadamard_block: int = 0):
+        self.act, self.hadamard_block = act, hadamard_block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard_block:
+            x = block_hadamard(x, self.hadamard_block)
+        return fake_quantize_activations(x, self.act)
+
+    def hook(self, module, args):
+        return (self(args[0]),) + tuple(args[1:])
+
+
+class SimulatedWeight:
+    """Attach a :class:`Codebook` parametrization and an input transform to a module's
+    ``weight`` (an nn.Linear or a router); :meth:`remove` restores the plain module."""
+
+    def __init__(self, module: nn.Module, codebook: Codebook, transform: InputTransform):
+        self.module, self.codebook, self.transform = module, codebook, transform
+        parametrize.register_parametrization(module, "weight", codebook, unsafe=True)
+        self.handle = module.register_forward_pre_hook(transform.hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=True)
+
+
+class SimulatedExperts(nn.Module):
+    """Routed SwiGLU experts on :class:`Codebook` weights with quantized inputs: the
+    differentiable twin of :class:`codequant.modules.experts.CodeQuantExperts`."""
+
+    def __init__(self, gate_up: Codebook, down: Codebook, act_fn, transform: InputTransform, down_transform: InputTransform):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+        self.act_fn, self.transform, self.down_transform = act_fn, transform, down_transform
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        w_gu, w_d = self.gate_up(), self.down()
+        x = self.transform(hidden_states)
+        out = torch.zeros(hidden_states.shape[0], w_d.shape[-2], dtype=torch.float32, device=hidden_states.device)
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+            gate, up = F.linear(x[tok].float(), w_gu[e]).chunk(2, dim=-1)
+            h = self.down_transform(self.act_fn(gate) * up)
+            out = out.index_add(0, tok, F.linear(h, w_d[e]) * top_k_weights[tok, slot, None].float())
+        return out.to(hidden_states.dtype)
+
+
+def finetune(
+    codebooks: list[Codebook],
+    loss_fn,
+    num_tokens: int,
+    epochs: int,
+    lr: float,
+    batch_tokens: int,
+    reassign,
+    seed: int = 0,
+    progress=None,
+) -> list[float]:
+    """Adam on the codebooks of ``codebooks`` minimising ``loss_fn(token_index)`` over
+    shuffled minibatches; ``reassign()`` after every epoch. Returns the objective over all
+    tokens before fine-tuning and after each epoch (epochs + 1 values); the codebooks and
+    indices end at the best of these states, so ACCF never ends worse than its start."""
+    params = [c.codebook for c in codebooks]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def objective() -> float:
+        with torch.no_grad():
+            batches = torch.arange(num_tokens).split(batch_tokens)
+            return sum(float(loss_fn(b)) * len(b) for b in batches) / num_tokens
+
+    def snapshot():
+        return [(c.idx.clone(), c.codebook.detach().clone()) for c in codebooks]
+
+    history = [objective()]
+    best, best_state = history[0], snapshot()
+    for _ in range(epochs):
+        order = torch.randperm(num_tokens, generator=g)
+        for batch in order.split(batch_tokens):
+            loss = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress()
+        reassign()
+        history.append(objective())
+        if history[-1] < best:
+            best, best_state = history[-1], snapshot()
+    with torch.no_grad():
+        for c, (idx, codebook) in zip(codebooks, best_state):
+            c.idx.copy_(idx)
+            c.codebook.copy_(codebook)
+    return history
+
+
+def kl_divergence(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(logits_ref) || softmax(logits))."""
+    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(logits_ref.float(), -1), log_target=True, reduction="batchmean")

@@ -1,0 +1,171 @@
+"""The quantize pipeline end to end on tiny real-class models, and its error messages."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from codequant.calibration.pipeline import quantize
+from codequant.cli import main
+from codequant.config import QuantConfig
+from codequant.evaluation.perplexity import evaluate
+from codequant.modules.experts import CodeQuantExperts
+from codequant.modules.linear import CodeQuantLinear
+from tiny_models import tiny_input_ids, tiny_model
+
+FAST = dict(nsamples=8, seqlen=32, rotation_steps=30, accf_epochs=2, accf_batch_tokens=64, kmeans_iters=8, device="cpu")
+
+
+def _calibration(n=8, s=32, seed=1):
+    return tiny_input_ids(n, s, seed)
+
+
+def _kl(arch, method, abits, seed=0):
+    fp = tiny_model(arch, seed)
+    result = quantize(copy.deepcopy(fp), QuantConfig(method=method, abits=abits, **FAST), progress=False, calibration=_calibration())
+    return evaluate(result.model, tiny_input_ids(4, 32, seed=7), fp, progress=False), result
+
+
+def test_codequant_w4a4_beats_rtn_w4a4_on_tiny_moe():
+    cq, result = _kl("qwen3_moe", "codequant", 4)
+    rtn, _ = _kl("qwen3_moe", "rtn", 4)
+    assert torch.isfinite(torch.tensor(cq["perplexity"]))
+    assert cq["kl"] < rtn["kl"]
+    layer = result.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, CodeQuantLinear) and isinstance(layer.mlp.experts, CodeQuantExperts)
+    assert hasattr(layer.mlp.gate, "codequant_act")  # router quantized too
+    assert 4.0 < result.report["bits_per_weight"] < 5.5
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2", "phimoe", "mixtral", "olmoe", "llama"])
+def test_every_architecture_quantizes_with_finite_perplexity(arch):
+    fp = tiny_model(arch)
+    result = quantize(copy.deepcopy(fp), QuantConfig(**{**FAST, "rotation_steps": 5, "accf_epochs": 1}), progress=False, calibration=_calibration())
+    out = evaluate(result.model, tiny_input_ids(2, 32, seed=7), fp, progress=False)
+    assert torch.isfinite(torch.tensor([out["perplexity"], out["kl"]])).all()
+    assert out["top1_agreement"] > 0.3
+
+
+def test_accf_lowers_its_objective_below_plain_kmeans():
+    _, result = _kl("qwen3_moe", "codequant", 4)
+    histories = result.report["accf_loss_per_epoch"]
+    assert histories, "ACCF ran on no module"
+    for name, h in histories.items():
+        assert min(h[1:]) <= h[0], name
+    assert sum(min(h[1:]) < h[0] * 0.999 for h in histories.values()) >= len(histories) // 2
+
+
+@pytest.mark.parametrize("method", ["quarot", "spinquant", "gptq", "kmeans"])
+def test_baselines_run_and_stay_close(method):
+    out, result = _kl("qwen3_moe", method, 16)
+    assert out["kl"] < 0.5 and result.report["method"] == method
+
+
+def test_grouped_codebooks_use_pog_and_group_size():
+    fp = tiny_model("qwen3_moe")
+    result = quantize(copy.deepcopy(fp), QuantConfig(group_size=32, **FAST), progress=False, calibration=_calibration())
+    q = result.model.model.layers[0].self_attn.q_proj
+    assert q.group_size == 32 and q.codebook.shape[-2] == 64 // 32
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    from codequant.calibration import pipeline
+
+    config = QuantConfig(**FAST)
+    full = quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "full", progress=False, calibration=_calibration())
+
+    calls = {"n": 0}
+    original = pipeline.Quantizer.quantize_layer
+
+    def crash_on_second_layer(self, i, *args):
+        if i == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, i, *args)
+
+    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "resumed", progress=False, calibration=_calibration())
+    assert (tmp_path / "resumed.partial" / "layer_0000.safetensors").is_file()
+    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", original)
+    resumed = quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "resumed", progress=False, calibration=_calibration())
+    assert not (tmp_path / "resumed.partial").exists()
+    ids = tiny_input_ids(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.model(ids).logits, full.model(ids).logits, rtol=0, atol=1e-5)
+
+
+# -- configuration -----------------------------------------------------------------------
+def test_config_from_yaml_and_toml(tmp_path):
+    (tmp_path / "a.yaml").write_text("method: gptq\nwbits: 3\ngroup_size: 128\n")
+    (tmp_path / "b.toml").write_text('method = "rtn"\nabits = 16\n')
+    a = QuantConfig.from_file(tmp_path / "a.yaml", wbits=2)
+    assert (a.method, a.wbits, a.group_size) == ("gptq", 2, 128)
+    assert QuantConfig.from_file(tmp_path / "b.toml").abits == 16
+    (tmp_path / "c.yaml").write_text("methd: rtn\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['methd'\]; valid options: "):
+        QuantConfig.from_file(tmp_path / "c.yaml")
+
+
+# -- bad input through the command line -------------------------------------------------------
+def _cli_error(capsys, *argv) -> str:
+    assert main(["quantize", *argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_model_path(capsys, tmp_path):
+    err = _cli_error(capsys, str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert f"codequant: error: model path {tmp_path / 'nope'} does not exist or holds no config.json" in err
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    err = _cli_error(capsys, str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
+    assert "unsupported architecture 'gpt2' (GPT2LMHeadModel); CodeQuant supports: deepseek_v2, llama, mixtral, olmoe, phimoe, qwen2_moe, qwen3, qwen3_moe" in err
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "m")
+    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_empty_calibration_file(capsys, tmp_path, tiny_dir):
+    (tmp_path / "empty.txt").write_text("")
+    err = _cli_error(capsys, str(tiny_dir), "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "empty.txt"), "--device", "cpu")
+    assert f"codequant: error: data source {tmp_path / 'empty.txt'} is empty: it holds no text; give a file with text in it" in err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--wbits", "5", "--wbits must be between 2 and 4 (codebooks of 4 to 16 centroids), got 5"),
+    ("--abits", "1", "--abits must be between 2 and 8, or 16 for no activation quantization, got 1"),
+    ("--group-size", "48", "--group-size 48 does not divide the row length 64 of model.layers.0.self_attn.q_proj; choose a divisor of 64"),
+])
+def test_bad_numbers(capsys, tmp_path, tiny_dir, flag, value, message):
+    err = _cli_error(capsys, str(tiny_dir), "--out", str(tmp_path / "o"), flag, value, "--device", "cpu")
+    assert f"codequant: error: {message}" in err
+
+
+def test_quantize_then_eval_from_the_command_line(capsys, tmp_path, tiny_dir):
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog " * 40)
+    args = ["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--calib", str(tmp_path / "calib.txt"),
+            "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert "CodeQuant summary" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "q"), "--ref", str(tiny_dir), "--data", str(tmp_path / "calib.txt"),
+                 "--seqlen", "32", "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert set(record) >= {"perplexity", "kl", "top1_agreement", "tokens"}
+    assert record["tokens"] > 0 and record["kl"] >= 0 and 0 <= record["top1_agreement"] <= 1
