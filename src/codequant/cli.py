@@ -102,17 +102,19 @@ def cmd_eval(args) -> int:
         from .evaluation.tasks import evaluate_tasks
 
         result["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), data_dir=args.task_dir, limit=args.limit)
-    print(format_eval_table(args.model, result))
+    print(format_eval_table(args.model, result, args.ref))
     if args.json:
         _write_json(args.json, result)
     return 0
 
 
-def format_eval_table(name: str, result: dict) -> str:
+def format_eval_table(name: str, result: dict, ref: str | None = None) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = [f"| model | perplexity | KL vs ref | top-1 agreement | tokens |", "|---|---|---|---|---|"]
+    lines = ["| model | perplexity | KL vs ref | top-1 agreement | tokens |", "|---|---|---|---|---|"]
+    if ref:
+        lines.append(f"| {ref} (reference) | {result['ref_perplexity']:.3f} | 0 | 1.000 | {result['tokens']} |")
     lines.append(f"| {name} | {result['perplexity']:.3f} | {fmt(result['kl'], '.4f')} | {fmt(result['top1_agreement'], '.3f')} | {result['tokens']} |")
     for task, r in (result.get("tasks") or {}).items():
         lines.append(f"| {task} | acc {r['acc']:.3f} | acc_norm {fmt(r.get('acc_norm'), '.3f')} | | {r['n']} |")

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, ref_model=None, batch_size: int = 4, progress: bool = True) -> dict:
-    """{"perplexity", "kl", "top1_agreement", "tokens"} of ``model`` on windows [n, S]
-    (kl and top1_agreement are None without ``ref_model``)."""
+    """{"perplexity", "kl", "top1_agreement", "tokens", "ref_perplexity"} of ``model`` on
+    windows [n, S] (the last three None without ``ref_model``)."""
     device = next(model.parameters()).device
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    nll, ref_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
     for batch in tqdm(windows.split(batch_size), desc="evaluating", leave=False, disable=not progress):
         batch = batch.to(device)
         logp = F.log_softmax(model(batch).logits[:, :-1].float(), -1)
@@ -29,6 +29,7 @@ def evaluate(model, windows: torch.Tensor, ref_model=None, batch_size: int = 4, 
         count += target.numel()
         if ref_model is not None:
             ref_logp = F.log_softmax(ref_model(batch.to(next(ref_model.parameters()).device)).logits[:, :-1].float(), -1).to(device)
+            ref_nll += -ref_logp.gather(-1, target[..., None]).sum().item()
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
     return {
@@ -36,4 +37,5 @@ def evaluate(model, windows: torch.Tensor, ref_model=None, batch_size: int = 4, 
         "kl": kl / count if ref_model is not None else None,
         "top1_agreement": agree / count if ref_model is not None else None,
         "tokens": count,
+        "ref_perplexity": math.exp(ref_nll / count) if ref_model is not None else None,
     }

@@ -1,0 +1,36 @@
+# Two commands from a fresh clone:  make demo  and  make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= ../shared/data
+OUT    ?= runs/demo
+FIXTURE := models/codequant-moe-tiny
+# Held-out fixture text when the training corpus is at hand; otherwise text sampled from the model.
+EVAL_DATA := $(if $(wildcard $(DATA)/corpus/*.jsonl.gz),--data heldout:$(DATA)/corpus,)
+
+.PHONY: demo test compare clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Quantize the bundled fixture with CodeQuant W4A4 on the CPU, evaluate it against full precision.
+demo: $(STAMP)
+	$(BIN)/codequant quantize $(FIXTURE) --out $(OUT) --device cpu
+	$(BIN)/codequant eval $(OUT) --ref $(FIXTURE) $(EVAL_DATA) --max-windows 64 --device cpu --json $(OUT)/eval.json
+	$(BIN)/codequant generate $(OUT) --prompt "The President said" --max-new-tokens 32 --device cpu
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# The method comparison table of the README (about an hour on 2 CPU cores).
+compare: $(STAMP)
+	$(BIN)/codequant compare --out benchmarks/results/compare-fixture --device cpu \
+	  --data heldout=heldout:$(DATA)/corpus --data wikitext2=$(DATA)/wikitext2/test.jsonl
+
+clean:
+	rm -rf $(VENV) runs
