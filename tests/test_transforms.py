@@ -133,6 +133,8 @@ def test_rotate_residual_needs_folded_norms_and_unties():
     rotate_residual(model, adapter, random_orthogonal(model.config.hidden_size, seed=3))
     assert adapter.lm_head(model).weight is not adapter.embed_tokens(model).weight
     assert model.config.tie_word_embeddings is False
+    model.tie_weights()  # transformers must not tie them again
+    assert adapter.lm_head(model).weight is not adapter.embed_tokens(model).weight
 
 
 def test_value_heads_not_rotated_when_clipped():

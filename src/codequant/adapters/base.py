@@ -242,26 +242,23 @@ class ArchitectureAdapter:
         return self.experts(layer) is not None
 
     def router(self, layer: nn.Module) -> nn.Module | None:
-        return _get(self.mlp(layer), self.layout.router) if self._has_experts(layer) else None
+        return _get(self.mlp(layer), self.layout.router) if self.is_moe(layer) else None
 
     def experts(self, layer: nn.Module) -> nn.Module | None:
         experts = _get(self.mlp(layer), self.layout.experts)
         return experts if experts is not None and hasattr(experts, "gate_up_proj") else None
 
-    def _has_experts(self, layer: nn.Module) -> bool:
-        return self.experts(layer) is not None
-
     def shared_expert(self, layer: nn.Module) -> nn.Module | None:
-        return _get(self.mlp(layer), self.layout.shared_expert) if self._has_experts(layer) else None
+        return _get(self.mlp(layer), self.layout.shared_expert) if self.is_moe(layer) else None
 
     def shared_expert_gate(self, layer: nn.Module) -> nn.Linear | None:
-        return _get(self.mlp(layer), self.layout.shared_expert_gate) if self._has_experts(layer) else None
+        return _get(self.mlp(layer), self.layout.shared_expert_gate) if self.is_moe(layer) else None
 
     def swiglu_mlps(self, layer: nn.Module) -> list[tuple[str, nn.Module]]:
         """(name relative to the layer, module) of every dense SwiGLU MLP: the dense MLP of
         a dense layer, or the shared expert of an MoE layer."""
         lay = self.layout
-        if self._has_experts(layer):
+        if self.is_moe(layer):
             shared = self.shared_expert(layer)
             return [] if shared is None else [(self._prefix(lay.mlp, lay.shared_expert), shared)]
         return [(lay.mlp, self.mlp(layer))]
@@ -278,7 +275,7 @@ class ArchitectureAdapter:
         """Every weight that reads the post-attention norm's output (relative names)."""
         lay, gate, up, _ = self.layout, *self.layout.swiglu
         out = []
-        if self._has_experts(layer):
+        if self.is_moe(layer):
             out.append(StreamWeight(self._prefix(lay.mlp, lay.router), self.router(layer), "weight", -1, _bias_name(self.router(layer))))
             out.append(StreamWeight(self._prefix(lay.mlp, lay.experts), self.experts(layer), "gate_up_proj", -1))
             if (g := self.shared_expert_gate(layer)) is not None:
@@ -294,7 +291,7 @@ class ArchitectureAdapter:
         lay, down = self.layout, self.layout.swiglu[2]
         o = _get(self.attention(layer), lay.attention_writer)
         out = [StreamWeight(self._prefix(lay.attention, lay.attention_writer), o, "weight", -2, _bias_name(o))]
-        if self._has_experts(layer):
+        if self.is_moe(layer):
             out.append(StreamWeight(self._prefix(lay.mlp, lay.experts), self.experts(layer), "down_proj", -2))
         for name, mlp in self.swiglu_mlps(layer):
             m = getattr(mlp, down)
@@ -349,7 +346,7 @@ class ArchitectureAdapter:
         experts, shared experts and their gate, or the dense MLP (names relative to it)."""
         lay = self.layout
         out = [QuantTarget(n, "linear", m) for n, m in _linears(self.attention(layer), lay.attention)]
-        if self._has_experts(layer):
+        if self.is_moe(layer):
             router, experts = self.router(layer), self.experts(layer)
             out.append(QuantTarget(self._prefix(lay.mlp, lay.router), "router", router))
             out.append(QuantTarget(self._prefix(lay.mlp, lay.experts), "experts", experts))
@@ -364,7 +361,7 @@ class ArchitectureAdapter:
         intermediate activation: the places of the online Hadamard."""
         lay, down = self.layout, self.layout.swiglu[2]
         out = []
-        if self._has_experts(layer):
+        if self.is_moe(layer):
             out.append(QuantTarget(self._prefix(lay.mlp, lay.experts), "experts", self.experts(layer)))
         for name, mlp in self.swiglu_mlps(layer):
             out.append(QuantTarget(self._prefix(name, down), "linear", getattr(mlp, down)))
