@@ -1,0 +1,360 @@
+"""The GPU backend's ops (signatures of :mod:`codequant.kernels.reference`) on the Triton kernels.
+
+Paths, by activation mode and number of rows M:
+
+* W4A16, M <= 4 tokens: ``lut_gemv_kernel`` (CUDA cores, split-K through float32 partials).
+* W4A16, larger M: ``lut_mm_kernel`` (tensor cores; the dot runs in fp16 when x is fp16,
+  else in bf16 through a bf16 copy of the codebook, cached per weight).
+* W4A4, one scale per token, M <= ``FUSED_QUANT_MAX_M``: the quantization is fused into
+  the kernel's prologue (q - z are exact small integers in fp16, the fp16 codebook is exact).
+* W4A4 otherwise: ``act_quant_kernel`` writes int8 q - z and the scales, then
+  ``lut_mm_kernel`` with an fp16 dot, or, with ``set_int8_prefill(True)``, an INT8 dot
+  against an int8 copy of the codebook (per-row scale; accuracy cost in benchmarks/README.md).
+
+The saved format is read as it is; derived copies (bf16 / int8 codebooks) are cached,
+keyed by the codebook tensor's storage and version. Anything the kernels do not cover
+(activation bits other than 4, activation groups that are not multiples of 64) goes to
+the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference
+from ...format import PackedWeight
+from ...quantizers.activations import ActQuantSpec
+from . import kernels as K_
+
+FUSED_QUANT_MAX_M = 64
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT8_PREFILL = os.environ.get("CODEQUANT_GPU_W4A4_INT8", "0") == "1"
+INT8_PREFILL_MIN_M = 256
+
+
+def set_int8_prefill(enabled: bool) -> None:
+    """Use INT8 tensor cores (int8 codebook copies) for W4A4 with M >= INT8_PREFILL_MIN_M."""
+    global _INT8_PREFILL
+    _INT8_PREFILL = bool(enabled)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters of one kernel call (``kind``: "gemv" or "mm")."""
+
+    kind: str = "mm"
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    lut: int = 0
+
+
+# ---------------------------------------------------------------- derived weight copies
+
+_DERIVED: dict = {}
+
+
+def _derived(t: torch.Tensor, kind: str, make):
+    key = (t.data_ptr(), tuple(t.shape), t.dtype, t.device, t._version, kind)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    value = make()
+    if len(_DERIVED) > 4096:
+        _DERIVED.clear()
+    _DERIVED[key] = (weakref.ref(t), value)
+    return value
+
+
+def codebook_as(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if codebook.dtype == dtype:
+        return codebook
+    return _derived(codebook, f"cb-{dtype}", lambda: codebook.to(dtype).contiguous())
+
+
+def int8_codebook(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codebook [..., N, NG, 16] and float32 per-row scale [..., N]: C ~ scale * C_int8."""
+
+    def make():
+        c = codebook.float()
+        scale = c.abs().amax(dim=(-1, -2)).clamp(min=1e-12) / 127.0
+        q = torch.round(c / scale[..., None, None]).clamp(-127, 127).to(torch.int8)
+        return q.contiguous(), scale.contiguous()
+
+    return _derived(codebook, "cb-int8", make)
+
+
+# ---------------------------------------------------------------- configuration
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    return max(lo, 1 << (max(v, 1) - 1).bit_length())
+
+
+def linear_config(m: int, n: int, k: int, x_mode: int) -> Config:
+    """Heuristic launch configuration (tuned on an H200, see benchmarks/notes-gpu.md)."""
+    kp = -(-k // 64) * 64
+    if m <= 4 and x_mode in (0, 1):
+        block_n = 16
+        tiles = -(-n // block_n)
+        split = 1
+        while tiles * split < 264 and kp // (split * 2) >= 512:
+            split *= 2
+        return Config("gemv", block_m=_pow2_at_least(m, 1), block_n=block_n, block_k=256, split=split, num_warps=4, num_stages=3)
+    if m <= 64:
+        block_m = _pow2_at_least(m, 16)
+        block_n = 64
+        tiles = -(-n // block_n)
+        split = 1
+        while tiles * split < 264 and kp // (split * 2) >= 512:
+            split *= 2
+        return Config("mm", block_m=block_m, block_n=block_n, block_k=128, split=split, num_warps=4, num_stages=3)
+    return Config("mm", block_m=128, block_n=128, block_k=64, split=1, num_warps=8, num_stages=3)
+
+
+def moe_config(slots: int) -> Config:
+    if slots <= 256:
+        return Config("mm", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
+    return Config("mm", block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _supported_act(act: ActQuantSpec, k: int) -> bool:
+    if not act.enabled:
+        return True
+    if act.bits != 4:
+        return False
+    g = act.group_size or k
+    return g == k or g % 64 == 0
+
+
+def quantize_activations_int8(x2: torch.Tensor, act: ActQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 q - z [M, K] and float32 scales [M, K / group] (same q as quantize_activations)."""
+    m, k = x2.shape
+    ga = act.group_size or k
+    q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
+    s = torch.empty(m, k // ga, dtype=torch.float32, device=x2.device)
+    if m:
+        block = min(1024, _pow2_at_least(ga, 16))
+        K_.act_quant_kernel[(m, k // ga)](x2, x2.stride(0), q, q.stride(0), s, s.stride(0), float(act.clip), GA=ga, BLOCK=block, num_warps=4)
+    return q, s
+
+
+def _mm(
+    x, xs, w: PackedWeight | torch.Tensor, y, m, n_out, k, cfg: Config, x_mode: int, w_int8: bool, dot_dtype,
+    bias=None, ga=None, clip=1.0, moe: int = 0, rows=None, bexp=None, rw=None, num_valid=0, topk=1, grid_m=None,
+):
+    """Launch lut_mm_kernel (packed ``PackedWeight`` or a dense [E, N, K] tensor)."""
+    dense = isinstance(w, torch.Tensor)
+    if dense:
+        wt = w if w.dim() == 3 else w.unsqueeze(0)
+        cb, ws = wt, wt  # unused
+        stride_we, stride_wn = wt.stride(0), wt.stride(1)
+        stride_ce = stride_cn = 0
+        kp2, g, ng = (k + 63) // 64 * 32, k, 1
+        stride_wse = 0
+    else:
+        idx = w.indices
+        stride_we = idx.stride(0) if idx.dim() == 3 else 0
+        stride_wn = idx.stride(-2)
+        kp2 = idx.shape[-1]
+        if w_int8:
+            cb, ws = int8_codebook(w.codebook)
+            stride_wse = ws.stride(0) if ws.dim() == 2 else 0
+        else:
+            cb, ws, stride_wse = codebook_as(w.codebook, dot_dtype), w.row_sum, 0
+        stride_ce = cb.stride(0) if cb.dim() == 4 else 0
+        stride_cn = cb.stride(-3)
+        ng = cb.shape[-2]
+        g = k // ng
+        wt = idx
+    lut = cfg.lut if (not dense and ng == 1) else 0
+    block_k = cfg.block_k
+    if x_mode == 2 and xs.shape[1] > 1:
+        while ga % block_k:
+            block_k //= 2
+    split = cfg.split if moe == 0 else 1
+    k_per_split = -(-kp2 * 2 // split // block_k) * block_k
+    split = -(-kp2 * 2 // k_per_split)
+    mask_k = k % block_k != 0 or split * k_per_split != kp2 * 2
+    if split > 1:
+        part = torch.empty(split, m, n_out, dtype=torch.float32, device=x.device)
+        out, stride_ym, stride_ys = part, n_out, part.stride(0)
+    else:
+        out, stride_ym, stride_ys = y, y.stride(0), 0
+    gm = grid_m if grid_m is not None else -(-m // cfg.block_m)
+    grid = (-(-n_out // cfg.block_n), gm, split)
+    dummy = out
+    K_.lut_mm_kernel[grid](
+        x, x.stride(0), xs if xs is not None else dummy, xs.stride(0) if xs is not None else 0,
+        wt, stride_we, stride_wn, cb, stride_ce, stride_cn, ws if w_int8 else dummy, stride_wse,
+        bias if bias is not None else dummy, out, stride_ym, stride_ys,
+        rows if rows is not None else dummy, bexp if bexp is not None else dummy, rw if rw is not None else dummy,
+        m, n_out, num_valid, n_out, float(clip),
+        K=k, KP2=kp2, G=g, NG=ng, GA=ga or k, TOPK=topk, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        X_MODE=x_mode, W_MODE=1 if dense else 0, W_INT8=w_int8, LUT=lut, NG1=ng == 1,
+        NGA1=xs is None or xs.shape[1] == 1, MOE=moe, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
+        UPCAST_DOT=_INTERPRET and (dense and wt.dtype == torch.bfloat16 or not dense and cb.dtype == torch.bfloat16),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _reduce(part, bias, y)
+
+
+def _reduce(part, bias, y):
+    split, m, n = part.shape
+    block_n = 256
+    K_.splitk_reduce_kernel[(-(-n // block_n), m)](
+        part, part.stride(0), bias if bias is not None else part, y, y.stride(0), m, n,
+        SPLIT=split, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=4,
+    )
+
+
+def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, clip):
+    m, k = x2.shape
+    n = w.out_features
+    cb = codebook_as(w.codebook, torch.float16 if x_mode == 1 else dot_dtype)
+    ng = cb.shape[-2]
+    kp2 = w.indices.shape[-1]
+    block_k = cfg.block_k
+    k_per_split = -(-kp2 * 2 // cfg.split // block_k) * block_k
+    split = -(-kp2 * 2 // k_per_split)
+    mask_k = k % block_k != 0 or split * k_per_split != kp2 * 2
+    if split > 1:
+        part = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+        out, stride_ym, stride_ys = part, n, part.stride(0)
+    else:
+        out, stride_ym, stride_ys = y, y.stride(0), 0
+    K_.lut_gemv_kernel[(-(-n // cfg.block_n), split, -(-m // cfg.block_m))](
+        x2, x2.stride(0), w.indices, w.indices.stride(0), cb, cb.stride(0), bias if bias is not None else out, out, stride_ym, stride_ys,
+        m, n, float(clip),
+        K=k, KP2=kp2, G=k // ng, NG=ng, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, X_MODE=x_mode, LUT=cfg.lut if ng == 1 else 0,
+        NG1=ng == 1, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _reduce(part, bias, y)
+
+
+def _dot_dtype(x: torch.Tensor) -> torch.dtype:
+    return {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}.get(x.dtype, torch.float32)
+
+
+# ---------------------------------------------------------------- ops
+
+def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """y = Q_act(x) @ W_hat^T + bias on the LUT kernels (reference.linear's contract)."""
+    k = weight.in_features
+    if weight.indices.dim() != 2 or not _supported_act(act, k):
+        return reference.linear(x, weight, act, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], weight.out_features
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
+    one_group = not act.enabled or (act.group_size or k) == k
+    if not act.enabled:
+        x_mode = 0
+    elif one_group and m <= FUSED_QUANT_MAX_M:
+        x_mode = 1
+    else:
+        x_mode = 2
+    cfg = config or linear_config(m, n, k, x_mode)
+    dot_dtype = _dot_dtype(x)
+    if cfg.kind == "gemv" and x_mode in (0, 1):
+        _gemv(x2, weight, y, bias, cfg, x_mode, dot_dtype, act.clip)
+        return y.reshape(*lead, n)
+    if x_mode == 2:
+        xq, xs = quantize_activations_int8(x2, act)
+        w_int8 = _INT8_PREFILL and m >= INT8_PREFILL_MIN_M
+        _mm(xq, xs, weight, y, m, n, k, cfg, 2, w_int8, torch.float16, bias=bias, ga=act.group_size or k)
+    else:
+        _mm(x2, None, weight, y, m, n, k, cfg, x_mode, False, torch.float16 if x_mode == 1 else dot_dtype, bias=bias, clip=act.clip)
+    return y.reshape(*lead, n)
+
+
+def moe_route(top_k_index: torch.Tensor, num_experts: int, block_m: int):
+    """Sorted-by-expert padded slots (assignment ids, S = padding) and each block's expert."""
+    s = top_k_index.numel()
+    max_blocks = max(1, (s + min(num_experts, s) * (block_m - 1)) // block_m)
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=top_k_index.device)
+    bexp = torch.empty(max_blocks, dtype=torch.int32, device=top_k_index.device)
+    e_p2 = _pow2_at_least(num_experts, 2)
+    chunk = max(16, min(256, 8192 // e_p2))
+    bchunk = max(1, min(64, 4096 // e_p2, 8192 // (e_p2 * 1)))
+    bchunk = 1 << (bchunk.bit_length() - 1)
+    K_.moe_align_kernel[(1,)](top_k_index.reshape(-1), sorted_ids, bexp, s, max_blocks,
+                              S_P2=_pow2_at_least(s, chunk), MAXB_P2=_pow2_at_least(max_blocks, bchunk), BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, BCHUNK=bchunk, num_warps=4)
+    return sorted_ids, bexp, max_blocks
+
+
+def moe(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: PackedWeight | torch.Tensor,
+    down: PackedWeight | torch.Tensor,
+    act: ActQuantSpec = ActQuantSpec(bits=16),
+    down_act: ActQuantSpec = ActQuantSpec(bits=16),
+    hadamard_block: int = 0,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """Fused routed SwiGLU experts (reference.moe's contract): one routing launch, one
+    gate_up + SwiGLU launch over all active experts, one down launch, one top-k sum.
+
+    ``gate_up`` / ``down`` may also be dense [E, 2I, H] / [E, H, I] tensors: the same
+    kernels then read those weights instead of looking them up (the bf16 comparison).
+    """
+    dense = isinstance(gate_up, torch.Tensor)
+    h_dim = x.shape[-1]
+    i_dim = (gate_up.shape[1] if dense else gate_up.out_features) // 2
+    n_experts = gate_up.shape[0] if dense else gate_up.indices.shape[0]
+    if not dense and (gate_up.indices.dim() != 3 or not _supported_act(act, h_dim) or not _supported_act(down_act, i_dim)):
+        return reference.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+    t, topk = top_k_index.shape
+    s = t * topk
+    out = torch.empty(t, h_dim, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    cfg = config or moe_config(s)
+    rows, bexp, max_blocks = moe_route(top_k_index, n_experts, cfg.block_m)
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    dot_dtype = _dot_dtype(x)
+    if dense:
+        dot_dtype = gate_up.dtype
+
+    def run(inp, in_act, w, y, n_out, k, moe_kind, valid_rows):
+        if dense or not in_act.enabled:
+            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 0, False, dot_dtype, moe=moe_kind, rows=rows, bexp=bexp,
+                rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
+        elif (in_act.group_size or k) == k and s <= FUSED_QUANT_MAX_M * 4:
+            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 1, False, torch.float16, clip=in_act.clip, moe=moe_kind, rows=rows,
+                bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
+        else:
+            xq, xs = quantize_activations_int8(inp, in_act)
+            w_int8 = _INT8_PREFILL and s >= INT8_PREFILL_MIN_M
+            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, 2, w_int8, torch.float16, ga=in_act.group_size or k, moe=moe_kind,
+                rows=rows, bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
+
+    h = torch.empty(max_blocks * cfg.block_m, i_dim, dtype=torch.float32, device=x.device)
+    run(x2, act, gate_up, h, i_dim, h_dim, 1, t)
+    if hadamard_block:
+        from ...transforms.hadamard import block_hadamard
+
+        h = block_hadamard(h, hadamard_block)
+    y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
+    run(h, down_act, down, y_slots, h_dim, i_dim, 2, max_blocks * cfg.block_m)
+    block = min(1024, _pow2_at_least(h_dim, 16))
+    K_.topk_sum_kernel[(t, -(-h_dim // block))](y_slots, out, h_dim, TOPK=topk, BLOCK=block, num_warps=4)
+    return out
