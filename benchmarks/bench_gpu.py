@@ -1,0 +1,365 @@
+"""GPU kernel benchmarks: CodeQuant LUT kernels vs cuBLAS bf16, PyTorch int4 and torch._grouped_mm.
+
+Run on a CUDA machine from the repository root:
+
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --out benchmarks/results
+
+Every timing is a CUDA-graph replay of a batch of calls that rotate through weight copies
+(and, for MoE, random routings) whose bytes exceed the 50 MB L2 several times over; the
+per-call time is the median replay time over the batch size. The read bandwidth used for
+``pct_bw`` is measured in the same run (a large reduction over a 4 GiB buffer); the copy
+bandwidth is reported too. Weights are random (speed does not depend on the values).
+
+Writes gpu-linear.json, gpu-moe.json (records as in benchmarks/README.md), gpu-w4a4-int8.json
+(the INT8 tensor-core prefill path), gpu-meta.json (bandwidths, accuracy of the INT8 path,
+config sweep) and gpu-speedup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from codequant.format import PackedWeight, pack
+from codequant.kernels import reference
+from codequant.kernels.gpu import ops
+from codequant.quantizers.activations import ActQuantSpec
+
+L2_BYTES = 50 * 2**20
+DENSE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168)]
+DENSE_MS = [1, 4, 16, 64, 512, 2048]
+MOE_MODELS = {
+    # name: (routed experts, top-k, hidden, expert width, shared experts)
+    "qwen3-30b-a3b": (128, 8, 2048, 768, 0),
+    "mixtral-8x7b": (8, 2, 4096, 14336, 0),
+    "deepseek-v2-lite": (64, 6, 2048, 1408, 2),
+}
+MOE_TOKENS = [1, 4, 16, 64, 512]
+MODES = {"w4a16": ActQuantSpec(bits=16), "w4a4": ActQuantSpec(bits=4)}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------- timing
+
+def time_calls(fns, reps: int = 20) -> float:
+    """Median microseconds per call of a CUDA graph that runs every fn once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    del g
+    return statistics.median(times)
+
+
+def measure_bandwidth() -> dict:
+    n = 2**31  # 4 GiB of bf16
+    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16).repeat(2)
+    dst = torch.empty_like(src)
+    copy_us = time_calls([lambda: dst.copy_(src)], reps=10)
+    out = torch.empty((), device="cuda", dtype=torch.bfloat16)
+    read_us = time_calls([lambda: torch.amax(src, out=out)], reps=10)
+    nbytes = src.numel() * 2
+    res = {"copy_gbps": 2 * nbytes / copy_us / 1e3, "read_gbps": nbytes / read_us / 1e3}
+    del src, dst
+    torch.cuda.empty_cache()
+    return res
+
+
+# ---------------------------------------------------------------- weights
+
+def random_packed(lead, n, k, device="cuda") -> PackedWeight:
+    kp = -(-k // 64) * 64
+    idx = torch.randint(0, 256, (*lead, n, kp // 2), dtype=torch.uint8, device=device)
+    cb = (torch.randn(*lead, n, 1, 16, device=device) * 0.02).to(torch.float16)
+    return PackedWeight(idx, cb, cb.float().sum((-1, -2)) * (k / 16), k)
+
+
+def lut_bytes(w: PackedWeight, experts: int | None = None) -> int:
+    """Bytes the kernels read for a weight (indices + codebooks), for `experts` of a stack."""
+    per = w.indices[0].numel() + w.codebook[0].numel() * 2 if w.indices.dim() == 3 else None
+    if experts is None:
+        return w.indices.numel() + w.codebook.numel() * 2
+    return per * experts
+
+
+def int4_weight(n, k):
+    """PyTorch's tinygemm int4 weight (group 128) for torch.ops.aten._weight_int4pack_mm."""
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    packed = torch.ops.aten._convert_weight_to_int4pack(w, 8)
+    sz = (torch.rand(k // 128, n, 2, device="cuda") * 0.02).to(torch.bfloat16)
+    return packed, sz
+
+
+# ---------------------------------------------------------------- dense
+
+def bench_linear(shapes, ms, modes, int8_records: list, quick=False):
+    recs = []
+    for n, k in shapes:
+        pw = random_packed((), n, k)
+        c_lut = max(2, math.ceil(4 * L2_BYTES / lut_bytes(pw)))
+        c_bf16 = max(2, math.ceil(4 * L2_BYTES / (n * k * 2)))
+        lut_w = [pw] + [random_packed((), n, k) for _ in range(c_lut - 1)]
+        bf16_w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(c_bf16)]
+        try:
+            int4_w = [int4_weight(n, k) for _ in range(c_lut)]
+        except Exception as e:  # noqa: BLE001
+            log("int4 pack failed:", repr(e))
+            int4_w = None
+        wbytes = lut_bytes(pw)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = time_calls([lambda w=w: F.linear(x, w) for w in bf16_w])
+            t_int4 = None
+            if int4_w is not None:
+                try:
+                    t_int4 = time_calls([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
+                except Exception as e:  # noqa: BLE001
+                    log("int4 mm failed:", repr(e))
+            for mode in modes:
+                act = MODES[mode]
+                t = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                gbps = wbytes / t / 1e3
+                recs.append(dict(op="linear", mode=mode, M=m, N=n, K=k, experts=None, topk=None, us=round(t, 3),
+                                 gbps=round(gbps, 1), pct_bw=round(100 * gbps / BW["read_gbps"], 1),
+                                 vs_bf16=round(t_bf16 / t, 3), vs_int4=None if t_int4 is None else round(t_int4 / t, 3),
+                                 vs_grouped_mm=None))
+                log(f"linear {mode} M={m:5d} N={n:6d} K={k:6d}: {t:9.2f} us {gbps:7.0f} GB/s  bf16 {t_bf16:9.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f}")
+                if mode == "w4a4" and m >= 512:
+                    ops.set_int8_prefill(True)
+                    try:
+                        t8 = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                    finally:
+                        ops.set_int8_prefill(False)
+                    g8 = wbytes / t8 / 1e3
+                    int8_records.append(dict(op="linear", mode="w4a4", M=m, N=n, K=k, experts=None, topk=None, us=round(t8, 3),
+                                             gbps=round(g8, 1), pct_bw=round(100 * g8 / BW["read_gbps"], 1),
+                                             vs_bf16=round(t_bf16 / t8, 3), vs_int4=None if t_int4 is None else round(t_int4 / t8, 3),
+                                             vs_grouped_mm=None))
+                    log(f"  int8 TC w4a4 M={m}: {t8:9.2f} us x{t_bf16 / t8:.2f} bf16")
+        del lut_w, bf16_w, int4_w
+        torch.cuda.empty_cache()
+    return recs
+
+
+# ---------------------------------------------------------------- MoE
+
+def grouped_mm_moe(x, idx, w, gu, dn):
+    """bf16 routed SwiGLU experts through torch._grouped_mm (sorted tokens, no host sync)."""
+    t, k = idx.shape
+    e = gu.shape[0]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat.int(), torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    tok = order // k
+    xs = x[tok]
+    h = torch._grouped_mm(xs, gu.transpose(-2, -1), offs=offs)
+    g, u = h.chunk(2, dim=-1)
+    h = F.silu(g) * u
+    y = torch._grouped_mm(h, dn.transpose(-2, -1), offs=offs)
+    y = y * w.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def routing(t, e, k, shared, gen_device="cuda"):
+    scores = torch.randn(t, e, device=gen_device)
+    w, idx = scores.softmax(-1).topk(k, -1)
+    if shared:
+        idx = torch.cat([idx, torch.arange(e, e + shared, device=gen_device).expand(t, shared)], 1)
+        w = torch.cat([w, torch.ones(t, shared, device=gen_device)], 1)
+    return w.to(torch.bfloat16), idx
+
+
+def bench_moe(models, tokens, modes):
+    recs = []
+    for name, (e, k, h, i, shared) in models.items():
+        et, kt = e + shared, k + shared
+        gu = random_packed((et,), 2 * i, h)
+        dn = random_packed((et,), h, i)
+        per_expert = lut_bytes(gu, 1) + lut_bytes(dn, 1)
+        bf16_bytes = et * 3 * h * i * 2
+        c = max(2, min(4, math.ceil(8 * L2_BYTES / (per_expert * min(et, 8)))))
+        c_bf = max(2, min(3, math.ceil(8 * L2_BYTES / bf16_bytes)))
+        lut_w = [(gu, dn)] + [(random_packed((et,), 2 * i, h), random_packed((et,), h, i)) for _ in range(c - 1)]
+        bf_w = [(torch.randn(et, 2 * i, h, device="cuda", dtype=torch.bfloat16) * 0.02,
+                 torch.randn(et, h, i, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(c_bf)]
+        for t in tokens:
+            calls = 8
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+            routes = [routing(t, e, k, shared) for _ in range(calls)]
+            active = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
+            t_gmm = time_calls([lambda j=j: grouped_mm_moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
+            t_fbf = time_calls([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
+            for mode in modes:
+                act = MODES[mode]
+                tq = time_calls([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *lut_w[j % c], act, act) for j in range(calls)], reps=10)
+                gbps = active * per_expert / tq / 1e3
+                recs.append(dict(op="moe", mode=mode, M=t, N=h, K=i, experts=et, topk=kt, us=round(tq, 3), gbps=round(gbps, 1),
+                                 pct_bw=round(100 * gbps / BW["read_gbps"], 1), vs_bf16=round(t_fbf / tq, 3), vs_int4=None,
+                                 vs_grouped_mm=round(t_gmm / tq, 3)))
+                log(f"moe {name} {mode} T={t:4d}: {tq:9.2f} us  {gbps:6.0f} GB/s ({active:.1f} experts)  fused-bf16 {t_fbf:9.2f}  grouped_mm {t_gmm:9.2f}")
+        del lut_w, bf_w
+        torch.cuda.empty_cache()
+    return recs
+
+
+# ---------------------------------------------------------------- accuracy of the INT8 path, config sweep
+
+def int8_accuracy():
+    """Relative error vs the reference of the fp16 and INT8 W4A4 prefill paths (k-means-like codebooks)."""
+    torch.manual_seed(0)
+    res = {}
+    n, k, m = 4096, 4096, 512
+    w = torch.randn(n, k, device="cuda") * 0.02
+    w[:, :8] *= 20  # a few outlier columns, as in real weights
+    # 16 centroids per row: sorted quantiles, indices by nearest centroid
+    qs = torch.quantile(w[:256].float(), torch.linspace(0.01, 0.99, 16, device="cuda"), dim=1).T  # [256, 16]
+    cb = qs.repeat(n // 256, 1)
+    cb[:, -1] = w.abs().amax(1)  # outlier centroid
+    idx = (w[:, :, None] - cb[:, None, :]).abs().argmin(-1)
+    pw = pack(idx, cb[:, None, :])
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = reference.linear(x.float(), pw, MODES["w4a4"]).double()
+    y16 = ops.linear(x, pw, MODES["w4a4"]).double()
+    ops.set_int8_prefill(True)
+    y8 = ops.linear(x, pw, MODES["w4a4"]).double()
+    ops.set_int8_prefill(False)
+    res["w4a4_fp16_rel_err"] = ((y16 - ref).norm() / ref.norm()).item()
+    res["w4a4_int8_rel_err"] = ((y8 - ref).norm() / ref.norm()).item()
+    yb = ops.linear(x, pw, MODES["w4a16"]).double()
+    refb = reference.linear(x.float(), pw, MODES["w4a16"]).double()
+    res["w4a16_bf16_rel_err"] = ((yb - refb).norm() / refb.norm()).item()
+    return res
+
+
+def sweep():
+    out = []
+    for (n, k, m) in [(4096, 14336, 1), (14336, 4096, 1), (4096, 14336, 16), (4096, 14336, 64), (4096, 14336, 2048)]:
+        ws = [random_packed((), n, k) for _ in range(8)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        cfgs = []
+        if m <= 4:
+            for lut in (0, 1):
+                for bn, bk, nw, sp in [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (8, 512, 2, 1), (16, 256, 4, 2), (32, 128, 4, 2), (64, 128, 8, 1)]:
+                    cfgs.append(ops.Config("gemv", block_m=1, block_n=bn, block_k=bk, split=sp, num_warps=nw, num_stages=3, lut=lut))
+            for lut in (0, 1):
+                cfgs.append(ops.Config("mm", block_m=16, block_n=64, block_k=128, split=2, num_warps=4, lut=lut))
+                cfgs.append(ops.Config("mm", block_m=16, block_n=32, block_k=256, split=1, num_warps=4, lut=lut))
+        elif m <= 64:
+            for lut in (0, 1):
+                for bn, bk, nw, sp, st in [(64, 128, 4, 1, 3), (64, 128, 4, 2, 3), (32, 128, 4, 2, 3), (128, 128, 8, 1, 3), (64, 256, 4, 1, 2), (16, 256, 2, 1, 3)]:
+                    cfgs.append(ops.Config("mm", block_m=max(16, m), block_n=bn, block_k=bk, split=sp, num_warps=nw, num_stages=st, lut=lut))
+        else:
+            for lut in (0, 1):
+                for bm, bn, bk, nw, st in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]:
+                    cfgs.append(ops.Config("mm", block_m=bm, block_n=bn, block_k=bk, split=1, num_warps=nw, num_stages=st, lut=lut))
+        for cfg in cfgs:
+            for mode in ("w4a16",) if m > 1 else ("w4a16", "w4a4"):
+                try:
+                    t = time_calls([lambda w=w: ops.linear(x, w, MODES[mode], config=cfg) for w in ws], reps=10)
+                except Exception as e:  # noqa: BLE001
+                    log("sweep fail", cfg, repr(e)[:200])
+                    continue
+                gb = lut_bytes(ws[0]) / t / 1e3
+                out.append(dict(M=m, N=n, K=k, mode=mode, cfg=cfg.__dict__, us=round(t, 2), gbps=round(gb)))
+                log(f"sweep M={m} {n}x{k} {mode} {cfg}: {t:.2f} us {gb:.0f} GB/s")
+    return out
+
+
+def plot(recs, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for mode, ls in (("w4a16", "-"), ("w4a4", "--")):
+        for n, k in DENSE_SHAPES:
+            rs = sorted((r for r in recs if r["op"] == "linear" and r["mode"] == mode and r["N"] == n and r["K"] == k), key=lambda r: r["M"])
+            if rs:
+                axes[0].plot([r["M"] for r in rs], [r["vs_bf16"] for r in rs], ls, marker="o", label=f"{mode} {n}x{k}")
+        for name, (e, kk, h, i, sh) in MOE_MODELS.items():
+            rs = sorted((r for r in recs if r["op"] == "moe" and r["mode"] == mode and r["K"] == i and r["N"] == h), key=lambda r: r["M"])
+            if rs:
+                axes[1].plot([r["M"] for r in rs], [r["vs_grouped_mm"] for r in rs], ls, marker="o", label=f"{mode} {name}")
+    for ax, title in zip(axes, ("dense linear: speedup over cuBLAS bf16", "fused MoE: speedup over torch._grouped_mm bf16")):
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("tokens (M)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+BW: dict = {}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--only", choices=["linear", "moe", "sweep", "all"], default="all")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sweep", action="store_true")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    BW.update(measure_bandwidth())
+    log("bandwidth", BW, torch.cuda.get_device_name())
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), **BW}
+    if a.sweep or a.only == "sweep":
+        meta["sweep"] = sweep()
+        json.dump(meta, open(os.path.join(a.out, "gpu-sweep.json"), "w"), indent=1)
+        if a.only == "sweep":
+            return
+    int8_recs: list = []
+    recs = []
+    if a.only in ("linear", "all"):
+        shapes = DENSE_SHAPES[:3] if a.quick else DENSE_SHAPES
+        recs += bench_linear(shapes, DENSE_MS, list(MODES), int8_recs)
+        json.dump(recs, open(os.path.join(a.out, "gpu-linear.json"), "w"), indent=1)
+        json.dump(int8_recs, open(os.path.join(a.out, "gpu-w4a4-int8.json"), "w"), indent=1)
+        meta["accuracy"] = int8_accuracy()
+        log("accuracy", meta["accuracy"])
+    if a.only in ("moe", "all"):
+        moe_recs = bench_moe(MOE_MODELS, MOE_TOKENS, list(MODES))
+        json.dump(moe_recs, open(os.path.join(a.out, "gpu-moe.json"), "w"), indent=1)
+        recs += moe_recs
+    meta["seconds"] = round(time.time() - t0)
+    json.dump(meta, open(os.path.join(a.out, "gpu-meta.json"), "w"), indent=1)
+    plot(recs, os.path.join(a.out, "gpu-speedup.png"))
+
+
+if __name__ == "__main__":
+    main()
