@@ -268,19 +268,19 @@ def sweep():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         cfgs = []
         if m <= 4:
-            for lut in (0, 1):
+            for lut in (2,):
                 for bn, bk, nw, sp in [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (8, 512, 2, 1), (16, 256, 4, 2), (32, 128, 4, 2), (64, 128, 8, 1)]:
                     cfgs.append(ops.Config("gemv", block_m=1, block_n=bn, block_k=bk, split=sp, num_warps=nw, num_stages=3, lut=lut))
-            for lut in (0, 1):
+            for lut in (2,):
                 cfgs.append(ops.Config("mm", block_m=16, block_n=64, block_k=128, split=2, num_warps=4, lut=lut))
                 cfgs.append(ops.Config("mm", block_m=16, block_n=32, block_k=256, split=1, num_warps=4, lut=lut))
         elif m <= 64:
-            for lut in (0, 1):
+            for lut in (2,):
                 for bn, bk, nw, sp, st in [(64, 128, 4, 1, 3), (64, 128, 4, 2, 3), (32, 128, 4, 2, 3), (128, 128, 8, 1, 3), (64, 256, 4, 1, 2), (16, 256, 2, 1, 3)]:
                     cfgs.append(ops.Config("mm", block_m=max(16, m), block_n=bn, block_k=bk, split=sp, num_warps=nw, num_stages=st, lut=lut))
         else:
-            for lut in (0, 1):
-                for bm, bn, bk, nw, st in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]:
+            for lut in (2,):
+                for bm, bn, bk, nw, st in [(128, 128, 128, 8, 3), (256, 128, 128, 8, 3), (64, 128, 128, 4, 3)]:
                     cfgs.append(ops.Config("mm", block_m=bm, block_n=bn, block_k=bk, split=1, num_warps=nw, num_stages=st, lut=lut))
         for cfg in cfgs:
             for mode in ("w4a16",) if m > 1 else ("w4a16", "w4a4"):

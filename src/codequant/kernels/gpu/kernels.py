@@ -9,7 +9,10 @@ two dots per K step and no shuffle of nibbles. The K order inside a dot is irrel
 
 Lookup (``LUT``): 0 loads ``codebook[n, g, idx]`` with a gathered global load (the
 32-byte row codebook sits in L1); 1 keeps the [BLOCK_N, 16] codebook tile in registers
-and uses ``tl.gather`` (one codebook per row only).
+and uses ``tl.gather``; 2 (GPU only, one codebook per row) holds each row's 16 entries as
+8 registers of low / high bytes and looks up 8 nibbles of a 32-bit word with 16 ``prmt``
+byte permutes (inline PTX), no memory access per weight. Path 2 is the fast one; 0 and 1
+are the portable ones the interpreter runs.
 
 Activations (``X_MODE``): 0 float x, dot in the codebook copy's dtype (fp16 or bf16);
 1 float x quantized per token on the fly (min/max prologue over K, then
@@ -31,7 +34,65 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_RINT = 12582912.0  # 1.5 * 2**23
+_RINT = tl.constexpr(12582912.0)  # 1.5 * 2**23
+
+
+# Register lookup of 8 nibbles (one 32-bit word of packed indices) through a 16-entry table of
+# 16-bit values held as 8 registers: L0..L3 = low bytes of entries 0-3, 4-7, 8-11, 12-15 and
+# H0..H3 = their high bytes. prmt picks bytes by 3-bit selectors from 8-byte register pairs;
+# entries 8-15 are chosen by a second prmt on bit 3 of each nibble. Output r (r = 0..3) holds
+# the values of byte r's low nibble (bits 0-15) and high nibble (bits 16-31).
+_PRMT_LUT_ASM = """
+{
+.reg .b32 a, b, sa, sb, t0, t1, lb, hb;
+and.b32 a, $4, 0x77777777;
+shr.b32 b, $4, 1;
+and.b32 b, b, 0x44444444;
+or.b32 sb, b, 0x3210;
+prmt.b32 t0, $5, $6, a;
+prmt.b32 t1, $7, $8, a;
+prmt.b32 lb, t0, t1, sb;
+prmt.b32 t0, $9, $10, a;
+prmt.b32 t1, $11, $12, a;
+prmt.b32 hb, t0, t1, sb;
+prmt.b32 $0, lb, hb, 0x5140;
+prmt.b32 $1, lb, hb, 0x7362;
+shr.b32 sa, a, 16;
+shr.b32 sb, b, 16;
+or.b32 sb, sb, 0x3210;
+prmt.b32 t0, $5, $6, sa;
+prmt.b32 t1, $7, $8, sa;
+prmt.b32 lb, t0, t1, sb;
+prmt.b32 t0, $9, $10, sa;
+prmt.b32 t1, $11, $12, sa;
+prmt.b32 hb, t0, t1, sb;
+prmt.b32 $2, lb, hb, 0x5140;
+prmt.b32 $3, lb, hb, 0x7362;
+}
+"""
+
+
+@triton.jit
+def _prmt_lookup(word, t0, t1, t2, t3, t4, t5, t6, t7):
+    return tl.inline_asm_elementwise(
+        _PRMT_LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _halves(v, DT: tl.constexpr):
+    """(low 16 bits, high 16 bits) of int32 v as two DT (fp16 / bf16) values."""
+    lo = v.to(tl.uint16).to(DT, bitcast=True)
+    hi = (v >> 16).to(tl.uint16).to(DT, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _load_tables(tab_ptr, offs_n, stride_tn):
+    base = tab_ptr + offs_n * stride_tn
+    return (tl.load(base + 0)[:, None], tl.load(base + 1)[:, None], tl.load(base + 2)[:, None], tl.load(base + 3)[:, None],
+            tl.load(base + 4)[:, None], tl.load(base + 5)[:, None], tl.load(base + 6)[:, None], tl.load(base + 7)[:, None])
 
 
 @triton.jit
@@ -62,6 +123,72 @@ def _quantize(x, s, z):
     """q - z for float x with broadcastable s, z (exact small integers, float32)."""
     q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)) + z, 0.0), 15.0)
     return q - z
+
+
+@triton.jit
+def _xt_tiles(x_ptr, x_rows, m_mask, col, K: tl.constexpr, s_row, z_row, DT: tl.constexpr, X_MODE: tl.constexpr, MASK_K: tl.constexpr):
+    """Activation tiles x^T [len(col), BLOCK_M] at columns col and col + 32, in the dot dtype."""
+    pl = x_ptr + x_rows[None, :] + col[:, None]
+    if MASK_K:
+        xl = tl.load(pl, mask=m_mask[None, :] & (col < K)[:, None], other=0.0)
+        xh = tl.load(pl + 32, mask=m_mask[None, :] & (col + 32 < K)[:, None], other=0.0)
+    else:
+        xl = tl.load(pl, mask=m_mask[None, :], other=0.0)
+        xh = tl.load(pl + 32, mask=m_mask[None, :], other=0.0)
+    if X_MODE == 1:
+        xl = _quantize(xl.to(tl.float32), s_row[None, :], z_row[None, :])
+        xh = _quantize(xh.to(tl.float32), s_row[None, :], z_row[None, :])
+    return xl.to(DT), xh.to(DT)
+
+
+@triton.jit
+def _dot_pair(acc, v, xl, xh, DT: tl.constexpr, UPCAST: tl.constexpr):
+    lo, hi = _halves(v, DT)
+    if UPCAST:
+        return tl.dot(hi.to(tl.float32), xh.to(tl.float32), tl.dot(lo.to(tl.float32), xl.to(tl.float32), acc))
+    return tl.dot(hi, xh, tl.dot(lo, xl, acc))
+
+
+@triton.jit
+def _lut2_step(acc, acc_u, word, word_u, tabs, tabs_u, x_ptr, x_rows, m_mask, base_col, K: tl.constexpr, s_row, z_row,
+               DT: tl.constexpr, X_MODE: tl.constexpr, MASK_K: tl.constexpr, MOE: tl.constexpr):
+    """One K step of the register-table path: 8 dots of K = BLOCK_K / 8 (one per nibble position)."""
+    v0, v1, v2, v3 = _prmt_lookup(word, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5], tabs[6], tabs[7])
+    if MOE == 1:
+        u0, u1, u2, u3 = _prmt_lookup(word_u, tabs_u[0], tabs_u[1], tabs_u[2], tabs_u[3], tabs_u[4], tabs_u[5], tabs_u[6], tabs_u[7])
+    xl, xh = _xt_tiles(x_ptr, x_rows, m_mask, base_col, K, s_row, z_row, DT, X_MODE, MASK_K)
+    acc = _dot_pair(acc, v0, xl, xh, DT, False)
+    if MOE == 1:
+        acc_u = _dot_pair(acc_u, u0, xl, xh, DT, False)
+    xl, xh = _xt_tiles(x_ptr, x_rows, m_mask, base_col + 1, K, s_row, z_row, DT, X_MODE, MASK_K)
+    acc = _dot_pair(acc, v1, xl, xh, DT, False)
+    if MOE == 1:
+        acc_u = _dot_pair(acc_u, u1, xl, xh, DT, False)
+    xl, xh = _xt_tiles(x_ptr, x_rows, m_mask, base_col + 2, K, s_row, z_row, DT, X_MODE, MASK_K)
+    acc = _dot_pair(acc, v2, xl, xh, DT, False)
+    if MOE == 1:
+        acc_u = _dot_pair(acc_u, u2, xl, xh, DT, False)
+    xl, xh = _xt_tiles(x_ptr, x_rows, m_mask, base_col + 3, K, s_row, z_row, DT, X_MODE, MASK_K)
+    acc = _dot_pair(acc, v3, xl, xh, DT, False)
+    if MOE == 1:
+        acc_u = _dot_pair(acc_u, u3, xl, xh, DT, False)
+    return acc, acc_u
+
+
+@triton.jit
+def _gemv_pair(acc, v, x_ptr, x_rows, m_mask, col, K: tl.constexpr, s_row, z_row, DT: tl.constexpr, X_MODE: tl.constexpr, MASK_K: tl.constexpr):
+    lo, hi = _halves(v, DT)
+    pl = x_ptr + x_rows[:, None] + col[None, :]
+    if MASK_K:
+        xl = tl.load(pl, mask=m_mask[:, None] & (col < K)[None, :], other=0.0).to(tl.float32)
+        xh = tl.load(pl + 32, mask=m_mask[:, None] & (col + 32 < K)[None, :], other=0.0).to(tl.float32)
+    else:
+        xl = tl.load(pl, mask=m_mask[:, None], other=0.0).to(tl.float32)
+        xh = tl.load(pl + 32, mask=m_mask[:, None], other=0.0).to(tl.float32)
+    if X_MODE == 1:
+        xl = _quantize(xl, s_row[:, None], z_row[:, None])
+        xh = _quantize(xh, s_row[:, None], z_row[:, None])
+    return acc + lo.to(tl.float32)[None, :, :] * xl[:, None, :] + hi.to(tl.float32)[None, :, :] * xh[:, None, :]
 
 
 @triton.jit
@@ -101,7 +228,7 @@ def lut_mm_kernel(
     K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     X_MODE: tl.constexpr, W_MODE: tl.constexpr, W_INT8: tl.constexpr, LUT: tl.constexpr, NG1: tl.constexpr,
     NGA1: tl.constexpr, MOE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr = False,
+    UPCAST_DOT: tl.constexpr = False, TAB_BF16: tl.constexpr = False,
 ):
     """acc[BLOCK_N, BLOCK_M] = W_tile @ X_tile^T (weights are the dot's A operand).
 
@@ -148,14 +275,22 @@ def lut_mm_kernel(
 
     cb_tile = 0.0
     cb_tile_u = 0.0
-    if LUT == 1:
+    if LUT == 1:  # codebook tile in registers
         e16 = tl.arange(0, 16)
         cb_tile = tl.load(cb_base + offs_n_safe[:, None] * stride_cn + e16[None, :])
         if MOE == 1:
             cb_tile_u = tl.load(cb_base_u + offs_n_safe[:, None] * stride_cn + e16[None, :])
 
+    s_row = 0.0
+    z_row = 0.0
     if X_MODE == 1:
         s_row, z_row = _quant_stats(x_ptr, x_rows, m_mask, K, clip, BLOCK_M, BLOCK_K)
+    tabs = (0, 0, 0, 0, 0, 0, 0, 0)
+    tabs_u = (0, 0, 0, 0, 0, 0, 0, 0)
+    if LUT == 2:
+        tabs = _load_tables(cb_base, offs_n_safe, stride_cn)
+        if MOE == 1:
+            tabs_u = _load_tables(cb_base_u, offs_n_safe, stride_cn)
 
     if W_INT8 and not (X_MODE == 2 and not NGA1):
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
@@ -166,75 +301,98 @@ def lut_mm_kernel(
 
     offs_c = tl.arange(0, BK2)
     k_start = pid_k * K_PER_SPLIT
-    for it in range(0, K_PER_SPLIT // BLOCK_K):
-        k0 = k_start + it * BLOCK_K
-        col_lo = k0 + (offs_c // 32) * 64 + (offs_c % 32)
-        col_hi = col_lo + 32
-        byte_col = k0 // 2 + offs_c
-        byte = 0
-        byte_u = 0
-        if W_MODE == 0:
-            bptr = offs_n_safe[:, None] * stride_wn + byte_col[None, :]
+    if LUT == 2:
+        # register-table path (inline PTX prmt); w_ptr / cb_ptr are int32 words / tables here
+        BK8: tl.constexpr = BLOCK_K // 8
+        offs_q = tl.arange(0, BK8)
+        DT: tl.constexpr = tl.bfloat16 if TAB_BF16 else tl.float16
+        for it in range(0, K_PER_SPLIT // BLOCK_K):
+            k0 = k_start + it * BLOCK_K
+            wcol = k0 // 8 + offs_q
+            wptr = offs_n_safe[:, None] * stride_wn + wcol[None, :]
             if MASK_K:
-                byte = tl.load(w_base + bptr, mask=(byte_col < KP2)[None, :], other=0)
+                word = tl.load(w_base + wptr, mask=(wcol < KP2 // 4)[None, :], other=0)
             else:
-                byte = tl.load(w_base + bptr)
+                word = tl.load(w_base + wptr)
+            word_u = word
             if MOE == 1:
                 if MASK_K:
-                    byte_u = tl.load(w_base_u + bptr, mask=(byte_col < KP2)[None, :], other=0)
+                    word_u = tl.load(w_base_u + wptr, mask=(wcol < KP2 // 4)[None, :], other=0)
                 else:
-                    byte_u = tl.load(w_base_u + bptr)
-        # activations, transposed: [BK2, BLOCK_M]
-        xl_ptrs = x_ptr + x_rows[None, :] + col_lo[:, None]
-        xh_ptrs = x_ptr + x_rows[None, :] + col_hi[:, None]
-        if MASK_K:
-            xl = tl.load(xl_ptrs, mask=m_mask[None, :] & (col_lo < K)[:, None], other=0.0)
-            xh = tl.load(xh_ptrs, mask=m_mask[None, :] & (col_hi < K)[:, None], other=0.0)
-        else:
-            xl = tl.load(xl_ptrs, mask=m_mask[None, :], other=0.0)
-            xh = tl.load(xh_ptrs, mask=m_mask[None, :], other=0.0)
-        if X_MODE == 1:
-            xl = _quantize(xl.to(tl.float32), s_row[None, :], z_row[None, :])
-            xh = _quantize(xh.to(tl.float32), s_row[None, :], z_row[None, :])
+                    word_u = tl.load(w_base_u + wptr)
+            base_col = k0 + (offs_q // 8) * 64 + (offs_q % 8) * 4
+            acc, acc_u = _lut2_step(acc, acc_u, word, word_u, tabs, tabs_u, x_ptr, x_rows, m_mask, base_col, K, s_row, z_row,
+                                    DT, X_MODE, MASK_K, MOE)
+    else:
+        for it in range(0, K_PER_SPLIT // BLOCK_K):
+            k0 = k_start + it * BLOCK_K
+            col_lo = k0 + (offs_c // 32) * 64 + (offs_c % 32)
+            col_hi = col_lo + 32
+            byte_col = k0 // 2 + offs_c
+            byte = 0
+            byte_u = 0
+            if W_MODE == 0:
+                bptr = offs_n_safe[:, None] * stride_wn + byte_col[None, :]
+                if MASK_K:
+                    byte = tl.load(w_base + bptr, mask=(byte_col < KP2)[None, :], other=0)
+                else:
+                    byte = tl.load(w_base + bptr)
+                if MOE == 1:
+                    if MASK_K:
+                        byte_u = tl.load(w_base_u + bptr, mask=(byte_col < KP2)[None, :], other=0)
+                    else:
+                        byte_u = tl.load(w_base_u + bptr)
+            # activations, transposed: [BK2, BLOCK_M]
+            xl_ptrs = x_ptr + x_rows[None, :] + col_lo[:, None]
+            xh_ptrs = x_ptr + x_rows[None, :] + col_hi[:, None]
+            if MASK_K:
+                xl = tl.load(xl_ptrs, mask=m_mask[None, :] & (col_lo < K)[:, None], other=0.0)
+                xh = tl.load(xh_ptrs, mask=m_mask[None, :] & (col_hi < K)[:, None], other=0.0)
+            else:
+                xl = tl.load(xl_ptrs, mask=m_mask[None, :], other=0.0)
+                xh = tl.load(xh_ptrs, mask=m_mask[None, :], other=0.0)
+            if X_MODE == 1:
+                xl = _quantize(xl.to(tl.float32), s_row[None, :], z_row[None, :])
+                xh = _quantize(xh.to(tl.float32), s_row[None, :], z_row[None, :])
 
-        wl = _w_tile(w_base, cb_base, cb_tile, offs_n_safe, col_lo, byte, 0, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
-        wh = _w_tile(w_base, cb_base, cb_tile, offs_n_safe, col_hi, byte, 1, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
-        xl = xl.to(wl.dtype)
-        xh = xh.to(wl.dtype)
-        if MOE == 1:
-            wl_u = _w_tile(w_base_u, cb_base_u, cb_tile_u, offs_n_safe, col_lo, byte_u, 0, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
-            wh_u = _w_tile(w_base_u, cb_base_u, cb_tile_u, offs_n_safe, col_hi, byte_u, 1, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
-        if UPCAST_DOT:  # the interpreter's bf16 dot is wrong; same bf16-rounded values, fp32 dot
-            xl = xl.to(tl.float32)
-            xh = xh.to(tl.float32)
-            wl = wl.to(tl.float32)
-            wh = wh.to(tl.float32)
+            wl = _w_tile(w_base, cb_base, cb_tile, offs_n_safe, col_lo, byte, 0, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
+            wh = _w_tile(w_base, cb_base, cb_tile, offs_n_safe, col_hi, byte, 1, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
+            xl = xl.to(wl.dtype)
+            xh = xh.to(wl.dtype)
             if MOE == 1:
-                wl_u = wl_u.to(tl.float32)
-                wh_u = wh_u.to(tl.float32)
-        if X_MODE == 2 and not NGA1:
-            # per-(row, activation group) scales: the step lies inside one group (GA % BLOCK_K == 0)
-            sg = tl.load(xs_ptr + in_rows * stride_xsm + k0 // GA, mask=m_mask, other=0.0)
-            if W_INT8:
-                part = tl.dot(wh, xh, tl.dot(wl, xl, out_dtype=tl.int32), out_dtype=tl.int32)
-            else:
-                part = tl.dot(wh, xh, tl.dot(wl, xl))
-            acc += part.to(tl.float32) * sg[None, :]
-            if MOE == 1:
+                wl_u = _w_tile(w_base_u, cb_base_u, cb_tile_u, offs_n_safe, col_lo, byte_u, 0, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
+                wh_u = _w_tile(w_base_u, cb_base_u, cb_tile_u, offs_n_safe, col_hi, byte_u, 1, K, G, NG, stride_wn, stride_cn, W_MODE, LUT, NG1, MASK_K)
+            if UPCAST_DOT:  # the interpreter's bf16 dot is wrong; same bf16-rounded values, fp32 dot
+                xl = xl.to(tl.float32)
+                xh = xh.to(tl.float32)
+                wl = wl.to(tl.float32)
+                wh = wh.to(tl.float32)
+                if MOE == 1:
+                    wl_u = wl_u.to(tl.float32)
+                    wh_u = wh_u.to(tl.float32)
+            if X_MODE == 2 and not NGA1:
+                # per-(row, activation group) scales: the step lies inside one group (GA % BLOCK_K == 0)
+                sg = tl.load(xs_ptr + in_rows * stride_xsm + k0 // GA, mask=m_mask, other=0.0)
                 if W_INT8:
-                    part_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, out_dtype=tl.int32), out_dtype=tl.int32)
+                    part = tl.dot(wh, xh, tl.dot(wl, xl, out_dtype=tl.int32), out_dtype=tl.int32)
                 else:
-                    part_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl))
-                acc_u += part_u.to(tl.float32) * sg[None, :]
-        else:
-            if W_INT8:
-                acc = tl.dot(wh, xh, tl.dot(wl, xl, acc, out_dtype=tl.int32), out_dtype=tl.int32)
+                    part = tl.dot(wh, xh, tl.dot(wl, xl))
+                acc += part.to(tl.float32) * sg[None, :]
                 if MOE == 1:
-                    acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u, out_dtype=tl.int32), out_dtype=tl.int32)
+                    if W_INT8:
+                        part_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, out_dtype=tl.int32), out_dtype=tl.int32)
+                    else:
+                        part_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl))
+                    acc_u += part_u.to(tl.float32) * sg[None, :]
             else:
-                acc = tl.dot(wh, xh, tl.dot(wl, xl, acc))
-                if MOE == 1:
-                    acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u))
+                if W_INT8:
+                    acc = tl.dot(wh, xh, tl.dot(wl, xl, acc, out_dtype=tl.int32), out_dtype=tl.int32)
+                    if MOE == 1:
+                        acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u, out_dtype=tl.int32), out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(wh, xh, tl.dot(wl, xl, acc))
+                    if MOE == 1:
+                        acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u))
 
     out = acc.to(tl.float32)
     out_u = acc_u.to(tl.float32)
@@ -267,31 +425,17 @@ def lut_mm_kernel(
 
 
 @triton.jit
-def lut_gemv_kernel(
-    x_ptr, stride_xm, w_ptr, stride_wn, cb_ptr, stride_cn, bias_ptr, y_ptr, stride_ym, stride_ys,
-    M, N, clip,
-    K: tl.constexpr, KP2: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    X_MODE: tl.constexpr, LUT: tl.constexpr, NG1: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    MASK_K: tl.constexpr,
-):
-    """Decode GEMV on CUDA cores for a few tokens: acc[m, n, c] += W[n, c] * x[m, c], reduced once."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+def _gemv_gather(x_ptr, x_rows, m_mask, w_ptr, stride_wn, cb_ptr, stride_cn, offs_n_safe, k_start, s_row, z_row,
+                 K: tl.constexpr, KP2: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_MODE: tl.constexpr, LUT: tl.constexpr,
+                 NG1: tl.constexpr, MASK_K: tl.constexpr):
+    """GEMV K loop with codebook gathers (LUT 0 / 1); returns [BLOCK_M, BLOCK_N] sums."""
     BK2: tl.constexpr = BLOCK_K // 2
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < N
-    offs_n_safe = tl.minimum(offs_n, N - 1)
-    x_rows = offs_m.to(tl.int64) * stride_xm
     cb_tile = 0.0
     if LUT == 1:
         cb_tile = tl.load(cb_ptr + offs_n_safe[:, None] * stride_cn + tl.arange(0, 16)[None, :])
-    if X_MODE == 1:
-        s_row, z_row = _quant_stats(x_ptr, x_rows, m_mask, K, clip, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BK2), tl.float32)
     offs_c = tl.arange(0, BK2)
-    k_start = pid_k * K_PER_SPLIT
     for it in range(0, K_PER_SPLIT // BLOCK_K):
         k0 = k_start + it * BLOCK_K
         col_lo = k0 + (offs_c // 32) * 64 + (offs_c % 32)
@@ -314,7 +458,56 @@ def lut_gemv_kernel(
         wl = _w_tile(w_ptr, cb_ptr, cb_tile, offs_n_safe, col_lo, byte, 0, K, G, NG, stride_wn, stride_cn, 0, LUT, NG1, MASK_K).to(tl.float32)
         wh = _w_tile(w_ptr, cb_ptr, cb_tile, offs_n_safe, col_hi, byte, 1, K, G, NG, stride_wn, stride_cn, 0, LUT, NG1, MASK_K).to(tl.float32)
         acc += wl[None, :, :] * xl[:, None, :] + wh[None, :, :] * xh[:, None, :]
-    out = tl.sum(acc, 2)
+    return tl.sum(acc, 2)
+
+
+@triton.jit
+def lut_gemv_kernel(
+    x_ptr, stride_xm, w_ptr, stride_wn, cb_ptr, stride_cn, bias_ptr, y_ptr, stride_ym, stride_ys,
+    M, N, clip,
+    K: tl.constexpr, KP2: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X_MODE: tl.constexpr, LUT: tl.constexpr, NG1: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MASK_K: tl.constexpr, TAB_BF16: tl.constexpr = False,
+):
+    """Decode GEMV on CUDA cores for a few tokens: acc[m, n, c] += W[n, c] * x[m, c], reduced once."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BK2: tl.constexpr = BLOCK_K // 2
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    offs_n_safe = tl.minimum(offs_n, N - 1)
+    x_rows = offs_m.to(tl.int64) * stride_xm
+    s_row = 0.0
+    z_row = 0.0
+    if X_MODE == 1:
+        s_row, z_row = _quant_stats(x_ptr, x_rows, m_mask, K, clip, BLOCK_M, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    if LUT == 2:
+        BK8: tl.constexpr = BLOCK_K // 8
+        DT: tl.constexpr = tl.bfloat16 if TAB_BF16 else tl.float16
+        tabs = _load_tables(cb_ptr, offs_n_safe, stride_cn)
+        offs_q = tl.arange(0, BK8)
+        acc8 = tl.zeros((BLOCK_M, BLOCK_N, BK8), tl.float32)
+        for it in range(0, K_PER_SPLIT // BLOCK_K):
+            k0 = k_start + it * BLOCK_K
+            wcol = k0 // 8 + offs_q
+            wptr = w_ptr + offs_n_safe[:, None] * stride_wn + wcol[None, :]
+            if MASK_K:
+                word = tl.load(wptr, mask=(wcol < KP2 // 4)[None, :], other=0)
+            else:
+                word = tl.load(wptr)
+            v0, v1, v2, v3 = _prmt_lookup(word, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5], tabs[6], tabs[7])
+            base_col = k0 + (offs_q // 8) * 64 + (offs_q % 8) * 4
+            acc8 = _gemv_pair(acc8, v0, x_ptr, x_rows, m_mask, base_col, K, s_row, z_row, DT, X_MODE, MASK_K)
+            acc8 = _gemv_pair(acc8, v1, x_ptr, x_rows, m_mask, base_col + 1, K, s_row, z_row, DT, X_MODE, MASK_K)
+            acc8 = _gemv_pair(acc8, v2, x_ptr, x_rows, m_mask, base_col + 2, K, s_row, z_row, DT, X_MODE, MASK_K)
+            acc8 = _gemv_pair(acc8, v3, x_ptr, x_rows, m_mask, base_col + 3, K, s_row, z_row, DT, X_MODE, MASK_K)
+        out = tl.sum(acc8, 2)
+    else:
+        out = _gemv_gather(x_ptr, x_rows, m_mask, w_ptr, stride_wn, cb_ptr, stride_cn, offs_n_safe, k_start, s_row, z_row, K, KP2, G, NG,
+                           K_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, X_MODE, LUT, NG1, MASK_K)
     if X_MODE == 1:
         out = out * s_row[:, None]
     if SPLIT > 1:

@@ -92,7 +92,21 @@ def int8_codebook(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _derived(codebook, "cb-int8", make)
 
 
+def lut_tables(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Register tables for LUT path 2: int32 [..., N, NG, 8] = low bytes (4 words) then high
+    bytes (4 words) of the 16 entries of each codebook, in fp16 or bf16."""
+
+    def make():
+        c = codebook_as(codebook, dtype).contiguous()
+        b = c.view(torch.uint8).reshape(*c.shape, 2)
+        return torch.cat([b[..., 0], b[..., 1]], -1).contiguous().view(torch.int32)
+
+    return _derived(codebook, f"tab-{dtype}", make)
+
+
 # ---------------------------------------------------------------- configuration
+
+_DEFAULT_LUT = 0 if _INTERPRET else 2
 
 def _pow2_at_least(v: int, lo: int) -> int:
     return max(lo, 1 << (max(v, 1) - 1).bit_length())
@@ -107,7 +121,7 @@ def linear_config(m: int, n: int, k: int, x_mode: int) -> Config:
         split = 1
         while tiles * split < 264 and kp // (split * 2) >= 512:
             split *= 2
-        return Config("gemv", block_m=_pow2_at_least(m, 1), block_n=block_n, block_k=256, split=split, num_warps=4, num_stages=3)
+        return Config("gemv", block_m=_pow2_at_least(m, 1), block_n=block_n, block_k=256, split=split, num_warps=4, num_stages=3, lut=_DEFAULT_LUT)
     if m <= 64:
         block_m = _pow2_at_least(m, 16)
         block_n = 64
@@ -115,14 +129,14 @@ def linear_config(m: int, n: int, k: int, x_mode: int) -> Config:
         split = 1
         while tiles * split < 264 and kp // (split * 2) >= 512:
             split *= 2
-        return Config("mm", block_m=block_m, block_n=block_n, block_k=128, split=split, num_warps=4, num_stages=3)
-    return Config("mm", block_m=128, block_n=128, block_k=64, split=1, num_warps=8, num_stages=3)
+        return Config("mm", block_m=block_m, block_n=block_n, block_k=128, split=split, num_warps=4, num_stages=3, lut=_DEFAULT_LUT)
+    return Config("mm", block_m=128, block_n=128, block_k=128, split=1, num_warps=8, num_stages=3, lut=_DEFAULT_LUT)
 
 
 def moe_config(slots: int) -> Config:
     if slots <= 256:
-        return Config("mm", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
-    return Config("mm", block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return Config("mm", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3, lut=_DEFAULT_LUT)
+    return Config("mm", block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, lut=_DEFAULT_LUT)
 
 
 # ---------------------------------------------------------------- helpers
@@ -154,6 +168,10 @@ def _mm(
 ):
     """Launch lut_mm_kernel (packed ``PackedWeight`` or a dense [E, N, K] tensor)."""
     dense = isinstance(w, torch.Tensor)
+    lut = cfg.lut
+    if dense or w_int8 or w.codebook.shape[-2] != 1 or (xs is not None and xs.shape[1] > 1) or (lut == 2 and cfg.block_k < 128):
+        lut = min(lut, 1)
+    tab_bf16 = False
     if dense:
         wt = w if w.dim() == 3 else w.unsqueeze(0)
         cb, ws = wt, wt  # unused
@@ -161,6 +179,18 @@ def _mm(
         stride_ce = stride_cn = 0
         kp2, g, ng = (k + 63) // 64 * 32, k, 1
         stride_wse = 0
+    elif lut == 2:
+        idx = w.indices
+        wt = idx.view(torch.int32)
+        stride_we = wt.stride(0) if wt.dim() == 3 else 0
+        stride_wn = wt.stride(-2)
+        kp2 = idx.shape[-1]
+        cb = lut_tables(w.codebook, dot_dtype)
+        tab_bf16 = dot_dtype == torch.bfloat16
+        ws, stride_wse = w.row_sum, 0
+        stride_ce = cb.stride(0) if cb.dim() == 4 else 0
+        stride_cn = cb.stride(-3)
+        ng, g = 1, k
     else:
         idx = w.indices
         stride_we = idx.stride(0) if idx.dim() == 3 else 0
@@ -176,7 +206,8 @@ def _mm(
         ng = cb.shape[-2]
         g = k // ng
         wt = idx
-    lut = cfg.lut if (not dense and ng == 1) else 0
+        if ng != 1:
+            lut = 0
     block_k = cfg.block_k
     if x_mode == 2 and xs.shape[1] > 1:
         while ga % block_k:
@@ -203,6 +234,7 @@ def _mm(
         X_MODE=x_mode, W_MODE=1 if dense else 0, W_INT8=w_int8, LUT=lut, NG1=ng == 1,
         NGA1=xs is None or xs.shape[1] == 1, MOE=moe, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
         UPCAST_DOT=_INTERPRET and (dense and wt.dtype == torch.bfloat16 or not dense and cb.dtype == torch.bfloat16),
+        TAB_BF16=tab_bf16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
@@ -221,8 +253,16 @@ def _reduce(part, bias, y):
 def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, clip):
     m, k = x2.shape
     n = w.out_features
-    cb = codebook_as(w.codebook, torch.float16 if x_mode == 1 else dot_dtype)
-    ng = cb.shape[-2]
+    tdt = torch.float16 if x_mode == 1 else dot_dtype
+    lut = cfg.lut if w.codebook.shape[-2] == 1 else 0
+    if lut == 2 and tdt == torch.float32:
+        lut = 0
+    wt = w.indices
+    if lut == 2:
+        cb, wt = lut_tables(w.codebook, tdt), w.indices.view(torch.int32)
+    else:
+        cb = codebook_as(w.codebook, tdt)
+    ng = w.codebook.shape[-2]
     kp2 = w.indices.shape[-1]
     block_k = cfg.block_k
     k_per_split = -(-kp2 * 2 // cfg.split // block_k) * block_k
@@ -234,10 +274,10 @@ def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, cli
     else:
         out, stride_ym, stride_ys = y, y.stride(0), 0
     K_.lut_gemv_kernel[(-(-n // cfg.block_n), split, -(-m // cfg.block_m))](
-        x2, x2.stride(0), w.indices, w.indices.stride(0), cb, cb.stride(0), bias if bias is not None else out, out, stride_ym, stride_ys,
+        x2, x2.stride(0), wt, wt.stride(0), cb, cb.stride(0), bias if bias is not None else out, out, stride_ym, stride_ys,
         m, n, float(clip),
-        K=k, KP2=kp2, G=k // ng, NG=ng, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, X_MODE=x_mode, LUT=cfg.lut if ng == 1 else 0,
-        NG1=ng == 1, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
+        K=k, KP2=kp2, G=k // ng, NG=ng, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, X_MODE=x_mode, LUT=lut,
+        NG1=ng == 1, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k, TAB_BF16=tdt == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
@@ -245,6 +285,9 @@ def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, cli
 
 
 def _dot_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp16 for fp16 x, else bf16 (the bf16 codebook copy); fp32 x keeps fp32 only when interpreting."""
+    if x.dtype == torch.float32 and not _INTERPRET:
+        return torch.bfloat16
     return {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}.get(x.dtype, torch.float32)
 
 
