@@ -42,7 +42,7 @@ _RINT = tl.constexpr(12582912.0)  # 1.5 * 2**23
 # H0..H3 = their high bytes. prmt picks bytes by 3-bit selectors from 8-byte register pairs;
 # entries 8-15 are chosen by a second prmt on bit 3 of each nibble. Output r (r = 0..3) holds
 # the values of byte r's low nibble (bits 0-15) and high nibble (bits 16-31).
-_PRMT_LUT_ASM = """
+_PRMT_LUT_ASM = tl.constexpr("""
 {
 .reg .b32 a, b, sa, sb, t0, t1, lb, hb;
 and.b32 a, $4, 0x77777777;
@@ -69,7 +69,7 @@ prmt.b32 hb, t0, t1, sb;
 prmt.b32 $2, lb, hb, 0x5140;
 prmt.b32 $3, lb, hb, 0x7362;
 }
-"""
+""")
 
 
 @triton.jit
