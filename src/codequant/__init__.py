@@ -6,4 +6,6 @@ from .modules.linear import CodeQuantLinear, quantize_linear
 from .quantizers.activations import ActQuantSpec
 
 __version__ = "0.1.0"
+
+from . import io  # noqa: E402  registers the "codequant" quantization config and quantizer with transformers
 __all__ = ["FORMAT_VERSION", "PackedWeight", "pack", "CodeQuantExperts", "CodeQuantLinear", "quantize_linear", "ActQuantSpec"]

@@ -1,0 +1,629 @@
+"""Deployable CodeQuant checkpoints: packed 4-bit weights in safetensors, described in config.json.
+
+A checkpoint directory holds
+
+``config.json``
+    The model's transformers config plus ``quantization_config`` (schema below) and
+    ``codequant_rms_norms`` (the LayerNorms that CodeQuant replaced by RMSNorm).
+``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``)
+    Every tensor of ``model.state_dict()`` except the ``weight`` of quantized routers (it is
+    rebuilt from the router's codebook at load) and tied copies. Packed modules store the
+    format v1 tensors of :mod:`codequant.format`: ``indices`` uint8, ``codebook`` float16,
+    ``row_sum`` float32 (experts: ``gate_up_*`` and ``down_*``).
+``generation_config.json``, tokenizer files (when given).
+
+``quantization_config``::
+
+    quant_method      "codequant"
+    format_version    int, codequant.format.FORMAT_VERSION of the writer
+    codequant_version str, the writer's codequant version (informative)
+    bits              int, index bits of every codebook (2^bits centroids used per codebook)
+    group_size        int, 0 when every codebook covers a whole row, else the (most common) group size
+    act_bits          int, smallest activation bit width of any packed module (16: none quantized)
+    act_group_size    int, activation group size of the module(s) with act_bits (0: per token)
+    modules           {module name: spec}; spec["kind"] is one of
+        "linear":   in_features, out_features, group_size, bits, act, hadamard_block, bias
+        "experts":  num_experts, hidden_dim, intermediate_dim, group_size, down_group_size,
+                    bits, act, down_act, hadamard_block
+        "router":   in_features, out_features, group_size, bits, act
+        "rms_norm": hidden_size, eps
+        where act = {"bits", "group_size", "clip"} (an ActQuantSpec)
+    rms_norms         [module name], the RMSNorms that replaced LayerNorms
+    checksums         {weight file name: sha256 hex digest}
+    extra             free-form JSON from the pipeline (method, rotations in effect, calibration data)
+
+The per-module specs are authoritative; the top-level numbers summarize them. Nothing is
+pickled: tensors live in safetensors, everything else in JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, FORMAT_VERSION, PackedWeight, bits_per_weight, padded_columns
+from ..modules.experts import CodeQuantExperts
+from ..modules.linear import CodeQuantLinear
+from ..modules.norm import RMSNorm
+from ..modules.router import is_quantized_router
+from ..quantizers.activations import ActQuantSpec
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "codequant"
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PACKED_PARTS = ("indices", "codebook", "row_sum")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+# safetensors dtype names
+_ST_DTYPES = {
+    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.bool: "BOOL",
+}
+_ST_SIZES = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8,
+             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# format v1: the exact dtype of each packed tensor
+PACKED_DTYPES = {"indices": _ST_DTYPES[torch.uint8], "codebook": _ST_DTYPES[CODEBOOK_DTYPE], "row_sum": "F32"}
+
+
+class CheckpointError(ValueError):
+    """A CodeQuant checkpoint is malformed, corrupted, or from an unsupported format version."""
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    return _ST_DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# walking a quantized model
+
+
+def find_quantized_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """{name: (kind, module)} for every packed linear, experts module, quantized router and RMSNorm replacement."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CodeQuantLinear):
+            found[name] = ("linear", module)
+        elif isinstance(module, CodeQuantExperts):
+            found[name] = ("experts", module)
+        elif is_quantized_router(module):
+            found[name] = ("router", module)
+        elif isinstance(module, RMSNorm):
+            found[name] = ("rms_norm", module)
+    return found
+
+
+def _act_dict(spec: ActQuantSpec) -> dict:
+    return {k: v for k, v in dataclasses.asdict(spec).items()}
+
+
+def act_from_dict(d: dict) -> ActQuantSpec:
+    unknown = set(d) - {f.name for f in dataclasses.fields(ActQuantSpec)}
+    if unknown:
+        raise CheckpointError(f"codequant checkpoint: unknown activation spec keys {sorted(unknown)}")
+    return ActQuantSpec(**d)
+
+
+def _group(codebook: torch.Tensor, k: int) -> int:
+    return k // codebook.shape[-2]
+
+
+def module_spec(kind: str, module: nn.Module, bits: int) -> dict:
+    """The JSON description of one quantized module (see the module doc)."""
+    if kind == "linear":
+        return {"kind": kind, "in_features": module.in_features, "out_features": module.out_features,
+                "group_size": module.group_size, "bits": bits, "act": _act_dict(module.act),
+                "hadamard_block": int(module.hadamard_block), "bias": module.bias is not None}
+    if kind == "experts":
+        return {"kind": kind, "num_experts": module.num_experts, "hidden_dim": module.hidden_dim,
+                "intermediate_dim": module.intermediate_dim,
+                "group_size": _group(module.gate_up_codebook, module.hidden_dim),
+                "down_group_size": _group(module.down_codebook, module.intermediate_dim), "bits": bits,
+                "act": _act_dict(module.act), "down_act": _act_dict(module.down_act),
+                "hadamard_block": int(module.hadamard_block)}
+    if kind == "router":
+        out_features, in_features = module.weight.shape
+        return {"kind": kind, "in_features": in_features, "out_features": out_features,
+                "group_size": _group(module.codebook, in_features), "bits": bits, "act": _act_dict(module.codequant_act)}
+    if kind == "rms_norm":
+        return {"kind": kind, "hidden_size": module.weight.shape[0], "eps": float(module.variance_epsilon)}
+    raise ValueError(f"unknown quantized module kind {kind!r}")
+
+
+def packed_weights(kind: str, module: nn.Module) -> dict[str, PackedWeight]:
+    """{tensor prefix: PackedWeight} of a quantized module ('' for linear and router)."""
+    if kind == "linear":
+        return {"": module.packed}
+    if kind == "experts":
+        return {"gate_up_": module.gate_up, "down_": module.down}
+    if kind == "router":
+        return {"": PackedWeight(module.indices, module.codebook, module.row_sum, module.weight.shape[-1])}
+    return {}
+
+
+def packed_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """{tensor prefix: (leading dims + (N,), K, G)} of the packed weights a module spec describes."""
+    kind = spec["kind"]
+    if kind in ("linear", "router"):
+        return {"": ((spec["out_features"],), spec["in_features"], spec["group_size"])}
+    if kind == "experts":
+        e, h, i = spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"]
+        return {"gate_up_": ((e, 2 * i), h, spec["group_size"]), "down_": ((e, h), i, spec["down_group_size"])}
+    return {}
+
+
+def expected_packed_tensors(spec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor suffix: (shape, safetensors dtype)} of the packed tensors of one module spec (format v1)."""
+    out = {}
+    for prefix, (rows, k, g) in packed_layout(spec).items():
+        out[prefix + "indices"] = (rows + (padded_columns(k) // 2,), PACKED_DTYPES["indices"])
+        out[prefix + "codebook"] = (rows + (k // g, CODEBOOK_SIZE), PACKED_DTYPES["codebook"])
+        out[prefix + "row_sum"] = (rows, PACKED_DTYPES["row_sum"])
+    return out
+
+
+def _max_index(packed: torch.Tensor) -> int:
+    if not packed.numel():
+        return 0
+    return int(torch.maximum(packed & 0xF, packed >> 4).max())
+
+
+def infer_bits(model: nn.Module) -> int:
+    """The fewest bits that hold every stored index (at least 1)."""
+    top = 0
+    for kind, module in find_quantized_modules(model).values():
+        for w in packed_weights(kind, module).values():
+            top = max(top, _max_index(w.indices))
+    return max(1, math.ceil(math.log2(top + 1)))
+
+
+def build_quantization_config(model: nn.Module, bits: int | None = None, extra: dict | None = None) -> dict:
+    """The ``quantization_config`` dict of a quantized model (checksums left empty)."""
+    from .. import __version__
+
+    modules = find_quantized_modules(model)
+    if not any(kind != "rms_norm" for kind, _ in modules.values()):
+        raise ValueError("the model has no CodeQuant modules (CodeQuantLinear, CodeQuantExperts or quantized routers)")
+    bits = infer_bits(model) if bits is None else int(bits)
+    if not 1 <= bits <= 4:
+        raise ValueError(f"bits must be 1..4 for format v{FORMAT_VERSION}, got {bits}")
+    specs = {name: module_spec(kind, m, bits) for name, (kind, m) in modules.items()}
+    groups, acts = Counter(), []
+    for spec in specs.values():
+        for _, k, g in packed_layout(spec).values():
+            if g < k:
+                groups[g] += 1
+        acts += [spec[key] for key in ("act", "down_act") if key in spec]
+    act_bits = min((a["bits"] for a in acts), default=16)
+    act_groups = Counter(a["group_size"] for a in acts if a["bits"] == act_bits)
+    if extra is not None:
+        try:
+            extra = json.loads(json.dumps(extra))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"extra must be JSON-serializable (nothing is pickled): {err}") from None
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "codequant_version": __version__,
+        "bits": bits,
+        "group_size": groups.most_common(1)[0][0] if groups else 0,
+        "act_bits": act_bits,
+        "act_group_size": act_groups.most_common(1)[0][0] if act_groups else 0,
+        "modules": specs,
+        "rms_norms": sorted(n for n, s in specs.items() if s["kind"] == "rms_norm"),
+        "checksums": {},
+        "extra": extra or {},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` by renames.
+
+    An existing ``path`` is moved aside first and deleted only after the new directory is
+    in place, so a reader sees either the old complete directory or the new one. On an
+    exception the temporary directory is removed and ``path`` is left untouched.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 16 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict without quantized routers' weights and tied copies."""
+    state = model.state_dict()
+    skip = {f"{name}.weight" for name, (kind, _) in find_quantized_modules(model).items() if kind == "router"}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    out, seen = {}, {}
+    for key, t in state.items():
+        if key in skip:
+            continue
+        ptr = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key in tied and ptr is not None and ptr in seen:
+            continue  # a tied copy: from_pretrained ties it again
+        t = t.detach().to("cpu").contiguous()
+        if ptr is not None and ptr in seen:
+            t = t.clone()  # shared storage that is not declared tied: store a copy
+        if ptr is not None:
+            seen.setdefault(ptr, key)
+        out[key] = t
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, size = [{}], 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    extra: dict | None = None,
+    *,
+    bits: int | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` (a transformers model with CodeQuant modules) as a deployable checkpoint.
+
+    The directory is written atomically (see :func:`atomic_directory`) and can be loaded with
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` once ``codequant`` is imported.
+    ``bits`` defaults to the fewest bits holding every stored index; ``extra`` (JSON only)
+    is recorded under ``quantization_config["extra"]``.
+    """
+    qconfig = build_quantization_config(model, bits, extra)
+    state = checkpoint_state_dict(model)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qconfig
+    config.codequant_rms_norms = qconfig["rms_norms"]
+    config.architectures = [type(model).__name__]
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        config.dtype = embeddings.weight.dtype
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(output, CodeQuantLinear):
+        config.tie_word_embeddings = False  # a packed lm_head is not tied to the float embeddings
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = False
+    metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
+    shards = _shards(state, max_shard_bytes)
+    with atomic_directory(out_dir) as tmp:
+        if len(shards) == 1:
+            names = [SINGLE_FILE]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata=metadata)
+            qconfig["checksums"][name] = sha256_file(tmp / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    logger.info("wrote CodeQuant checkpoint %s (%d files)", out_dir, len(names))
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and checking
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors {name: {"dtype", "shape", "data_offsets"}}, metadata) of a safetensors file.
+
+    Raises :class:`CheckpointError` on a truncated or unreadable file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"codequant checkpoint {path}: file is truncated ({size} bytes, no safetensors header)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(
+                f"codequant checkpoint {path}: file is truncated ({size} bytes, its header alone needs {n + 8}); "
+                "copy or export it again"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        for key, v in header.items():
+            begin, stop = (int(x) for x in v["data_offsets"])
+            need = math.prod(v["shape"]) * _ST_SIZES.get(v["dtype"], 1)
+            if stop - begin != need:
+                raise ValueError(f"tensor {key} spans {stop - begin} bytes, its shape and dtype need {need}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"codequant checkpoint {path}: not a valid safetensors file ({err})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"codequant checkpoint {path}: file is truncated ({size} bytes, its header describes {8 + n + end}); "
+            "copy or export it again"
+        )
+    return header, metadata
+
+
+def verify_checksums(files: list[str | os.PathLike], checksums: dict[str, str]) -> None:
+    """Compare each file's sha256 with the digest recorded at save time."""
+    for f in files:
+        f = Path(f)
+        recorded = checksums.get(f.name)
+        if recorded is None:
+            raise CheckpointError(f"codequant checkpoint {f}: no checksum recorded for {f.name} in quantization_config")
+        found = sha256_file(f)
+        if found != recorded:
+            raise CheckpointError(
+                f"codequant checkpoint {f}: sha256 checksum mismatch (recorded {recorded[:16]}..., found {found[:16]}...); "
+                "the file is corrupted or was modified after export"
+            )
+
+
+def check_file_tensors(
+    headers: dict[str, tuple[Path, dict]],
+    modules: dict[str, dict],
+    expected_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+) -> None:
+    """Check the tensors listed in safetensors headers against the module specs.
+
+    ``headers`` maps tensor name -> (file, header entry). Packed tensors must be present with
+    the exact format-v1 dtype and the shape the spec implies; biases and RMSNorm weights must be
+    float. With ``expected_shapes`` (the state dict of the model skeleton) every stored tensor's
+    shape is checked too.
+    """
+    for name, spec in modules.items():
+        wanted = {k: (shape, dtype) for k, (shape, dtype) in expected_packed_tensors(spec).items()}
+        if spec["kind"] == "linear" and spec.get("bias"):
+            wanted["bias"] = ((spec["out_features"],), None)
+        if spec["kind"] == "rms_norm":
+            wanted["weight"] = ((spec["hidden_size"],), None)
+        for suffix, (shape, dtype) in wanted.items():
+            key = f"{name}.{suffix}" if name else suffix
+            if key not in headers:
+                raise CheckpointError(f"codequant checkpoint: tensor {key} is missing from the weight files")
+            path, entry = headers[key]
+            if dtype is not None and entry["dtype"] != dtype:
+                raise CheckpointError(
+                    f"codequant checkpoint {path}: tensor {key} has dtype {entry['dtype']}, "
+                    f"expected {dtype} (format v{FORMAT_VERSION})"
+                )
+            if dtype is None and entry["dtype"] not in FLOAT_DTYPES:
+                raise CheckpointError(f"codequant checkpoint {path}: tensor {key} has dtype {entry['dtype']}, expected a float dtype")
+            if tuple(entry["shape"]) != shape:
+                raise CheckpointError(
+                    f"codequant checkpoint {path}: tensor {key} has shape {list(entry['shape'])}, expected {list(shape)}"
+                )
+    for key, (path, entry) in headers.items():
+        if expected_shapes is not None and key in expected_shapes:
+            shape = tuple(expected_shapes[key][0])
+            if tuple(entry["shape"]) != shape:
+                raise CheckpointError(
+                    f"codequant checkpoint {path}: tensor {key} has shape {list(entry['shape'])}, the model expects {list(shape)}"
+                )
+
+
+def check_packed_values(key: str, weight: PackedWeight, bits: int) -> None:
+    """Index range (< 2^bits), zero padding past column K, and row_sum == sum_k W_hat (per leading slice)."""
+    idx = weight.indices
+    top = _max_index(idx)
+    if top >= 2**bits:
+        raise CheckpointError(
+            f"codequant checkpoint: {key}indices holds index {top}, out of range for {bits}-bit codebooks "
+            f"(largest valid index {2**bits - 1})"
+        )
+    k = weight.in_features
+    r = k % 64
+    if r and idx.numel():
+        last = idx[..., -32:]
+        offsets = torch.arange(32, device=idx.device)
+        bad = (((last & 0xF) != 0) & (offsets >= r)) | (((last >> 4) != 0) & (offsets + 32 >= r))
+        if bool(bad.any()):
+            raise CheckpointError(f"codequant checkpoint: {key}indices has nonzero padding indices past column {k}")
+    rows = weight.indices.shape[:-1]
+    flat = PackedWeight(idx.reshape(-1, idx.shape[-1]), weight.codebook.reshape(-1, *weight.codebook.shape[-2:]),
+                        weight.row_sum.reshape(-1), k)
+    step = max(1, 2**24 // max(k, 1))
+    worst = 0.0
+    for s in range(0, flat.indices.shape[0], step):
+        part = PackedWeight(flat.indices[s:s + step], flat.codebook[s:s + step], flat.row_sum[s:s + step], k)
+        w = part.dequantize(torch.float32)
+        err = (w.sum(-1) - part.row_sum.float()).abs()
+        tol = 1e-4 * w.abs().sum(-1) + 1e-5
+        if not bool(torch.all(err <= tol)):  # also catches NaN
+            worst = max(worst, float(torch.nan_to_num(err - tol, nan=float("inf")).max()))
+    if worst > 0:
+        raise CheckpointError(
+            f"codequant checkpoint: {key}row_sum does not match its codebooks and indices "
+            f"(off by up to {worst:.3g} over {tuple(rows)} rows); the file is corrupted"
+        )
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory (single file or index)."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    if (directory / SINGLE_FILE).exists():
+        return [directory / SINGLE_FILE]
+    raise CheckpointError(f"codequant checkpoint {directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_quantization_config(directory: str | os.PathLike) -> dict:
+    """The validated ``quantization_config`` dict of a checkpoint directory."""
+    from .hf_quantizer import CodeQuantConfig
+
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"codequant checkpoint {directory}: no {CONFIG_NAME}")
+    qc = json.loads(path.read_text()).get("quantization_config")
+    if not qc or qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"codequant checkpoint {directory}: config.json has no codequant quantization_config")
+    return CodeQuantConfig.from_dict(qc).to_dict()
+
+
+def collect_headers(files: list[Path]) -> dict[str, tuple[Path, dict]]:
+    headers = {}
+    for f in files:
+        tensors, _ = read_safetensors_header(f)
+        for key, entry in tensors.items():
+            headers[key] = (f, entry)
+    return headers
+
+
+def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> dict:
+    """Every check ``from_pretrained`` runs, without building the model; returns the quantization_config.
+
+    Structure (truncation), checksums, dtypes and shapes of the packed tensors, index ranges
+    and row sums. Raises :class:`CheckpointError` with a message naming the problem.
+    """
+    from safetensors import safe_open
+
+    qc = read_quantization_config(directory)
+    files = weight_files(directory)
+    headers = collect_headers(files)
+    if checksums:
+        verify_checksums(files, qc["checksums"])
+    check_file_tensors(headers, qc["modules"])
+    handles = {}
+    try:
+        for name, spec in qc["modules"].items():
+            for prefix, (_, k, _) in packed_layout(spec).items():
+                base = f"{name}.{prefix}"
+                parts = []
+                for part in PACKED_PARTS:
+                    f = headers[base + part][0]
+                    if f not in handles:
+                        handles[f] = safe_open(str(f), framework="pt")
+                    parts.append(handles[f].get_tensor(base + part))
+                check_packed_values(base, PackedWeight(*parts, k), spec["bits"])
+    finally:
+        handles.clear()
+    return qc
+
+
+def checkpoint_summary(directory: str | os.PathLike) -> dict:
+    """Sizes of a checkpoint: file bytes and bits per weight (codebooks and row sums included).
+
+    ``bits_per_weight`` covers the packed weights only (see :func:`codequant.format.bits_per_weight`);
+    ``bits_per_parameter`` divides all weight-file bits by every stored or packed parameter.
+    Reads only headers and config.json.
+    """
+    directory = Path(directory)
+    qc = read_quantization_config(directory)
+    files = weight_files(directory)
+    headers = collect_headers(files)
+    packed_bits = packed_n = 0.0
+    packed_keys = set()
+    for name, spec in qc["modules"].items():
+        for prefix, (rows, k, g) in packed_layout(spec).items():
+            base = f"{name}.{prefix}"
+            parts = [torch.empty(headers[base + p][1]["shape"], dtype=_torch_dtype(headers[base + p][1]["dtype"]), device="meta")
+                     for p in PACKED_PARTS]
+            w = PackedWeight(*parts, k)
+            n = math.prod(rows) * k
+            packed_bits += bits_per_weight(w) * n
+            packed_n += n
+            packed_keys.update(base + p for p in PACKED_PARTS)
+    other_params = sum(math.prod(e["shape"]) for key, (_, e) in headers.items() if key not in packed_keys)
+    weight_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    kinds = Counter(spec["kind"] for spec in qc["modules"].values())
+    return {
+        "path": str(directory),
+        "format_version": qc["format_version"],
+        "bits": qc["bits"],
+        "group_size": qc["group_size"],
+        "act_bits": qc["act_bits"],
+        "files": [f.name for f in files],
+        "weight_file_bytes": weight_bytes,
+        "total_bytes": total_bytes,
+        "packed_weights": int(packed_n),
+        "other_parameters": int(other_params),
+        "bits_per_weight": packed_bits / packed_n if packed_n else float("nan"),
+        "bits_per_parameter": 8.0 * weight_bytes / (packed_n + other_params) if packed_n + other_params else float("nan"),
+        "modules": dict(kinds),
+        "extra": qc.get("extra", {}),
+    }
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    for dtype, st in _ST_DTYPES.items():
+        if st == name:
+            return dtype
+    raise CheckpointError(f"codequant checkpoint: unsupported tensor dtype {name}")
