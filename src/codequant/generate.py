@@ -1,0 +1,63 @@
+"""Text generation from a CodeQuant checkpoint (or any causal LM), streamed, with tokens per second."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def generate(
+    model_dir_or_model,
+    prompt: str,
+    max_new_tokens: int = 64,
+    stream: bool = True,
+    *,
+    tokenizer=None,
+    device: str | None = None,
+    do_sample: bool = False,
+    **generate_kwargs,
+) -> tuple[str, float]:
+    """Generate a continuation of ``prompt``; returns (new text, new tokens per second).
+
+    ``model_dir_or_model`` is a checkpoint directory (loaded with ``from_pretrained``; its
+    tokenizer too) or a loaded model (then pass ``tokenizer``, or the model's
+    ``config.name_or_path`` must hold one). With ``stream`` the new text is printed to stdout
+    as it is produced (``TextStreamer``). Greedy by default; the KV cache is used. The rate
+    counts every new token over the whole ``generate`` call (prefill included).
+    """
+    import codequant  # noqa: F401  registers the CodeQuant quantizer with transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    if isinstance(model_dir_or_model, (str, os.PathLike)):
+        path = os.fspath(model_dir_or_model)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    else:
+        model = model_dir_or_model
+        if tokenizer is None:
+            source = getattr(model.config, "name_or_path", None)
+            if not source:
+                raise ValueError("pass tokenizer= with a model object that was not loaded from a directory")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True, streamer=streamer,
+            pad_token_id=pad, **generate_kwargs,
+        )
+    elapsed = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1]:]
+    rate = len(new) / elapsed if elapsed > 0 else float("inf")
+    logger.info("generated %d tokens in %.2f s (%.1f tokens/s)", len(new), elapsed, rate)
+    return tokenizer.decode(new, skip_special_tokens=True), rate

@@ -1,0 +1,97 @@
+"""transformers integration: registration, from_pretrained + generate with the KV cache, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+import codequant
+from codequant.generate import generate
+from codequant.io import CodeQuantConfig, CodeQuantHfQuantizer, read_quantization_config, save_quantized
+from codequant.modules.experts import CodeQuantExperts
+from codequant.modules.linear import CodeQuantLinear
+
+from test_checkpoint import quantize_tiny
+from tiny_models import tiny_model
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 2..96), newline 97, <unk> 0, <eos> 1, and
+    placeholder words <t98>..<t127> (never produced by encoding): every id of vocab 128 decodes."""
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}, "\n": 97}
+    vocab.update({f"<t{i}>": i for i in range(98, 128)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = quantize_tiny(tiny_model("qwen3_moe", seed=3))
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    path = tmp_path_factory.mktemp("hf") / "ckpt"
+    save_quantized(model, path, tokenizer=char_tokenizer(), extra={"method": "test"})
+    return path
+
+
+def test_import_registers_config_and_quantizer():
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["codequant"] is CodeQuantConfig
+    assert AUTO_QUANTIZER_MAPPING["codequant"] is CodeQuantHfQuantizer
+    assert codequant.io.CodeQuantConfig is CodeQuantConfig
+
+
+def test_from_pretrained_returns_quantized_model(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert isinstance(model.hf_quantizer, CodeQuantHfQuantizer) and model.is_quantized
+    assert isinstance(model.model.layers[0].mlp.experts, CodeQuantExperts)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, CodeQuantLinear)
+    assert model.config.quantization_config.extra == {"method": "test"}
+    assert model.config.quantization_config.to_dict() == read_quantization_config(checkpoint)
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(checkpoint.parent / "again")
+
+
+def test_generate_with_kv_cache_matches_no_cache(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
+    ids = torch.tensor([[10, 20, 30]])
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=1)
+        uncached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=1)
+    assert cached.shape == (1, 7)
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_streams_text_and_reports_rate(checkpoint, capsys):
+    text, rate = generate(checkpoint, "Hello", max_new_tokens=6)
+    printed = capsys.readouterr().out
+    assert rate > 0
+    assert printed.rstrip("\n") == text
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = char_tokenizer()
+    ids = torch.tensor([tokenizer.encode("Hello")])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert out.shape[1] == ids.shape[1] + 6
+    assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_on_model_object_is_deterministic(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    first, _ = generate(model, "abc", max_new_tokens=5, stream=False)
+    again, _ = generate(model, "abc", max_new_tokens=5, stream=False)
+    assert first == again
+
+
+def test_generate_needs_tokenizer_for_in_memory_model():
+    model = quantize_tiny(tiny_model("olmoe"))
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        generate(model, "abc", max_new_tokens=2, stream=False)
