@@ -74,7 +74,66 @@ void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const floa
   }
 }
 
+// NR rows x MB tokens per pass: each activation vector is loaded once for NR rows and
+// each unpacked weight vector is used for MB tokens (the activations of many tokens do
+// not fit in L1, so reuse across rows is what keeps M > 1 compute-bound). Codebook per
+// row or per group of a multiple of 64 columns.
+template <int NR, int MB>
+void f32_tile(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  constexpr int NA = MB == 1 ? 2 : 1;
+  const int64_t nb = w.KP / 64, rowbytes = w.KP / 2;
+  const int64_t bpg = w.NG == 1 ? nb : w.G / 64;
+  const uint8_t* p = w.idx + n * rowbytes;
+  const uint16_t* cbrow = w.cb16 + n * w.NG * 16;
+  const float* x = a.x + m0 * a.ldx;
+  __m512 acc[NR][MB][NA];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NA; ++j) acc[r][m][j] = _mm512_setzero_ps();
+  __m512 cb[NR];
+  for (int64_t b0 = 0, g = 0; b0 < nb; b0 += bpg, ++g) {
+    for (int r = 0; r < NR; ++r) cb[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cbrow + r * w.NG * 16 + 16 * g)));
+    const int64_t b1 = b0 + bpg < nb ? b0 + bpg : nb;
+    for (int64_t b = b0; b < b1; ++b)
+    for (int half = 0; half < 2; ++half) {
+      __m512i ir[NR];
+      for (int r = 0; r < NR; ++r) ir[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + r * rowbytes + 32 * b + 16 * half)));
+      for (int hi = 0; hi < 2; ++hi) {
+        __m512 wv[NR];
+        for (int r = 0; r < NR; ++r) wv[r] = _mm512_permutexvar_ps(hi ? _mm512_srli_epi32(ir[r], 4) : ir[r], cb[r]);
+        const int64_t col = 64 * b + 16 * half + 32 * hi;
+        for (int m = 0; m < MB; ++m) {
+          const __m512 xv = _mm512_loadu_ps(x + m * a.ldx + col);
+          for (int r = 0; r < NR; ++r) acc[r][m][hi % NA] = _mm512_fmadd_ps(wv[r], xv, acc[r][m][hi % NA]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float bn = bias ? bias[n + r] : 0.f;
+    for (int m = 0; m < MB; ++m) {
+      __m512 t = acc[r][m][0];
+      for (int j = 1; j < NA; ++j) t = _mm512_add_ps(t, acc[r][m][j]);
+      y[(m0 + m) * ldy + n + r] = _mm512_reduce_add_ps(t) + bn;
+    }
+  }
+}
+
+template <int NR>
+void f32_tiles(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) f32_tile<NR, 4>(w, a, y, ldy, bias, n, m);
+  if (a.M - m >= 2) { f32_tile<NR, 2>(w, a, y, ldy, bias, n, m); m += 2; }
+  if (a.M - m >= 1) { f32_tile<NR, 1>(w, a, y, ldy, bias, n, m); m += 1; }
+}
+
 void f32_rows(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  if (w.NG == 1 || w.G % 64 == 0) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) f32_tiles<4>(w, a, y, ldy, bias, n);
+    for (; n < n1; ++n) f32_tiles<1>(w, a, y, ldy, bias, n);
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
     for (; m + 16 <= a.M; m += 16) f32_block<16>(w, a, y, ldy, bias, n, m);
@@ -104,10 +163,12 @@ inline float finish(__m512 accf, const ActQ& a, const float* rs, int64_t m) {
   return v;
 }
 
-// Codebook and activation groups whole rows or multiples of 128 columns.
-template <int MB>
+// Codebook and activation groups whole rows or multiples of 128 columns: one table per
+// row and 128-column step. NR rows x MB tokens per pass (activation codes loaded once per
+// NR rows, unpacked weights used for MB tokens); int32 sums are scaled into float at the
+// end of each segment of columns sharing the codebook scale and the activation scale.
+template <int NR, int MB>
 void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
-  constexpr int NA = MB <= 2 ? 2 : 1;
   const int64_t rowbytes = w.KP / 2, KQ = q_columns(w.KP), nsteps = KQ / 128;
   const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
   const int64_t S = gcd64(G, GA);
@@ -115,38 +176,69 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
   const int8_t* cb = w.cb8 + n * w.NG * 16;
   const float* sc = w.sc + n * w.NG;
   const __m512i m0f = _mm512_set1_epi8(0x0F);
-  __m512i acc[MB][NA];
-  __m512 accf[MB];
-  for (int m = 0; m < MB; ++m) {
-    accf[m] = _mm512_setzero_ps();
-    for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
-  }
-  __m512i tab = _mm512_setzero_si512();
+  __m512i acc[NR][MB];
+  float part[NR][MB];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m) { acc[r][m] = _mm512_setzero_si512(); part[r][m] = 0.f; }
+  __m512i tab[NR];
+  int64_t next_group = 0, next_flush = S;  // column where the next codebook / segment starts
   for (int64_t s = 0; s < nsteps; ++s) {
     const int64_t col = 128 * s;
-    if (col % G == 0) tab = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(cb + 16 * (col / G))));
-    const __m512i v = load_step(p + 64 * s, rowbytes - 64 * s);
-    const __m512i wlo = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, m0f));
-    const __m512i whi = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+    if (col == next_group) {
+      for (int r = 0; r < NR; ++r)
+        tab[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * (col / G))));
+      next_group += G;
+    }
+    __m512i wlo[NR], whi[NR];
+    for (int r = 0; r < NR; ++r) {
+      const __m512i v = load_step(p + r * rowbytes + 64 * s, rowbytes - 64 * s);
+      wlo[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(v, m0f));
+      whi[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+    }
     for (int m = 0; m < MB; ++m) {
       const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
-      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], _mm512_loadu_si512((const void*)q), wlo);
-      acc[m][1 % NA] = _mm512_dpbusd_epi32(acc[m][1 % NA], _mm512_loadu_si512((const void*)(q + 64)), whi);
+      const __m512i ql = _mm512_loadu_si512((const void*)q), qh = _mm512_loadu_si512((const void*)(q + 64));
+      for (int r = 0; r < NR; ++r) {
+        acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], ql, wlo[r]);
+        acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], qh, whi[r]);
+      }
     }
-    if ((col + 128) % S == 0 || s == nsteps - 1) {
-      const float scg = sc[col / G];
-      for (int m = 0; m < MB; ++m) {
-        __m512i t = acc[m][0];
-        for (int j = 1; j < NA; ++j) t = _mm512_add_epi32(t, acc[m][j]);
-        const float f = scg * a.s[(m0 + m) * a.NA + col / GA];
-        accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(f), accf[m]);
-        for (int j = 0; j < NA; ++j) acc[m][j] = _mm512_setzero_si512();
+    if (col + 128 == next_flush || s == nsteps - 1) {
+      next_flush += S;
+      for (int r = 0; r < NR; ++r) {
+        const float scg = sc[r * w.NG + col / G];
+        for (int m = 0; m < MB; ++m) {
+          part[r][m] += (float)_mm512_reduce_add_epi32(acc[r][m]) * (scg * a.s[(m0 + m) * a.NA + col / GA]);
+          acc[r][m] = _mm512_setzero_si512();
+        }
       }
     }
   }
-  const float bn = bias ? bias[n] : 0.f;
-  const float* rs = w.rs8 + n * a.NA;
-  for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = finish(accf[m], a, rs, m0 + m) + bn;
+  for (int r = 0; r < NR; ++r) {
+    const float bn = bias ? bias[n + r] : 0.f;
+    const float* rs = w.rs8 + (n + r) * a.NA;
+    for (int m = 0; m < MB; ++m) {
+      float v = part[r][m];
+      const float* sm = a.s + (m0 + m) * a.NA;
+      const float* zm = a.z + (m0 + m) * a.NA;
+      for (int64_t g = 0; g < a.NA; ++g) v -= sm[g] * zm[g] * rs[g];
+      y[(m0 + m) * ldy + n + r] = v + bn;
+    }
+  }
+}
+
+template <int NR>
+void i8_wide_tiles(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) i8_wide<NR, 4>(w, a, y, ldy, bias, n, m);
+  if (a.M - m >= 2) { i8_wide<NR, 2>(w, a, y, ldy, bias, n, m); m += 2; }
+  if (a.M - m >= 1) { i8_wide<NR, 1>(w, a, y, ldy, bias, n, m); m += 1; }
+}
+
+void i8_rows_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) i8_wide_tiles<4>(w, a, y, ldy, bias, n);
+  for (; n < n1; ++n) i8_wide_tiles<1>(w, a, y, ldy, bias, n);
 }
 
 // Groups multiples of 32 columns: every 128-column step may see four codebooks and four
@@ -202,7 +294,6 @@ void i8_narrow(const Weight& w, const ActQ& a, float* y, int64_t ldy, const floa
     }                                                                                                  \
   }
 
-CQ_I8_ROWS(i8_rows_wide, i8_wide)
 CQ_I8_ROWS(i8_rows_narrow, i8_narrow)
 
 void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {

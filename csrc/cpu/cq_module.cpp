@@ -117,12 +117,12 @@ class Pool {
   void ensure(int workers) {
     while ((int)threads_.size() < workers) {
       const int id = (int)threads_.size();
-      threads_.emplace_back([this, id] { loop(id); });
+      const uint64_t seen = gen_.load(std::memory_order_acquire);  // before this job's increment
+      threads_.emplace_back([this, id, seen] { loop(id, seen); });
     }
   }
 
-  void loop(int id) {
-    uint64_t seen = gen_.load(std::memory_order_acquire);
+  void loop(int id, uint64_t seen) {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       int spins = 0;
