@@ -26,6 +26,7 @@ import torch
 _BINS = 1024  # histogram bins per group for the Lloyd iterations
 _CHUNK = 1 << 22  # weights per chunk (bounds the temporaries to a few hundred MB)
 _COARSE = 64  # coarse bins for the dynamic-programming init
+_BAND = 24  # most coarse bins one cluster may span in that init
 _WEIGHT_FLOOR = 1e-6  # importance floor, relative to the group's mean importance
 
 
@@ -126,14 +127,28 @@ def _optimal_coarse(value: torch.Tensor, prefix, size: int) -> torch.Tensor:
     ends = torch.tensor([0, fine], device=value.device).expand(m, 2)
     cuts = torch.cat((ends, by_mass.clamp(max=fine), by_width), -1).sort(-1).values  # [M, P + 1]
     p = cuts.shape[1] - 1
-    mass, total, square = (c[:, :, None] - c[:, None, :] for c in (pf.gather(1, cuts) for pf in prefix))
-    err = (square - total * total / mass.clamp_min(1e-300)).float().clamp_min_(0)  # [M, b, a]
-    err.masked_fill_(torch.ones(p + 1, p + 1, dtype=torch.bool, device=value.device).triu(1), torch.inf)
-    best = err[:, :, 0]  # one cluster
+    mass, total, square = (pf.gather(1, cuts) for pf in prefix)  # [M, P + 1] float64
+    mu = total[:, -1:] / mass[:, -1:]
+    var = (square[:, -1:] / mass[:, -1:] - mu * mu).clamp_min(1e-300)
+    total, square = (total - mu * mass) / var.sqrt(), (square - 2 * mu * total + mu * mu * mass) / var
+    mass, total, square = (v.float() for v in (mass, total, square))  # standardised: float32 is enough
+    # Segment [a, b) with a = b - j, j < _BAND (a cluster spans at most _BAND coarse bins).
+    j = torch.arange(min(_BAND, p + 1), device=value.device)
+    start = torch.arange(p + 1, device=value.device)[:, None] - j  # [P + 1, W]
+    invalid = start < 0
+    start = start.clamp_min(0)
+    seg = [v[:, :, None] - v[:, start] for v in (mass, total, square)]
+    err = (seg[2] - seg[1] * seg[1] / seg[0].clamp_min(1e-30)).clamp_min_(0).masked_fill_(invalid, torch.inf)
+    del seg
+    reach = torch.arange(min(p + 1, j.numel()), device=value.device)  # one cluster: [0, b), b < _BAND
+    best = torch.full((m, p + 1), torch.inf, device=value.device)
+    best[:, reach] = err[:, reach, reach]
     choices = []
     for c in range(size - 1):
         last = c == size - 2  # only the full range [0, P) is needed in the end
-        best, arg = (best[:, None, :] + (err[:, -1:] if last else err)).min(-1)
+        rows = slice(p, p + 1) if last else slice(None)
+        best, arg = (best[:, start[rows]] + err[:, rows]).min(-1)
+        arg = start[rows].expand(m, -1, -1).gather(-1, arg[..., None])[..., 0]
         choices.append(arg.expand(m, p + 1) if last else arg)
     b = torch.full((m, 1), p, dtype=torch.long, device=value.device)
     bounds = [b]
