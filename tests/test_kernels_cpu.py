@@ -1,0 +1,227 @@
+"""CPU LUT kernels (codequant.kernels.cpu) against the reference path, on every ISA path
+this machine runs (portable, avx2, avx512), with the tolerances documented in the module:
+
+* W4A16: float32 summation order only, |y - ref| <= 1e-4 * (|W_hat| @ |x|) + 1e-5;
+* W4A8 / W4A4: codes bit-identical to quantize_activations, and
+  |y - ref| <= 0.5 * sum_k sc[n, g(k)] * |x_hat_k| (int8 codebook rounding) + the above;
+* bf16 outputs: plus one bf16 rounding of the result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+cpu = pytest.importorskip("codequant.kernels.cpu", reason="compiled CPU kernels not built")
+
+from codequant.format import PackedWeight, pack  # noqa: E402
+from codequant.kernels import reference, select_backend  # noqa: E402
+from codequant.kernels.cpu import _lut  # noqa: E402
+from codequant.modules.experts import CodeQuantExperts  # noqa: E402
+from codequant.modules.linear import CodeQuantLinear  # noqa: E402
+from codequant.quantizers.activations import ActQuantSpec, fake_quantize_activations, quantize_activations  # noqa: E402
+
+ISAS = cpu.available_isas()
+FLOAT_RTOL, FLOAT_ATOL = 1e-4, 1e-5
+BF16_EPS = 2.0**-8
+
+
+def random_weight(n: int, k: int, g: int, seed: int, lead=()) -> PackedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 16, (*lead, n, k), generator=gen)
+    codebook = torch.randn(*lead, n, k // g, 16, generator=gen) * 0.05
+    return pack(idx, codebook)
+
+
+def tolerance(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec) -> torch.Tensor:
+    x_hat = fake_quantize_activations(x.float(), act)
+    tol = FLOAT_RTOL * (x_hat.abs() @ weight.dequantize().abs().T) + FLOAT_ATOL
+    if act.enabled:
+        _, sc, _ = cpu.int8_codebook(weight, act.group_size)
+        per_col = sc.repeat_interleave(weight.group_size, dim=-1)  # [N, K]
+        tol = tol + cpu.INT8_HALF_STEP * (x_hat.abs() @ per_col.T) * (1 + 1e-5)
+    return tol
+
+
+def check_linear(x, weight, act, bias, isa):
+    ref = reference.linear(x, weight, act, bias)
+    with cpu.use_isa(isa):
+        y = cpu.linear(x, weight, act, bias)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    tol = tolerance(x, weight, act)
+    if x.dtype == torch.bfloat16:
+        tol = tol + 2 * BF16_EPS * ref.float().abs()
+    err = (y.float() - ref.float()).abs()
+    assert bool((err <= tol).all()), f"{isa}: max err {err.max():.3e}, worst excess {(err - tol).max():.3e}"
+
+
+ACTS = [ActQuantSpec(16), ActQuantSpec(8), ActQuantSpec(4), ActQuantSpec(4, 32, 0.9), ActQuantSpec(8, 64, 0.95), ActQuantSpec(4, 128)]
+
+
+@st.composite
+def linear_case(draw):
+    k = draw(st.sampled_from([32, 64, 96, 128, 200, 256, 320, 384, 640, 768, 1024]))
+    divisors = [d for d in range(1, k + 1) if k % d == 0]
+    fast = [d for d in divisors if d % 32 == 0]
+    g = draw(st.sampled_from(fast + [k]) if draw(st.booleans()) else st.sampled_from(divisors))
+    acts = [a for a in ACTS if not a.enabled or not a.group_size or k % a.group_size == 0]
+    return dict(
+        n=draw(st.integers(1, 41)),
+        k=k,
+        g=g,
+        m=draw(st.integers(1, 17)),
+        act=draw(st.sampled_from(acts)),
+        bias=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=linear_case())
+def test_linear_matches_reference(case):
+    weight = random_weight(case["n"], case["k"], case["g"], case["seed"])
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    x = (torch.randn(case["m"], case["k"], generator=gen) * 2).to(case["dtype"])
+    bias = torch.randn(case["n"], generator=gen).to(case["dtype"]) if case["bias"] else None
+    for isa in ISAS:
+        check_linear(x, weight, case["act"], bias, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k,g", [(768, 2048, 2048), (64, 2048, 128), (48, 768, 64), (40, 1408, 32)])
+def test_linear_expert_shapes(isa, n, k, g):
+    weight = random_weight(n, k, g, seed=n + k + g)
+    x = torch.randn(5, k)
+    x[:, 3] *= 40  # an outlier channel
+    for act in (ActQuantSpec(16), ActQuantSpec(8), ActQuantSpec(4)):
+        check_linear(x, weight, act, None, isa)
+
+
+def test_int8_bound_is_not_vacuous():
+    """The W4A4 tolerance is tight: the kernel's error reaches a good part of it."""
+    weight = random_weight(64, 1024, 1024, seed=3)
+    x = torch.randn(8, 1024)
+    act = ActQuantSpec(4)
+    err = (cpu.linear(x, weight, act) - reference.linear(x, weight, act)).abs()
+    bound = tolerance(x, weight, act)
+    assert 0.01 < float((err / bound).max()) <= 1.0
+
+
+@pytest.mark.parametrize("bits,group,clip", [(4, 0, 1.0), (8, 0, 1.0), (4, 32, 0.9), (3, 64, 0.8), (8, 16, 0.95)])
+def test_activation_codes_are_bit_identical(bits, group, clip):
+    x = torch.randn(13, 256) * torch.logspace(-2, 1, 256)
+    x[3] = 0.0  # all-zero token: the 1e-8 scale floor
+    x[5, :] = x[5, :].abs()  # no negative values: zero point 0
+    spec = ActQuantSpec(bits, group, clip)
+    q, s, z = quantize_activations(x, spec)
+    qk = torch.empty(13, 256, dtype=torch.uint8)
+    sk, zk = torch.empty_like(s), torch.empty_like(z)
+    _lut.quantize(x.data_ptr(), 13, 256, bits, group, clip, qk.data_ptr(), sk.data_ptr(), zk.data_ptr())
+    assert torch.equal(qk, q) and torch.equal(sk, s) and torch.equal(zk, z)
+
+
+def int8_emulated(weight: PackedWeight, act: ActQuantSpec) -> PackedWeight:
+    """The weight the integer path computes with: the int8 codebooks times their scales."""
+    if not act.enabled:
+        return weight
+    cb8, sc, _ = cpu.int8_codebook(weight, act.group_size)
+    return PackedWeight(weight.indices, cb8.float() * sc.unsqueeze(-1), weight.row_sum, weight.in_features)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "act,down_act,hadamard",
+    [
+        (ActQuantSpec(16), ActQuantSpec(16), 0),
+        (ActQuantSpec(16), ActQuantSpec(16), 32),
+        (ActQuantSpec(8), ActQuantSpec(8), 0),
+        (ActQuantSpec(4), ActQuantSpec(4), 32),
+        (ActQuantSpec(4, 64, 0.9), ActQuantSpec(8), 0),
+    ],
+)
+@pytest.mark.parametrize("tokens,dtype", [(1, torch.float32), (7, torch.bfloat16), (19, torch.float32)])
+def test_moe_matches_reference(isa, act, down_act, hadamard, tokens, dtype):
+    e, h, inter, k = 6, 128, 96, 2
+    gate_up = random_weight(2 * inter, h, 64, seed=1, lead=(e,))
+    down = random_weight(h, inter, 32, seed=2, lead=(e,))
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, h, generator=gen).to(dtype)
+    top_i = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(tokens)])
+    top_w = torch.rand(tokens, k, generator=gen).to(dtype)
+    with cpu.use_isa(isa):
+        y = cpu.moe(x, top_i, top_w, gate_up, down, act, down_act, hadamard)
+    assert y.dtype == dtype and y.shape == (tokens, h)
+    # Same math as the reference once the centroids are the int8 ones; what remains is
+    # float32 rounding (and, rarely, one code step where it moves h across a rounding edge).
+    ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, down_act), act, down_act, hadamard)
+    rel = float((y.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < (1e-5 if dtype == torch.float32 and not act.enabled else 5e-3), rel
+    # And against the true reference: the int8 codebook error of each layer (~1%), which
+    # with 4-bit down activations also moves some codes of h; bounded by a fraction of the
+    # reference's own activation-quantization error.
+    true_ref = reference.moe(x, top_i, top_w, gate_up, down, act, down_act, hadamard).float()
+    no_act = reference.moe(x, top_i, top_w, gate_up, down, ActQuantSpec(16), ActQuantSpec(16), hadamard).float()
+    act_err = float((no_act - true_ref).norm() / true_ref.norm())
+    assert float((y.float() - true_ref).norm() / true_ref.norm()) < 0.02 + 0.5 * act_err
+
+
+def test_moe_token_routed_twice_to_one_expert():
+    e, h, inter = 4, 64, 64
+    gate_up, down = random_weight(2 * inter, h, h, 5, (e,)), random_weight(h, inter, inter, 6, (e,))
+    x = torch.randn(3, h)
+    top_i = torch.tensor([[0, 0], [3, 1], [2, 3]])  # a token routed twice to one expert
+    top_w = torch.rand(3, 2)
+    act = ActQuantSpec(16)
+    ref = reference.moe(x, top_i, top_w, gate_up, down, act, act)
+    torch.testing.assert_close(cpu.moe(x, top_i, top_w, gate_up, down, act, act), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_do_not_change_results():
+    weight = random_weight(1000, 2048, 128, seed=9)
+    x = torch.randn(3, 2048)
+    for act in (ActQuantSpec(16), ActQuantSpec(4)):
+        assert torch.equal(cpu.linear(x, weight, act, threads=1), cpu.linear(x, weight, act, threads=2))
+
+
+def test_modules_dispatch_to_cpu_backend():
+    assert select_backend("linear", "cpu") is cpu.linear
+    assert select_backend("moe", "cpu") is cpu.moe
+    weight = random_weight(33, 256, 64, seed=4)
+    act = ActQuantSpec(4)
+    layer = CodeQuantLinear.from_packed(weight, torch.randn(33), act=act)
+    x = torch.randn(2, 3, 256)
+    assert torch.equal(layer(x), cpu.linear(x, weight, act, layer.bias))
+    gate_up, down = random_weight(64, 128, 128, 7, (3,)), random_weight(128, 32, 32, 8, (3,))
+    experts = CodeQuantExperts.from_packed(gate_up, down, act)
+    xe, ti, tw = torch.randn(4, 128), torch.tensor([[0, 2], [1, 2], [2, 0], [1, 0]]), torch.rand(4, 2)
+    assert torch.equal(experts(xe, ti, tw), cpu.moe(xe, ti, tw, gate_up, down, act, act))
+
+
+def test_training_calls_fall_back_to_reference():
+    weight = random_weight(16, 128, 128, seed=11)
+    x = torch.randn(2, 128, requires_grad=True)
+    y = cpu.linear(x, weight, ActQuantSpec(4))
+    y.sum().backward()  # the reference path's straight-through gradient
+    assert x.grad is not None
+    torch.testing.assert_close(y, reference.linear(x, weight, ActQuantSpec(4)))
+
+
+def test_int8_cache_follows_in_place_updates():
+    weight = random_weight(8, 128, 128, seed=12)
+    layer = CodeQuantLinear.from_packed(weight, act=ActQuantSpec(8))
+    x = torch.randn(1, 128)
+    layer(x)
+    with torch.no_grad():
+        layer.codebook.mul_(2)
+    check = reference.linear(x, layer.packed, layer.act)
+    err = (layer(x) - check).abs()
+    assert bool((err <= tolerance(x, layer.packed, layer.act)).all())
+
+
+def test_forced_isa_env_is_validated():
+    assert cpu.isa() in ISAS
+    with pytest.raises(ValueError):
+        _lut.set_isa("sse9")
