@@ -136,6 +136,18 @@ def test_round_trip_logits_equal(arch, tmp_path):
     assert not any(t.is_meta for t in loaded.state_dict().values())
 
 
+def test_tied_float_lm_head_stays_tied(tmp_path):
+    model = quantize_tiny(tiny_model("qwen3"))  # lm_head stays float, tied to the embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    save_quantized(model, tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
+    loaded = load(tmp_path / "tied")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = tiny_input_ids(batch=1, seq=8)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_quantization_config_schema(saved):
     model, path = saved
     config = json.loads((path / "config.json").read_text())
