@@ -92,9 +92,9 @@ def test_score_task_acc_and_acc_norm():
 
 def test_loglikelihoods_equal_a_direct_computation(tiny):
     _, model, tok = tiny
-    requests = T.build_requests("arc_easy", ARC) + T.build_requests("winogrande", WINO)
+    requests = T.build_requests("arc_easy", ARC[1:]) + T.build_requests("winogrande", WINO[:1])
     batched = T.loglikelihoods(model, tok, requests, batch_size=4)
-    for r, got in zip(requests[:3] + requests[-2:], batched[:3] + batched[-2:]):
+    for r, got in zip(requests[:2] + requests[-1:], batched[:2] + batched[-1:]):
         ctx, cont = tok.encode(r.context), tok.encode(r.continuation)
         ids = torch.tensor([ctx + cont])
         with torch.no_grad():
