@@ -120,7 +120,7 @@ def eval_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | No
 
 
 @torch.no_grad()
-def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
     """[nsamples, seqlen] tokens sampled (temperature 1) from the model, starting at BOS/EOS."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -130,7 +130,7 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int = 
         n = min(batch_size, nsamples - b)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
         seq = model.generate(
-            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seqlen, min_new_tokens=seqlen,
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seqlen, min_new_tokens=seqlen,
             pad_token_id=start, eos_token_id=None,
         )
         out.append(seq[:, 1 : seqlen + 1].cpu())

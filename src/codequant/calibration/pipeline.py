@@ -385,7 +385,7 @@ class Quantizer:
                 y = fake_quantize_activations(xb, self.act) @ book().T
                 return (y - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
 
-            history = accf.finetune([book], loss_fn, x.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, lambda: book.reassign(w, stats.a, stats.b), self.config.seed)
+            history = accf.finetune([book], loss_fn, x.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, lambda: book.reassign(w, stats.a, stats.b), self.config.seed, eval_tokens=4 * self.config.accf_batch_tokens)
             self.report["accf"][full_name] = history
             idx, cb = book.idx, book.codebook.detach()
         self.install(layer, t, pack(idx, cb), hb)
@@ -438,8 +438,8 @@ class Quantizer:
                 di, dc = initial_codebook(d_w, d_stats, self.config, self._group(d_w.shape[-1], f"{full}.down_proj"))
                 a_gu, b_gu = _stack_ab(gu_stats)
                 a_d, b_d = _stack_ab(d_stats)
-                books[f"{t.name}.gate_up"] = (t, accf.Codebook(gi, gc), gu_w, (a_gu[:, None], b_gu[:, None]), hb)
-                books[f"{t.name}.down"] = (t, accf.Codebook(di, dc), d_w, (a_d[:, None], b_d[:, None]), hb)
+                books[f"{t.name}.gate_up"] = (t, accf.Codebook(gi, gc), gu_w, (a_gu, b_gu), hb)
+                books[f"{t.name}.down"] = (t, accf.Codebook(di, dc), d_w, (a_d, b_d), hb)
             else:
                 if t.kind == "router":
                     w, hb, x_in = router_w, 0, xm
@@ -491,7 +491,7 @@ class Quantizer:
         steps = self.config.accf_epochs * -(-xm.shape[0] // self.config.accf_batch_tokens)
         bar = tqdm(total=steps, desc=f"ACCF {name} MoE block", leave=False, disable=not self.progress)
         with torch.enable_grad():
-            history = accf.finetune([b[1] for b in books.values()], loss_fn, xm.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, reassign, self.config.seed, bar.update)
+            history = accf.finetune([b[1] for b in books.values()], loss_fn, xm.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, reassign, self.config.seed, bar.update, eval_tokens=4 * self.config.accf_batch_tokens)
         bar.close()
         self.report["accf"][f"{name}.mlp"] = history
         for sim in sims:

@@ -103,19 +103,23 @@ def finetune(
     reassign,
     seed: int = 0,
     progress=None,
+    eval_tokens: int = 0,
 ) -> list[float]:
     """Adam on the codebooks of ``codebooks`` minimising ``loss_fn(token_index)`` over
     shuffled minibatches; ``reassign()`` after every epoch. Returns the objective over all
-    tokens before fine-tuning and after each epoch (epochs + 1 values); the codebooks and
+    tokens (a fixed sample of ``eval_tokens`` of them; 0: all) before fine-tuning and after
+    each epoch (epochs + 1 values); the codebooks and
     indices end at the best of these states, so ACCF never ends worse than its start."""
     params = [c.codebook for c in codebooks]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
 
+    held = torch.randperm(num_tokens, generator=torch.Generator().manual_seed(seed + 1))[: eval_tokens or num_tokens]
+
     def objective() -> float:
         with torch.no_grad():
-            batches = torch.arange(num_tokens).split(batch_tokens)
-            return sum(float(loss_fn(b)) * len(b) for b in batches) / num_tokens
+            batches = held.split(batch_tokens)
+            return sum(float(loss_fn(b)) * len(b) for b in batches) / len(held)
 
     def snapshot():
         return [(c.idx.clone(), c.codebook.detach().clone()) for c in codebooks]
