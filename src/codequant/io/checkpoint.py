@@ -26,7 +26,7 @@ A checkpoint directory holds
         "experts":  num_experts, hidden_dim, intermediate_dim, group_size, down_group_size,
                     bits, act, down_act, hadamard_block
         "router":   in_features, out_features, group_size, bits, act
-        "rms_norm": hidden_size, eps
+        "rms_norm": hidden_size, eps, bias
         where act = {"bits", "group_size", "clip"} (an ActQuantSpec)
     rms_norms         [module name], the RMSNorms that replaced LayerNorms
     checksums         {weight file name: sha256 hex digest}
@@ -145,7 +145,7 @@ def module_spec(kind: str, module: nn.Module, bits: int) -> dict:
         return {"kind": kind, "in_features": in_features, "out_features": out_features,
                 "group_size": _group(module.codebook, in_features), "bits": bits, "act": _act_dict(module.codequant_act)}
     if kind == "rms_norm":
-        return {"kind": kind, "hidden_size": module.weight.shape[0], "eps": float(module.variance_epsilon)}
+        return {"kind": kind, "hidden_size": module.weight.shape[0], "eps": float(module.variance_epsilon), "bias": module.bias is not None}
     raise ValueError(f"unknown quantized module kind {kind!r}")
 
 
@@ -451,6 +451,8 @@ def check_file_tensors(
             wanted["bias"] = ((spec["out_features"],), None)
         if spec["kind"] == "rms_norm":
             wanted["weight"] = ((spec["hidden_size"],), None)
+            if spec["bias"]:
+                wanted["bias"] = ((spec["hidden_size"],), None)
         for suffix, (shape, dtype) in wanted.items():
             key = f"{name}.{suffix}" if name else suffix
             if key not in headers:

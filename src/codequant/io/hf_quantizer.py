@@ -56,7 +56,7 @@ _MODULE_KEYS = {
     "experts": {"kind", "num_experts", "hidden_dim", "intermediate_dim", "group_size", "down_group_size", "bits", "act",
                 "down_act", "hadamard_block"},
     "router": {"kind", "in_features", "out_features", "group_size", "bits", "act"},
-    "rms_norm": {"kind", "hidden_size", "eps"},
+    "rms_norm": {"kind", "hidden_size", "eps", "bias"},
 }
 # CODEQUANT_VERIFY_CHECKSUMS=0 skips hashing the weight files at load (the other checks still run)
 VERIFY_ENV = "CODEQUANT_VERIFY_CHECKSUMS"
@@ -176,7 +176,7 @@ def build_empty_module(spec: dict, dtype: torch.dtype, device=None) -> torch.nn.
                                 spec["down_group_size"], act_from_dict(spec["act"]), act_from_dict(spec["down_act"]),
                                 spec["hadamard_block"], device)
     if kind == "rms_norm":
-        return RMSNorm(spec["hidden_size"], spec["eps"], dtype, device)
+        return RMSNorm(spec["hidden_size"], spec["eps"], dtype, device, bias=spec["bias"])
     raise ValueError(f"no empty module for kind {kind!r}")
 
 
@@ -204,6 +204,14 @@ def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict
             current.register_buffer("row_sum", torch.zeros(*rows, dtype=torch.float32, device=device))
         else:
             _set_module(model, name, build_empty_module(spec, dtype))
+
+
+def add_folded_biases(model: torch.nn.Module, names: list[str]) -> None:
+    """Give the float linears that received a folded LayerNorm beta (PhiMoE) their bias slot."""
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, torch.nn.Linear) and module.bias is None:
+            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device))
 
 
 def finish_loaded_model(model: torch.nn.Module, modules: dict[str, dict]) -> None:
@@ -245,6 +253,7 @@ class CodeQuantHfQuantizer(HfQuantizer):
         if os.environ.get(VERIFY_ENV, "1") != "0":
             verify_checksums(files, qc.checksums)
         prepare_model_for_checkpoint(model, qc.modules)
+        add_folded_biases(model, getattr(model.config, "codequant_added_biases", None) or [])
         skeleton = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
         check_file_tensors(headers, qc.modules, skeleton)
         # quantized routers' weights are rebuilt from their codebooks, not stored

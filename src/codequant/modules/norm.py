@@ -7,14 +7,20 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight (computed in float32)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight [+ bias] (computed in float32).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=torch.float32, device=None):
+    With a bias it is a LayerNorm on a zero-mean stream whose beta could not be folded
+    into the readers (fused experts have no bias)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=torch.float32, device=None, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) if bias else None
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (y * self.weight.float()).to(x.dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)

@@ -11,13 +11,13 @@ centred over the hidden dim, so the stream has zero mean and
 LayerNorm(x) = RMSNorm(x) * gamma + beta exactly. gamma folds into the readers as above;
 beta folds into the readers' biases (b <- b + W beta, a zero bias is added where a linear
 has none) when every reader of that norm is an nn.Linear. When a reader cannot take a bias
-(fused experts), the norm keeps beta / gamma as its own bias (an :class:`RMSNormWithBias`):
+(fused experts), the norm keeps beta / gamma as its own bias (an RMSNorm with a bias):
 W diag(gamma) (x_hat + beta / gamma) = W (gamma x_hat + beta).
 Norms inside attention (q_norm, k_norm, q_a_layernorm, kv_a_layernorm) are left alone.
 
 Where the checkpoint code finds what changed (module names relative to the model):
 ``config.codequant_rms_norms`` (every replaced LayerNorm, now an RMSNorm),
-``config.codequant_rms_norm_biases`` (those of them that keep a bias, RMSNormWithBias),
+``config.codequant_rms_norm_biases`` (those of them that keep a bias),
 ``config.codequant_added_biases`` (linears that received a bias they did not have).
 """
 
@@ -28,17 +28,6 @@ from torch import nn
 
 from ..adapters import ArchitectureAdapter
 from ..modules.norm import RMSNorm
-
-
-class RMSNormWithBias(RMSNorm):
-    """y = x / sqrt(mean(x^2) + eps) * weight + bias: a LayerNorm on a zero-mean stream."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=torch.float32, device=None):
-        super().__init__(hidden_size, eps, dtype, device)
-        self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.bias.to(x.dtype)
 
 
 def untie_word_embeddings(model: nn.Module, adapter: ArchitectureAdapter) -> bool:
@@ -134,8 +123,7 @@ def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
 def _rms_from_layer_norm(norm: nn.LayerNorm, bias: torch.Tensor | None) -> RMSNorm:
     (hidden,) = norm.normalized_shape
     ref = norm.weight if norm.weight is not None else torch.empty(0)
-    cls = RMSNormWithBias if bias is not None else RMSNorm
-    new = cls(hidden, norm.eps, dtype=ref.dtype, device=ref.device)
+    new = RMSNorm(hidden, norm.eps, dtype=ref.dtype, device=ref.device, bias=bias is not None)
     if bias is not None:
         new.bias.data.copy_(bias)
     return new

@@ -34,7 +34,7 @@ def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, R1: torch.Te
     """Fold the orthogonal ``R1`` [H, H] into every weight on the residual stream; in place.
 
     Needs :func:`~codequant.transforms.norm_fold.fold_norms` first (scale-free norms);
-    a norm that keeps a bias (RMSNormWithBias) has it rotated too. Unties lm_head from the
+    a norm that keeps a bias (RMSNorm with bias) has it rotated too. Unties lm_head from the
     embedding if they are tied.
     """
     hidden = adapter.hidden_size(model)
