@@ -16,9 +16,12 @@ if [ ! -d "$GGML" ]; then
   tar -xzf "$BUILD/llama_cpp_python-$VERSION.tar.gz" -C "$BUILD"
 fi
 OUT="$BUILD/ggml-$VERSION"
-if [ ! -f "$OUT/src/libggml-cpu.a" ]; then
-  cmake -S "$GGML" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
-    -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF >&2
+if [ -z "$(find "$OUT" -name 'libggml-cpu.a' 2>/dev/null)" ]; then
+  # Configure from llama.cpp's top level (ggml alone needs files the sdist leaves out);
+  # only the ggml libraries are built.
+  cmake -S "$SRC/vendor/llama.cpp" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+    -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >&2
   cmake --build "$OUT" -j "$(nproc)" --target ggml-cpu ggml-base ggml >&2
 fi
 LIBS="$(find "$OUT" -name 'libggml.a') $(find "$OUT" -name 'libggml-cpu.a') $(find "$OUT" -name 'libggml-base.a')"

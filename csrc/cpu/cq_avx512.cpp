@@ -17,13 +17,24 @@
 namespace cq {
 namespace {
 
-bool f32_ok(const Weight& w) { return w.NG == 1 || w.G % 32 == 0; }
+bool f32_ok(const Weight& w) { return w.il && (w.NG == 1 || w.G % 32 == 0); }
+
+// Start of row n in the interleaved copy and the distance between its 64-byte pieces.
+inline const uint8_t* il_row(const Weight& w, int64_t n, int64_t* step) {
+  const int64_t rb = q_columns(w.KP) / 2, n4 = w.N / 4 * 4;
+  if (n < n4) {
+    *step = 256;
+    return w.il + (n & ~(int64_t)3) * rb + (n & 3) * 64;
+  }
+  *step = 64;
+  return w.il + n * rb;
+}
 
 // Both the codebook group and the activation group are whole rows or multiples of 128
 // columns ("wide": one table per 128-column step), or multiples of 32 ("narrow").
 inline bool wide_ok(int64_t g, int64_t k) { return g == k || g % 128 == 0; }
 bool i8_ok(const Weight& w, const ActQ& a) {
-  return (w.NG == 1 || w.G % 32 == 0) && (a.NA == 1 || a.GA % 32 == 0);
+  return w.il && (w.NG == 1 || w.G % 32 == 0) && (a.NA == 1 || a.GA % 32 == 0);
 }
 
 template <int MB>
@@ -81,9 +92,10 @@ void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const floa
 template <int NR, int MB>
 void f32_tile(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
   constexpr int NA = MB == 1 ? 2 : 1;
-  const int64_t nb = w.KP / 64, rowbytes = w.KP / 2;
+  const int64_t nb = w.KP / 64;
   const int64_t bpg = w.NG == 1 ? nb : w.G / 64;
-  const uint8_t* p = w.idx + n * rowbytes;
+  int64_t step;  // NR = 4: a tile (rows 64 bytes apart); NR = 1: any single row
+  const uint8_t* p = il_row(w, n, &step);
   const uint16_t* cbrow = w.cb16 + n * w.NG * 16;
   const float* x = a.x + m0 * a.ldx;
   __m512 acc[NR][MB][NA];
@@ -96,8 +108,9 @@ void f32_tile(const Weight& w, const ActF& a, float* y, int64_t ldy, const float
     const int64_t b1 = b0 + bpg < nb ? b0 + bpg : nb;
     for (int64_t b = b0; b < b1; ++b)
     for (int half = 0; half < 2; ++half) {
+      const uint8_t* pb = p + (b >> 1) * step + (b & 1) * 32 + 16 * half;
       __m512i ir[NR];
-      for (int r = 0; r < NR; ++r) ir[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + r * rowbytes + 32 * b + 16 * half)));
+      for (int r = 0; r < NR; ++r) ir[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(pb + r * 64)));
       for (int hi = 0; hi < 2; ++hi) {
         __m512 wv[NR];
         for (int r = 0; r < NR; ++r) wv[r] = _mm512_permutexvar_ps(hi ? _mm512_srli_epi32(ir[r], 4) : ir[r], cb[r]);
@@ -169,10 +182,11 @@ inline float finish(__m512 accf, const ActQ& a, const float* rs, int64_t m) {
 // end of each segment of columns sharing the codebook scale and the activation scale.
 template <int NR, int MB>
 void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
-  const int64_t rowbytes = w.KP / 2, KQ = q_columns(w.KP), nsteps = KQ / 128;
+  const int64_t KQ = q_columns(w.KP), nsteps = KQ / 128;
   const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
   const int64_t S = gcd64(G, GA);
-  const uint8_t* p = w.idx + n * rowbytes;
+  int64_t step;
+  const uint8_t* p = il_row(w, n, &step);
   const int8_t* cb = w.cb8 + n * w.NG * 16;
   const float* sc = w.sc + n * w.NG;
   const __m512i m0f = _mm512_set1_epi8(0x0F);
@@ -191,7 +205,7 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
     }
     __m512i wlo[NR], whi[NR];
     for (int r = 0; r < NR; ++r) {
-      const __m512i v = load_step(p + r * rowbytes + 64 * s, rowbytes - 64 * s);
+      const __m512i v = _mm512_loadu_si512((const void*)(p + s * step + r * 64));  // padded: whole pieces
       wlo[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(v, m0f));
       whi[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
     }

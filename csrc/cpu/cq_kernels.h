@@ -17,8 +17,15 @@
 
 namespace cq {
 
+// The AVX-512 kernels read the indices from a copy interleaved at load time (the Python
+// wrapper builds and caches it; the saved format is unchanged): rows padded to
+// RB = q_columns(KP) / 2 bytes; rows 4t..4t+3 (t < N / 4) form one tile in which the
+// 64-byte pieces of the four rows alternate ([row0 bytes 0-63, row1 0-63, row2, row3,
+// row0 bytes 64-127, ...]), so four rows stream from one sequential run of memory; the
+// last N % 4 rows follow as plain padded rows. Row n starts at il + n * RB either way.
 struct Weight {
   const uint8_t* idx;
+  const uint8_t* il;  // interleaved copy (may be null: the AVX-512 path is then not used)
   const uint16_t* cb16;
   const int8_t* cb8;
   const float* sc;

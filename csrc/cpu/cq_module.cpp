@@ -275,7 +275,7 @@ const Isa* pick(const Weight& w, bool integer, const Acts& acts) {
 int64_t rows_per_item(int64_t N, int64_t KP, int threads) {
   int64_t r = N / (8 * (int64_t)threads) + 1;
   const int64_t min_rows = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, KP / 2));
-  return std::max(r, min_rows);
+  return (std::max(r, min_rows) + 3) / 4 * 4;  // whole 4-row tiles of the interleaved layout
 }
 
 void run_rows(const Isa* isa, const Weight& w, const Acts& acts, int64_t m0, int64_t M, float* y, int64_t ldy,
@@ -286,9 +286,10 @@ void run_rows(const Isa* isa, const Weight& w, const Acts& acts, int64_t m0, int
     isa->f32_rows(w, acts.f(m0, M), y, ldy, bias, n0, n1);
 }
 
-Weight make_weight(int64_t idx, int64_t cb16, int64_t cb8, int64_t sc, int64_t rs8, int64_t N, int64_t K, int64_t G) {
+Weight make_weight(int64_t idx, int64_t il, int64_t cb16, int64_t cb8, int64_t sc, int64_t rs8, int64_t N, int64_t K, int64_t G) {
   Weight w;
   w.idx = (const uint8_t*)idx;
+  w.il = (const uint8_t*)il;
   w.cb16 = (const uint16_t*)cb16;
   w.cb8 = (const int8_t*)cb8;
   w.sc = (const float*)sc;
@@ -304,6 +305,7 @@ Weight make_weight(int64_t idx, int64_t cb16, int64_t cb8, int64_t sc, int64_t r
 Weight expert(const Weight& w, int64_t e, int64_t NA) {
   Weight r = w;
   r.idx += e * w.N * (w.KP / 2);
+  if (r.il) r.il += e * w.N * (q_columns(w.KP) / 2);
   if (r.cb16) r.cb16 += e * w.N * w.NG * 16;
   if (r.cb8) r.cb8 += e * w.N * w.NG * 16;
   if (r.sc) r.sc += e * w.N * w.NG;
@@ -480,13 +482,13 @@ void moe(const MoeArgs& A) {
 using namespace cq;
 
 static PyObject* py_linear(PyObject*, PyObject* args) {
-  long long x, M, K, ldx, GA, idx, cb16, cb8, sc, rs8, N, G, bias, y;
+  long long x, M, K, ldx, GA, idx, il, cb16, cb8, sc, rs8, N, G, bias, y;
   int bf16, bits, threads;
   double clip;
-  if (!PyArg_ParseTuple(args, "LiLLLiLdLLLLLLLLLi", &x, &bf16, &M, &K, &ldx, &bits, &GA, &clip, &idx, &cb16, &cb8, &sc, &rs8,
-                        &N, &G, &bias, &y, &threads))
+  if (!PyArg_ParseTuple(args, "LiLLLiLdLLLLLLLLLLi", &x, &bf16, &M, &K, &ldx, &bits, &GA, &clip, &idx, &il, &cb16, &cb8, &sc,
+                        &rs8, &N, &G, &bias, &y, &threads))
     return nullptr;
-  const Weight w = make_weight(idx, cb16, cb8, sc, rs8, N, K, G);
+  const Weight w = make_weight(idx, il, cb16, cb8, sc, rs8, N, K, G);
   Py_BEGIN_ALLOW_THREADS
   linear((const void*)x, bf16, M, K, ldx, bits, GA, (float)clip, w, (const float*)bias, (float*)y, threads);
   Py_END_ALLOW_THREADS
@@ -494,13 +496,13 @@ static PyObject* py_linear(PyObject*, PyObject* args) {
 }
 
 static PyObject* py_moe(PyObject*, PyObject* args) {
-  long long x, T, H, k, E, topi, topw, g_idx, g_cb16, g_cb8, g_sc, g_rs8, g_N, g_G, d_idx, d_cb16, d_cb8, d_sc, d_rs8, d_G,
-      GA, dGA, had, y;
+  long long x, T, H, k, E, topi, topw, g_idx, g_il, g_cb16, g_cb8, g_sc, g_rs8, g_N, g_G, d_idx, d_il, d_cb16, d_cb8, d_sc,
+      d_rs8, d_G, GA, dGA, had, y;
   int bf16, bits, dbits, threads;
   double clip, dclip;
-  if (!PyArg_ParseTuple(args, "LiLLLLLLLLLLLLLLLLLLLiLdiLdLLi", &x, &bf16, &T, &H, &k, &E, &topi, &topw, &g_idx, &g_cb16, &g_cb8,
-                        &g_sc, &g_rs8, &g_N, &g_G, &d_idx, &d_cb16, &d_cb8, &d_sc, &d_rs8, &d_G, &bits, &GA, &clip, &dbits,
-                        &dGA, &dclip, &had, &y, &threads))
+  if (!PyArg_ParseTuple(args, "LiLLLLLLLLLLLLLLLLLLLLLiLdiLdLLi", &x, &bf16, &T, &H, &k, &E, &topi, &topw, &g_idx, &g_il, &g_cb16,
+                        &g_cb8, &g_sc, &g_rs8, &g_N, &g_G, &d_idx, &d_il, &d_cb16, &d_cb8, &d_sc, &d_rs8, &d_G, &bits, &GA, &clip,
+                        &dbits, &dGA, &dclip, &had, &y, &threads))
     return nullptr;
   MoeArgs A;
   A.x = (const void*)x;
@@ -511,8 +513,8 @@ static PyObject* py_moe(PyObject*, PyObject* args) {
   A.E = E;
   A.topi = (const int64_t*)topi;
   A.topw = (const float*)topw;
-  A.gu = make_weight(g_idx, g_cb16, g_cb8, g_sc, g_rs8, g_N, H, g_G);
-  A.dn = make_weight(d_idx, d_cb16, d_cb8, d_sc, d_rs8, H, g_N / 2, d_G);
+  A.gu = make_weight(g_idx, g_il, g_cb16, g_cb8, g_sc, g_rs8, g_N, H, g_G);
+  A.dn = make_weight(d_idx, d_il, d_cb16, d_cb8, d_sc, d_rs8, H, g_N / 2, d_G);
   A.bits = bits;
   A.GA = GA;
   A.clip = (float)clip;
@@ -566,6 +568,30 @@ static PyObject* py_rowsum8(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_read_bytes(PyObject*, PyObject* args) {
+  // read_bytes(ptr, nbytes, threads) -> checksum: a streaming read through the pool, to
+  // measure the memory bandwidth the kernels can reach.
+  long long ptr, nbytes;
+  int threads;
+  if (!PyArg_ParseTuple(args, "LLi", &ptr, &nbytes, &threads)) return nullptr;
+  const int64_t chunk = 1 << 20, items = (nbytes + chunk - 1) / chunk;
+  std::vector<uint64_t> sums(items);
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(threads, items, [&](int64_t i) {
+    const uint64_t* p = (const uint64_t*)(ptr + i * chunk);
+    const int64_t n = std::min<int64_t>(chunk, nbytes - i * chunk) / 8;
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) { a += p[j]; b += p[j + 1]; c += p[j + 2]; d += p[j + 3]; }
+    for (; j < n; ++j) a += p[j];
+    sums[i] = a + b + c + d;
+  });
+  Py_END_ALLOW_THREADS
+  uint64_t total = 0;
+  for (uint64_t v : sums) total += v;
+  return PyLong_FromUnsignedLongLong(total);
+}
+
 static PyObject* py_set_isa(PyObject*, PyObject* args) {
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
@@ -596,6 +622,7 @@ static PyMethodDef methods[] = {
     {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
+    {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set: portable, avx2 or avx512."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"available_isas", py_available, METH_NOARGS, "Instruction sets this CPU and build support."},

@@ -23,6 +23,11 @@ Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
   (relative 1/254). The int8 codebooks and the row sums they need are prepared once per
   weight and cached (keyed on the codebook tensor, invalidated when it is modified).
 
+On AVX-512 the kernels stream a row-interleaved copy of the indices made once per weight
+at first use (:func:`interleaved_indices`; the saved format and the module's buffers are
+unchanged): 4 rows per sequential run, about twice the DRAM throughput of 4 separate
+rows of K/2 bytes. It costs one extra copy of the indices in memory.
+
 Configurations without a SIMD path (group sizes that are not multiples of 32) run the
 portable kernels, which handle every group size; training-mode calls (inputs that need
 gradients) and activation widths of 9-15 bits go to the reference path.
@@ -44,7 +49,7 @@ try:
 except ImportError as exc:  # the compiled extension is missing: no cpu backend
     raise ImportError(f"codequant CPU kernels are not built ({exc}); reinstall with `pip install .`") from exc
 
-__all__ = ["linear", "moe", "isa", "available_isas", "use_isa", "int8_codebook", "INT8_HALF_STEP"]
+__all__ = ["linear", "moe", "isa", "available_isas", "use_isa", "int8_codebook", "interleaved_indices", "INT8_HALF_STEP"]
 
 INT8_HALF_STEP = 0.5  # tolerance unit: half an int8 codebook step (see module doc)
 
@@ -107,6 +112,38 @@ def int8_codebook(weight: PackedWeight, act_group: int = 0) -> tuple[torch.Tenso
     return entry["cb8"], entry["sc"], entry["rs8"][ga]
 
 
+_il_cache: dict[int, tuple] = {}
+
+
+def _forget_il(key: int) -> None:
+    _il_cache.pop(key, None)
+
+
+def interleaved_indices(indices: torch.Tensor) -> torch.Tensor:
+    """The load-time copy of ``indices`` [..., N, KP/2] that the AVX-512 kernels stream.
+
+    Rows padded to RB = ceil(KP/128) * 64 bytes; each tile of 4 rows alternates the rows'
+    64-byte pieces, so a tile is one sequential run of memory (DRAM streams it at nearly
+    full bandwidth, where 4 separate short rows do not); the last N % 4 rows follow as
+    plain padded rows. Cached per indices tensor (invalidated when it is modified).
+    """
+    key = id(indices)
+    stamp = (indices.data_ptr(), indices._version, tuple(indices.shape))
+    hit = _il_cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    *lead, n, half = indices.shape
+    rb = -(-half // 64) * 64
+    rows = torch.nn.functional.pad(indices.reshape(-1, n, half), (0, rb - half))
+    e, n4 = rows.shape[0], n // 4 * 4
+    tiles = rows[:, :n4].reshape(e, n4 // 4, 4, rb // 64, 64).transpose(2, 3).reshape(e, n4 * rb)
+    out = torch.cat((tiles, rows[:, n4:].reshape(e, (n - n4) * rb)), dim=1).reshape(*lead, n * rb).contiguous()
+    if hit is None:
+        weakref.finalize(indices, _forget_il, key)
+    _il_cache[key] = (stamp, out)
+    return out
+
+
 # ---------------------------------------------------------------- ops
 
 
@@ -137,10 +174,11 @@ def _weight_args(weight: PackedWeight, spec: ActQuantSpec) -> tuple:
             raise ValueError("cpu kernels need CPU weights")
     if not weight.indices.is_contiguous() or not weight.codebook.is_contiguous():
         weight = PackedWeight(weight.indices.contiguous(), weight.codebook.contiguous(), weight.row_sum, weight.in_features)
+    il = interleaved_indices(weight.indices).data_ptr() if _lut.isa() == "avx512" else 0
     if spec.enabled:
         cb8, sc, rs8 = int8_codebook(weight, spec.group_size)
-        return weight, (weight.indices.data_ptr(), 0, cb8.data_ptr(), sc.data_ptr(), rs8.data_ptr())
-    return weight, (weight.indices.data_ptr(), weight.codebook.data_ptr(), 0, 0, 0)
+        return weight, (weight.indices.data_ptr(), il, 0, cb8.data_ptr(), sc.data_ptr(), rs8.data_ptr())
+    return weight, (weight.indices.data_ptr(), il, weight.codebook.data_ptr(), 0, 0, 0)
 
 
 def linear(

@@ -1,0 +1,249 @@
+"""CPU kernel benchmark: CodeQuant LUT kernels against torch F.linear (bf16, fp32) and
+llama.cpp's ggml_mul_mat (bf16, IQ4_NL and Q4_0, plain and repacked), side by side in one run.
+
+    python benchmarks/bench_cpu.py --out benchmarks/results/cpu-<name>.json
+
+Builds ggml from the llama-cpp-python sdist (benchmarks/llamacpp/build.sh, into
+benchmarks/_build/), measures the streaming read bandwidth for 1 and 2 threads, then times
+every shape x M x threads x cache mode. "dram": enough weight copies to exceed the
+last-level cache several times, cycled so each call streams its weights from memory;
+"hot": one copy, called repeatedly. Writes a JSON list of records (see RECORD_KEYS),
+a sibling .meta.json (machine, load, bandwidth, versions) and a .png plot.
+
+Ratios ``vs_*`` are baseline time / this op's time (> 1: this op is faster); vs_iq4_nl and
+vs_q4_0 compare against llama.cpp's repacked layouts (the faster ones; the plain-layout
+times are in their own records). gbps counts each format's own weight bytes (CodeQuant:
+indices + codebooks + row sums; ggml: its blocks). pct_bw = gbps / read bandwidth (same
+thread count) * 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from codequant.format import PackedWeight, padded_columns
+from codequant.kernels import cpu
+from codequant.kernels.cpu import _lut
+from codequant.quantizers.activations import ActQuantSpec
+
+HERE = Path(__file__).resolve().parent
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768), (1408, 2048)]
+RECORD_KEYS = ("op", "M", "N", "K", "threads", "cache", "us", "gbps", "vs_bf16", "vs_fp32", "vs_ggml_bf16", "vs_iq4_nl", "vs_q4_0", "pct_bw")
+CQ_OPS = {"codequant-w4a16": ActQuantSpec(16), "codequant-w4a8": ActQuantSpec(8), "codequant-w4a4": ActQuantSpec(4)}
+GGML_OPS = {  # op name: (ggml type, repack)
+    "ggml-bf16": ("bf16", 0),
+    "ggml-iq4_nl": ("iq4_nl", 0),
+    "ggml-iq4_nl-repack": ("iq4_nl", 1),
+    "ggml-q4_0": ("q4_0", 0),
+    "ggml-q4_0-repack": ("q4_0", 1),
+}
+LLC_BYTES = 32 << 20
+
+
+def copies_for(nbytes: int, cache: str) -> int:
+    return 1 if cache == "hot" else max(2, math.ceil(4 * LLC_BYTES / nbytes))
+
+
+def time_calls(fn, copies: int, reps: int) -> float:
+    """Median microseconds of fn(i) over reps calls, cycling i through the copies."""
+    for i in range(copies):
+        fn(i)
+    out = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        fn(r % copies)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e6
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """GB/s of a streaming read of a buffer far beyond the LLC (the kernels' own pool)."""
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    _lut.read_bytes(buf.data_ptr(), buf.numel() * 8, threads)
+    best = min(_timed(lambda: _lut.read_bytes(buf.data_ptr(), buf.numel() * 8, threads)) for _ in range(reps))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def random_packed(n: int, k: int, gen: torch.Generator) -> PackedWeight:
+    idx = torch.randint(0, 256, (n, padded_columns(k) // 2), dtype=torch.uint8, generator=gen)
+    cb = (torch.randn(n, 1, 16, generator=gen) * 0.02).half()
+    return PackedWeight(idx, cb, torch.zeros(n), k)
+
+
+def bench_codequant(n, k, ms, threads_list, cache, reps, gen):
+    probe = random_packed(n, k, gen)
+    weights = [probe] + [random_packed(n, k, gen) for _ in range(copies_for(probe.nbytes(), cache) - 1)]
+    out = {}
+    for m in ms:
+        x = torch.randn(m, k, generator=gen)
+        for name, act in CQ_OPS.items():
+            for w in weights:
+                cpu.int8_codebook(w, 0) if act.enabled else None  # load-time preparation, not timed
+            for t in threads_list:
+                us = time_calls(lambda i: cpu.linear(x, weights[i], act, threads=t), len(weights), reps)
+                out[(name, m, t)] = (us, probe.nbytes())
+    return out
+
+
+def bench_torch(n, k, ms, threads_list, cache, reps, gen):
+    out = {}
+    for name, dtype in (("torch-bf16", torch.bfloat16), ("torch-fp32", torch.float32)):
+        probe = torch.randn(n, k, generator=gen).to(dtype)
+        weights = [probe] + [torch.randn(n, k, generator=gen).to(dtype) for _ in range(copies_for(probe.nbytes, cache) - 1)]
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            for t in threads_list:
+                torch.set_num_threads(t)
+                with torch.inference_mode():
+                    us = time_calls(lambda i: F.linear(x, weights[i]), len(weights), reps)
+                out[(name, m, t)] = (us, probe.numel() * probe.element_size())
+        del weights, probe
+    return out
+
+
+def bench_ggml(exe, n, k, ms, threads_list, cache, reps):
+    out = {}
+    for name, (typ, repack) in GGML_OPS.items():
+        bytes_per = {"bf16": 2.0, "iq4_nl": 18 / 32, "q4_0": 18 / 32}[typ]
+        copies = copies_for(int(n * k * bytes_per), cache)
+        cmd = [str(exe), typ, str(repack), str(n), str(k), str(copies), str(reps), ",".join(map(str, ms)), ",".join(map(str, threads_list))]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for line in res.stdout.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                if repack and r["buffer"] != "CPU_REPACK":
+                    raise RuntimeError(f"{name}: weights not in the repack buffer")
+                out[(name, r["M"], r["threads"])] = (r["us_median"], r["weight_bytes"])
+    return out
+
+
+def build_ggml() -> Path:
+    res = subprocess.run(["bash", str(HERE / "llamacpp" / "build.sh")], capture_output=True, text=True)
+    if res.returncode:
+        sys.stderr.write(res.stderr[-4000:])
+        raise SystemExit("llama.cpp build failed")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def make_records(times, n, k, ms, threads_list, cache, bandwidth):
+    records = []
+    for (name, m, t), (us, nbytes) in sorted(times.items()):
+        gbps = nbytes / us / 1e3
+        rec = dict.fromkeys(RECORD_KEYS)
+        rec.update(op=name, M=m, N=n, K=k, threads=t, cache=cache, us=round(us, 2), gbps=round(gbps, 2))
+        rec["pct_bw"] = round(100 * gbps / bandwidth[t], 1)
+        if name.startswith("codequant"):
+            for key, base in (("vs_bf16", "torch-bf16"), ("vs_fp32", "torch-fp32"), ("vs_ggml_bf16", "ggml-bf16"),
+                              ("vs_iq4_nl", "ggml-iq4_nl-repack"), ("vs_q4_0", "ggml-q4_0-repack")):
+                if (base, m, t) in times:
+                    rec[key] = round(times[(base, m, t)][0] / us, 3)
+        records.append(rec)
+    return records
+
+
+def plot(records, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in records if r["cache"] == "dram" and r["M"] == 1]
+    shapes = sorted({(r["N"], r["K"]) for r in sel})
+    threads = sorted({r["threads"] for r in sel})
+    ops = ["codequant-w4a16", "codequant-w4a8", "codequant-w4a4", "ggml-iq4_nl-repack", "ggml-q4_0-repack",
+           "ggml-iq4_nl", "ggml-q4_0", "ggml-bf16", "torch-bf16", "torch-fp32"]
+    fig, axes = plt.subplots(1, len(threads), figsize=(7 * len(threads), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], threads):
+        width = 0.8 / len(ops)
+        for j, op in enumerate(ops):
+            vals = [next((r["gbps"] for r in sel if r["op"] == op and r["threads"] == t and (r["N"], r["K"]) == s), 0) for s in shapes]
+            ax.bar([i + j * width for i in range(len(shapes))], vals, width, label=op)
+        ax.set_xticks([i + 0.4 for i in range(len(shapes))], [f"{n}x{k}" for n, k in shapes], rotation=20)
+        ax.set_ylabel("weight GB/s (M=1, DRAM)")
+        ax.set_title(f"{t} thread(s)")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--caches", default="dram,hot")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")]
+    threads_list = [int(v) for v in args.threads.split(",")]
+    exe = None if args.skip_llamacpp else build_ggml()
+    load_before = os.getloadavg()
+    bandwidth = {t: read_bandwidth(t) for t in threads_list}
+    print("read bandwidth GB/s:", {t: round(b, 1) for t, b in bandwidth.items()}, flush=True)
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for n, k in shapes:
+        for cache in args.caches.split(","):
+            times = bench_codequant(n, k, ms, threads_list, cache, args.reps, gen)
+            times.update(bench_torch(n, k, ms, threads_list, cache, args.reps, gen))
+            if exe:
+                times.update(bench_ggml(exe, n, k, ms, threads_list, cache, args.reps))
+            recs = make_records(times, n, k, ms, threads_list, cache, bandwidth)
+            records += recs
+            for r in recs:
+                if r["op"].startswith("codequant"):
+                    print(json.dumps(r), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(records, indent=1))
+    bandwidth_after = {t: read_bandwidth(t) for t in threads_list}
+    meta = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "isa": cpu.isa(),
+        "torch": torch.__version__,
+        "llama_cpp_python_sdist": None if args.skip_llamacpp else "0.3.36",
+        "read_bandwidth_gbps": {str(t): round(b, 2) for t, b in bandwidth.items()},
+        "read_bandwidth_gbps_after": {str(t): round(b, 2) for t, b in bandwidth_after.items()},
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "note": "ratios vs_* = baseline time / op time; vs_iq4_nl / vs_q4_0 against the repacked ggml layouts",
+    }
+    args.out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1))
+    plot(records, args.out.with_suffix(".png"))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
