@@ -94,7 +94,7 @@ def _load_hf_dataset(spec: str) -> list[str]:
 
 def tokenize_joined(tokenizer, texts: list[str]) -> torch.Tensor:
     """One long token stream of the texts joined by blank lines (WikiText convention)."""
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     return ids
 
 

@@ -1,5 +1,7 @@
 """Quantize one model with every method and tabulate perplexity and KL against full precision.
 
+A rerun with the same settings skips the rows already in ``results.json``.
+
 All methods share the same calibration tokens and the same activation quantization, and
 are evaluated on the same token windows; results go to ``results.json`` (a list of rows),
 ``results.md`` (the table) and ``results.png`` (KL per method, W4A16 and W4A4).
@@ -58,11 +60,17 @@ def compare(
     sets = {name: eval_windows(tokenizer, load_texts(src, model_path), seqlen, max_windows) for name, src in data.items()}
     if not sets:
         sets = {"sampled": sample_from_model(fp_model, tokenizer, max_windows, seqlen, base.seed + 1)}
-    fp_model.to(dev)
-    rows = [{"method": "full precision", "mode": "bf16", "seconds": None, **{f"{n}_{k}": v for n, w in sets.items() for k, v in _metrics(fp_model, w, None, progress).items()}}]
-    fp_model.to("cpu")
+    settings = {"model": model_path, "calibration_tokens": list(tokens.shape), "calib": calib, "sets": {n: list(w.shape) for n, w in sets.items()}}
+    rows = _previous_rows(out / "results.json", settings)
+    if not rows:
+        fp_model.to(dev)
+        rows = [{"method": "full precision", "mode": "16-bit", "seconds": None, **{f"{n}_{k}": v for n, w in sets.items() for k, v in _metrics(fp_model, w, None, progress).items()}}]
+        fp_model.to("cpu")
     for method in methods:
         for mode in modes:
+            if any(r["method"] == method and r["mode"] == mode for r in rows):
+                log.info("%s %s: already in %s", method, mode, out / "results.json")
+                continue
             config = QuantConfig.from_dict({**base.to_dict(), "method": method, "abits": MODES[mode]})
             start = time.time()
             result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=progress, calibration=tokens)
@@ -77,7 +85,7 @@ def compare(
             log.info("%s", row)
             fp_model.to("cpu")
             del model, result
-            _write(out, rows, list(sets), model_path, tokens.shape)
+            _write(out, rows, list(sets), settings)
     print(format_table(rows, list(sets)))
     return rows
 
@@ -99,8 +107,16 @@ def format_table(rows: list[dict], sets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, rows: list[dict], sets: list[str], model_path: str, calib_shape) -> None:
-    record = {"model": model_path, "calibration_tokens": list(calib_shape), "rows": rows}
+def _previous_rows(path: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run with the same settings (a rerun resumes it), else none."""
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    return record["rows"] if record.get("settings") == settings else []
+
+
+def _write(out: Path, rows: list[dict], sets: list[str], settings: dict) -> None:
+    record = {"settings": settings, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(out / "results.md", format_table(rows, sets) + "\n")
     _plot(out / "results.png", rows, sets)
