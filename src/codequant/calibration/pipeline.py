@@ -185,10 +185,8 @@ def initial_codebook(weight: torch.Tensor, stats: list[InputStats] | InputStats 
     if recipe.weights == "rtn":
         return rtn(weight, config.wbits, group_size)
     if recipe.weights == "gptq":
-        if weight.ndim == 2:
-            return gptq(weight, stats.hessian, config.wbits, group_size)
-        parts = [gptq(weight[e], stats[e].hessian, config.wbits, group_size) for e in range(weight.shape[0])]
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        hessian = torch.stack([s.hessian for s in stats]) if isinstance(stats, list) else stats.hessian
+        return gptq(weight, hessian, config.wbits, group_size)
     if stats is None:
         importance = None
     elif isinstance(stats, list):
@@ -281,13 +279,15 @@ class Quantizer:
         g = torch.Generator().manual_seed(self.config.seed)
         samples: list[torch.Tensor] = []
 
+        run = LayerRunner(self.model, self.adapter, self.device)
+        per_batch = -(-self.config.rotation_tokens * run.batch_size // tokens.shape[0])
+
         def sample(module, args, out):
             acts = out.detach().reshape(-1, out.shape[-1]).float()
-            pick = torch.randperm(acts.shape[0], generator=g)[: self.config.rotation_tokens]
+            pick = torch.randperm(acts.shape[0], generator=g)[:per_batch]
             samples.append(acts[pick.to(acts.device)].cpu())
 
         x = self.embed(tokens)
-        run = LayerRunner(self.model, self.adapter, self.device, batch_size=x.shape[0])
         for i, layer in enumerate(tqdm(self.adapter.layers(self.model), desc="AOS: collecting activations", disable=not self.progress)):
             with on_device(layer, self.device):
                 norms = (self.adapter.input_norm(layer), self.adapter.post_attention_norm(layer))
