@@ -181,6 +181,38 @@ def _weight_args(weight: PackedWeight, spec: ActQuantSpec) -> tuple:
     return weight, (weight.indices.data_ptr(), il, weight.codebook.data_ptr(), 0, 0, 0)
 
 
+_prep_cache: dict[tuple, tuple] = {}
+
+
+def _forget_prep(key: tuple) -> None:
+    _prep_cache.pop(key, None)
+
+
+def _prepared(weight: PackedWeight, act: ActQuantSpec) -> tuple:
+    """Kernel pointers of a weight (indices, interleaved copy, codebooks / int8 codebooks),
+    cached per weight tensors, activation grouping and ISA: a decode step calls every
+    layer once per token, so the per-call Python work is kept to a few attribute reads."""
+    idx, cb = weight.indices, weight.codebook
+    key = (id(idx), id(cb), act.group_size if act.enabled else -1, _lut.isa())
+    stamp = (idx._version, cb._version, idx.data_ptr(), cb.data_ptr())
+    hit = _prep_cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    weight, ptrs = _weight_args(weight, act)
+    if hit is None:
+        weakref.finalize(idx, _forget_prep, key)
+    if weight.indices is idx and weight.codebook is cb:  # cache only what stays alive with the module
+        _prep_cache[key] = (stamp, ptrs)
+    else:
+        _prep_cache.pop(key, None)
+        _keepalive.append(weight)  # a contiguous copy made for this call
+        del _keepalive[:-4]
+    return ptrs
+
+
+_keepalive: list[PackedWeight] = []
+
+
 def linear(
     x: torch.Tensor,
     weight: PackedWeight,
@@ -189,22 +221,37 @@ def linear(
     threads: int | None = None,
 ) -> torch.Tensor:
     """y = Q_act(x) @ W_hat^T + bias on packed weights; see the module doc for the tolerance."""
-    if not _usable(x, act):
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or (act.enabled and not 1 <= act.bits <= 8):
         return reference.linear(x, weight, act, bias)
     k, n = weight.in_features, weight.out_features
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, weight expects {k}")
-    lead = x.shape[:-1]
-    x2, bf16 = _x_arg(x.reshape(-1, k))
-    bits, ga, clip = _act_args(act, k)
-    weight, ptrs = _weight_args(weight, act)
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    x2 = x.reshape(-1, k)
+    if x2.dtype is torch.bfloat16:
+        bf16 = 1
+    else:
+        bf16 = 0
+        if x2.dtype is not torch.float32:
+            x2 = x2.float()
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if act.enabled:
+        bits, ga, clip = act.bits, act.group_size or k, float(act.clip)
+        if k % ga:
+            raise ValueError(f"activation group size {ga} does not divide {k} channels")
+    else:
+        bits, ga, clip = 0, 0, 1.0
+    ptrs = _prepared(weight, act)
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
     _lut.linear(
-        x2.data_ptr(), bf16, x2.shape[0], k, k, bits, ga, clip, *ptrs, n, weight.group_size,
-        0 if b is None else b.data_ptr(), y.data_ptr(), int(threads or torch.get_num_threads()),
+        x2.data_ptr(), bf16, m, k, k, bits, ga, clip, *ptrs, n, k // weight.codebook.shape[-2],
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), threads or torch.get_num_threads(),
     )
-    return y.reshape(*lead, n).to(x.dtype)
+    y = y.view(*x.shape[:-1], n)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def moe(
