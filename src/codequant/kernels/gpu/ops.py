@@ -2,6 +2,8 @@
 
 Paths, by activation mode and number of rows M:
 
+* W4A16, M <= 16 tokens on CUDA: the CUDA C++ decode kernel (``cuda_gemv``, built on first
+  use); where it is not built or not applicable, the Triton paths below.
 * W4A16, M <= 4 tokens: ``lut_gemv_kernel`` (CUDA cores, split-K through float32 partials).
 * W4A16, larger M: ``lut_mm_kernel`` (tensor cores; the dot runs in fp16 when x is fp16,
   else in bf16 through a bf16 copy of the codebook, cached per weight).
@@ -313,6 +315,11 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
         x_mode = 1
     else:
         x_mode = 2
+    if x_mode == 0 and config is None and m <= 16 and x2.is_cuda:
+        from . import cuda_gemv  # CUDA C++ decode kernel; False: not applicable or not built
+
+        if cuda_gemv.linear(x2, weight, bias, y):
+            return y.reshape(*lead, n)
     cfg = config or linear_config(m, n, k, x_mode)
     dot_dtype = _dot_dtype(x)
     if cfg.kind == "gemv" and x_mode in (0, 1):
