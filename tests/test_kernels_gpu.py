@@ -7,15 +7,10 @@ Frobenius errors ||y - y_ref|| / ||y_ref||.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: its knobs read the variable then
-
+CUDA = torch.cuda.is_available()  # without CUDA, conftest.py has set TRITON_INTERPRET=1
 triton = pytest.importorskip("triton")
 
 from codequant.format import pack  # noqa: E402

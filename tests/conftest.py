@@ -1,0 +1,10 @@
+"""Session setup. Triton reads TRITON_INTERPRET when it is first imported, and the kernel
+registry imports it as soon as any test touches a CodeQuant module: without a GPU, the
+Triton kernels must run in the interpreter from the start of the session."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
