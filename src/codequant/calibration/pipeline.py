@@ -88,6 +88,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     source = str(path) if looks_local else name_or_path
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.eval()
+    model.codequant_source_dtype = config.dtype or dtype  # the checkpoint's own dtype, for saving
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
 
@@ -655,6 +656,7 @@ def quantize(
 
         extra = {"method": config.method, "config": config.to_dict(), "calibration": data_source, "source_model": source,
                  "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": "down_proj" if q.use_online_hadamard else None}}
+        _cast_float_params(model, getattr(model, "codequant_source_dtype", None) or torch.float32)
         save_quantized(model, out, tokenizer, extra)
         if cache is not None and cache.is_file():
             os.replace(cache, out / "calibration_tokens.safetensors")
