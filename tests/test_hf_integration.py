@@ -95,3 +95,21 @@ def test_generate_needs_tokenizer_for_in_memory_model():
     model = quantize_tiny(tiny_model("olmoe"))
     with pytest.raises(ValueError, match="pass tokenizer="):
         generate(model, "abc", max_new_tokens=2, stream=False)
+
+
+def test_fresh_process_loads_with_trust_remote_code_without_importing_codequant(checkpoint):
+    """What lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True does."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
+        "assert 'codequant' in sys.modules\n"
+        "print(type(m.model.layers[0].mlp.experts).__name__, m(torch.tensor([[5, 6, 7]])).logits.shape[-1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "CODEQUANT_BACKEND": "reference"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["CodeQuantExperts", "128"]

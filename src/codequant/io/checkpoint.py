@@ -367,6 +367,7 @@ def save_quantized(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_remote_code_entry(tmp, config, type(model).__name__)
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
@@ -375,6 +376,23 @@ def save_quantized(
             tokenizer.save_pretrained(tmp)
     logger.info("wrote CodeQuant checkpoint %s (%d files)", out_dir, len(names))
     return Path(out_dir)
+
+
+REMOTE_CODE_FILE = "codequant_remote.py"
+
+
+def _write_remote_code_entry(directory: Path, config, class_name: str) -> None:
+    """Let loaders that never import codequant open the checkpoint with ``trust_remote_code=True``
+    (``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True``): ``auto_map``
+    points at a subclass whose module imports codequant, which registers the quantizer."""
+    (directory / REMOTE_CODE_FILE).write_text(
+        '"""Opening this CodeQuant checkpoint with trust_remote_code=True imports codequant\n'
+        '(pip install codequant), which registers the \'codequant\' quantization method."""\n\n'
+        "import codequant  # noqa: F401\n"
+        f"from transformers import {class_name} as _Base\n\n\n"
+        f"class CodeQuant{class_name}(_Base):\n    pass\n"
+    )
+    config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.CodeQuant{class_name}"}
 
 
 # ----------------------------------------------------------------------------------------------
