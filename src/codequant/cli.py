@@ -79,6 +79,15 @@ def load_any(path: str, device: str):
     return model.to(dev), tokenizer
 
 
+def source_model(path: str) -> str:
+    """The full-precision model a CodeQuant checkpoint was made from (itself otherwise)."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        extra = json.loads(config.read_text()).get("quantization_config", {}).get("extra", {})
+        return extra.get("source_model") or path
+    return path
+
+
 def eval_windows_for(data: str | None, tokenizer, model, seqlen: int, max_windows: int | None, model_dir: str | None, seed: int = 0):
     """Token windows of a data source, or (no source) text sampled from ``model``."""
     from .calibration.data import eval_windows, load_texts, sample_from_model
@@ -94,7 +103,7 @@ def cmd_eval(args) -> int:
 
     model, tokenizer = load_any(args.model, args.device)
     ref = load_any(args.ref, args.device)[0] if args.ref else None
-    windows, source = eval_windows_for(args.data, tokenizer, ref if ref is not None else model, args.seqlen, args.max_windows, args.ref or args.model)
+    windows, source = eval_windows_for(args.data, tokenizer, ref if ref is not None else model, args.seqlen, args.max_windows, args.ref or source_model(args.model))
     log.info("evaluation data: %s (%d windows of %d tokens)", source, *windows.shape)
     result = evaluate(model, windows, ref, progress=not args.no_progress)
     result["data"] = source
