@@ -104,7 +104,10 @@ def test_fresh_process_loads_with_trust_remote_code_without_importing_codequant(
 
     script = (
         "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "from transformers.quantizers import AutoQuantizationConfig\n"
+        f"c = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
+        "AutoQuantizationConfig.from_dict(c.quantization_config)  # what lm-eval does first\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
         "assert 'codequant' in sys.modules\n"
         "print(type(m.model.layers[0].mlp.experts).__name__, m(torch.tensor([[5, 6, 7]])).logits.shape[-1])\n"

@@ -384,15 +384,19 @@ REMOTE_CODE_FILE = "codequant_remote.py"
 def _write_remote_code_entry(directory: Path, config, class_name: str) -> None:
     """Let loaders that never import codequant open the checkpoint with ``trust_remote_code=True``
     (``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True``): ``auto_map``
-    points at a subclass whose module imports codequant, which registers the quantizer."""
+    points AutoConfig and AutoModelForCausalLM at subclasses whose module imports codequant,
+    which registers the quantizer before anything reads ``quantization_config``."""
+    config_name = type(config).__name__
     (directory / REMOTE_CODE_FILE).write_text(
         '"""Opening this CodeQuant checkpoint with trust_remote_code=True imports codequant\n'
         '(pip install codequant), which registers the \'codequant\' quantization method."""\n\n'
         "import codequant  # noqa: F401\n"
-        f"from transformers import {class_name} as _Base\n\n\n"
-        f"class CodeQuant{class_name}(_Base):\n    pass\n"
+        f"from transformers import {class_name} as _Model, {config_name} as _Config\n\n\n"
+        f"class CodeQuant{config_name}(_Config):\n    pass\n\n\n"
+        f"class CodeQuant{class_name}(_Model):\n    config_class = CodeQuant{config_name}\n"
     )
-    config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.CodeQuant{class_name}"}
+    module = REMOTE_CODE_FILE[:-3]
+    config.auto_map = {"AutoConfig": f"{module}.CodeQuant{config_name}", "AutoModelForCausalLM": f"{module}.CodeQuant{class_name}"}
 
 
 # ----------------------------------------------------------------------------------------------
