@@ -121,19 +121,27 @@ def int4_weight(n, k):
 
 # ---------------------------------------------------------------- dense
 
+def weight_sets(n: int, k: int):
+    """(packed, bf16, int4 or None) weight copies for an N x K linear, each set together
+    more than 4x the L2, so that cycling through them times DRAM, not the cache."""
+    pw = random_packed((), n, k)
+    c_lut = max(2, math.ceil(4 * L2_BYTES / lut_bytes(pw)))
+    c_bf16 = max(2, math.ceil(4 * L2_BYTES / (n * k * 2)))
+    lut_w = [pw] + [random_packed((), n, k) for _ in range(c_lut - 1)]
+    bf16_w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(c_bf16)]
+    try:
+        int4_w = [int4_weight(n, k) for _ in range(c_lut)]
+    except Exception as e:  # noqa: BLE001
+        log("int4 pack failed:", repr(e))
+        int4_w = None
+    return lut_w, bf16_w, int4_w
+
+
 def bench_linear(shapes, ms, modes, int8_records: list, quick=False):
     recs = []
     for n, k in shapes:
-        pw = random_packed((), n, k)
-        c_lut = max(2, math.ceil(4 * L2_BYTES / lut_bytes(pw)))
-        c_bf16 = max(2, math.ceil(4 * L2_BYTES / (n * k * 2)))
-        lut_w = [pw] + [random_packed((), n, k) for _ in range(c_lut - 1)]
-        bf16_w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(c_bf16)]
-        try:
-            int4_w = [int4_weight(n, k) for _ in range(c_lut)]
-        except Exception as e:  # noqa: BLE001
-            log("int4 pack failed:", repr(e))
-            int4_w = None
+        lut_w, bf16_w, int4_w = weight_sets(n, k)
+        pw = lut_w[0]
         wbytes = lut_bytes(pw)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import L2_BYTES, int4_weight, lut_bytes, measure_bandwidth, random_packed, time_calls  # noqa: E402
+from bench_gpu import lut_bytes, measure_bandwidth, time_calls, weight_sets  # noqa: E402
 
 from codequant.kernels import reference  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops  # noqa: E402
@@ -56,17 +55,9 @@ def main():
             "triton_us": [], "sweep": [], "accuracy": []}
     recs = []
     for n, k in SHAPES:
-        pw = random_packed((), n, k)
+        lut_w, bf16_w, int4_w = weight_sets(n, k)
+        pw = lut_w[0]
         wbytes = lut_bytes(pw)
-        c_lut = max(2, math.ceil(4 * L2_BYTES / wbytes))
-        c_bf16 = max(2, math.ceil(4 * L2_BYTES / (n * k * 2)))
-        lut_w = [pw] + [random_packed((), n, k) for _ in range(c_lut - 1)]
-        bf16_w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(c_bf16)]
-        try:
-            int4_w = [int4_weight(n, k) for _ in range(c_lut)]
-        except Exception as e:  # noqa: BLE001
-            log("int4 pack failed:", repr(e))
-            int4_w = None
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             # accuracy on this shape (random weights / codebooks of bench_gpu.random_packed)

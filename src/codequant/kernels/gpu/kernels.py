@@ -472,7 +472,6 @@ def lut_gemv_kernel(
     """Decode GEMV on CUDA cores for a few tokens: acc[m, n, c] += W[n, c] * x[m, c], reduced once."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    BK2: tl.constexpr = BLOCK_K // 2
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -21,7 +21,6 @@ the reference path.
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from dataclasses import dataclass
