@@ -207,11 +207,10 @@ def _stack_ab(stats):
 class Quantizer:
     """One quantization run (see the module doc). Use :func:`quantize`."""
 
-    def __init__(self, model, tokenizer, config: QuantConfig, out_dir: Path | None, model_source: str | None, progress: bool):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, model, config: QuantConfig, out_dir: Path | None, progress: bool):
+        self.model, self.config, self.progress = model, config, progress
         self.adapter = get_adapter(model)
         self.device = resolve_device(config.device)
-        self.out_dir, self.model_source, self.progress = out_dir, model_source, progress
         self.partial = Path(f"{out_dir}.partial") if out_dir is not None else None
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and config.recipe.rotation != "none"
@@ -622,7 +621,7 @@ def quantize(
     if isinstance(model, str):
         model, tokenizer = load_model(model, torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16)
     out = Path(out_dir) if out_dir is not None else None
-    q = Quantizer(model, tokenizer, config, out, source, progress)
+    q = Quantizer(model, config, out, progress)
     q.check_group_sizes()
     if q.partial is not None:
         manifest = q.partial / "manifest.json"

@@ -213,15 +213,7 @@ def _mm(
     if x_mode == 2 and xs.shape[1] > 1:
         while ga % block_k:
             block_k //= 2
-    split = cfg.split if moe == 0 else 1
-    k_per_split = -(-kp2 * 2 // split // block_k) * block_k
-    split = -(-kp2 * 2 // k_per_split)
-    mask_k = k % block_k != 0 or split * k_per_split != kp2 * 2
-    if split > 1:
-        part = torch.empty(split, m, n_out, dtype=torch.float32, device=x.device)
-        out, stride_ym, stride_ys = part, n_out, part.stride(0)
-    else:
-        out, stride_ym, stride_ys = y, y.stride(0), 0
+    split, k_per_split, mask_k, out, stride_ym, stride_ys = _split_k(kp2 * 2, k, block_k, cfg.split if moe == 0 else 1, y, m, n_out)
     gm = grid_m if grid_m is not None else -(-m // cfg.block_m)
     grid = (-(-n_out // cfg.block_n), gm, split)
     dummy = out
@@ -239,7 +231,20 @@ def _mm(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
-        _reduce(part, bias, y)
+        _reduce(out, bias, y)
+
+
+def _split_k(kp: int, k: int, block_k: int, split: int, y: torch.Tensor, m: int, n: int):
+    """Cut the KP padded columns into ``split`` block-aligned slices: (split, columns per
+    slice, whether the kernel must mask columns, output buffer, its row and slice strides).
+    With several slices the kernel writes float32 partials [split, M, N] for :func:`_reduce`."""
+    k_per_split = -(-kp // split // block_k) * block_k
+    split = -(-kp // k_per_split)
+    mask_k = k % block_k != 0 or split * k_per_split != kp
+    if split == 1:
+        return split, k_per_split, mask_k, y, y.stride(0), 0
+    part = torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    return split, k_per_split, mask_k, part, n, part.stride(0)
 
 
 def _reduce(part, bias, y):
@@ -266,14 +271,7 @@ def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, cli
     ng = w.codebook.shape[-2]
     kp2 = w.indices.shape[-1]
     block_k = cfg.block_k
-    k_per_split = -(-kp2 * 2 // cfg.split // block_k) * block_k
-    split = -(-kp2 * 2 // k_per_split)
-    mask_k = k % block_k != 0 or split * k_per_split != kp2 * 2
-    if split > 1:
-        part = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-        out, stride_ym, stride_ys = part, n, part.stride(0)
-    else:
-        out, stride_ym, stride_ys = y, y.stride(0), 0
+    split, k_per_split, mask_k, out, stride_ym, stride_ys = _split_k(kp2 * 2, k, block_k, cfg.split, y, m, n)
     K_.lut_gemv_kernel[(-(-n // cfg.block_n), split, -(-m // cfg.block_m))](
         x2, x2.stride(0), wt, wt.stride(0), cb, cb.stride(0), bias if bias is not None else out, out, stride_ym, stride_ys,
         m, n, float(clip),
@@ -282,7 +280,7 @@ def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, cli
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
-        _reduce(part, bias, y)
+        _reduce(out, bias, y)
 
 
 def _dot_dtype(x: torch.Tensor) -> torch.dtype:
