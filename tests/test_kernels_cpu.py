@@ -110,17 +110,44 @@ def test_int8_bound_is_not_vacuous():
     assert 0.01 < float((err / bound).max()) <= 1.0
 
 
-@pytest.mark.parametrize("bits,group,clip", [(4, 0, 1.0), (8, 0, 1.0), (4, 32, 0.9), (3, 64, 0.8), (8, 16, 0.95)])
-def test_activation_codes_are_bit_identical(bits, group, clip):
-    x = torch.randn(13, 256) * torch.logspace(-2, 1, 256)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "k,bits,group,clip",
+    [(256, 4, 0, 1.0), (256, 8, 0, 1.0), (256, 4, 32, 0.9), (256, 3, 64, 0.8), (256, 8, 16, 0.95),
+     (200, 8, 0, 1.0), (200, 4, 40, 0.9), (77, 8, 0, 1.0), (96, 8, 12, 1.0)],
+)
+def test_activation_codes_are_bit_identical(isa, k, bits, group, clip):
+    """Every ISA's quantizer (scalar, AVX2, AVX-512; group tails included) gives the codes,
+    scales and zeros of quantize_activations bit for bit."""
+    x = torch.randn(13, k) * torch.logspace(-2, 1, k)
     x[3] = 0.0  # all-zero token: the 1e-8 scale floor
     x[5, :] = x[5, :].abs()  # no negative values: zero point 0
+    x[7, 5] = 2.5 * x[7].abs().max()  # an outlier; and exact .5 ties below
+    x[9] = torch.arange(k, dtype=torch.float32) / 2 - k / 4
     spec = ActQuantSpec(bits, group, clip)
     q, s, z = quantize_activations(x, spec)
-    qk = torch.empty(13, 256, dtype=torch.uint8)
+    qk = torch.empty(13, k, dtype=torch.uint8)
     sk, zk = torch.empty_like(s), torch.empty_like(z)
-    _lut.quantize(x.data_ptr(), 13, 256, bits, group, clip, qk.data_ptr(), sk.data_ptr(), zk.data_ptr())
+    with cpu.use_isa(isa):
+        _lut.quantize(x.data_ptr(), 13, k, bits, group, clip, qk.data_ptr(), sk.data_ptr(), zk.data_ptr())
     assert torch.equal(qk, q) and torch.equal(sk, s) and torch.equal(zk, z)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,group", [(256, 0), (200, 40), (384, 128)])
+def test_interleaved_activation_codes(isa, k, group):
+    """The 128-column interleaved code layout the AVX-512 kernels read: columns
+    [0-31, 64-95, 32-63, 96-127] of each 128, zero-padded to a multiple of 128."""
+    x = torch.randn(5, k)
+    spec = ActQuantSpec(8, group)
+    q, s, z = quantize_activations(x, spec)
+    kq = -(-(-(-k // 64) * 64) // 128) * 128
+    qi = torch.empty(5, kq, dtype=torch.uint8)
+    sk, zk = torch.empty_like(s), torch.empty_like(z)
+    with cpu.use_isa(isa):
+        _lut.quantize(x.data_ptr(), 5, k, 8, group, 1.0, qi.data_ptr(), sk.data_ptr(), zk.data_ptr(), 1)
+    natural = torch.nn.functional.pad(q, (0, kq - k)).reshape(5, kq // 128, 4, 32)[:, :, [0, 2, 1, 3]].reshape(5, kq)
+    assert torch.equal(qi, natural) and torch.equal(sk, s) and torch.equal(zk, z)
 
 
 def int8_emulated(weight: PackedWeight, act: ActQuantSpec) -> PackedWeight:
@@ -225,3 +252,52 @@ def test_forced_isa_env_is_validated():
     assert cpu.isa() in ISAS
     with pytest.raises(ValueError):
         _lut.set_isa("sse9")
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="no AVX-512")
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+def test_vpermb_and_vpshufb_lookups_agree(m):
+    """The AVX-512 integer kernel with vpermb (VBMI) and with vpshufb + masks: same results
+    bit for bit (tile rows, tail rows, per-row and 128-column codebook groups)."""
+    for n, k, g in ((70, 768, 768), (37, 1024, 128)):
+        weight = random_weight(n, k, g, seed=n + m)
+        x = torch.randn(m, k)
+        with cpu.use_isa("avx512"):
+            for act in (ActQuantSpec(8), ActQuantSpec(4, 256)):
+                fast = cpu.linear(x, weight, act)
+                old = _lut.tune(1, 1)
+                try:
+                    slow = cpu.linear(x, weight, act)
+                finally:
+                    _lut.tune(1, old)
+                assert torch.equal(fast, slow)
+                check_linear(x, weight, act, None, "avx512")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8), ActQuantSpec(4, 64)])
+def test_bf16_in_kernel_matches_float_path(isa, act):
+    """bf16 inputs, biases and outputs handled in the kernel: the same as converting the
+    input and bias to float32 first and rounding the float32 result to bf16 (torch's RNE)."""
+    weight = random_weight(45, 320, 64, seed=21)
+    x = torch.randn(2, 3, 320).to(torch.bfloat16)
+    bias = torch.randn(45).to(torch.bfloat16)
+    with cpu.use_isa(isa):
+        y = cpu.linear(x, weight, act, bias)
+        y32 = cpu.linear(x.float(), weight, act, bias.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 45)
+    assert torch.equal(y, y32.to(torch.bfloat16))
+
+
+def test_layout_and_spec_changes_between_calls():
+    """Prepared plans: non-contiguous inputs and weights, a new activation spec for the same
+    weight, and an ISA switch all give the reference results."""
+    weight = random_weight(24, 256, 64, seed=31)
+    x = torch.randn(256, 3).T  # non-contiguous
+    for act in (ActQuantSpec(8), ActQuantSpec(4, 128), ActQuantSpec(16), ActQuantSpec(8)):
+        for isa in ISAS:
+            check_linear(x, weight, act, None, isa)
+    strided = PackedWeight(weight.indices.T.contiguous().T, weight.codebook.transpose(0, 1).contiguous().transpose(0, 1),
+                           weight.row_sum, weight.in_features)
+    assert not strided.indices.is_contiguous() and not strided.codebook.is_contiguous()
+    check_linear(x.contiguous(), strided, ActQuantSpec(8), None, ISAS[-1])

@@ -9,6 +9,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #include <immintrin.h>
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "cq_kernels.h"
 
@@ -173,9 +177,65 @@ void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
     i8_rows_t<false>(w, a, y, ldy, bias, n0, n1);
 }
 
+// quantize_row_scalar with 8 columns per step (same float32 operations, so bit-identical
+// codes); natural column order, group tails scalar.
+void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
+                  float* s, float* z) {
+  if (interleave) {  // not used by this ISA's kernels
+    quantize_row_scalar(x, K, bits, GA, clip, KQ, interleave, q, s, z);
+    return;
+  }
+  const float qmax = (float)((1 << bits) - 1);
+  for (int64_t k = K; k < KQ; ++k) q[k] = 0;
+  const __m256 vqmax = _mm256_set1_ps(qmax), vzero = _mm256_setzero_ps();
+  for (int64_t a = 0; a * GA < K; ++a) {
+    const float* xa = x + a * GA;
+    __m256 vmx = _mm256_set1_ps(-INFINITY), vmn = _mm256_set1_ps(INFINITY);
+    int64_t k = 0;
+    for (; k + 8 <= GA; k += 8) {
+      const __m256 v = _mm256_loadu_ps(xa + k);
+      vmx = _mm256_max_ps(vmx, v);
+      vmn = _mm256_min_ps(vmn, v);
+    }
+    float mxa[8], mna[8];
+    _mm256_storeu_ps(mxa, vmx);
+    _mm256_storeu_ps(mna, vmn);
+    float mx = -INFINITY, mn = INFINITY;
+    for (int j = 0; j < 8; ++j) {
+      mx = std::max(mx, mxa[j]);
+      mn = std::min(mn, mna[j]);
+    }
+    for (int64_t t = k; t < GA; ++t) {
+      mx = std::max(mx, xa[t]);
+      mn = std::min(mn, xa[t]);
+    }
+    const float hi = std::max(mx, 0.f) * clip;
+    const float lo = std::min(mn, 0.f) * clip;
+    float scale = (hi - lo) / qmax;
+    if (!(scale >= 1e-8f)) scale = 1e-8f;
+    const float zero = nearbyintf(-lo / scale);
+    const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zero);
+    uint8_t* da = q + a * GA;
+    for (k = 0; k + 8 <= GA; k += 8) {
+      __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xa + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, vz), vzero), vqmax);
+      const __m256i i = _mm256_cvttps_epi32(r);  // 0..255: pack to bytes
+      const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+      _mm_storel_epi64((__m128i*)(da + k), _mm_packus_epi16(w, w));
+    }
+    for (; k < GA; ++k) {
+      float v = nearbyintf(xa[k] / scale) + zero;
+      v = std::min(std::max(v, 0.f), qmax);
+      da[k] = (uint8_t)v;
+    }
+    s[a] = scale;
+    z[a] = zero;
+  }
+}
+
 }  // namespace
 
-const Isa isa_avx2 = {"avx2", f32_ok, i8_ok, f32_rows, i8_rows, false};
+const Isa isa_avx2 = {"avx2", f32_ok, i8_ok, f32_rows, i8_rows, false, quantize_row};
 
 }  // namespace cq
 #endif

@@ -5,12 +5,18 @@
 // columns at once (it reads only the low 4 bits of each index, so the low nibble needs
 // no mask and the high nibble one shift).
 // Integer activations (W4A8/W4A4): one 64-byte load holds two 64-column blocks; the low
-// and high nibbles index a 16-byte int8 codebook with vpshufb, and vpdpbusd multiplies
+// and high nibbles index a 16-byte int8 codebook with vpshufb (vpermb where the CPU has
+// VBMI, cq_avx512_wide.h), and vpdpbusd multiplies
 // the int8 weights with the uint8 activation codes, which the caller stores interleaved
 // per 128 columns ([0-31, 64-95, 32-63, 96-127]) so they line up with the nibbles.
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c,bmi2")
 #include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "cq_kernels.h"
 
@@ -176,83 +182,31 @@ inline float finish(__m512 accf, const ActQ& a, const float* rs, int64_t m) {
   return v;
 }
 
-// Codebook and activation groups whole rows or multiples of 128 columns: one table per
-// row and 128-column step. NR rows x MB tokens per pass (activation codes loaded once per
-// NR rows, unpacked weights used for MB tokens); int32 sums are scaled into float at the
-// end of each segment of columns sharing the codebook scale and the activation scale.
-template <int NR, int MB>
-void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
-  const int64_t KQ = q_columns(w.KP), nsteps = KQ / 128;
-  const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
-  const int64_t S = gcd64(G, GA);
-  int64_t step;
-  const uint8_t* p = il_row(w, n, &step);
-  const int8_t* cb = w.cb8 + n * w.NG * 16;
-  const float* sc = w.sc + n * w.NG;
-  const __m512i m0f = _mm512_set1_epi8(0x0F);
-  __m512i acc[NR][MB];
-  float part[NR][MB];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MB; ++m) { acc[r][m] = _mm512_setzero_si512(); part[r][m] = 0.f; }
-  __m512i tab[NR];
-  int64_t next_group = 0, next_flush = S;  // column where the next codebook / segment starts
-  for (int64_t s = 0; s < nsteps; ++s) {
-    const int64_t col = 128 * s;
-    if (col == next_group) {
-      for (int r = 0; r < NR; ++r)
-        tab[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * (col / G))));
-      next_group += G;
-    }
-    __m512i wlo[NR], whi[NR];
-    for (int r = 0; r < NR; ++r) {
-      const __m512i v = _mm512_loadu_si512((const void*)(p + s * step + r * 64));  // padded: whole pieces
-      wlo[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(v, m0f));
-      whi[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
-    }
-    for (int m = 0; m < MB; ++m) {
-      const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
-      const __m512i ql = _mm512_loadu_si512((const void*)q), qh = _mm512_loadu_si512((const void*)(q + 64));
-      for (int r = 0; r < NR; ++r) {
-        acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], ql, wlo[r]);
-        acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], qh, whi[r]);
-      }
-    }
-    if (col + 128 == next_flush || s == nsteps - 1) {
-      next_flush += S;
-      for (int r = 0; r < NR; ++r) {
-        const float scg = sc[r * w.NG + col / G];
-        for (int m = 0; m < MB; ++m) {
-          part[r][m] += (float)_mm512_reduce_add_epi32(acc[r][m]) * (scg * a.s[(m0 + m) * a.NA + col / GA]);
-          acc[r][m] = _mm512_setzero_si512();
-        }
-      }
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    const float bn = bias ? bias[n + r] : 0.f;
-    const float* rs = w.rs8 + (n + r) * a.NA;
-    for (int m = 0; m < MB; ++m) {
-      float v = part[r][m];
-      const float* sm = a.s + (m0 + m) * a.NA;
-      const float* zm = a.z + (m0 + m) * a.NA;
-      for (int64_t g = 0; g < a.NA; ++g) v -= sm[g] * zm[g] * rs[g];
-      y[(m0 + m) * ldy + n + r] = v + bn;
-    }
-  }
-}
+namespace wide {
+#define CQ_VBMI 0
+#include "cq_avx512_wide.h"
+#undef CQ_VBMI
+}  // namespace wide
 
-template <int NR>
-void i8_wide_tiles(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n) {
-  int64_t m = 0;
-  for (; m + 4 <= a.M; m += 4) i8_wide<NR, 4>(w, a, y, ldy, bias, n, m);
-  if (a.M - m >= 2) { i8_wide<NR, 2>(w, a, y, ldy, bias, n, m); m += 2; }
-  if (a.M - m >= 1) { i8_wide<NR, 1>(w, a, y, ldy, bias, n, m); m += 1; }
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
+namespace wide_vbmi {
+#define CQ_VBMI 1
+#include "cq_avx512_wide.h"
+#undef CQ_VBMI
+}  // namespace wide_vbmi
+#pragma GCC pop_options
+
+bool has_vbmi() {
+  static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
+  return v;
 }
 
 void i8_rows_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) i8_wide_tiles<4>(w, a, y, ldy, bias, n);
-  for (; n < n1; ++n) i8_wide_tiles<1>(w, a, y, ldy, bias, n);
+  if (has_vbmi() && !g_tune[TUNE_NO_VBMI])
+    wide_vbmi::i8_rows_wide(w, a, y, ldy, bias, n0, n1);
+  else
+    wide::i8_rows_wide(w, a, y, ldy, bias, n0, n1);
 }
 
 // Groups multiples of 32 columns: every 128-column step may see four codebooks and four
@@ -317,9 +271,58 @@ void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
     i8_rows_narrow(w, a, y, ldy, bias, n0, n1);
 }
 
+// quantize_row_scalar lane-wise: the same float32 operations (IEEE division, round half to
+// even, add, clamp) on 16 columns at a time, so the codes are bit-identical.
+void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
+                  float* s, float* z) {
+  const float qmax = (float)((1 << bits) - 1);
+  thread_local std::vector<uint8_t> tmp;
+  uint8_t* dst = q;
+  if (interleave) {
+    if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
+    dst = tmp.data();
+  }
+  for (int64_t k = K; k < KQ; ++k) dst[k] = 0;
+  const __m512 vqmax = _mm512_set1_ps(qmax), vzero = _mm512_setzero_ps();
+  for (int64_t a = 0; a * GA < K; ++a) {
+    const float* xa = x + a * GA;
+    __m512 vmx = _mm512_set1_ps(-INFINITY), vmn = _mm512_set1_ps(INFINITY);
+    int64_t k = 0;
+    for (; k + 16 <= GA; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xa + k);
+      vmx = _mm512_max_ps(vmx, v);
+      vmn = _mm512_min_ps(vmn, v);
+    }
+    if (k < GA) {
+      const __mmask16 mk = (__mmask16)((1u << (GA - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xa + k);
+      vmx = _mm512_mask_max_ps(vmx, mk, vmx, v);
+      vmn = _mm512_mask_min_ps(vmn, mk, vmn, v);
+    }
+    const float mx = _mm512_reduce_max_ps(vmx), mn = _mm512_reduce_min_ps(vmn);
+    const float hi = std::max(mx, 0.f) * clip;
+    const float lo = std::min(mn, 0.f) * clip;
+    float scale = (hi - lo) / qmax;
+    if (!(scale >= 1e-8f)) scale = 1e-8f;
+    const float zero = nearbyintf(-lo / scale);
+    const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zero);
+    uint8_t* da = dst + a * GA;
+    for (k = 0; k < GA; k += 16) {
+      const __mmask16 mk = GA - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (GA - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xa + k);
+      __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, vz), vzero), vqmax);
+      _mm512_mask_cvtepi32_storeu_epi8(da + k, mk, _mm512_cvttps_epi32(r));
+    }
+    s[a] = scale;
+    z[a] = zero;
+  }
+  if (interleave) interleave128(dst, KQ, q);
+}
+
 }  // namespace
 
-const Isa isa_avx512 = {"avx512", f32_ok, i8_ok, f32_rows, i8_rows, true};
+const Isa isa_avx512 = {"avx512", f32_ok, i8_ok, f32_rows, i8_rows, true, quantize_row};
 
 }  // namespace cq
 #endif

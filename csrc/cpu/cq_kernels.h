@@ -62,11 +62,30 @@ struct Isa {
   void (*f32_rows)(const Weight&, const ActF&, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1);
   void (*i8_rows)(const Weight&, const ActQ&, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1);
   bool q_interleave128;  // activation code layout this ISA's i8_rows reads
+  // One token row x[0..K) to integer codes (interleaved per 128 columns when asked, zero
+  // up to KQ) with scale s[a] and zero z[a] per activation group of GA columns; every ISA
+  // gives codes, scales and zeros bit-identical to quantize_activations.
+  void (*quantize_row)(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
+                       float* s, float* z);
 };
+
+// The scalar quantizer (cq_portable.cpp); the SIMD ones fall back to it where they must.
+void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave,
+                         uint8_t* q, float* s, float* z);
+// Reorders natural-order codes tmp[0..KQ) into q as [0-31, 64-95, 32-63, 96-127] per 128 columns.
+inline void interleave128(const uint8_t* tmp, int64_t KQ, uint8_t* q) {
+  static const int64_t from[4] = {0, 64, 32, 96};
+  for (int64_t c = 0; c < KQ; c += 128)
+    for (int j = 0; j < 4; ++j) __builtin_memcpy(q + c + 32 * j, tmp + c + from[j], 32);
+}
 
 extern const Isa isa_portable;
 extern const Isa isa_avx2;
 extern const Isa isa_avx512;
+
+// Switches for tests and experiments (_lut.tune(i, v)); all 0 by default.
+enum { TUNE_NO_VBMI = 1 };  // 1: AVX-512 kernels use vpshufb + masks even where vpermb (VBMI) exists
+extern int64_t g_tune[8];
 
 inline int64_t q_columns(int64_t KP) { return (KP + 127) / 128 * 128; }
 

@@ -26,6 +26,7 @@
 #include "cq_kernels.h"
 
 namespace cq {
+int64_t g_tune[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 namespace {
 
 // ---------------------------------------------------------------- ISA dispatch
@@ -185,47 +186,6 @@ void load_row(const void* x, int bf16, int64_t K, int64_t KP, float* out) {
   for (int64_t k = K; k < KP; ++k) out[k] = 0.f;
 }
 
-// Per-token (per-group) asymmetric min-max quantization, operation for operation the
-// float32 arithmetic of quantize_activations (round half to even), so codes, scales and
-// zeros are bit-identical. Codes are stored interleaved per 128 columns when asked.
-void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
-                  float* s, float* z) {
-  const float qmax = (float)((1 << bits) - 1);
-  uint8_t* dst = q;
-  std::vector<uint8_t> tmp;
-  if (interleave) {
-    tmp.assign(KQ, 0);
-    dst = tmp.data();
-  } else {
-    memset(q + K, 0, KQ - K);
-  }
-  for (int64_t a = 0; a * GA < K; ++a) {
-    const float* xa = x + a * GA;
-    float mx = -INFINITY, mn = INFINITY;
-    for (int64_t k = 0; k < GA; ++k) {
-      mx = std::max(mx, xa[k]);
-      mn = std::min(mn, xa[k]);
-    }
-    const float hi = std::max(mx, 0.f) * clip;
-    const float lo = std::min(mn, 0.f) * clip;
-    float scale = (hi - lo) / qmax;
-    if (!(scale >= 1e-8f)) scale = 1e-8f;
-    const float zero = nearbyintf(-lo / scale);
-    for (int64_t k = 0; k < GA; ++k) {
-      float v = nearbyintf(xa[k] / scale) + zero;
-      v = std::min(std::max(v, 0.f), qmax);
-      dst[a * GA + k] = (uint8_t)v;
-    }
-    s[a] = scale;
-    z[a] = zero;
-  }
-  if (interleave) {
-    static const int64_t from[4] = {0, 64, 32, 96};
-    for (int64_t c = 0; c < KQ; c += 128)
-      for (int j = 0; j < 4; ++j) memcpy(q + c + 32 * j, dst + c + from[j], 32);
-  }
-}
-
 // Prepared activations of M rows for one weight shape.
 struct Acts {
   bool integer = false;
@@ -235,7 +195,8 @@ struct Acts {
   std::vector<uint8_t> q;
   std::vector<float> s, z;
 
-  void init(int64_t M, int64_t k, int b, int64_t ga, bool interleave) {
+  // Shape only (enough for Isa::i8_ok); then init() for the buffers of the chosen ISA.
+  void shape(int64_t k, int b, int64_t ga) {
     integer = b > 0 && b < 16;
     bits = b;
     K = k;
@@ -243,32 +204,60 @@ struct Acts {
     KQ = q_columns(KP);
     GA = integer && ga > 0 ? ga : k;
     NA = K / GA;
-    interleave_ = interleave;
+  }
+  void init(int64_t M, int64_t k, int b, int64_t ga, const Isa* isa) {
+    shape(k, b, ga);
+    interleave_ = isa->q_interleave128;
+    quant_ = isa->quantize_row;
     if (integer) {
-      q.resize(M * KQ);
-      s.resize(M * NA);
-      z.resize(M * NA);
-    } else {
+      if ((int64_t)q.size() < M * KQ) q.resize(M * KQ);
+      if ((int64_t)s.size() < M * NA) { s.resize(M * NA); z.resize(M * NA); }
+    } else if ((int64_t)xf.size() < M * KP) {
       xf.resize(M * KP);
     }
   }
   // Row m from float32 data x[0..K).
   void set_row(int64_t m, const float* x, float clip) {
     if (integer)
-      quantize_row(x, K, bits, GA, clip, KQ, interleave_, &q[m * KQ], &s[m * NA], &z[m * NA]);
+      quant_(x, K, bits, GA, clip, KQ, interleave_, &q[m * KQ], &s[m * NA], &z[m * NA]);
     else
       load_row(x, 0, K, KP, &xf[m * KP]);
+  }
+  // Row m from the caller's input row (float32 or bf16).
+  void set_input_row(int64_t m, const void* x, int bf16, float clip) {
+    if (!integer) {
+      load_row(x, bf16, K, KP, &xf[m * KP]);
+    } else if (!bf16) {
+      quant_((const float*)x, K, bits, GA, clip, KQ, interleave_, &q[m * KQ], &s[m * NA], &z[m * NA]);
+    } else {
+      thread_local std::vector<float> row;
+      if ((int64_t)row.size() < KP) row.resize(KP);
+      load_row(x, 1, K, KP, row.data());
+      set_row(m, row.data(), clip);
+    }
   }
   ActF f(int64_t m0, int64_t M) const { return ActF{xf.data() + m0 * KP, KP, M}; }
   ActQ i(int64_t m0, int64_t M) const { return ActQ{q.data() + m0 * KQ, KQ, s.data() + m0 * NA, z.data() + m0 * NA, NA, GA, M, bits}; }
 
  private:
   bool interleave_ = false;
+  decltype(Isa::quantize_row) quant_ = quantize_row_scalar;
 };
 
-const Isa* pick(const Weight& w, bool integer, const Acts& acts) {
-  if (integer) return g_isa->i8_ok(w, acts.i(0, 0)) ? g_isa : &isa_portable;
+const Isa* pick(const Weight& w, const Acts& shaped) {
+  if (shaped.integer) {
+    const ActQ a{nullptr, shaped.KQ, nullptr, nullptr, shaped.NA, shaped.GA, 0, shaped.bits};
+    return g_isa->i8_ok(w, a) ? g_isa : &isa_portable;
+  }
   return g_isa->f32_ok(w) ? g_isa : &isa_portable;
+}
+
+// Shape the activations of M rows, pick the ISA for them and size the buffers.
+const Isa* prepare(Acts& acts, const Weight& w, int64_t M, int64_t K, int bits, int64_t GA) {
+  acts.shape(K, bits, GA);
+  const Isa* isa = pick(w, acts);
+  acts.init(M, K, bits, GA, isa);
+  return isa;
 }
 
 // Rows per work item: enough items for balance, each at least a few KiB of weights.
@@ -315,28 +304,41 @@ Weight expert(const Weight& w, int64_t e, int64_t NA) {
 
 // ---------------------------------------------------------------- linear
 
-void linear(const void* x, int bf16, int64_t M, int64_t K, int64_t ldx, int bits, int64_t GA, float clip, const Weight& w,
-            const float* bias, float* y, int threads) {
-  const Isa* isa = g_isa;
-  Acts acts;
-  acts.init(M, K, bits, GA, false);
-  isa = pick(w, acts.integer, acts);
-  acts.init(M, K, bits, GA, isa->q_interleave128);
-  std::vector<float> row(acts.KP);
-  for (int64_t m = 0; m < M; ++m) {
-    const char* xm = (const char*)x + m * ldx * (bf16 ? 2 : 4);
-    if (!acts.integer && !bf16) {
-      load_row(xm, 0, K, acts.KP, &acts.xf[m * acts.KP]);
-    } else {
-      load_row(xm, bf16, K, acts.KP, row.data());
-      acts.set_row(m, row.data(), clip);
-    }
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// y [M, N] = Q(x) W^T + bias. x [M, ldx] float32 or bf16 (x_bf16); bias float32 or bf16
+// (bias_bf16) or null; y float32, or bf16 when y_bf16 (float results rounded once).
+void linear(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, int bits, int64_t GA, float clip, const Weight& w,
+            const void* bias, int bias_bf16, void* y, int y_bf16, int threads) {
+  thread_local Acts tl_acts;  // buffers reused across calls of this calling thread
+  Acts& acts = tl_acts;        // (a name the pool's workers see: thread_locals are not captured)
+  const Isa* isa = prepare(acts, w, M, K, bits, GA);
+  const int64_t N = w.N;
+  for (int64_t m = 0; m < M; ++m) acts.set_input_row(m, (const char*)x + m * ldx * (x_bf16 ? 2 : 4), x_bf16, clip);
+  const float* bf = (const float*)bias;
+  thread_local std::vector<float> bias_f, y_f;
+  if (bias && bias_bf16) {
+    if ((int64_t)bias_f.size() < N) bias_f.resize(N);
+    for (int64_t n = 0; n < N; ++n) bias_f[n] = bf16_to_float(((const uint16_t*)bias)[n]);
+    bf = bias_f.data();
   }
-  if ((w.N * w.KP / 2) * M < 65536) threads = 1;  // too small to be worth waking the pool
-  const int64_t R = rows_per_item(w.N, w.KP, threads), items = (w.N + R - 1) / R;
+  float* yf = (float*)y;
+  if (y_bf16) {
+    if ((int64_t)y_f.size() < M * N) y_f.resize(M * N);
+    yf = y_f.data();
+  }
+  if ((N * w.KP / 2) * M < 65536) threads = 1;  // too small to be worth waking the pool
+  const int64_t R = rows_per_item(N, w.KP, threads), items = (N + R - 1) / R;
   parallel_for(threads, items, [&](int64_t i) {
-    run_rows(isa, w, acts, 0, M, y, w.N, bias, i * R, std::min(w.N, (i + 1) * R));
+    run_rows(isa, w, acts, 0, M, yf, N, bf, i * R, std::min(N, (i + 1) * R));
   });
+  if (y_bf16)
+    for (int64_t j = 0; j < M * N; ++j) ((uint16_t*)y)[j] = float_to_bf16(yf[j]);
 }
 
 // ---------------------------------------------------------------- fused MoE
@@ -387,17 +389,11 @@ void moe(const MoeArgs& A) {
 
   // Input activations, one row per assignment (quantized once per token).
   Acts ax;
-  ax.init(P, H, A.bits, A.GA, false);
-  const Isa* isa_gu = pick(A.gu, ax.integer, ax);
-  ax.init(P, H, A.bits, A.GA, isa_gu->q_interleave128);
+  const Isa* isa_gu = prepare(ax, A.gu, P, H, A.bits, A.GA);
   {
     Acts one;
-    one.init(T, H, A.bits, A.GA, isa_gu->q_interleave128);
-    std::vector<float> row(one.KP);
-    for (int64_t t = 0; t < T; ++t) {
-      load_row((const char*)A.x + t * H * (A.bf16 ? 2 : 4), A.bf16, H, one.KP, row.data());
-      one.set_row(t, row.data(), A.clip);
-    }
+    one.init(T, H, A.bits, A.GA, isa_gu);
+    for (int64_t t = 0; t < T; ++t) one.set_input_row(t, (const char*)A.x + t * H * (A.bf16 ? 2 : 4), A.bf16, A.clip);
     for (int64_t r = 0; r < P; ++r) {
       const int64_t t = order[r] / k;
       if (ax.integer) {
@@ -433,9 +429,7 @@ void moe(const MoeArgs& A) {
 
   // SwiGLU, online block Hadamard, down-input activations.
   Acts ad;
-  ad.init(P, I, A.dbits, A.dGA, false);
-  const Isa* isa_dn = pick(A.dn, ad.integer, ad);
-  ad.init(P, I, A.dbits, A.dGA, isa_dn->q_interleave128);
+  const Isa* isa_dn = prepare(ad, A.dn, P, I, A.dbits, A.dGA);
   parallel_for(A.threads, P, [&](int64_t r) {
     std::vector<float> h(ad.KP);
     const float* gu = &gu_out[r * I2];
@@ -483,14 +477,61 @@ using namespace cq;
 
 static PyObject* py_linear(PyObject*, PyObject* args) {
   long long x, M, K, ldx, GA, idx, il, cb16, cb8, sc, rs8, N, G, bias, y;
-  int bf16, bits, threads;
+  int bf16, bits, bias_bf16, y_bf16, threads;
   double clip;
-  if (!PyArg_ParseTuple(args, "LiLLLiLdLLLLLLLLLLi", &x, &bf16, &M, &K, &ldx, &bits, &GA, &clip, &idx, &il, &cb16, &cb8, &sc,
-                        &rs8, &N, &G, &bias, &y, &threads))
+  if (!PyArg_ParseTuple(args, "LiLLLiLdLLLLLLLLLiLii", &x, &bf16, &M, &K, &ldx, &bits, &GA, &clip, &idx, &il, &cb16, &cb8, &sc,
+                        &rs8, &N, &G, &bias, &bias_bf16, &y, &y_bf16, &threads))
     return nullptr;
   const Weight w = make_weight(idx, il, cb16, cb8, sc, rs8, N, K, G);
   Py_BEGIN_ALLOW_THREADS
-  linear((const void*)x, bf16, M, K, ldx, bits, GA, (float)clip, w, (const float*)bias, (float*)y, threads);
+  linear((const void*)x, bf16, M, K, ldx, bits, GA, (float)clip, w, (const void*)bias, bias_bf16, (void*)y, y_bf16, threads);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+// A prepared linear layer: the weight's pointers and the activation quantization, held in a
+// capsule by the Python wrapper (which keeps the tensors alive), so that a call passes
+// only the per-call pointers.
+struct Plan {
+  Weight w;
+  int bits;
+  int64_t GA;
+  float clip;
+};
+
+static const char* const kPlan = "codequant._lut.Plan";
+
+static void plan_free(PyObject* cap) { delete (Plan*)PyCapsule_GetPointer(cap, kPlan); }
+
+static PyObject* py_plan(PyObject*, PyObject* args) {
+  // plan(idx, il, cb16, cb8, sc, rs8, N, K, G, bits, GA, clip) -> capsule
+  long long idx, il, cb16, cb8, sc, rs8, N, K, G, GA;
+  int bits;
+  double clip;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLiLd", &idx, &il, &cb16, &cb8, &sc, &rs8, &N, &K, &G, &bits, &GA, &clip)) return nullptr;
+  Plan* p = new Plan{make_weight(idx, il, cb16, cb8, sc, rs8, N, K, G), bits, GA, (float)clip};
+  PyObject* cap = PyCapsule_New(p, kPlan, plan_free);
+  if (!cap) delete p;
+  return cap;
+}
+
+static PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  // run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads): linear on a plan; x [M, K]
+  // contiguous, y [M, N] contiguous (float32, or bf16 when y_bf16).
+  if (nargs != 9) {
+    PyErr_SetString(PyExc_TypeError, "run() takes 9 arguments");
+    return nullptr;
+  }
+  const Plan* p = (const Plan*)PyCapsule_GetPointer(args[0], kPlan);
+  if (!p) return nullptr;
+  long long v[8];
+  for (int i = 0; i < 8; ++i) {
+    v[i] = PyLong_AsLongLong(args[i + 1]);
+    if (v[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  linear((const void*)v[0], (int)v[1], v[2], p->w.K, p->w.K, p->bits, p->GA, p->clip, p->w, (const void*)v[3], (int)v[4],
+         (void*)v[5], (int)v[6], (int)v[7]);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -531,16 +572,24 @@ static PyObject* py_moe(PyObject*, PyObject* args) {
 }
 
 static PyObject* py_quantize(PyObject*, PyObject* args) {
-  // quantize(x_f32_ptr, M, K, bits, GA, clip, q_ptr [M, K] natural order, s_ptr, z_ptr)
+  // quantize(x_f32_ptr, M, K, bits, GA, clip, q_ptr, s_ptr, z_ptr[, interleave]) with the current
+  // ISA's quantizer: q [M, K] in natural column order, or [M, KQ] in the kernels' 128-column
+  // interleaved layout (zero-padded to KQ = K rounded up to 128) when interleave.
   long long x, M, K, GA, q, s, z;
-  int bits;
+  int bits, interleave = 0;
   double clip;
-  if (!PyArg_ParseTuple(args, "LLLiLdLLL", &x, &M, &K, &bits, &GA, &clip, &q, &s, &z)) return nullptr;
+  if (!PyArg_ParseTuple(args, "LLLiLdLLL|i", &x, &M, &K, &bits, &GA, &clip, &q, &s, &z, &interleave)) return nullptr;
   const int64_t ga = GA > 0 ? GA : K, na = K / ga, KQ = q_columns((K + 63) / 64 * 64);
   std::vector<uint8_t> buf(KQ);
   for (int64_t m = 0; m < M; ++m) {
-    quantize_row((const float*)x + m * K, K, bits, ga, (float)clip, KQ, false, buf.data(), (float*)s + m * na, (float*)z + m * na);
-    memcpy((uint8_t*)q + m * K, buf.data(), K);
+    if (interleave) {
+      g_isa->quantize_row((const float*)x + m * K, K, bits, ga, (float)clip, KQ, true, (uint8_t*)q + m * KQ, (float*)s + m * na,
+                          (float*)z + m * na);
+    } else {
+      g_isa->quantize_row((const float*)x + m * K, K, bits, ga, (float)clip, KQ, false, buf.data(), (float*)s + m * na,
+                          (float*)z + m * na);
+      memcpy((uint8_t*)q + m * K, buf.data(), K);
+    }
   }
   Py_RETURN_NONE;
 }
@@ -592,6 +641,15 @@ static PyObject* py_read_bytes(PyObject*, PyObject* args) {
   return PyLong_FromUnsignedLongLong(total);
 }
 
+static PyObject* py_tune(PyObject*, PyObject* args) {
+  int i;
+  long long v;
+  if (!PyArg_ParseTuple(args, "iL", &i, &v) || i < 0 || i >= 8) return nullptr;
+  const long long old = g_tune[i];
+  g_tune[i] = v;
+  return PyLong_FromLongLong(old);
+}
+
 static PyObject* py_set_isa(PyObject*, PyObject* args) {
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
@@ -619,10 +677,13 @@ static PyObject* py_available(PyObject*, PyObject*) {
 
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "y = Q(x) W_hat^T + b on packed weights (pointers; see the Python wrapper)."},
+    {"plan", py_plan, METH_VARARGS, "A prepared linear layer (capsule) for run()."},
+    {"run", (PyCFunction)(void (*)(void))py_run, METH_FASTCALL, "linear on a plan: run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads)."},
     {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},
+    {"tune", py_tune, METH_VARARGS, "tune(i, v) -> old value: set switch i (see cq_kernels.h; 1: no vpermb)."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set: portable, avx2 or avx512."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"available_isas", py_available, METH_NOARGS, "Instruction sets this CPU and build support."},

@@ -1,8 +1,50 @@
 // Portable scalar kernels: every group size, every activation group, any K. Always
 // correct; the SIMD files fall back here for configurations they do not handle.
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "cq_kernels.h"
 
 namespace cq {
+
+// Per-token (per-group) asymmetric min-max quantization, operation for operation the
+// float32 arithmetic of quantize_activations (round half to even), so codes, scales and
+// zeros are bit-identical. The SIMD quantizers do the same operations lane-wise.
+void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave,
+                         uint8_t* q, float* s, float* z) {
+  const float qmax = (float)((1 << bits) - 1);
+  thread_local std::vector<uint8_t> tmp;
+  uint8_t* dst = q;
+  if (interleave) {
+    if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
+    dst = tmp.data();
+  }
+  for (int64_t k = K; k < KQ; ++k) dst[k] = 0;
+  for (int64_t a = 0; a * GA < K; ++a) {
+    const float* xa = x + a * GA;
+    float mx = -INFINITY, mn = INFINITY;
+    for (int64_t k = 0; k < GA; ++k) {
+      mx = std::max(mx, xa[k]);
+      mn = std::min(mn, xa[k]);
+    }
+    const float hi = std::max(mx, 0.f) * clip;
+    const float lo = std::min(mn, 0.f) * clip;
+    float scale = (hi - lo) / qmax;
+    if (!(scale >= 1e-8f)) scale = 1e-8f;
+    const float zero = nearbyintf(-lo / scale);
+    for (int64_t k = 0; k < GA; ++k) {
+      float v = nearbyintf(xa[k] / scale) + zero;
+      v = std::min(std::max(v, 0.f), qmax);
+      dst[a * GA + k] = (uint8_t)v;
+    }
+    s[a] = scale;
+    z[a] = zero;
+  }
+  if (interleave) interleave128(dst, KQ, q);
+}
+
 namespace {
 
 inline int nibble(const uint8_t* row, int64_t k) {
@@ -58,6 +100,6 @@ void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
 
 }  // namespace
 
-const Isa isa_portable = {"portable", f32_ok, i8_ok, f32_rows, i8_rows, false};
+const Isa isa_portable = {"portable", f32_ok, i8_ok, f32_rows, i8_rows, false, quantize_row_scalar};
 
 }  // namespace cq

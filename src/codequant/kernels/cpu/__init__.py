@@ -63,15 +63,23 @@ def available_isas() -> list[str]:
     return list(_lut.available_isas())
 
 
+_isa_epoch = [0]  # bumped whenever the ISA changes: prepared layers are per ISA
+
+
+def _set_isa(name: str) -> None:
+    _lut.set_isa(name)
+    _isa_epoch[0] += 1
+
+
 @contextlib.contextmanager
 def use_isa(name: str):
     """Run the kernels on instruction set ``name`` inside the block."""
     old = _lut.isa()
-    _lut.set_isa(name)
+    _set_isa(name)
     try:
         yield
     finally:
-        _lut.set_isa(old)
+        _set_isa(old)
 
 
 # ---------------------------------------------------------------- int8 codebooks (cached)
@@ -168,49 +176,55 @@ def _x_arg(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.to(torch.float32).contiguous(), 0
 
 
-def _weight_args(weight: PackedWeight, spec: ActQuantSpec) -> tuple:
+def _weight_tensors(weight: PackedWeight, spec: ActQuantSpec) -> tuple:
+    """(weight, (indices, interleaved copy, fp16 codebook, int8 codebook, scales, row sums)),
+    None where unused; weight is a contiguous copy where the given one is not."""
     for t in (weight.indices, weight.codebook, weight.row_sum):
         if t.device.type != "cpu":
             raise ValueError("cpu kernels need CPU weights")
     if not weight.indices.is_contiguous() or not weight.codebook.is_contiguous():
         weight = PackedWeight(weight.indices.contiguous(), weight.codebook.contiguous(), weight.row_sum, weight.in_features)
-    il = interleaved_indices(weight.indices).data_ptr() if _lut.isa() == "avx512" else 0
+    il = interleaved_indices(weight.indices) if _lut.isa() == "avx512" else None
     if spec.enabled:
         cb8, sc, rs8 = int8_codebook(weight, spec.group_size)
-        return weight, (weight.indices.data_ptr(), il, 0, cb8.data_ptr(), sc.data_ptr(), rs8.data_ptr())
-    return weight, (weight.indices.data_ptr(), il, weight.codebook.data_ptr(), 0, 0, 0)
+        return weight, (weight.indices, il, None, cb8, sc, rs8)
+    return weight, (weight.indices, il, weight.codebook, None, None, None)
 
 
-_prep_cache: dict[tuple, tuple] = {}
+def _weight_args(weight: PackedWeight, spec: ActQuantSpec) -> tuple:
+    weight, tensors = _weight_tensors(weight, spec)
+    return weight, tuple(0 if t is None else t.data_ptr() for t in tensors)
 
 
-def _forget_prep(key: tuple) -> None:
-    _prep_cache.pop(key, None)
+_plans: dict[tuple, tuple] = {}
 
 
-def _prepared(weight: PackedWeight, act: ActQuantSpec) -> tuple:
-    """Kernel pointers of a weight (indices, interleaved copy, codebooks / int8 codebooks),
-    cached per weight tensors, activation grouping and ISA: a decode step calls every
-    layer once per token, so the per-call Python work is kept to a few attribute reads."""
+def _forget_plan(key: tuple) -> None:
+    _plans.pop(key, None)
+
+
+def _plan(weight: PackedWeight, act: ActQuantSpec) -> tuple:
+    """(stamp..., capsule) of a weight for the kernels' ``run`` entry point: the weight's
+    pointers (indices, interleaved copy, codebooks / int8 codebooks) and the activation
+    quantization, prepared once per weight, activation spec and ISA. A decode step calls
+    every layer once per token, so a call only checks this stamp and passes x and y."""
     idx, cb = weight.indices, weight.codebook
-    key = (id(idx), id(cb), act.group_size if act.enabled else -1, _lut.isa())
-    stamp = (idx._version, cb._version, idx.data_ptr(), cb.data_ptr())
-    hit = _prep_cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    weight, ptrs = _weight_args(weight, act)
-    if hit is None:
-        weakref.finalize(idx, _forget_prep, key)
-    if weight.indices is idx and weight.codebook is cb:  # cache only what stays alive with the module
-        _prep_cache[key] = (stamp, ptrs)
-    else:
-        _prep_cache.pop(key, None)
-        _keepalive.append(weight)  # a contiguous copy made for this call
-        del _keepalive[:-4]
-    return ptrs
-
-
-_keepalive: list[PackedWeight] = []
+    key = (id(idx), id(cb))
+    bits, ga, clip = _act_args(act, weight.in_features)
+    weight, tensors = _weight_tensors(weight, act)
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    cap = _lut.plan(*ptrs, weight.out_features, weight.in_features, weight.group_size, bits, ga, clip)
+    # The plan holds the tensors its pointers point into (contiguous copies, interleaved
+    # indices, int8 codebooks), but not the caller's own indices and codebook: it is dropped
+    # when either of those dies.
+    held = tuple(t for t in (*tensors, weight.row_sum) if t is not None and t is not idx and t is not cb)
+    plan = (act, idx._version, cb._version, idx.data_ptr(), cb.data_ptr(), _isa_epoch[0], cap, weight.out_features,
+            weight.in_features, held)
+    if key not in _plans:
+        weakref.finalize(idx, _forget_plan, key)
+        weakref.finalize(cb, _forget_plan, key)
+    _plans[key] = plan
+    return plan
 
 
 def linear(
@@ -220,38 +234,57 @@ def linear(
     bias: torch.Tensor | None = None,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """y = Q_act(x) @ W_hat^T + bias on packed weights; see the module doc for the tolerance."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or (act.enabled and not 1 <= act.bits <= 8):
+    """y = Q_act(x) @ W_hat^T + bias on packed weights; see the module doc for the tolerance.
+
+    Float32 and bf16 inputs (and biases) go to the kernels as they are; the output has the
+    input's dtype (bf16: the float32 result rounded once, in the kernel)."""
+    if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()) or (act.bits < 16 and not 1 <= act.bits <= 8):
         return reference.linear(x, weight, act, bias)
-    k, n = weight.in_features, weight.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, weight expects {k}")
-    x2 = x.reshape(-1, k)
-    if x2.dtype is torch.bfloat16:
-        bf16 = 1
+    idx, cb = weight.indices, weight.codebook
+    plan = _plans.get((id(idx), id(cb)))
+    if (
+        plan is None
+        or (plan[0] is not act and plan[0] != act)
+        or plan[1] != idx._version
+        or plan[2] != cb._version
+        or plan[3] != idx.data_ptr()
+        or plan[4] != cb.data_ptr()
+        or plan[5] != _isa_epoch[0]
+    ):
+        plan = _plan(weight, act)
+    n, k = plan[7], plan[8]
+    shape = x.shape
+    if shape[-1] != k:
+        raise ValueError(f"input has {shape[-1]} features, weight expects {k}")
+    dtype = x.dtype
+    if dtype is torch.bfloat16:
+        xb = 1
     else:
-        bf16 = 0
-        if x2.dtype is not torch.float32:
-            x2 = x2.float()
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if act.enabled:
-        bits, ga, clip = act.bits, act.group_size or k, float(act.clip)
-        if k % ga:
-            raise ValueError(f"activation group size {ga} does not divide {k} channels")
-    else:
-        bits, ga, clip = 0, 0, 1.0
-    ptrs = _prepared(weight, act)
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    _lut.linear(
-        x2.data_ptr(), bf16, m, k, k, bits, ga, clip, *ptrs, n, k // weight.codebook.shape[-2],
-        0 if bias is None else bias.data_ptr(), y.data_ptr(), threads or torch.get_num_threads(),
-    )
-    y = y.view(*x.shape[:-1], n)
-    return y if x.dtype is torch.float32 else y.to(x.dtype)
+        xb = 0
+        if dtype is not torch.float32:
+            x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    bb = bp = 0
+    if bias is not None:
+        if bias.dtype is torch.bfloat16:
+            bb = 1
+        elif bias.dtype is not torch.float32:
+            bias = bias.float()
+        if not bias.is_contiguous():
+            bias = bias.contiguous()
+        bp = bias.data_ptr()
+    out_shape = _out_shapes.get((shape, n))
+    if out_shape is None:
+        out_shape = _out_shapes[(shape, n)] = (*shape[:-1], n)
+        if len(_out_shapes) > 256:
+            _out_shapes.clear()
+    y = x.new_empty(out_shape)  # x is float32 or bf16 here: the output dtype
+    _lut.run(plan[6], x.data_ptr(), xb, x.numel() // k, bp, bb, y.data_ptr(), xb, threads or torch.get_num_threads())
+    return y if y.dtype is dtype else y.to(dtype)
+
+
+_out_shapes: dict[tuple, tuple] = {}
 
 
 def moe(

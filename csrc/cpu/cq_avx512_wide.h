@@ -1,0 +1,139 @@
+// Included twice by cq_avx512.cpp (no include guard on purpose).
+// The "wide" integer-activation kernel of cq_avx512.cpp, included twice there: once with
+// CQ_VBMI 0 (vpshufb lookups, AVX-512 F/BW/VNNI) and once with CQ_VBMI 1 in a region
+// compiled for VBMI too (vpermb lookups), so that no VBMI instruction can reach the
+// functions that run on AVX-512 CPUs without it.
+//
+// Codebook and activation groups whole rows or multiples of 128 columns: one table per
+// row and 128-column step. NR rows x MB tokens per pass (activation codes loaded once per
+// NR rows, unpacked weights used for MB tokens); int32 sums are scaled into float at the
+// end of each segment of columns sharing the codebook scale and the activation scale.
+// With NR = 4 the four rows' sums are reduced together and scaled as one 4-lane vector
+// (same float operations per row as the scalar form); with MB = 1 the low and high
+// nibbles accumulate into separate registers (two dependency chains per row).
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)] of int32 lanes.
+inline __m128i hsum4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+  const __m256i b0 = _mm256_add_epi32(_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1));
+  const __m256i b1 = _mm256_add_epi32(_mm512_castsi512_si256(a1), _mm512_extracti64x4_epi64(a1, 1));
+  const __m256i b2 = _mm256_add_epi32(_mm512_castsi512_si256(a2), _mm512_extracti64x4_epi64(a2, 1));
+  const __m256i b3 = _mm256_add_epi32(_mm512_castsi512_si256(a3), _mm512_extracti64x4_epi64(a3, 1));
+  const __m256i d = _mm256_hadd_epi32(_mm256_hadd_epi32(b0, b1), _mm256_hadd_epi32(b2, b3));
+  return _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+}
+
+template <int NR, int MB>
+void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
+  constexpr int NACC = MB == 1 ? 2 : 1;  // accumulators per row and token
+  const int64_t KQ = q_columns(w.KP), nsteps = KQ / 128;
+  const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
+  const int64_t S = gcd64(G, GA);
+  int64_t step;
+  const uint8_t* p = il_row(w, n, &step);
+  const int8_t* cb = w.cb8 + n * w.NG * 16;
+  const float* sc = w.sc + n * w.NG;
+#if !CQ_VBMI
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+#endif
+  __m512i acc[NR][MB][NACC];
+  float part[NR][MB];    // NR = 1
+  __m128 part4[MB];      // NR = 4: the four rows' partial results
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m) {
+      for (int j = 0; j < NACC; ++j) acc[r][m][j] = _mm512_setzero_si512();
+      part[r][m] = 0.f;
+    }
+  for (int m = 0; m < MB; ++m) part4[m] = _mm_setzero_ps();
+  __m512i tab[NR];
+  int64_t next_group = 0, next_flush = S;  // column where the next codebook / segment starts
+  for (int64_t s = 0; s < nsteps; ++s) {
+    const int64_t col = 128 * s;
+    if (col == next_group) {
+      for (int r = 0; r < NR; ++r)
+        tab[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * (col / G))));
+      next_group += G;
+    }
+    __m512i wlo[NR], whi[NR];
+    for (int r = 0; r < NR; ++r) {
+      const __m512i v = _mm512_loadu_si512((const void*)(p + s * step + r * 64));  // padded: whole pieces
+#if CQ_VBMI  // vpermb reads 6 index bits and the table repeats every 16 bytes: no masks
+      wlo[r] = _mm512_permutexvar_epi8(v, tab[r]);
+      whi[r] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), tab[r]);
+#else
+      wlo[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(v, m0f));
+      whi[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+#endif
+    }
+    for (int m = 0; m < MB; ++m) {
+      const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
+      const __m512i ql = _mm512_loadu_si512((const void*)q), qh = _mm512_loadu_si512((const void*)(q + 64));
+      for (int r = 0; r < NR; ++r) {
+        acc[r][m][0] = _mm512_dpbusd_epi32(acc[r][m][0], ql, wlo[r]);
+        acc[r][m][NACC - 1] = _mm512_dpbusd_epi32(acc[r][m][NACC - 1], qh, whi[r]);
+      }
+    }
+    if (col + 128 == next_flush || s == nsteps - 1) {
+      next_flush += S;
+      if (NACC == 2)
+        for (int r = 0; r < NR; ++r)
+          for (int m = 0; m < MB; ++m) acc[r][m][0] = _mm512_add_epi32(acc[r][m][0], acc[r][m][NACC - 1]);
+      if (NR == 4) {
+        const __m128 scg = _mm_set_ps(sc[3 * w.NG + col / G], sc[2 * w.NG + col / G], sc[w.NG + col / G], sc[col / G]);
+        for (int m = 0; m < MB; ++m) {
+          const __m128i sums = hsum4_epi32(acc[0][m][0], acc[1 % NR][m][0], acc[2 % NR][m][0], acc[3 % NR][m][0]);
+          const __m128 f = _mm_mul_ps(scg, _mm_set1_ps(a.s[(m0 + m) * a.NA + col / GA]));
+          part4[m] = _mm_add_ps(part4[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), f));
+        }
+      } else {
+        for (int r = 0; r < NR; ++r) {
+          const float scg = sc[r * w.NG + col / G];
+          for (int m = 0; m < MB; ++m)
+            part[r][m] += (float)_mm512_reduce_add_epi32(acc[r][m][0]) * (scg * a.s[(m0 + m) * a.NA + col / GA]);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m)
+          for (int j = 0; j < NACC; ++j) acc[r][m][j] = _mm512_setzero_si512();
+    }
+  }
+  if (NR == 4 && a.NA == 1) {  // v = part - s * z * rs8 + bias, four rows at once
+    const __m128 rs = _mm_loadu_ps(w.rs8 + n);
+    const __m128 bn = bias ? _mm_loadu_ps(bias + n) : _mm_setzero_ps();
+    for (int m = 0; m < MB; ++m) {
+      const __m128 sz = _mm_set1_ps(a.s[m0 + m] * a.z[m0 + m]);
+      _mm_storeu_ps(y + (m0 + m) * ldy + n, _mm_add_ps(_mm_sub_ps(part4[m], _mm_mul_ps(sz, rs)), bn));
+    }
+    return;
+  }
+  if (NR == 4)
+    for (int m = 0; m < MB; ++m) {
+      float t[4];
+      _mm_storeu_ps(t, part4[m]);
+      for (int r = 0; r < NR; ++r) part[r][m] = t[r];
+    }
+  for (int r = 0; r < NR; ++r) {
+    const float bn = bias ? bias[n + r] : 0.f;
+    const float* rs = w.rs8 + (n + r) * a.NA;
+    for (int m = 0; m < MB; ++m) {
+      float v = part[r][m];
+      const float* sm = a.s + (m0 + m) * a.NA;
+      const float* zm = a.z + (m0 + m) * a.NA;
+      for (int64_t g = 0; g < a.NA; ++g) v -= sm[g] * zm[g] * rs[g];
+      y[(m0 + m) * ldy + n + r] = v + bn;
+    }
+  }
+}
+
+template <int NR>
+void i8_wide_tiles(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) i8_wide<NR, 4>(w, a, y, ldy, bias, n, m);
+  if (a.M - m >= 2) { i8_wide<NR, 2>(w, a, y, ldy, bias, n, m); m += 2; }
+  if (a.M - m >= 1) { i8_wide<NR, 1>(w, a, y, ldy, bias, n, m); m += 1; }
+}
+
+void i8_rows_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) i8_wide_tiles<4>(w, a, y, ldy, bias, n);
+  for (; n < n1; ++n) i8_wide_tiles<1>(w, a, y, ldy, bias, n);
+}
