@@ -56,16 +56,49 @@ def copies_for(nbytes: int, cache: str) -> int:
     return 1 if cache == "hot" else max(2, math.ceil(4 * LLC_BYTES / nbytes))
 
 
+MIN_SECONDS = 0.25  # each timing runs at least reps calls and at least this long (at most 2000 calls)
+
+
 def time_calls(fn, copies: int, reps: int) -> float:
-    """Median microseconds of fn(i) over reps calls, cycling i through the copies."""
+    """Median microseconds of fn(i) over at least reps calls (more for short calls, see
+    MIN_SECONDS), cycling i through the copies."""
     for i in range(copies):
         fn(i)
     out = []
-    for r in range(reps):
+    start = time.perf_counter()
+    r = 0
+    while r < reps or (time.perf_counter() - start < MIN_SECONDS and r < 2000):
         t0 = time.perf_counter()
         fn(r % copies)
         out.append(time.perf_counter() - t0)
+        r += 1
     return statistics.median(out) * 1e6
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` (from /proc/stat) while this process sleeps."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
+    i0, t0 = sample()
+    time.sleep(seconds)
+    i1, t1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_until_idle(log: list, max_busy: float = 0.1, max_wait_s: float = 1800) -> None:
+    """Before each timed block: wait (60 s steps) while other processes keep the CPUs busy;
+    what was seen goes into the meta file."""
+    waited = 0.0
+    while True:
+        busy = cpu_busy_fraction()
+        if busy <= max_busy or waited >= max_wait_s:
+            log.append({"time": time.strftime("%H:%M:%S"), "busy": round(busy, 3), "waited_s": waited})
+            return
+        print(f"machine busy ({busy:.0%} of the CPUs): waiting 60 s", flush=True)
+        time.sleep(60)
+        waited += 60
 
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -123,8 +156,11 @@ def bench_ggml(exe, n, k, ms, threads_list, cache, reps):
     out = {}
     for name, (typ, repack) in GGML_OPS.items():
         bytes_per = {"bf16": 2.0, "iq4_nl": 18 / 32, "q4_0": 18 / 32}[typ]
-        copies = copies_for(int(n * k * bytes_per), cache)
-        cmd = [str(exe), typ, str(repack), str(n), str(k), str(copies), str(reps), ",".join(map(str, ms)), ",".join(map(str, threads_list))]
+        nbytes = int(n * k * bytes_per)
+        copies = copies_for(nbytes, cache)
+        # as many calls as time_calls makes for a call of this size (at ~20 GB/s, M = 1)
+        n_reps = max(reps, min(2000, int(MIN_SECONDS / (nbytes / 20e9))))
+        cmd = [str(exe), typ, str(repack), str(n), str(k), str(copies), str(n_reps), ",".join(map(str, ms)), ",".join(map(str, threads_list))]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         for line in res.stdout.splitlines():
             if line.startswith("{"):
@@ -198,6 +234,8 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     threads_list = [int(v) for v in args.threads.split(",")]
     exe = None if args.skip_llamacpp else build_ggml()
+    idle_log: list = []
+    wait_until_idle(idle_log)
     load_before = os.getloadavg()
     bandwidth = {t: read_bandwidth(t) for t in threads_list}
     print("read bandwidth GB/s:", {t: round(b, 1) for t, b in bandwidth.items()}, flush=True)
@@ -205,6 +243,7 @@ def main() -> None:
     records = []
     for n, k in shapes:
         for cache in args.caches.split(","):
+            wait_until_idle(idle_log)
             times = bench_codequant(n, k, ms, threads_list, cache, args.reps, gen)
             times.update(bench_torch(n, k, ms, threads_list, cache, args.reps, gen))
             if exe:
@@ -229,6 +268,8 @@ def main() -> None:
         "read_bandwidth_gbps_after": {str(t): round(b, 2) for t, b in bandwidth_after.items()},
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
+        "idle_checks": idle_log,
+        "reps": f"median of >= {args.reps} calls and >= {MIN_SECONDS} s per timing (<= 2000 calls)",
         "note": "ratios vs_* = baseline time / op time; vs_iq4_nl / vs_q4_0 against the repacked ggml layouts",
     }
     args.out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1))
