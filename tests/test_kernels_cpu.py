@@ -301,3 +301,24 @@ def test_layout_and_spec_changes_between_calls():
                            weight.row_sum, weight.in_features)
     assert not strided.indices.is_contiguous() and not strided.codebook.is_contiguous()
     check_linear(x.contiguous(), strided, ActQuantSpec(8), None, ISAS[-1])
+
+
+@pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8)])
+def test_moe_prepared_weights_follow_in_place_updates(act):
+    """The fused MoE call reuses per-weight preparation across calls; an in-place update of
+    a codebook or of the indices must be seen (result = that of fresh copies of the weights)."""
+    e, h, inter = 4, 128, 64
+    gate_up, down = random_weight(2 * inter, h, 64, 40, (e,)), random_weight(h, inter, 32, 41, (e,))
+    x, top_i, top_w = torch.randn(3, h), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)
+
+    def fresh(w: PackedWeight) -> PackedWeight:
+        return PackedWeight(w.indices.clone(), w.codebook.clone(), w.row_sum.clone(), w.in_features)
+
+    cpu.moe(x, top_i, top_w, gate_up, down, act, act)
+    with torch.no_grad():
+        gate_up.codebook.mul_(-1.5)
+        down.indices.copy_(down.indices.flip(-1))
+    y = cpu.moe(x, top_i, top_w, gate_up, down, act, act)
+    assert torch.equal(y, cpu.moe(x, top_i, top_w, fresh(gate_up), fresh(down), act, act))
+    ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, act), act, act)
+    assert float((y - ref).norm() / ref.norm()) < (1e-5 if not act.enabled else 5e-3)

@@ -219,11 +219,27 @@ def _plan(weight: PackedWeight, act: ActQuantSpec) -> tuple:
     # when either of those dies.
     held = tuple(t for t in (*tensors, weight.row_sum) if t is not None and t is not idx and t is not cb)
     plan = (act, idx._version, cb._version, idx.data_ptr(), cb.data_ptr(), _isa_epoch[0], cap, weight.out_features,
-            weight.in_features, held)
+            weight.in_features, held, ptrs, weight.group_size)
     if key not in _plans:
         weakref.finalize(idx, _forget_plan, key)
         weakref.finalize(cb, _forget_plan, key)
     _plans[key] = plan
+    return plan
+
+
+def _cached_plan(weight: PackedWeight, act: ActQuantSpec) -> tuple:
+    idx, cb = weight.indices, weight.codebook
+    plan = _plans.get((id(idx), id(cb)))
+    if (
+        plan is None
+        or (plan[0] is not act and plan[0] != act)
+        or plan[1] != idx._version
+        or plan[2] != cb._version
+        or plan[3] != idx.data_ptr()
+        or plan[4] != cb.data_ptr()
+        or plan[5] != _isa_epoch[0]
+    ):
+        plan = _plan(weight, act)
     return plan
 
 
@@ -309,19 +325,21 @@ def moe(
     if hadamard_block and (inter % hadamard_block or hadamard_block & (hadamard_block - 1)):
         raise ValueError(f"hadamard block {hadamard_block} must be a power of two dividing {inter}")
     x2, bf16 = _x_arg(x)
-    idx = top_k_index.to(torch.int64).contiguous()
-    wts = top_k_weights.detach().to(torch.float32).contiguous()
+    idx = top_k_index if top_k_index.dtype is torch.int64 else top_k_index.to(torch.int64)
+    idx = idx if idx.is_contiguous() else idx.contiguous()
+    wts = top_k_weights.detach()
+    wts = wts if wts.dtype is torch.float32 else wts.float()
+    wts = wts if wts.is_contiguous() else wts.contiguous()
     bits, ga, clip = _act_args(act, h)
     dbits, dga, dclip = _act_args(down_act, inter)
-    gate_up, gp = _weight_args(gate_up, act)
-    down, dp = _weight_args(down, down_act)
+    gp_plan, dp_plan = _cached_plan(gate_up, act), _cached_plan(down, down_act)  # prepared once per weight
     y = torch.empty(t, h, dtype=torch.float32)
     _lut.moe(
         x2.data_ptr(), bf16, t, h, idx.shape[1], e, idx.data_ptr(), wts.data_ptr(),
-        *gp, two_i, gate_up.group_size, *dp, down.group_size,
+        *gp_plan[10], two_i, gp_plan[11], *dp_plan[10], dp_plan[11],
         bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(), int(threads or torch.get_num_threads()),
     )
-    return y.to(x.dtype)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 register_backend("cpu", linear=linear, moe=moe)
