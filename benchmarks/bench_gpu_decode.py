@@ -1,13 +1,13 @@
-"""W4A16 decode (M = 1, 4, 16) on the CUDA C++ kernel vs cuBLAS bf16, torch int4 (tinygemm,
-group 128) and the Triton LUT path. Run on a CUDA machine from the repository root:
+"""Decode (M = 1, 4, 16), W4A16 and W4A4, on the CUDA C++ kernels vs cuBLAS bf16 and torch
+int4 (tinygemm, group 128). Run on a CUDA machine from the repository root:
 
     PYTHONPATH=src python3 benchmarks/bench_gpu_decode.py --out benchmarks/results
 
 Timing as in bench_gpu.py: CUDA-graph replay of a batch of calls rotating through weight copies
 larger than the 50 MB L2 (4x), median over replays; read bandwidth (4 GiB torch.amax) measured
 in the same run. ``us`` times ops.linear (the whole call: output allocation, the kernel).
-Writes gpu-decode-cuda.json (records), gpu-decode-cuda-meta.json (bandwidth, Triton times,
-config sweep, accuracy) and gpu-decode-cuda.png.
+Writes gpu-decode-cuda.json (records), gpu-decode-cuda-meta.json (bandwidth, config sweep,
+accuracy) and gpu-decode-cuda.png.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import sys
 import time
 
 import torch
+
+# the W4A4 rows time the opt-in kernels (CUDA decode kernels, FP8 prefill); see ops / cuda_gemv docs
+os.environ.setdefault("CODEQUANT_CUDA_W4A4", "1")
+os.environ.setdefault("CODEQUANT_GPU_W4A4_PREFILL", "fp8")
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,21 +34,17 @@ from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168)]
 MS = [1, 4, 16]
-ACT = ActQuantSpec(bits=16)
+MODES = {"w4a16": ActQuantSpec(bits=16), "w4a4": ActQuantSpec(bits=4)}
 
 
 def log(*a):
     print(*a, flush=True)
 
 
-def with_cuda(flag: bool):
-    os.environ["CODEQUANT_CUDA_GEMV"] = "1" if flag else "0"
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--sweep", action="store_true", help="also time (R, W) launch configs")
+    p.add_argument("--sweep", action="store_true", help="also time (variant, R, W) launch configs")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -52,7 +52,7 @@ def main():
     log("bandwidth", bw, torch.cuda.get_device_name())
     assert cuda_gemv.load() is not None, "CUDA kernel did not build"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), **bw,
-            "triton_us": [], "sweep": [], "accuracy": []}
+            "sweep": [], "accuracy": []}
     recs = []
     for n, k in SHAPES:
         lut_w, bf16_w, int4_w = weight_sets(n, k)
@@ -60,12 +60,6 @@ def main():
         wbytes = lut_bytes(pw)
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            # accuracy on this shape (random weights / codebooks of bench_gpu.random_packed)
-            with_cuda(True)
-            y = ops.linear(x, pw, ACT)
-            ref = reference.linear(x.float(), pw, ACT).double()
-            err = ((y.double() - ref).norm() / ref.norm()).item()
-            meta["accuracy"].append(dict(M=m, N=n, K=k, rel_err=err))
             t_bf16 = time_calls([lambda w=w: F.linear(x, w) for w in bf16_w])
             t_int4 = None
             if int4_w is not None:
@@ -73,47 +67,51 @@ def main():
                     t_int4 = time_calls([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
                 except Exception as e:  # noqa: BLE001
                     log("int4 mm failed:", repr(e))
-            with_cuda(False)
-            t_tri = time_calls([lambda w=w: ops.linear(x, w, ACT) for w in lut_w])
-            with_cuda(True)
-            t = time_calls([lambda w=w: ops.linear(x, w, ACT) for w in lut_w])
-            gbps = wbytes / t / 1e3
-            recs.append(dict(op="linear", mode="w4a16", M=m, N=n, K=k, experts=None, topk=None, us=round(t, 3),
-                             gbps=round(gbps, 1), pct_bw=round(100 * gbps / bw["read_gbps"], 1),
-                             vs_bf16=round(t_bf16 / t, 3), vs_int4=None if t_int4 is None else round(t_int4 / t, 3),
-                             vs_grouped_mm=None))
-            meta["triton_us"].append(dict(M=m, N=n, K=k, us=round(t_tri, 3), bf16_us=round(t_bf16, 3),
-                                          int4_us=None if t_int4 is None else round(t_int4, 3)))
-            log(f"M={m:2d} {n:5d}x{k:5d}: cuda {t:7.2f} us {gbps:6.0f} GB/s ({100 * gbps / bw['read_gbps']:4.1f}%)  "
-                f"bf16 {t_bf16:7.2f}  int4 {t_int4 and round(t_int4, 2)}  triton {t_tri:7.2f}  x{t_bf16 / t:.2f} bf16  err {err:.1e}")
-            if a.sweep:
-                r0, w0 = cuda_gemv.config(m, n, k)
-                for r in (1, 2):
-                    for wn in (1, 2, 4, 8, 16):
-                        if r == 2 and wn > 8:
-                            continue
-                        ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in lut_w]
-                        try:
-                            ts = time_calls([lambda w=w, yy=yy, r=r, wn=wn: cuda_gemv.linear(x, w, None, yy, r=r, w=wn)
-                                             for w, yy in zip(lut_w, ys)], reps=10)
-                        except Exception as e:  # noqa: BLE001
-                            log("sweep fail", r, wn, repr(e)[:200])
-                            continue
-                        meta["sweep"].append(dict(M=m, N=n, K=k, R=r, W=wn, default=(r, wn) == (r0, w0), us=round(ts, 3),
-                                                  gbps=round(wbytes / ts / 1e3, 1)))
-                        log(f"   sweep R={r} W={wn:2d}: {ts:7.2f} us {wbytes / ts / 1e3:6.0f} GB/s{'  (default)' if (r, wn) == (r0, w0) else ''}")
+            for mode, act in MODES.items():
+                # accuracy on this shape (random weights / codebooks of bench_gpu.random_packed)
+                y = ops.linear(x, pw, act)
+                ref = reference.linear(x.float(), pw, act).double()
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                meta["accuracy"].append(dict(mode=mode, M=m, N=n, K=k, rel_err=err))
+                t = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                gbps = wbytes / t / 1e3
+                recs.append(dict(op="linear", mode=mode, M=m, N=n, K=k, experts=None, topk=None, us=round(t, 3),
+                                 gbps=round(gbps, 1), pct_bw=round(100 * gbps / bw["read_gbps"], 1),
+                                 vs_bf16=round(t_bf16 / t, 3), vs_int4=None if t_int4 is None else round(t_int4 / t, 3),
+                                 vs_grouped_mm=None))
+                log(f"{mode} M={m:2d} {n:5d}x{k:5d}: cuda {t:7.2f} us {gbps:6.0f} GB/s ({100 * gbps / bw['read_gbps']:4.1f}%)  "
+                    f"bf16 {t_bf16:7.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f} bf16  err {err:.1e}")
+                if not a.sweep:
+                    continue
+                r0, w0 = cuda_gemv.config(m, -(-n // 16), k)
+                v0 = cuda_gemv.DEFAULT_VARIANT
+                for v in (0, 1, 2) if mode == "w4a16" else (0, 1):
+                    for r in (1, 2):
+                        for wn in (1, 2, 4, 8, 16):
+                            if r == 2 and wn > 8:
+                                continue
+                            ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in lut_w]
+                            try:
+                                ts = time_calls([lambda w=w, yy=yy, r=r, wn=wn, v=v: cuda_gemv.linear(x, w, act, None, yy, r=r, w=wn, variant=v)
+                                                 for w, yy in zip(lut_w, ys)], reps=10)
+                            except Exception as e:  # noqa: BLE001
+                                log("sweep fail", r, wn, v, repr(e)[:200])
+                                continue
+                            default = (r, wn, v) == (r0, w0, v0)
+                            meta["sweep"].append(dict(mode=mode, M=m, N=n, K=k, R=r, W=wn, V=v, default=default, us=round(ts, 3),
+                                                      gbps=round(wbytes / ts / 1e3, 1)))
+                            log(f"   sweep {mode} V={v} R={r} W={wn:2d}: {ts:7.2f} us {wbytes / ts / 1e3:6.0f} GB/s{'  (default)' if default else ''}")
         del lut_w, bf16_w, int4_w
         torch.cuda.empty_cache()
     meta["seconds"] = round(time.time() - t0)
     json.dump(recs, open(os.path.join(a.out, "gpu-decode-cuda.json"), "w"), indent=1)
     json.dump(meta, open(os.path.join(a.out, "gpu-decode-cuda-meta.json"), "w"), indent=1)
     plot(recs, meta, os.path.join(a.out, "gpu-decode-cuda.png"))
-    log("\n| M | N x K | us | GB/s | % read BW | vs cuBLAS bf16 | vs int4 | Triton us |")
+    log("\n| mode | M | N x K | us | GB/s | % read BW | vs cuBLAS bf16 | vs int4 |")
     log("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    tri = {(d["M"], d["N"], d["K"]): d["us"] for d in meta["triton_us"]}
-    for r in sorted(recs, key=lambda r: (r["M"], r["N"], r["K"])):
-        log(f"| {r['M']} | {r['N']}x{r['K']} | {r['us']:.2f} | {r['gbps']:.0f} | {r['pct_bw']:.1f} | {r['vs_bf16']:.2f} | "
-            f"{r['vs_int4'] if r['vs_int4'] is None else round(r['vs_int4'], 2)} | {tri[(r['M'], r['N'], r['K'])]:.2f} |")
+    for r in sorted(recs, key=lambda r: (r["mode"], r["M"], r["N"], r["K"])):
+        log(f"| {r['mode']} | {r['M']} | {r['N']}x{r['K']} | {r['us']:.2f} | {r['gbps']:.0f} | {r['pct_bw']:.1f} | {r['vs_bf16']:.2f} | "
+            f"{r['vs_int4'] if r['vs_int4'] is None else round(r['vs_int4'], 2)} |")
 
 
 def plot(recs, meta, path):
@@ -125,11 +123,12 @@ def plot(recs, meta, path):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for n, k in SHAPES:
-        rs = sorted((r for r in recs if r["N"] == n and r["K"] == k), key=lambda r: r["M"])
-        axes[0].plot([r["M"] for r in rs], [r["vs_bf16"] for r in rs], marker="o", label=f"{n}x{k}")
-        axes[1].plot([r["M"] for r in rs], [r["pct_bw"] for r in rs], marker="o", label=f"{n}x{k}")
-    axes[0].set_title("CUDA W4A16 decode: speedup over cuBLAS bf16")
+    for mode, ls in (("w4a16", "-"), ("w4a4", "--")):
+        for n, k in SHAPES:
+            rs = sorted((r for r in recs if r["N"] == n and r["K"] == k and r["mode"] == mode), key=lambda r: r["M"])
+            axes[0].plot([r["M"] for r in rs], [r["vs_bf16"] for r in rs], ls, marker="o", label=f"{mode} {n}x{k}")
+            axes[1].plot([r["M"] for r in rs], [r["pct_bw"] for r in rs], ls, marker="o", label=f"{mode} {n}x{k}")
+    axes[0].set_title("CUDA decode: speedup over cuBLAS bf16")
     axes[1].set_title(f"% of read bandwidth ({meta['read_gbps']:.0f} GB/s)")
     for ax in axes:
         ax.set_xscale("log", base=2)

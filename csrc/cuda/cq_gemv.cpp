@@ -1,42 +1,135 @@
-// PyTorch binding of the CodeQuant W4A16 decode kernel (cq_gemv.cu).
+// PyTorch binding of the CodeQuant decode kernels (cq_gemv.cu). Empty tensors stand for "none".
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <cuda_runtime.h>
+#include <c10/cuda/CUDAStream.h>
 
-int cq_gemv_launch(const void* x, int xtype, int ldx, int M, int K, const uint8_t* idx, const void* cb, int N, int KP,
-                   int NG, int G, const float* bias, void* y, void* xp, int R, int W, cudaStream_t st);
-void cq_gemv_set_force_prologue(bool v);
+#include "cq_gemv.h"
 
-// x [M, K] (bf16 / fp16 / fp32, unit column stride), indices uint8 [N, KP/2], codebook fp16 [N, NG, 16],
-// bias fp32 [N] or empty, y [M, N] in x's dtype, xp int32 [M, KP/2] scratch.
-void gemv(torch::Tensor x, torch::Tensor idx, torch::Tensor cb, torch::Tensor bias, torch::Tensor y, torch::Tensor xp,
-          int64_t K, int64_t R, int64_t W) {
-  TORCH_CHECK(x.is_cuda() && idx.is_cuda() && cb.is_cuda() && y.is_cuda() && xp.is_cuda(), "CUDA tensors expected");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with unit column stride");
-  TORCH_CHECK(idx.dtype() == torch::kUInt8 && idx.is_contiguous() && idx.dim() == 2, "indices must be contiguous uint8 [N, KP/2]");
-  TORCH_CHECK(cb.dtype() == torch::kFloat16 && cb.is_contiguous() && cb.dim() == 3 && cb.size(2) == 16, "codebook must be fp16 [N, NG, 16]");
-  TORCH_CHECK(y.is_contiguous() && y.dtype() == x.dtype(), "y must be contiguous in x's dtype");
-  const int M = (int)x.size(0), N = (int)idx.size(0), KP = (int)idx.size(1) * 2, NG = (int)cb.size(1);
-  TORCH_CHECK(KP % 64 == 0 && K <= KP && K > KP - 64, "indices width does not match K");
-  TORCH_CHECK(xp.numel() >= (int64_t)M * (KP / 2) && xp.element_size() == 4, "xp scratch too small");
-  int xtype;
-  if (x.dtype() == torch::kBFloat16) xtype = 0;
-  else if (x.dtype() == torch::kFloat16) xtype = 1;
-  else if (x.dtype() == torch::kFloat32) xtype = 2;
-  else TORCH_CHECK(false, "x must be bf16, fp16 or fp32");
-  const float* b = nullptr;
-  if (bias.numel()) {
-    TORCH_CHECK(bias.dtype() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N, "bias must be fp32 [N]");
-    b = bias.data_ptr<float>();
+namespace {
+
+template <typename T>
+const T* ptr_or_null(const torch::Tensor& t) {
+  return t.numel() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
+}
+
+int dtype_code(const torch::Tensor& t) {
+  if (t.dtype() == torch::kBFloat16) return 0;
+  if (t.dtype() == torch::kFloat16) return 1;
+  if (t.dtype() == torch::kFloat32) return 2;
+  TORCH_CHECK(false, "expected a bf16, fp16 or fp32 tensor, got ", t.dtype());
+  return -1;
+}
+
+void check(int err, const char* what) { TORCH_CHECK(err == 0, what, " launch failed: ", cudaGetErrorString((cudaError_t)err)); }
+
+}  // namespace
+
+// xp [rows_out, KP/2] int32 <- rows of x [*, K] (gathered through `rows` when given), paired
+// in bf16 or fp16, or quantized per row to `bits` (codes in fp16, scales to xscale [rows_out]);
+// i8: the codes as int8 pairs instead, xp [rows_out, KP/4].
+void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tensor rows, int64_t nslots, int64_t topk,
+            bool bf16, int64_t bits, double clip, bool i8) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "x must be a CUDA [rows, K] tensor with unit column stride");
+  TORCH_CHECK(xp.is_cuda() && xp.is_contiguous() && xp.dim() == 2 && xp.element_size() == 4, "xp must be contiguous int32 [rows, KP/2]");
+  const int K = (int)x.size(1), KP = (int)xp.size(1) * (i8 ? 4 : 2);
+  TORCH_CHECK(!i8 || bits <= 7, "int8 codes need bits <= 7");
+  TORCH_CHECK(KP % 64 == 0 && K <= KP && K > KP - 64, "xp width does not match K");
+  const bool quant = bits < 16;
+  TORCH_CHECK(!quant || (xscale.numel() >= xp.size(0) && xscale.dtype() == torch::kFloat32), "xscale must be fp32 [rows]");
+  TORCH_CHECK(!rows.numel() || (rows.dtype() == torch::kInt32 && rows.numel() >= xp.size(0)), "rows must be int32 [rows]");
+  PrepParams p{};
+  p.x = x.data_ptr();
+  p.itype = dtype_code(x);
+  p.ldx = (int)x.stride(0);
+  p.K = K;
+  p.KP = KP;
+  p.xp = reinterpret_cast<uint32_t*>(xp.data_ptr());
+  p.xscale = quant ? xscale.data_ptr<float>() : nullptr;
+  p.rows = ptr_or_null<int>(rows);
+  p.nslots = (int)nslots;
+  p.topk = (int)topk;
+  p.bf16 = bf16 && !quant;
+  p.quant = quant;
+  p.bits = (int)bits;
+  p.clip = (float)clip;
+  p.i8 = i8;
+  check(cq_prep_x(p, (int)xp.size(0), c10::cuda::getCurrentCUDAStream().stream()), "prep_x");
+}
+
+// y = x @ W^T (+ epilogue). x: raw 16-bit [M, K] (xdirect) or pair words [rows, KP/2] int32.
+// Weights: idx uint8 [E?, N, KP/2] + cb fp16 [E?, N, NG, 16] (+ cb8 int8, wscale fp32 [E?, N] for int8
+// codes x), or wd bf16 [E?, N, K].
+// MoE (bexp given): block y of `bm` x rows uses expert bexp[y]; rows = slot ids; rw = routing weights.
+void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx, torch::Tensor cb, torch::Tensor cb8,
+          torch::Tensor wscale, torch::Tensor wd,
+          torch::Tensor bias, torch::Tensor y, torch::Tensor bexp, torch::Tensor rows, torch::Tensor rw, int64_t M, int64_t K,
+          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t variant) {
+  TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.stride(-1) == 1 && y.stride(-1) == 1, "x and y must be CUDA tensors with unit column stride");
+  GemvParams p{};
+  const bool dense_w = wd.numel() > 0;
+  int N, KP, NG = 1;
+  if (dense_w) {
+    TORCH_CHECK(wd.dtype() == torch::kBFloat16 && wd.is_contiguous() && wd.size(-1) == K, "wd must be contiguous bf16 [E?, N, K]");
+    N = (int)wd.size(-2);
+    KP = (int)((K + 63) / 64 * 64);
+    p.wd = reinterpret_cast<const __nv_bfloat16*>(wd.data_ptr());
+    p.wd_es = wd.dim() == 3 ? wd.stride(0) : 0;
+  } else {
+    TORCH_CHECK(idx.dtype() == torch::kUInt8 && idx.is_contiguous(), "indices must be contiguous uint8 [E?, N, KP/2]");
+    TORCH_CHECK(cb.dtype() == torch::kFloat16 && cb.is_contiguous() && cb.size(-1) == 16, "codebook must be contiguous fp16 [E?, N, NG, 16]");
+    N = (int)cb.size(-3);
+    KP = (int)((K + 63) / 64 * 64);
+    NG = (int)cb.size(-2);
+    p.tiled = idx.size(-1) == 64 && idx.size(-2) == 16 && idx.dim() >= 4;
+    if (p.tiled) {
+      TORCH_CHECK(idx.size(-4) == (N + 15) / 16 && idx.size(-3) == (KP / 64 + 1) / 2, "tiled indices do not match [N/16, KP/128, 16, 64]");
+    } else {
+      TORCH_CHECK(idx.size(-2) == N && idx.size(-1) * 2 == KP, "indices width does not match K");
+    }
+    p.idx = idx.data_ptr<uint8_t>();
+    p.cb = reinterpret_cast<const __half*>(cb.data_ptr());
+    p.idx_es = cb.dim() == 4 ? idx.stride(0) : 0;
+    p.cb_es = cb.dim() == 4 ? cb.stride(0) : 0;
+    if (cb8.numel()) {
+      TORCH_CHECK(cb8.dtype() == torch::kInt8 && cb8.sizes() == cb.sizes() && cb8.is_contiguous(), "int8 codebook must match the codebook");
+      TORCH_CHECK(wscale.dtype() == torch::kFloat32 && wscale.numel() * 16 * NG == cb.numel(), "wscale must be fp32 [E?, N]");
+      p.cb8 = cb8.data_ptr<int8_t>();
+      p.wscale = wscale.data_ptr<float>();
+    }
   }
-  const int G = (int)(K / NG);
-  cudaStream_t st = at::cuda::getCurrentCUDAStream();
-  int err = cq_gemv_launch(x.data_ptr(), xtype, (int)x.stride(0), M, (int)K, idx.data_ptr<uint8_t>(), cb.data_ptr(), N, KP,
-                           NG, G, b, y.data_ptr(), xp.data_ptr(), (int)R, (int)W, st);
-  TORCH_CHECK(err == 0, "cq_gemv launch failed: ", cudaGetErrorString((cudaError_t)err));
+  if (xdirect) {
+    TORCH_CHECK(x.element_size() == 2 && K % 64 == 0 && x.stride(0) % 8 == 0 && (uintptr_t)x.data_ptr() % 16 == 0,
+                "direct x must be 16-bit, K % 64 == 0, 16-byte aligned rows");
+    p.xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    p.ldx = (int)x.stride(0);
+  } else {
+    TORCH_CHECK(x.element_size() == 4 && x.is_contiguous() && x.size(-1) * (p.cb8 ? 4 : 2) == KP,
+                "x words must be int32 [rows, KP/2] (int8 codes: [rows, KP/4])");
+    p.xp = reinterpret_cast<const uint32_t*>(x.data_ptr());
+  }
+  p.xscale = ptr_or_null<float>(xscale);
+  p.bias = ptr_or_null<float>(bias);
+  p.y = y.data_ptr();
+  p.ldy = y.stride(0);
+  p.otype = dtype_code(y);
+  p.M = (int)M;
+  p.N = N;
+  p.K = (int)K;
+  p.KP = KP;
+  p.NG = NG;
+  p.G = (int)(K / NG);
+  p.bexp = ptr_or_null<int>(bexp);
+  p.bm = (int)bm;
+  p.rows = ptr_or_null<int>(rows);
+  p.nslots = (int)nslots;
+  p.rw = ptr_or_null<float>(rw);
+  p.epi = (int)epi;
+  p.inter = (int)inter;
+  TORCH_CHECK(p.epi != EPI_SCATTER || (p.rows && p.rw), "the scatter epilogue needs rows and routing weights");
+  const int blocks_y = p.bexp ? (int)bexp.numel() : 1;
+  check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)variant, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "CodeQuant W4A16 decode GEMM (M <= 16)");
-  m.def("set_force_prologue", &cq_gemv_set_force_prologue, "testing: always pair x in the prologue kernel");
+  m.def("prep_x", &prep_x, "pair / gather / quantize x rows into pair words");
+  m.def("gemv", &gemv, "CodeQuant decode GEMV (M <= 16 rows per block), dense or per-expert");
 }

@@ -1,14 +1,27 @@
-"""CUDA C++ W4A16 decode kernel (M <= 16 tokens) on the packed format: ``csrc/cuda/cq_gemv.cu``.
+"""CUDA C++ decode kernels (M <= 16 rows of x per weight) on the packed format: ``csrc/cuda/cq_gemv.cu``.
 
 Built on first use with ``torch.utils.cpp_extension.load`` for the device's architecture
 (sm_90 on an H200) and cached by PyTorch's extension builder. When the sources are missing,
-nvcc is absent or the build fails, :func:`linear` returns False (logged once) and the
-caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernel off.
+nvcc is absent or the build fails, the entry points return None / False (logged once) and
+the caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels off.
 
-Kernel design (details in the .cu file and benchmarks/notes-gpu.md): lookups in registers
-by byte permutes, each index byte's column pair (j, j+32) is one operand register of a
-tensor-core mma.m16n8k16 (x permuted the same way by a small prologue kernel), fp32
-accumulation, split-K over the warps of a block reduced in shared memory.
+* :func:`linear`: W4A16 (x straight from its bf16 / fp16 tensor, or paired by a prologue
+  kernel; matches the reference up to fp32 summation order and, for bf16 x, the bf16
+  rounding of the codebook) and activations quantized with one scale per token: the
+  prologue quantizes each row exactly as
+  :func:`~codequant.quantizers.activations.quantize_activations`. For up to 7 bits (W4A4)
+  the codes q - z are int8 and the GEMV runs on integer tensor cores against an int8 copy
+  of the codebook (``ops.int8_codebook``: per-row scale max|C| / 127, the CPU kernels'
+  tolerance: each weight off by at most half an int8 step); for 8 bits, fp16 codes against
+  the fp16 codebook. Scales are applied after the exact accumulation.
+* :func:`moe`: routed SwiGLU experts for decode batches: tokens grouped by expert into
+  blocks of ``bm`` rows (one routing launch), one prologue (gather, pair, quantize), one
+  gate_up launch over all active experts with SwiGLU in its epilogue, the block Hadamard,
+  one prologue, one down launch that scales by the routing weight and scatters to the
+  (token, k) slots, one sum. Dense bf16 expert weights run through the same kernels
+  (``WBF16``), the comparison that isolates the weight format.
+
+Kernel design in the .cu file and benchmarks/notes-gpu.md.
 """
 
 from __future__ import annotations
@@ -20,14 +33,19 @@ from pathlib import Path
 import torch
 
 from ...format import PackedWeight
+from ...quantizers.activations import ActQuantSpec
 
 log = logging.getLogger(__name__)
 
 MAX_M = 16
+MOE_MAX_SLOTS = 8192
+EPI_PLAIN, EPI_SWIGLU, EPI_SCATTER = 0, 1, 2
 _EXT = None
 _FAILED = False
-_SOURCES = ("cq_gemv.cpp", "cq_gemv.cu")
+_SOURCES = ("cq_gemv.cpp", "cq_gemv.cu", "cq_gemv.h")
 _SMS: dict = {}
+_EMPTY: dict = {}
+DEFAULT_VARIANT = int(os.environ.get("CODEQUANT_CUDA_VARIANT", "0"))
 
 
 def source_dir() -> Path | None:
@@ -52,7 +70,7 @@ def load(verbose: bool = False):
     try:
         d = source_dir()
         if d is None:
-            raise FileNotFoundError("csrc/cuda/cq_gemv.{cpp,cu} not found (set CODEQUANT_CSRC)")
+            raise FileNotFoundError("csrc/cuda/cq_gemv.{cpp,cu,h} not found (set CODEQUANT_CSRC)")
         from torch.utils.cpp_extension import load as _load
 
         major, minor = torch.cuda.get_device_capability()
@@ -60,15 +78,16 @@ def load(verbose: bool = False):
             raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.m16n8k16 bf16 needs sm_80)")
         arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
         _EXT = _load(
-            name=f"codequant_cq_gemv_sm{major}{minor}",
-            sources=[str(d / s) for s in _SOURCES],
+            name=f"codequant_cq_gemv_v3_sm{major}{minor}",
+            sources=[str(d / s) for s in _SOURCES[:2]],
+            extra_include_paths=[str(d)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", arch, "-lineinfo"],
             verbose=verbose,
         )
     except Exception as e:  # noqa: BLE001  (no nvcc, failed build: keep the Triton path)
         _FAILED = True
-        log.warning("CodeQuant CUDA decode kernel unavailable, using the Triton path: %s", e)
+        log.warning("CodeQuant CUDA decode kernels unavailable, using the Triton path: %s", e)
         _EXT = None
     return _EXT
 
@@ -80,13 +99,19 @@ def _sm_count(device) -> int:
     return _SMS[i]
 
 
-def config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int]:
-    """(R row tiles of 16 per block, W warps per block splitting K); picks the best point of the
-    H200 sweep (benchmarks/results/gpu-decode-cuda-meta.json) on all 15 shape/M cases: two row
-    tiles per warp when that still gives about one block per SM, up to 32 warps per SM (8 at
-    M > 8 with two row tiles), at least 3 chunks of 128 columns per warp."""
-    r = 2 if -(-n // 32) >= 0.9 * sms else 1
-    blocks = -(-n // (16 * r))
+def _none(device) -> torch.Tensor:
+    if device not in _EMPTY:
+        _EMPTY[device] = torch.empty(0, device=device)
+    return _EMPTY[device]
+
+
+def config(m: int, tiles16: int, k: int, sms: int = 132) -> tuple[int, int]:
+    """(R row tiles of 16 per warp, W warps per block splitting K) for ``tiles16`` tiles of 16
+    output rows (all experts together for a MoE): two row tiles per warp when that still
+    gives about one block per SM, warps up to about 32 per SM, at least 3 chunks of 128
+    columns per warp (the H200 sweep in benchmarks/results/gpu-decode-cuda-meta.json)."""
+    r = 2 if tiles16 // 2 >= 0.9 * sms else 1
+    blocks = -(-tiles16 // r)
     chunks = -(-k // 128)
     w_max = 8 if r == 2 else 16
     budget = sms * (8 if (m > 8 and r == 2) else 32)
@@ -96,12 +121,14 @@ def config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int]:
     return r, w
 
 
-def supported(x2: torch.Tensor, weight: PackedWeight) -> bool:
-    idx, cb = weight.indices, weight.codebook
-    k = weight.in_features
-    if not (x2.is_cuda and enabled() and 1 <= x2.shape[0] <= MAX_M and idx.dim() == 2):
-        return False
-    if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32) or idx.dtype != torch.uint8 or cb.dtype != torch.float16:
+def _act_ok(act: ActQuantSpec, k: int) -> bool:
+    return not act.enabled or (W4A4 and act.bits <= 8 and (act.group_size or k) == k)
+
+
+def _packed_ok(w: PackedWeight, experts: bool) -> bool:
+    idx, cb = w.indices, w.codebook
+    k = w.in_features
+    if idx.dim() != (3 if experts else 2) or idx.dtype != torch.uint8 or cb.dtype != torch.float16:
         return False
     if not (idx.is_contiguous() and cb.is_contiguous()) or idx.data_ptr() % 16 or cb.data_ptr() % 16:
         return False
@@ -111,10 +138,73 @@ def supported(x2: torch.Tensor, weight: PackedWeight) -> bool:
     return idx.shape[-1] * 2 == -(-k // 64) * 64
 
 
-def linear(x2: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, y: torch.Tensor,
-           r: int | None = None, w: int | None = None) -> bool:
-    """y[:] = x2 @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply."""
-    if not supported(x2, weight):
+def supported(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec = ActQuantSpec(bits=16)) -> bool:
+    if not (x2.is_cuda and enabled() and 1 <= x2.shape[0] <= MAX_M):
+        return False
+    if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return _act_ok(act, weight.in_features) and _packed_ok(weight, experts=False)
+
+
+def _int8_path(act: ActQuantSpec) -> bool:
+    """Int8 codes and codebooks on integer tensor cores (opt-in, ``CODEQUANT_CUDA_W4A4_INT8=1``:
+    the int8 rounding of codebooks with an outlier centroid costs accuracy, see the module doc)."""
+    return W4A4_INT8 and act.enabled and act.bits <= 7
+
+
+def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantSpec, rows=None, nslots=0, topk=0):
+    """x words of x's rows: 16-bit pairs [n_rows, KP/2] or int8 codes [n_rows, KP/4], and the
+    per-row scales of quantized activations."""
+    i8 = _int8_path(act)
+    xp = torch.empty(n_rows, kp // (4 if i8 else 2), dtype=torch.int32, device=x.device)
+    xs = torch.empty(n_rows, dtype=torch.float32, device=x.device) if act.enabled else _none(x.device)
+    none = _none(x.device)
+    ext.prep_x(x, xp, xs, rows if rows is not None else none, nslots, topk, bf16, act.bits if act.enabled else 16,
+               float(act.clip), i8)
+    return xp, xs
+
+
+TILED = os.environ.get("CODEQUANT_CUDA_TILED", "1") != "0"
+W4A4_INT8 = os.environ.get("CODEQUANT_CUDA_W4A4_INT8", "0") == "1"
+# Quantized activations in these kernels are opt-in: on an H200 (2026-11-22) they matched the
+# reference on float32-valued inputs (rel. err. < 1e-4) but not on bf16-valued ones (up to 5.7%,
+# cause not found; benchmarks/notes-gpu.md), so by default such calls return None / False.
+W4A4 = os.environ.get("CODEQUANT_CUDA_W4A4", "0") == "1"
+
+
+def tiled_indices(indices: torch.Tensor) -> torch.Tensor:
+    """The copy of ``indices`` [E?, N, KP/2] the kernels stream: [E?, ceil(N/16), KP/128, 16, 64]
+    (rows padded to 16, columns to 128), so that one warp's load of a 16-row chunk is 1 KB of
+    contiguous memory instead of 16 pieces of 64 B. Made once per weight and cached (one extra
+    copy of the indices in GPU memory, as the CPU kernels' interleaved copy)."""
+    from .ops import _derived
+
+    def make():
+        *lead, n, half = indices.shape
+        npad, hpad = -(-n // 16) * 16, -(-half // 64) * 64
+        t = torch.nn.functional.pad(indices, (0, hpad - half, 0, npad - n))
+        t = t.reshape(*lead, npad // 16, 16, hpad // 64, 64).transpose(-3, -2)
+        return t.contiguous()
+
+    return _derived(indices, "tiled", make)
+
+
+def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
+    """(indices, fp16 codebook, int8 codebook, row scales) for the kernel; int8 ones when x is int8."""
+    none = _none(w.indices.device)
+    idx = tiled_indices(w.indices) if TILED else w.indices
+    if _int8_path(act):
+        from .ops import int8_codebook
+
+        cb8, scale = int8_codebook(w.codebook)
+        return idx, w.codebook, cb8, scale
+    return idx, w.codebook, none, none
+
+
+def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None, y: torch.Tensor,
+           r: int | None = None, w: int | None = None, variant: int | None = None) -> bool:
+    """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply."""
+    if not supported(x2, weight, act):
         return False
     ext = load()
     if ext is None:
@@ -124,12 +214,93 @@ def linear(x2: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, y:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if r is None or w is None:
-        r0, w0 = config(m, n, k, _sm_count(x2.device))
+        r0, w0 = config(m, -(-n // 16), k, _sm_count(x2.device))
         r, w = r or r0, w or w0
-    xp = torch.empty(m, weight.indices.shape[-1], dtype=torch.int32, device=x2.device)
-    b = bias.float().contiguous() if bias is not None else torch.empty(0, dtype=torch.float32, device=x2.device)
-    out = y if y.is_contiguous() else torch.empty_like(y)
-    ext.gemv(x2, weight.indices, weight.codebook, b, out, xp, k, r, w)
+    kp = weight.indices.shape[-1] * 2
+    none = _none(x2.device)
+    bf16_dot = x2.dtype != torch.float16 and not act.enabled
+    direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
+              and x2.data_ptr() % 16 == 0)
+    if direct:
+        xin, xs = x2, none
+    else:  # quantized activations are taken from float32 x (16-bit x failed the H200 check, see notes-gpu.md)
+        xin, xs = _prep(ext, x2.float() if act.enabled else x2, kp, m, bf16_dot, act)
+    b = bias.float().contiguous() if bias is not None else none
+    out = y if y.is_contiguous() and not act.enabled else torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    ext.gemv(xin, direct, xs, *_lut_args(weight, act), none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
+             bf16_dot, r, w, DEFAULT_VARIANT if variant is None else variant)
     if out is not y:
         y.copy_(out)
     return True
+
+
+_HADAMARD: dict = {}
+
+
+def _hadamard(block: int, device) -> torch.Tensor:
+    key = (block, device)
+    if key not in _HADAMARD:
+        from ...transforms.hadamard import hadamard
+
+        _HADAMARD[key] = hadamard(block, torch.float32).to(device)
+    return _HADAMARD[key]
+
+
+def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
+        act: ActQuantSpec, down_act: ActQuantSpec, hadamard_block: int = 0) -> torch.Tensor | None:
+    """Routed SwiGLU experts (reference.moe's contract) for up to MOE_MAX_SLOTS (token, k)
+    slots; ``gate_up`` / ``down`` packed [E, 2I, H] / [E, H, I] or dense bf16 tensors.
+    None when this path does not apply."""
+    dense = isinstance(gate_up, torch.Tensor)
+    t, topk = top_k_index.shape
+    s = t * topk
+    h_dim = x.shape[-1]
+    if not (x.is_cuda and enabled() and 0 < s <= MOE_MAX_SLOTS and x.dim() == 2):
+        return None
+    if dense:
+        if gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16 or h_dim % 64 or act.enabled or down_act.enabled:
+            return None
+        n_exp, two_i = gate_up.shape[0], gate_up.shape[1]
+        gate_up, down = gate_up.contiguous(), down.contiguous()
+    else:
+        if not (_packed_ok(gate_up, True) and _packed_ok(down, True)):
+            return None
+        n_exp, two_i = gate_up.indices.shape[0], gate_up.out_features
+    i_dim = two_i // 2
+    if not (_act_ok(act, h_dim) and _act_ok(down_act, i_dim)) or (dense and i_dim % 64):
+        return None
+    ext = load()
+    if ext is None:
+        return None
+    from .ops import moe_route
+
+    bm = 16 if s >= 8 * n_exp else 8
+    rows, bexp, max_blocks = moe_route(top_k_index, n_exp, bm)
+    n_rows = max_blocks * bm
+    sms = _sm_count(x.device)
+    none = _none(x.device)
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    kp_h, kp_i = -(-h_dim // 64) * 64, -(-i_dim // 64) * 64
+    if dense:
+        w_gu, w_dn = (none, none, none, none, gate_up), (none, none, none, none, down)
+    else:
+        w_gu, w_dn = (*_lut_args(gate_up, act), none), (*_lut_args(down, down_act), none)
+    active = min(max_blocks, n_exp)
+    # gate_up + SwiGLU -> h [rows, I]
+    bf16 = not act.enabled
+    xp, xs = _prep(ext, x2.float() if act.enabled else x2, kp_h, n_rows, bf16, act, rows, s, topk)
+    h = torch.empty(n_rows, i_dim, dtype=torch.float32, device=x.device)
+    _, w_g = config(bm, -(-i_dim // 16) * 2 * active, h_dim, sms)
+    ext.gemv(xp, False, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
+             i_dim, bf16, 2, min(w_g, 8), DEFAULT_VARIANT)
+    if hadamard_block:
+        h = (h.view(n_rows, i_dim // hadamard_block, hadamard_block) @ _hadamard(hadamard_block, x.device)).view(n_rows, i_dim)
+    # down, scaled by the routing weight, scattered to the slots -> sum over k
+    bf16 = not down_act.enabled
+    hp, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0)
+    y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
+    rw = top_k_weights.reshape(-1).float().contiguous()
+    r_d, w_d = config(bm, -(-h_dim // 16) * active, i_dim, sms)
+    ext.gemv(hp, False, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
+             EPI_SCATTER, 0, bf16, r_d, w_d, DEFAULT_VARIANT)
+    return y_slots.view(t, topk, h_dim).sum(1).to(x.dtype)

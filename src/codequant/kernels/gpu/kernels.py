@@ -616,3 +616,27 @@ def topk_sum_kernel(src_ptr, y_ptr, H, TOPK: tl.constexpr, BLOCK: tl.constexpr):
     for j in tl.static_range(TOPK):
         acc += tl.load(src_ptr + (t * TOPK + j).to(tl.int64) * H + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * H + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_kernel(idx_ptr, stride_in, cb_ptr, stride_cn, out_ptr, stride_on, N, K, P,
+                   G: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[n, c] = cb[n, c // G, nibble(n, c)] for a [BLOCK_N, 2 * BLOCK_P] tile of columns.
+
+    Raw values are moved, so one kernel serves every element type (bf16 / fp16 / fp32 /
+    fp8 codebook copies viewed as integers). Byte p of a row holds columns
+    64 (p // 32) + p % 32 (low nibble) and that + 32 (high nibble).
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (offs_n < N)[:, None] & (p < P)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    b = tl.load(idx_ptr + rows * stride_in + p[None, :], mask=mask, other=0).to(tl.int32)
+    col_lo = (p // 32) * 64 + p % 32
+    col_hi = col_lo + 32
+    cb_row = cb_ptr + rows * stride_cn
+    v_lo = tl.load(cb_row + (col_lo // G)[None, :] * 16 + (b & 15), mask=mask, other=0)
+    v_hi = tl.load(cb_row + (col_hi // G)[None, :] * 16 + (b >> 4), mask=mask, other=0)
+    out_row = out_ptr + rows * stride_on
+    tl.store(out_row + col_lo[None, :], v_lo, mask=mask & (col_lo < K)[None, :])
+    tl.store(out_row + col_hi[None, :], v_hi, mask=mask & (col_hi < K)[None, :])

@@ -1,22 +1,24 @@
-"""The GPU backend's ops (signatures of :mod:`codequant.kernels.reference`) on the Triton kernels.
+"""The GPU backend's ops (signatures of :mod:`codequant.kernels.reference`).
 
-Paths, by activation mode and number of rows M:
+Paths on a CUDA device, by activation mode and number of rows M:
 
-* W4A16, M <= 16 tokens on CUDA: the CUDA C++ decode kernel (``cuda_gemv``, built on first
-  use); where it is not built or not applicable, the Triton paths below.
-* W4A16, M <= 4 tokens: ``lut_gemv_kernel`` (CUDA cores, split-K through float32 partials).
-* W4A16, larger M: ``lut_mm_kernel`` (tensor cores; the dot runs in fp16 when x is fp16,
-  else in bf16 through a bf16 copy of the codebook, cached per weight).
-* W4A4, one scale per token, M <= ``FUSED_QUANT_MAX_M``: the quantization is fused into
-  the kernel's prologue (q - z are exact small integers in fp16, the fp16 codebook is exact).
-* W4A4 otherwise: ``act_quant_kernel`` writes int8 q - z and the scales, then
-  ``lut_mm_kernel`` with an fp16 dot, or, with ``set_int8_prefill(True)``, an INT8 dot
-  against an int8 copy of the codebook (per-row scale; accuracy cost in benchmarks/README.md).
+* M <= 16 (decode), W4A16: the CUDA C++ kernels (``cuda_gemv``, built on first use); fused
+  MoE up to ``cuda_gemv.MOE_MAX_SLOTS`` slots too. W4A4 there only with
+  ``CODEQUANT_CUDA_W4A4=1`` (see ``cuda_gemv.W4A4``), else the reference path.
+* M > 16 (prefill): :mod:`.prefill`: dequantize through the codebook, then cuBLAS (W4A16);
+  W4A4 (``W4A4_PREFILL``): ``"bf16"`` (default) runs the fake-quantized activations through
+  the W4A16 path, ``"fp8"`` uses FP8 tensor cores (e4m3-rounded codebooks: 2.3% error on
+  codebooks with an outlier centroid, benchmarks/README.md).
+* Otherwise (no CUDA extension, larger MoE batches): the Triton kernels below,
+  ``lut_gemv_kernel`` (M <= 4) and ``lut_mm_kernel`` (tensor cores) for W4A16; W4A4 there
+  goes to the reference path (the Triton W4A4 kernels failed their error limits at real
+  sizes on an H200 and run only under ``TRITON_INTERPRET``, see benchmarks/notes-gpu.md).
 
-The saved format is read as it is; derived copies (bf16 / int8 codebooks) are cached,
-keyed by the codebook tensor's storage and version. Anything the kernels do not cover
-(activation bits other than 4, activation groups that are not multiples of 64) goes to
-the reference path.
+Under ``TRITON_INTERPRET=1`` (CPU tensors) every call takes the Triton kernels, which is
+how CI checks them. The saved format is read as it is; derived copies (bf16 / fp8
+codebooks) are cached, keyed by the codebook tensor's storage and version. Anything the
+kernels do not cover (activation bits other than 4, activation groups that are not
+multiples of 64) goes to the reference path.
 """
 
 from __future__ import annotations
@@ -29,19 +31,12 @@ import torch
 
 from .. import reference
 from ...format import PackedWeight
-from ...quantizers.activations import ActQuantSpec
+from ...quantizers.activations import ActQuantSpec, fake_quantize_activations
 from . import kernels as K_
 
 FUSED_QUANT_MAX_M = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT8_PREFILL = os.environ.get("CODEQUANT_GPU_W4A4_INT8", "0") == "1"
-INT8_PREFILL_MIN_M = 256
-
-
-def set_int8_prefill(enabled: bool) -> None:
-    """Use INT8 tensor cores (int8 codebook copies) for W4A4 with M >= INT8_PREFILL_MIN_M."""
-    global _INT8_PREFILL
-    _INT8_PREFILL = bool(enabled)
+W4A4_PREFILL = os.environ.get("CODEQUANT_GPU_W4A4_PREFILL", "bf16")
 
 
 @dataclass(frozen=True)
@@ -292,6 +287,26 @@ def _dot_dtype(x: torch.Tensor) -> torch.dtype:
 
 # ---------------------------------------------------------------- ops
 
+def _linear_cuda(x2, weight: PackedWeight, act: ActQuantSpec, bias, y):
+    """The CUDA-device paths (module doc): y, or None to continue with Triton / reference."""
+    from . import cuda_gemv, prefill
+
+    m = x2.shape[0]
+    if m <= cuda_gemv.MAX_M:
+        if cuda_gemv.linear(x2, weight, act, bias, y):
+            return y
+    elif not act.enabled:
+        return prefill.linear_w4a16(x2, weight, bias)
+    elif W4A4_PREFILL == "fp8" and prefill.fp8_supported(x2, weight, act):
+        return prefill.linear_w4a4_fp8(x2, weight, act, bias)
+    elif (act.group_size or weight.in_features) == weight.in_features:
+        x_hat = fake_quantize_activations(x2, act).to(torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype)
+        return prefill.linear_w4a16(x_hat, weight, bias).to(x2.dtype)
+    if act.enabled:
+        return reference.linear(x2, weight, act, bias)
+    return None
+
+
 def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """y = Q_act(x) @ W_hat^T + bias on the LUT kernels (reference.linear's contract)."""
     k = weight.in_features
@@ -305,6 +320,10 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
+    if x2.is_cuda and config is None:
+        done = _linear_cuda(x2, weight, act, bias, y)
+        if done is not None:
+            return done.reshape(*lead, n)
     one_group = not act.enabled or (act.group_size or k) == k
     if not act.enabled:
         x_mode = 0
@@ -312,11 +331,6 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
         x_mode = 1
     else:
         x_mode = 2
-    if x_mode == 0 and config is None and m <= 16 and x2.is_cuda:
-        from . import cuda_gemv  # CUDA C++ decode kernel; False: not applicable or not built
-
-        if cuda_gemv.linear(x2, weight, bias, y):
-            return y.reshape(*lead, n)
     cfg = config or linear_config(m, n, k, x_mode)
     dot_dtype = _dot_dtype(x)
     if cfg.kind == "gemv" and x_mode in (0, 1):
@@ -324,8 +338,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
         return y.reshape(*lead, n)
     if x_mode == 2:
         xq, xs = quantize_activations_int8(x2, act)
-        w_int8 = _INT8_PREFILL and m >= INT8_PREFILL_MIN_M
-        _mm(xq, xs, weight, y, m, n, k, cfg, 2, w_int8, torch.float16, bias=bias, ga=act.group_size or k)
+        _mm(xq, xs, weight, y, m, n, k, cfg, 2, False, torch.float16, bias=bias, ga=act.group_size or k)
     else:
         _mm(x2, None, weight, y, m, n, k, cfg, x_mode, False, torch.float16 if x_mode == 1 else dot_dtype, bias=bias, clip=act.clip)
     return y.reshape(*lead, n)
@@ -364,6 +377,14 @@ def moe(
     kernels then read those weights instead of looking them up (the bf16 comparison).
     """
     dense = isinstance(gate_up, torch.Tensor)
+    if x.is_cuda and config is None:
+        from . import cuda_gemv
+
+        out = cuda_gemv.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+        if out is not None:
+            return out
+        if act.enabled or down_act.enabled:
+            return reference.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
     h_dim = x.shape[-1]
     i_dim = (gate_up.shape[1] if dense else gate_up.out_features) // 2
     n_experts = gate_up.shape[0] if dense else gate_up.indices.shape[0]
@@ -390,8 +411,7 @@ def moe(
                 bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
         else:
             xq, xs = quantize_activations_int8(inp, in_act)
-            w_int8 = _INT8_PREFILL and s >= INT8_PREFILL_MIN_M
-            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, 2, w_int8, torch.float16, ga=in_act.group_size or k, moe=moe_kind,
+            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, 2, False, torch.float16, ga=in_act.group_size or k, moe=moe_kind,
                 rows=rows, bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
 
     h = torch.empty(max_blocks * cfg.block_m, i_dim, dtype=torch.float32, device=x.device)
