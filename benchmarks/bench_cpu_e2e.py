@@ -10,7 +10,8 @@ and routed experts are quantized data-free with CodeQuant's k-means codebooks (4
 (hidden 2048, 128 experts of 768, top-8) and random packed weights, where the weight
 bytes, not Python overhead, dominate a decode step.
 Greedy decoding of ``--new-tokens`` tokens after a short prompt, with the KV cache; tokens/s
-for 1 and 2 threads.
+(median of 5 generations) for each thread count of ``--threads``, each block started on an
+idle machine (see bench_cpu.wait_until_idle).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import argparse
 import copy
 import json
 import os
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -69,9 +72,10 @@ def random_model(layers: int) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
 
 
-def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, threads: int, repeats: int = 3) -> float:
+def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, threads: int, repeats: int = 5) -> tuple[float, float]:
+    """(median, best) decode tokens/s over `repeats` generations (after a warm-up)."""
     torch.set_num_threads(threads)
-    best = 0.0
+    rates = []
     with torch.inference_mode():
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm up
         for _ in range(repeats):
@@ -79,8 +83,8 @@ def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
             out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             dt = time.perf_counter() - t0
             assert out.shape[1] == prompt.shape[1] + new_tokens
-            best = max(best, new_tokens / dt)
-    return best
+            rates.append(new_tokens / dt)
+    return statistics.median(rates), max(rates)
 
 
 def main() -> None:
@@ -104,14 +108,21 @@ def main() -> None:
     for name, act in (("codequant-w4a16", ActQuantSpec(16)), ("codequant-w4a8", ActQuantSpec(8)), ("codequant-w4a4", ActQuantSpec(4))):
         variants[name] = codequant_model(base, act, random)
     assert select_backend("moe", "cpu").__module__ == "codequant.kernels.cpu"
-    results = []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_cpu import wait_until_idle
+
+    results, idle_log = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
+        wait_until_idle(idle_log)
         row = {"threads": threads}
+        best = {}
         for name, model in variants.items():
-            row[name] = round(decode_tokens_per_s(model, prompt, args.new_tokens, threads), 2)
+            med, top = decode_tokens_per_s(model, prompt, args.new_tokens, threads)
+            row[name], best[name] = round(med, 2), round(top, 2)
         for name in variants:
             if name != "bf16":
                 row[f"{name}_vs_bf16"] = round(row[name] / row["bf16"], 3)
+        row["best"] = best
         print(json.dumps(row), flush=True)
         results.append(row)
     report = {
@@ -120,6 +131,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "quantized": "attention q/k/v/o and routed experts: 4-bit indices, one 16-entry codebook per row; rest bf16",
         "loadavg": os.getloadavg(),
+        "idle_checks": idle_log,
+        "statistic": "median of 5 generations after a warm-up (best of the 5 under 'best')",
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

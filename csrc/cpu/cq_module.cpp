@@ -186,13 +186,32 @@ void load_row(const void* x, int bf16, int64_t K, int64_t KP, float* out) {
   for (int64_t k = K; k < KP; ++k) out[k] = 0.f;
 }
 
+// A growable buffer whose data start on a 64-byte boundary (the kernels load activation
+// rows 64 bytes at a time: no cache-line splits).
+template <class T>
+struct AlignedBuf {
+  std::vector<T> v;
+  T* p = nullptr;
+  int64_t n = 0;
+  void ensure(int64_t count) {
+    if (count <= n) return;
+    v.resize(count + 64 / sizeof(T));
+    p = (T*)(((uintptr_t)v.data() + 63) & ~(uintptr_t)63);
+    n = count;
+  }
+  T& operator[](int64_t i) { return p[i]; }
+  const T& operator[](int64_t i) const { return p[i]; }
+  T* data() { return p; }
+  const T* data() const { return p; }
+};
+
 // Prepared activations of M rows for one weight shape.
 struct Acts {
   bool integer = false;
   int bits = 0;
   int64_t K = 0, KP = 0, KQ = 0, GA = 0, NA = 1;
-  std::vector<float> xf;
-  std::vector<uint8_t> q;
+  AlignedBuf<float> xf;
+  AlignedBuf<uint8_t> q;
   std::vector<float> s, z;
 
   // Shape only (enough for Isa::i8_ok); then init() for the buffers of the chosen ISA.
@@ -210,10 +229,10 @@ struct Acts {
     interleave_ = isa->q_interleave128;
     quant_ = isa->quantize_row;
     if (integer) {
-      if ((int64_t)q.size() < M * KQ) q.resize(M * KQ);
+      q.ensure(M * KQ);
       if ((int64_t)s.size() < M * NA) { s.resize(M * NA); z.resize(M * NA); }
-    } else if ((int64_t)xf.size() < M * KP) {
-      xf.resize(M * KP);
+    } else {
+      xf.ensure(M * KP);
     }
   }
   // Row m from float32 data x[0..K).
