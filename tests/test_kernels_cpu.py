@@ -322,3 +322,15 @@ def test_moe_prepared_weights_follow_in_place_updates(act):
     assert torch.equal(y, cpu.moe(x, top_i, top_w, fresh(gate_up), fresh(down), act, act))
     ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, act), act, act)
     assert float((y - ref).norm() / ref.norm()) < (1e-5 if not act.enabled else 5e-3)
+
+
+@pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8)])
+def test_moe_threads_do_not_change_results(act):
+    """Large enough for the thread pool (small calls run on one thread): same bits either way."""
+    e, h, inter = 4, 512, 256
+    gate_up, down = random_weight(2 * inter, h, h, 50, (e,)), random_weight(h, inter, inter, 51, (e,))
+    x, top_i, top_w = torch.randn(5, h), torch.randint(0, e, (5, 2)), torch.rand(5, 2)
+    one = cpu.moe(x, top_i, top_w, gate_up, down, act, act, threads=1)
+    assert torch.equal(one, cpu.moe(x, top_i, top_w, gate_up, down, act, act, threads=2))
+    ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, act), act, act)
+    assert float((one - ref).norm() / ref.norm()) < (1e-5 if not act.enabled else 5e-3)

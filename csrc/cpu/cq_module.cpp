@@ -426,11 +426,15 @@ void moe(const MoeArgs& A) {
   }
   const int64_t gu_na = ax.NA;
 
+  // Too little weight data to be worth waking the pool (e.g. a small model's decode step):
+  // one thread, as linear() does.
+  const int threads = (int64_t)groups.size() * (I2 * A.gu.KP / 2 + H * A.dn.KP / 2) < 131072 ? 1 : A.threads;
+
   // Work items: (expert group, row range) for gate_up, then for down.
   struct Item { int64_t g, n0, n1; };
   auto make_items = [&](int64_t N, int64_t KP) {
     std::vector<Item> items;
-    const int64_t R = rows_per_item(N * (int64_t)groups.size(), KP, A.threads);
+    const int64_t R = rows_per_item(N * (int64_t)groups.size(), KP, threads);
     for (int64_t g = 0; g < (int64_t)groups.size(); ++g)
       for (int64_t n0 = 0; n0 < N; n0 += R) items.push_back({g, n0, std::min(N, n0 + R)});
     return items;
@@ -439,7 +443,7 @@ void moe(const MoeArgs& A) {
   std::vector<float> gu_out(P * I2);
   {
     std::vector<Item> items = make_items(I2, A.gu.KP);
-    parallel_for(A.threads, (int64_t)items.size(), [&](int64_t i) {
+    parallel_for(threads, (int64_t)items.size(), [&](int64_t i) {
       const Group& g = groups[items[i].g];
       const Weight w = expert(A.gu, g.e, gu_na);
       run_rows(isa_gu, w, ax, g.r0, g.M, &gu_out[g.r0 * I2], I2, nullptr, items[i].n0, items[i].n1);
@@ -449,7 +453,7 @@ void moe(const MoeArgs& A) {
   // SwiGLU, online block Hadamard, down-input activations.
   Acts ad;
   const Isa* isa_dn = prepare(ad, A.dn, P, I, A.dbits, A.dGA);
-  parallel_for(A.threads, P, [&](int64_t r) {
+  parallel_for(threads, P, [&](int64_t r) {
     std::vector<float> h(ad.KP);
     const float* gu = &gu_out[r * I2];
     for (int64_t j = 0; j < I; ++j) {
@@ -464,7 +468,7 @@ void moe(const MoeArgs& A) {
   std::vector<float> dn_out(P * H);
   {
     std::vector<Item> items = make_items(H, A.dn.KP);
-    parallel_for(A.threads, (int64_t)items.size(), [&](int64_t i) {
+    parallel_for(threads, (int64_t)items.size(), [&](int64_t i) {
       const Group& g = groups[items[i].g];
       const Weight w = expert(A.dn, g.e, ad.NA);
       run_rows(isa_dn, w, ad, g.r0, g.M, &dn_out[g.r0 * H], H, nullptr, items[i].n0, items[i].n1);
@@ -472,7 +476,7 @@ void moe(const MoeArgs& A) {
   }
 
   // Combine per token in ascending expert order (the reference's accumulation order).
-  parallel_for(A.threads, T, [&](int64_t t) {
+  parallel_for(threads, T, [&](int64_t t) {
     std::vector<int64_t> slots(k);
     for (int64_t j = 0; j < k; ++j) slots[j] = t * k + j;
     std::stable_sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return A.topi[a] < A.topi[b]; });
