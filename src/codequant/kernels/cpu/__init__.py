@@ -14,7 +14,7 @@ Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
   group) in C exactly as :func:`~codequant.quantizers.activations.quantize_activations`
   does (bit-identical codes, scales, zeros), the codebooks are held as int8 with one
   scale per row and group (``sc = max|C| / 127``), and the dot products are integer
-  (vpshufb lookups + vpdpbusd on AVX-512, vpmaddubsw on AVX2). The one approximation is
+  (vpshufb or, with VBMI, vpermb lookups + vpdpbusd on AVX-512; vpmaddubsw on AVX2). The one approximation is
   that int8 rounding of the centroids, so the documented tolerance is::
 
       |y - y_ref| <= 0.5 * sum_k sc[n, g(k)] * |x_hat_k|  (+ float32 rounding)
@@ -22,6 +22,12 @@ Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
   i.e. each weight is off by at most half an int8 step of its row/group's largest centroid
   (relative 1/254). The int8 codebooks and the row sums they need are prepared once per
   weight and cached (keyed on the codebook tensor, invalidated when it is modified).
+
+Per weight, activation spec and ISA the kernel arguments are prepared once and kept in a
+plan (a capsule for ``_lut.run``); each call checks it against the weight tensors' identity,
+version counters and data pointers, so a decode step's call costs a few microseconds of
+Python. bf16 inputs, biases and outputs are converted inside the kernel (the output is the
+float32 result rounded once, as ``.to(torch.bfloat16)`` would).
 
 On AVX-512 the kernels stream a row-interleaved copy of the indices made once per weight
 at first use (:func:`interleaved_indices`; the saved format and the module's buffers are
