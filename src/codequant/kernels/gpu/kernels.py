@@ -17,8 +17,7 @@ are the portable ones the interpreter runs.
 Activations (``X_MODE``): 0 float x, dot in the codebook copy's dtype (fp16 or bf16);
 1 float x quantized per token on the fly (min/max prologue over K, then
 q - z = clamp(rint(x / s) + z, 0, 15) - z, exact small integers, fp16 dot, y = s * acc);
-2 pre-quantized int8 x = q - z with scales [rows, act groups] (int8 dot with an int8
-codebook copy, or fp16 dot).
+2 pre-quantized int8 x = q - z with scales [rows, act groups] (fp16 dot).
 
 Rounding is half-to-even like ``torch.round`` ((v + 1.5 * 2^23) - 1.5 * 2^23 in fp32,
 exact for |v| < 2^22) and divisions are IEEE (``div_rn``), so q matches
@@ -220,13 +219,13 @@ def _w_tile(w_base, cb_base, cb_tile, offs_n, col, byte, half: tl.constexpr, K, 
 @triton.jit
 def lut_mm_kernel(
     x_ptr, stride_xm, xs_ptr, stride_xsm,
-    w_ptr, stride_we, stride_wn, cb_ptr, stride_ce, stride_cn, ws_ptr, stride_wse,
+    w_ptr, stride_we, stride_wn, cb_ptr, stride_ce, stride_cn,
     bias_ptr, y_ptr, stride_ym, stride_ys,
     rows_ptr, bexp_ptr, rw_ptr,
     M, N, NUM_VALID, N_OUT, clip,
     K: tl.constexpr, KP2: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GA: tl.constexpr, TOPK: tl.constexpr,
     K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    X_MODE: tl.constexpr, W_MODE: tl.constexpr, W_INT8: tl.constexpr, LUT: tl.constexpr, NG1: tl.constexpr,
+    X_MODE: tl.constexpr, W_MODE: tl.constexpr, LUT: tl.constexpr, NG1: tl.constexpr,
     NGA1: tl.constexpr, MOE: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False, TAB_BF16: tl.constexpr = False,
 ):
@@ -292,12 +291,8 @@ def lut_mm_kernel(
         if MOE == 1:
             tabs_u = _load_tables(cb_base_u, offs_n_safe, stride_cn)
 
-    if W_INT8 and not (X_MODE == 2 and not NGA1):
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
 
     offs_c = tl.arange(0, BK2)
     k_start = pid_k * K_PER_SPLIT
@@ -373,35 +368,16 @@ def lut_mm_kernel(
             if X_MODE == 2 and not NGA1:
                 # per-(row, activation group) scales: the step lies inside one group (GA % BLOCK_K == 0)
                 sg = tl.load(xs_ptr + in_rows * stride_xsm + k0 // GA, mask=m_mask, other=0.0)
-                if W_INT8:
-                    part = tl.dot(wh, xh, tl.dot(wl, xl, out_dtype=tl.int32), out_dtype=tl.int32)
-                else:
-                    part = tl.dot(wh, xh, tl.dot(wl, xl))
-                acc += part.to(tl.float32) * sg[None, :]
+                acc += tl.dot(wh, xh, tl.dot(wl, xl)) * sg[None, :]
                 if MOE == 1:
-                    if W_INT8:
-                        part_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, out_dtype=tl.int32), out_dtype=tl.int32)
-                    else:
-                        part_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl))
-                    acc_u += part_u.to(tl.float32) * sg[None, :]
+                    acc_u += tl.dot(wh_u, xh, tl.dot(wl_u, xl)) * sg[None, :]
             else:
-                if W_INT8:
-                    acc = tl.dot(wh, xh, tl.dot(wl, xl, acc, out_dtype=tl.int32), out_dtype=tl.int32)
-                    if MOE == 1:
-                        acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u, out_dtype=tl.int32), out_dtype=tl.int32)
-                else:
-                    acc = tl.dot(wh, xh, tl.dot(wl, xl, acc))
-                    if MOE == 1:
-                        acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u))
+                acc = tl.dot(wh, xh, tl.dot(wl, xl, acc))
+                if MOE == 1:
+                    acc_u = tl.dot(wh_u, xh, tl.dot(wl_u, xl, acc_u))
 
-    out = acc.to(tl.float32)
-    out_u = acc_u.to(tl.float32)
-    if W_INT8:
-        wsc = tl.load(ws_ptr + expert.to(tl.int64) * stride_wse + offs_n_safe)
-        out = out * wsc[:, None]
-        if MOE == 1:
-            wsc_u = tl.load(ws_ptr + expert.to(tl.int64) * stride_wse + N_OUT + offs_n_safe)
-            out_u = out_u * wsc_u[:, None]
+    out = acc
+    out_u = acc_u
     if X_MODE == 1:
         out = out * s_row[None, :]
         out_u = out_u * s_row[None, :]

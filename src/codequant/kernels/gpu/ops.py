@@ -159,22 +159,21 @@ def quantize_activations_int8(x2: torch.Tensor, act: ActQuantSpec) -> tuple[torc
 
 
 def _mm(
-    x, xs, w: PackedWeight | torch.Tensor, y, m, n_out, k, cfg: Config, x_mode: int, w_int8: bool, dot_dtype,
+    x, xs, w: PackedWeight | torch.Tensor, y, m, n_out, k, cfg: Config, x_mode: int, dot_dtype,
     bias=None, ga=None, clip=1.0, moe: int = 0, rows=None, bexp=None, rw=None, num_valid=0, topk=1, grid_m=None,
 ):
     """Launch lut_mm_kernel (packed ``PackedWeight`` or a dense [E, N, K] tensor)."""
     dense = isinstance(w, torch.Tensor)
     lut = cfg.lut
-    if dense or w_int8 or w.codebook.shape[-2] != 1 or (xs is not None and xs.shape[1] > 1) or (lut == 2 and cfg.block_k < 128):
+    if dense or w.codebook.shape[-2] != 1 or (xs is not None and xs.shape[1] > 1) or (lut == 2 and cfg.block_k < 128):
         lut = min(lut, 1)
     tab_bf16 = False
     if dense:
         wt = w if w.dim() == 3 else w.unsqueeze(0)
-        cb, ws = wt, wt  # unused
+        cb = wt  # unused
         stride_we, stride_wn = wt.stride(0), wt.stride(1)
         stride_ce = stride_cn = 0
         kp2, g, ng = (k + 63) // 64 * 32, k, 1
-        stride_wse = 0
     elif lut == 2:
         idx = w.indices
         wt = idx.view(torch.int32)
@@ -183,7 +182,6 @@ def _mm(
         kp2 = idx.shape[-1]
         cb = lut_tables(w.codebook, dot_dtype)
         tab_bf16 = dot_dtype == torch.bfloat16
-        ws, stride_wse = w.row_sum, 0
         stride_ce = cb.stride(0) if cb.dim() == 4 else 0
         stride_cn = cb.stride(-3)
         ng, g = 1, k
@@ -192,11 +190,7 @@ def _mm(
         stride_we = idx.stride(0) if idx.dim() == 3 else 0
         stride_wn = idx.stride(-2)
         kp2 = idx.shape[-1]
-        if w_int8:
-            cb, ws = int8_codebook(w.codebook)
-            stride_wse = ws.stride(0) if ws.dim() == 2 else 0
-        else:
-            cb, ws, stride_wse = codebook_as(w.codebook, dot_dtype), w.row_sum, 0
+        cb = codebook_as(w.codebook, dot_dtype)
         stride_ce = cb.stride(0) if cb.dim() == 4 else 0
         stride_cn = cb.stride(-3)
         ng = cb.shape[-2]
@@ -214,12 +208,12 @@ def _mm(
     dummy = out
     K_.lut_mm_kernel[grid](
         x, x.stride(0), xs if xs is not None else dummy, xs.stride(0) if xs is not None else 0,
-        wt, stride_we, stride_wn, cb, stride_ce, stride_cn, ws if w_int8 else dummy, stride_wse,
+        wt, stride_we, stride_wn, cb, stride_ce, stride_cn,
         bias if bias is not None else dummy, out, stride_ym, stride_ys,
         rows if rows is not None else dummy, bexp if bexp is not None else dummy, rw if rw is not None else dummy,
         m, n_out, num_valid, n_out, float(clip),
         K=k, KP2=kp2, G=g, NG=ng, GA=ga or k, TOPK=topk, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        X_MODE=x_mode, W_MODE=1 if dense else 0, W_INT8=w_int8, LUT=lut, NG1=ng == 1,
+        X_MODE=x_mode, W_MODE=1 if dense else 0, LUT=lut, NG1=ng == 1,
         NGA1=xs is None or xs.shape[1] == 1, MOE=moe, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
         UPCAST_DOT=_INTERPRET and (dense and wt.dtype == torch.bfloat16 or not dense and cb.dtype == torch.bfloat16),
         TAB_BF16=tab_bf16,
@@ -338,9 +332,9 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
         return y.reshape(*lead, n)
     if x_mode == 2:
         xq, xs = quantize_activations_int8(x2, act)
-        _mm(xq, xs, weight, y, m, n, k, cfg, 2, False, torch.float16, bias=bias, ga=act.group_size or k)
+        _mm(xq, xs, weight, y, m, n, k, cfg, 2, torch.float16, bias=bias, ga=act.group_size or k)
     else:
-        _mm(x2, None, weight, y, m, n, k, cfg, x_mode, False, torch.float16 if x_mode == 1 else dot_dtype, bias=bias, clip=act.clip)
+        _mm(x2, None, weight, y, m, n, k, cfg, x_mode, torch.float16 if x_mode == 1 else dot_dtype, bias=bias, clip=act.clip)
     return y.reshape(*lead, n)
 
 
@@ -404,14 +398,14 @@ def moe(
 
     def run(inp, in_act, w, y, n_out, k, moe_kind, valid_rows):
         if dense or not in_act.enabled:
-            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 0, False, dot_dtype, moe=moe_kind, rows=rows, bexp=bexp,
+            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 0, dot_dtype, moe=moe_kind, rows=rows, bexp=bexp,
                 rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
         elif (in_act.group_size or k) == k and s <= FUSED_QUANT_MAX_M * 4:
-            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 1, False, torch.float16, clip=in_act.clip, moe=moe_kind, rows=rows,
+            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 1, torch.float16, clip=in_act.clip, moe=moe_kind, rows=rows,
                 bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
         else:
             xq, xs = quantize_activations_int8(inp, in_act)
-            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, 2, False, torch.float16, ga=in_act.group_size or k, moe=moe_kind,
+            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, 2, torch.float16, ga=in_act.group_size or k, moe=moe_kind,
                 rows=rows, bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
 
     h = torch.empty(max_blocks * cfg.block_m, i_dim, dtype=torch.float32, device=x.device)
