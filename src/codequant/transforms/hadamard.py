@@ -32,10 +32,16 @@ def largest_power_of_two_block(n: int) -> int:
     return n & -n
 
 
+@functools.lru_cache(maxsize=32)
+def _block_matrix(block: int, device: torch.device) -> torch.Tensor:
+    """H_block / sqrt(block) in float32 on ``device``, made once (the online transform runs every forward)."""
+    return hadamard(block, torch.float32).to(device)
+
+
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     """x @ blockdiag(H_block, ..., H_block) over the last dim (orthonormal, self-inverse)."""
     k = x.shape[-1]
-    h = hadamard(block, torch.float32).to(x.device)
+    h = _block_matrix(block, x.device)
     y = x.float().reshape(*x.shape[:-1], k // block, block) @ h
     return y.reshape(x.shape).to(x.dtype)
 

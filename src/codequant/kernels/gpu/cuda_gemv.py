@@ -34,6 +34,7 @@ import torch
 
 from ...format import PackedWeight
 from ...quantizers.activations import ActQuantSpec
+from ...transforms.hadamard import block_hadamard
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,9 @@ def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantS
     return xp, xs
 
 
-TILED = os.environ.get("CODEQUANT_CUDA_TILED", "1") != "0"
+# Off by default: the tiled copy doubles the indices' GPU memory and measured no faster on an
+# H200 (benchmarks/notes-gpu.md); kept as a switch for the next round of measurements.
+TILED = os.environ.get("CODEQUANT_CUDA_TILED", "0") == "1"
 W4A4_INT8 = os.environ.get("CODEQUANT_CUDA_W4A4_INT8", "0") == "1"
 # Quantized activations in these kernels are opt-in: on an H200 (2026-11-22) they matched the
 # reference on float32-valued inputs (rel. err. < 1e-4) but not on bf16-valued ones (up to 5.7%,
@@ -234,18 +237,6 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     return True
 
 
-_HADAMARD: dict = {}
-
-
-def _hadamard(block: int, device) -> torch.Tensor:
-    key = (block, device)
-    if key not in _HADAMARD:
-        from ...transforms.hadamard import hadamard
-
-        _HADAMARD[key] = hadamard(block, torch.float32).to(device)
-    return _HADAMARD[key]
-
-
 def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
         act: ActQuantSpec, down_act: ActQuantSpec, hadamard_block: int = 0) -> torch.Tensor | None:
     """Routed SwiGLU experts (reference.moe's contract) for up to MOE_MAX_SLOTS (token, k)
@@ -294,7 +285,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     ext.gemv(xp, False, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
              i_dim, bf16, 2, min(w_g, 8), DEFAULT_VARIANT)
     if hadamard_block:
-        h = (h.view(n_rows, i_dim // hadamard_block, hadamard_block) @ _hadamard(hadamard_block, x.device)).view(n_rows, i_dim)
+        h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
     bf16 = not down_act.enabled
     hp, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0)
