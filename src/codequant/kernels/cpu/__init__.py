@@ -262,18 +262,7 @@ def linear(
     input's dtype (bf16: the float32 result rounded once, in the kernel)."""
     if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()) or (act.bits < 16 and not 1 <= act.bits <= 8):
         return reference.linear(x, weight, act, bias)
-    idx, cb = weight.indices, weight.codebook
-    plan = _plans.get((id(idx), id(cb)))
-    if (
-        plan is None
-        or (plan[0] is not act and plan[0] != act)
-        or plan[1] != idx._version
-        or plan[2] != cb._version
-        or plan[3] != idx.data_ptr()
-        or plan[4] != cb.data_ptr()
-        or plan[5] != _isa_epoch[0]
-    ):
-        plan = _plan(weight, act)
+    plan = _cached_plan(weight, act)
     n, k = plan[7], plan[8]
     shape = x.shape
     if shape[-1] != k:
