@@ -140,6 +140,26 @@ def weight_sets(n: int, k: int):
     return lut_w, bf16_w, int4_w
 
 
+def baseline_us(x, bf16_w, int4_w):
+    """(cuBLAS bf16 F.linear, torch int4 or None) microseconds per call for x over the weight copies."""
+    t_bf16 = time_calls([lambda w=w: F.linear(x, w) for w in bf16_w])
+    t_int4 = None
+    if int4_w is not None:
+        try:
+            t_int4 = time_calls([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
+        except Exception as e:  # noqa: BLE001
+            log("int4 mm failed:", repr(e))
+    return t_bf16, t_int4
+
+
+def linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, read_gbps) -> dict:
+    """One dense result record (schema in benchmarks/README.md)."""
+    gbps = wbytes / t / 1e3
+    return dict(op="linear", mode=mode, M=m, N=n, K=k, experts=None, topk=None, us=round(t, 3), gbps=round(gbps, 1),
+                pct_bw=round(100 * gbps / read_gbps, 1), vs_bf16=round(t_bf16 / t, 3),
+                vs_int4=None if t_int4 is None else round(t_int4 / t, 3), vs_grouped_mm=None)
+
+
 def bench_linear(shapes, ms, modes):
     recs = []
     for n, k in shapes:
@@ -148,21 +168,12 @@ def bench_linear(shapes, ms, modes):
         wbytes = lut_bytes(pw)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_bf16 = time_calls([lambda w=w: F.linear(x, w) for w in bf16_w])
-            t_int4 = None
-            if int4_w is not None:
-                try:
-                    t_int4 = time_calls([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
-                except Exception as e:  # noqa: BLE001
-                    log("int4 mm failed:", repr(e))
+            t_bf16, t_int4 = baseline_us(x, bf16_w, int4_w)
             for mode in modes:
                 act = MODES[mode]
                 t = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
-                gbps = wbytes / t / 1e3
-                recs.append(dict(op="linear", mode=mode, M=m, N=n, K=k, experts=None, topk=None, us=round(t, 3),
-                                 gbps=round(gbps, 1), pct_bw=round(100 * gbps / BW["read_gbps"], 1),
-                                 vs_bf16=round(t_bf16 / t, 3), vs_int4=None if t_int4 is None else round(t_int4 / t, 3),
-                                 vs_grouped_mm=None))
+                recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, BW["read_gbps"]))
+                gbps = recs[-1]["gbps"]
                 log(f"linear {mode} M={m:5d} N={n:6d} K={k:6d}: {t:9.2f} us {gbps:7.0f} GB/s  bf16 {t_bf16:9.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f}")
         del lut_w, bf16_w, int4_w
         torch.cuda.empty_cache()

@@ -23,10 +23,9 @@ import torch
 # the W4A4 rows time the opt-in kernels (CUDA decode kernels, FP8 prefill); see ops / cuda_gemv docs
 os.environ.setdefault("CODEQUANT_CUDA_W4A4", "1")
 os.environ.setdefault("CODEQUANT_GPU_W4A4_PREFILL", "fp8")
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import lut_bytes, measure_bandwidth, time_calls, weight_sets  # noqa: E402
+from bench_gpu import baseline_us, linear_record, lut_bytes, measure_bandwidth, time_calls, weight_sets  # noqa: E402
 
 from codequant.kernels import reference  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops  # noqa: E402
@@ -60,13 +59,7 @@ def main():
         wbytes = lut_bytes(pw)
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_bf16 = time_calls([lambda w=w: F.linear(x, w) for w in bf16_w])
-            t_int4 = None
-            if int4_w is not None:
-                try:
-                    t_int4 = time_calls([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
-                except Exception as e:  # noqa: BLE001
-                    log("int4 mm failed:", repr(e))
+            t_bf16, t_int4 = baseline_us(x, bf16_w, int4_w)
             for mode, act in MODES.items():
                 # accuracy on this shape (random weights / codebooks of bench_gpu.random_packed)
                 y = ops.linear(x, pw, act)
@@ -74,11 +67,8 @@ def main():
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 meta["accuracy"].append(dict(mode=mode, M=m, N=n, K=k, rel_err=err))
                 t = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
-                gbps = wbytes / t / 1e3
-                recs.append(dict(op="linear", mode=mode, M=m, N=n, K=k, experts=None, topk=None, us=round(t, 3),
-                                 gbps=round(gbps, 1), pct_bw=round(100 * gbps / bw["read_gbps"], 1),
-                                 vs_bf16=round(t_bf16 / t, 3), vs_int4=None if t_int4 is None else round(t_int4 / t, 3),
-                                 vs_grouped_mm=None))
+                recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, bw["read_gbps"]))
+                gbps = recs[-1]["gbps"]
                 log(f"{mode} M={m:2d} {n:5d}x{k:5d}: cuda {t:7.2f} us {gbps:6.0f} GB/s ({100 * gbps / bw['read_gbps']:4.1f}%)  "
                     f"bf16 {t_bf16:7.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f} bf16  err {err:.1e}")
                 if not a.sweep:
