@@ -23,7 +23,7 @@ else:
 ext = Extension(
     "codequant.kernels.cpu._lut",
     sources=[os.path.join("csrc", "cpu", name) for name in SOURCES],
-    depends=[os.path.join("csrc", "cpu", "cq_kernels.h")],
+    depends=[os.path.join("csrc", "cpu", name) for name in ("cq_kernels.h", "cq_avx512_wide.h")],
     include_dirs=[os.path.join("csrc", "cpu")],
     extra_compile_args=compile_args,
     extra_link_args=link_args,

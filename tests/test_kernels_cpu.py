@@ -207,10 +207,26 @@ def test_moe_token_routed_twice_to_one_expert():
 
 
 def test_threads_do_not_change_results():
+    """Each thread runs its own contiguous range of rows and takes leftovers from the others:
+    any thread count (more than the cores too) gives the same bits."""
     weight = random_weight(1000, 2048, 128, seed=9)
     x = torch.randn(3, 2048)
     for act in (ActQuantSpec(16), ActQuantSpec(4)):
-        assert torch.equal(cpu.linear(x, weight, act, threads=1), cpu.linear(x, weight, act, threads=2))
+        one = cpu.linear(x, weight, act, threads=1)
+        for threads in (2, 3, 5):
+            assert torch.equal(one, cpu.linear(x, weight, act, threads=threads))
+
+
+@pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8)])
+def test_time_run_computes_linear(act):
+    """The benchmark's native timing loop runs the same kernel call as linear()."""
+    weights = [random_weight(96, 512, 512, seed=s) for s in (10, 11)]
+    x = torch.randn(2, 512)
+    plans = [cpu._cached_plan(w, act)[6] for w in weights]
+    y = torch.empty(2, 96)
+    times = _lut.time_run(plans, x.data_ptr(), 0, 2, y.data_ptr(), 2, 3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert torch.equal(y, cpu.linear(x, weights[0], act, threads=2))  # reps 3: the last call ran plans[0]
 
 
 def test_modules_dispatch_to_cpu_backend():

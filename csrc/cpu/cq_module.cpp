@@ -62,25 +62,29 @@ const Isa* g_isa = nullptr;
 
 // ---------------------------------------------------------------- thread pool
 // Workers spin briefly after a job (decode issues many small ops back to back), then
-// sleep on a condition variable, so an idle pool costs no CPU. Work is handed out in
-// chunks through an atomic counter, which balances load on a busy machine.
+// sleep on a condition variable, so an idle pool costs no CPU. The items of a job are
+// split into one contiguous range per participating thread (the caller is participant 0);
+// each thread runs its own range front to back, so its rows form one sequential stream
+// through memory, and a thread that runs out takes items from the back of the others'
+// ranges, which balances load on a busy machine.
 
 class Pool {
  public:
+  static constexpr int kMaxThreads = 256;  // participants per job (more threads are not used)
   typedef void (*Fn)(void* ctx, int64_t item);
 
   void run(int threads, int64_t items, Fn fn, void* ctx) {
-    if (threads <= 1 || items <= 1) {
+    if (threads <= 1 || items <= 1 || items >= ((int64_t)1 << 32)) {  // ranges hold 32-bit item numbers
       for (int64_t i = 0; i < items; ++i) fn(ctx, i);
       return;
     }
     std::lock_guard<std::mutex> job_lock(job_mu_);  // one job at a time (callers release the GIL)
-    const int workers = (int)std::min<int64_t>(threads - 1, items - 1);
+    const int workers = (int)std::min<int64_t>(std::min(threads, kMaxThreads) - 1, items - 1);
     ensure(workers);
     fn_ = fn;
     ctx_ = ctx;
-    items_ = items;
-    next_.store(0, std::memory_order_relaxed);
+    for (int p = 0; p <= workers; ++p)
+      ranges_[p].v.store(pack(items * p / (workers + 1), items * (p + 1) / (workers + 1)), std::memory_order_relaxed);
     job_workers_ = workers;
     pending_.store(workers, std::memory_order_relaxed);
     {
@@ -88,7 +92,7 @@ class Pool {
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    work();
+    work(0);
     while (pending_.load(std::memory_order_acquire) != 0) pause();
   }
 
@@ -111,8 +115,26 @@ class Pool {
 #endif
   }
 
-  void work() {
-    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < items_;) fn_(ctx_, i);
+  // A range [lo, hi) of item numbers as one word, so that the owner (taking lo) and a
+  // thief (taking hi - 1) can never both take the same item.
+  static uint64_t pack(int64_t lo, int64_t hi) { return (uint64_t)lo | (uint64_t)hi << 32; }
+
+  // Takes one item from participant p's range, from the front or the back; -1 when empty.
+  int64_t take(int p, bool front) {
+    std::atomic<uint64_t>& r = ranges_[p].v;
+    uint64_t v = r.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t lo = (int64_t)(v & 0xFFFFFFFFu), hi = (int64_t)(v >> 32);
+      if (lo >= hi) return -1;
+      if (r.compare_exchange_weak(v, front ? pack(lo + 1, hi) : pack(lo, hi - 1), std::memory_order_relaxed))
+        return front ? lo : hi - 1;
+    }
+  }
+
+  void work(int self) {
+    for (int64_t i; (i = take(self, true)) >= 0;) fn_(ctx_, i);
+    for (int d = 1; d <= job_workers_; ++d)
+      for (int64_t i; (i = take((self + d) % (job_workers_ + 1), false)) >= 0;) fn_(ctx_, i);
   }
 
   void ensure(int workers) {
@@ -137,7 +159,7 @@ class Pool {
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
       if (id < job_workers_) {
-        work();
+        work(id + 1);
         pending_.fetch_sub(1, std::memory_order_release);
       }
     }
@@ -147,11 +169,13 @@ class Pool {
   std::mutex job_mu_, mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int64_t> next_{0};
+  struct alignas(64) Range {
+    std::atomic<uint64_t> v{0};
+  };
+  Range ranges_[kMaxThreads];
   std::atomic<int> pending_{0};
   Fn fn_ = nullptr;
   void* ctx_ = nullptr;
-  int64_t items_ = 0;
   int job_workers_ = 0;
   bool stop_ = false;
 };
@@ -559,6 +583,47 @@ static PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_time_run(PyObject*, PyObject* args) {
+  // time_run(plans, x, x_bf16, M, y, threads, reps) -> [us per call]: run() on
+  // plans[r % len(plans)] for r < reps (after one untimed call per plan), each call timed
+  // with steady_clock from C++ (no Python between calls), as the ggml harness times ggml.
+  PyObject* seq;
+  long long x, M, y;
+  int x_bf16, threads, reps;
+  if (!PyArg_ParseTuple(args, "OLiLLii", &seq, &x, &x_bf16, &M, &y, &threads, &reps)) return nullptr;
+  PyObject* fast = PySequence_Fast(seq, "plans must be a sequence");
+  if (!fast) return nullptr;
+  std::vector<const Plan*> plans;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
+    const Plan* p = (const Plan*)PyCapsule_GetPointer(PySequence_Fast_GET_ITEM(fast, i), kPlan);
+    if (!p) { Py_DECREF(fast); return nullptr; }
+    plans.push_back(p);
+  }
+  bool same = !plans.empty();
+  for (const Plan* p : plans) same = same && p->w.N == plans[0]->w.N && p->w.K == plans[0]->w.K;
+  if (!same || reps < 1) {
+    Py_DECREF(fast);
+    PyErr_SetString(PyExc_ValueError, "time_run needs plans of one shape and reps >= 1");
+    return nullptr;
+  }
+  std::vector<double> us(reps);
+  auto call = [&](const Plan* p) {
+    linear((const void*)x, x_bf16, M, p->w.K, p->w.K, p->bits, p->GA, p->clip, p->w, nullptr, 0, (void*)y, 0, threads);
+  };
+  Py_BEGIN_ALLOW_THREADS
+  for (const Plan* p : plans) call(p);
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    call(plans[r % plans.size()]);
+    us[r] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  }
+  Py_END_ALLOW_THREADS
+  Py_DECREF(fast);
+  PyObject* out = PyList_New(reps);
+  for (int r = 0; r < reps; ++r) PyList_SET_ITEM(out, r, PyFloat_FromDouble(us[r]));
+  return out;
+}
+
 static PyObject* py_moe(PyObject*, PyObject* args) {
   long long x, T, H, k, E, topi, topw, g_idx, g_il, g_cb16, g_cb8, g_sc, g_rs8, g_N, g_G, d_idx, d_il, d_cb16, d_cb8, d_sc,
       d_rs8, d_G, GA, dGA, had, y;
@@ -702,6 +767,7 @@ static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "y = Q(x) W_hat^T + b on packed weights (pointers; see the Python wrapper)."},
     {"plan", py_plan, METH_VARARGS, "A prepared linear layer (capsule) for run()."},
     {"run", (PyCFunction)(void (*)(void))py_run, METH_FASTCALL, "linear on a plan: run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads)."},
+    {"time_run", py_time_run, METH_VARARGS, "time_run(plans, x, x_bf16, M, y, threads, reps) -> us per call of run() timed from C++."},
     {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
