@@ -20,9 +20,6 @@ import time
 
 import torch
 
-# the W4A4 rows time the opt-in kernels (CUDA decode kernels, FP8 prefill); see ops / cuda_gemv docs
-os.environ.setdefault("CODEQUANT_CUDA_W4A4", "1")
-os.environ.setdefault("CODEQUANT_GPU_W4A4_PREFILL", "fp8")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import baseline_us, linear_record, lut_bytes, measure_bandwidth, time_calls, weight_sets  # noqa: E402
@@ -43,7 +40,7 @@ def log(*a):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--sweep", action="store_true", help="also time (variant, R, W) launch configs")
+    p.add_argument("--sweep", action="store_true", help="also time (stages, R, W) launch configs")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -73,24 +70,24 @@ def main():
                     f"bf16 {t_bf16:7.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f} bf16  err {err:.1e}")
                 if not a.sweep:
                     continue
-                r0, w0 = cuda_gemv.config(m, -(-n // 16), k)
-                v0 = cuda_gemv.DEFAULT_VARIANT
-                for v in (0, 1, 2) if mode == "w4a16" else (0, 1):
+                r0, w0 = cuda_gemv.config(-(-n // 16), k)
+                v0 = cuda_gemv.STAGES
+                for v in (2, 3, 4):
                     for r in (1, 2):
                         for wn in (1, 2, 4, 8, 16):
                             if r == 2 and wn > 8:
                                 continue
                             ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in lut_w]
                             try:
-                                ts = time_calls([lambda w=w, yy=yy, r=r, wn=wn, v=v: cuda_gemv.linear(x, w, act, None, yy, r=r, w=wn, variant=v)
+                                ts = time_calls([lambda w=w, yy=yy, r=r, wn=wn, v=v: cuda_gemv.linear(x, w, act, None, yy, r=r, w=wn, stages=v)
                                                  for w, yy in zip(lut_w, ys)], reps=10)
                             except Exception as e:  # noqa: BLE001
                                 log("sweep fail", r, wn, v, repr(e)[:200])
                                 continue
                             default = (r, wn, v) == (r0, w0, v0)
-                            meta["sweep"].append(dict(mode=mode, M=m, N=n, K=k, R=r, W=wn, V=v, default=default, us=round(ts, 3),
+                            meta["sweep"].append(dict(mode=mode, M=m, N=n, K=k, R=r, W=wn, stages=v, default=default, us=round(ts, 3),
                                                       gbps=round(wbytes / ts / 1e3, 1)))
-                            log(f"   sweep {mode} V={v} R={r} W={wn:2d}: {ts:7.2f} us {wbytes / ts / 1e3:6.0f} GB/s{'  (default)' if default else ''}")
+                            log(f"   sweep {mode} stages={v} R={r} W={wn:2d}: {ts:7.2f} us {wbytes / ts / 1e3:6.0f} GB/s{'  (default)' if default else ''}")
         del lut_w, bf16_w, int4_w
         torch.cuda.empty_cache()
     meta["seconds"] = round(time.time() - t0)

@@ -62,7 +62,7 @@ void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tens
 void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx, torch::Tensor cb, torch::Tensor cb8,
           torch::Tensor wscale, torch::Tensor wd,
           torch::Tensor bias, torch::Tensor y, torch::Tensor bexp, torch::Tensor rows, torch::Tensor rw, int64_t M, int64_t K,
-          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t variant) {
+          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.stride(-1) == 1 && y.stride(-1) == 1, "x and y must be CUDA tensors with unit column stride");
   GemvParams p{};
   const bool dense_w = wd.numel() > 0;
@@ -79,12 +79,7 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
     N = (int)cb.size(-3);
     KP = (int)((K + 63) / 64 * 64);
     NG = (int)cb.size(-2);
-    p.tiled = idx.size(-1) == 64 && idx.size(-2) == 16 && idx.dim() >= 4;
-    if (p.tiled) {
-      TORCH_CHECK(idx.size(-4) == (N + 15) / 16 && idx.size(-3) == (KP / 64 + 1) / 2, "tiled indices do not match [N/16, KP/128, 16, 64]");
-    } else {
-      TORCH_CHECK(idx.size(-2) == N && idx.size(-1) * 2 == KP, "indices width does not match K");
-    }
+    TORCH_CHECK(idx.size(-2) == N && idx.size(-1) * 2 == KP, "indices width does not match K");
     p.idx = idx.data_ptr<uint8_t>();
     p.cb = reinterpret_cast<const __half*>(cb.data_ptr());
     p.idx_es = cb.dim() == 4 ? idx.stride(0) : 0;
@@ -126,7 +121,7 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
   p.inter = (int)inter;
   TORCH_CHECK(p.epi != EPI_SCATTER || (p.rows && p.rw), "the scatter epilogue needs rows and routing weights");
   const int blocks_y = p.bexp ? (int)bexp.numel() : 1;
-  check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)variant, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");
+  check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)stages, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -12,8 +12,10 @@
 // * Lookup in registers: the row's 16 codebook entries (in the dot type) are kept as 4 words of low
 //   bytes and 4 words of high bytes; per 4 indices 4 prmt look up entries idx&7 in both halves of the
 //   table, 2 prmt select by bit 3, 2 prmt interleave low and high bytes (8 prmt per 4 weights).
-// * Latency: a register ring of D chunks of indices in flight, x of the next chunk prefetched (M <= 8),
-//   two independent accumulator sets (the 8 mma of a chunk form two chains of 4).
+// * Latency: each warp streams its chunks (weights and the matching x) through a private ring of D
+//   stages in shared memory filled by cp.async, so D - 1 chunks are in flight while one is computed,
+//   without holding registers (a register ring of the same depth measured no faster than depth 1:
+//   benchmarks/notes-gpu.md); two independent accumulator sets (the 8 mma of a chunk form two chains).
 // * fp32 accumulation; split-K across the warps of a block, reduced in shared memory; the epilogue
 //   applies the per-row x scale (W4A4: x enters as exact integer codes q - z), bias, SwiGLU or the
 //   routing weight and scatter of a MoE.
@@ -42,14 +44,13 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
   return d;
 }
 
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
+// 16 B global -> shared, asynchronous (L2 only); ok = false writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(uint4* dst, const void* src, bool ok) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
 }
-
-__device__ __forceinline__ uint4 ld_x(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 struct Table {
   uint32_t l[4], h[4];
@@ -237,18 +238,18 @@ __global__ void prep_x_kernel(const PrepParams p) {
 // ---------------------------------------------------------------------------------------- GEMV
 
 // R: 16-row tiles per warp (and block); NT: n8 token tiles (rows of x: M <= 8 * NT);
-// BF16: dot type (else fp16); WBF16: dense bf16 weights instead of the lookup;
-// V: latency variant, (chunks of weights in flight, x prefetched) = (1, no) (2, no) (4, yes):
-// deeper rings hide more latency per warp but take registers, i.e. resident warps (V = 0 with
-// NT = 1 is held to 64 registers: 32 warps per SM).
-template <int V> struct Variant;
-template <> struct Variant<0> { static constexpr int D = 1; static constexpr bool XPF = false; };
-template <> struct Variant<1> { static constexpr int D = 2; static constexpr bool XPF = false; };
-template <> struct Variant<2> { static constexpr int D = 4; static constexpr bool XPF = true; };
+// BF16: dot type (else fp16); WBF16: dense bf16 weights instead of the lookup; D: ring stages;
+// I8: int8 codebooks and codes.
+template <int R, int NT, bool WBF16> struct Stage {
+  static constexpr int WV = WBF16 ? 4 : 1;        // uint4 per lane per row half of a chunk
+  static constexpr int W_U4 = R * 2 * WV;         // weights
+  static constexpr int U4 = W_U4 + NT * 4;        // + x (4 uint4 per token tile at most)
+  static constexpr int BYTES = U4 * 16 * 32;      // per warp and stage
+};
 
-template <int R, int NT, bool BF16, bool WBF16, int V, bool I8>
-__global__ void __launch_bounds__(R == 2 ? 256 : 512, (V == 0 && NT == 1 && !WBF16) ? 2 : 1) gemv_kernel(const GemvParams p) {
-  extern __shared__ float red[];
+template <int R, int NT, bool BF16, bool WBF16, int D, bool I8>
+__global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvParams p) {
+  extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   int M = p.M;
@@ -277,20 +278,17 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, (V == 0 && NT == 1 && !WBF
   const int c_end = min(c_begin + p.cpw, nch);
   const int boff = t >> 1, hoff = (t & 1) * 16;
 
-  // indices of chunk cc of row n at rp + cc * cstride: the saved layout (rows of KP/2 bytes) or the
-  // tiled copy [N/16][nch][16 rows][64 B], where a warp's load of 16 rows is 1 KB of contiguous memory
+  // this lane's 16 B of the indices of chunk cc of row n: rp + 64 cc (rows of KP/2 bytes)
   int rown[R][2];
   const uint8_t* rp[R][2];
   const __nv_bfloat16* dp[R][2];
-  const size_t cstride = p.tiled ? 1024 : 64;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = swiglu ? r * p.inter + n0 + 8 * h + g : n0 + 16 * r + 8 * h + g;
       rown[r][h] = min(n, p.N - 1);
-      rp[r][h] = p.tiled ? idx + ((size_t)(rown[r][h] >> 4) * nch * 16 + (rown[r][h] & 15)) * 64 + 16 * t
-                         : idx + (size_t)rown[r][h] * ldi + boff * 32 + hoff;
+      rp[r][h] = idx + (size_t)rown[r][h] * ldi + boff * 32 + hoff;
       dp[r][h] = wd + (size_t)rown[r][h] * p.K + hoff;
     }
 
@@ -331,60 +329,72 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, (V == 0 && NT == 1 && !WBF
   int cur_g = -1;
   if (!WBF16 && !grouped) load_tables(0);
 
-  // weights: D chunks in flight per warp (register ring, slots known at compile time)
-  constexpr int WV = WBF16 ? 4 : 1;  // uint4 per row half per chunk
-  constexpr int D = WBF16 ? 1 : Variant<V>::D;
-  uint4 wb[D][R][2][WV];
-  auto load_w = [&](uint4 (&dst)[R][2][WV], int cc) {
+  // ring slot j of stage st of this lane: uint4 smem[((warp * D + st) * U4 + j) * 32 + lane]
+  using S = Stage<R, NT, WBF16>;
+  constexpr int WV = S::WV;
+  uint4* ring = smem + (size_t)warp * D * S::U4 * 32 + lane;
+  const bool xdirect = p.xs != nullptr;
+  // start the copies of chunk cc (weights, then x of each token tile) into stage st, zeros past the
+  // last 64-column block; one commit group (empty past this warp's range)
+  auto issue = [&](int cc, int st) {
+    uint4* sl = ring + st * S::U4 * 32;
     const int b = 2 * cc + boff;
-    const bool ok = cc < c_end && b < nblk;
+    const bool ok = b < nblk;
+    if (cc < c_end) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint4* d = sl + (r * 2 + h) * WV * 32;
+          if (WBF16) {
+            const __nv_bfloat16* q = dp[r][h] + (size_t)b * 64;
+            cp_async16(d, q, ok);
+            cp_async16(d + 32 * (WV > 1 ? 1 : 0), q + 8, ok);
+            cp_async16(d + 32 * (WV > 2 ? 2 : 0), q + 32, ok);
+            cp_async16(d + 32 * (WV > 3 ? 3 : 0), q + 40, ok);
+          } else {
+            cp_async16(d, rp[r][h] + (size_t)cc * 64, ok);
+          }
+        }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        if (m >= M) continue;
+        uint4* d = sl + (S::W_U4 + nt * 4) * 32;
+        if (xdirect) {
+          const uint16_t* q = p.xs + (row0 + m) * (size_t)p.ldx + b * 64 + hoff;
+          cp_async16(d, q, ok);
+          cp_async16(d + 32, q + 8, ok);
+          cp_async16(d + 64, q + 32, ok);
+          cp_async16(d + 96, q + 40, ok);
+        } else if (I8) {  // int8 codes: 16 pairs of bytes = 2 uint4
+          const uint32_t* q = p.xp + (row0 + m) * (size_t)(ldi >> 1) + b * 16 + (hoff >> 1);
+          cp_async16(d, q, ok);
+          cp_async16(d + 32, q + 4, ok);
+        } else {
+          const uint32_t* q = p.xp + (row0 + m) * (size_t)ldi + b * 32 + hoff;
+#pragma unroll
+          for (int v = 0; v < 4; ++v) cp_async16(d + 32 * v, q + 4 * v, ok);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  // registers of stage st (each lane reads back only what it copied: no warp sync needed)
+  uint4 wreg[R][2][WV], xreg[NT][4];
+  auto fetch = [&](int st) {
+    const uint4* sl = ring + st * S::U4 * 32;
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (WBF16) {
-          const __nv_bfloat16* q = dp[r][h] + (size_t)b * 64;
-          dst[r][h][0] = ok ? ld_stream(q) : make_uint4(0, 0, 0, 0);
-          dst[r][h][WV > 1 ? 1 : 0] = ok ? ld_stream(q + 8) : make_uint4(0, 0, 0, 0);
-          dst[r][h][WV > 2 ? 2 : 0] = ok ? ld_stream(q + 32) : make_uint4(0, 0, 0, 0);
-          dst[r][h][WV > 3 ? 3 : 0] = ok ? ld_stream(q + 40) : make_uint4(0, 0, 0, 0);
-        } else {
-          dst[r][h][0] = ok ? ld_stream(rp[r][h] + cc * cstride) : make_uint4(0, 0, 0, 0);
-        }
-      }
-  };
-
-  // x: raw loads of one chunk (4 uint4 per token tile); prefetched one chunk ahead when NT == 1
-  constexpr bool XPF = NT == 1 && Variant<V>::XPF;
-  const bool xdirect = p.xs != nullptr;
-  uint4 xr[XPF ? 2 : 1][NT][4];
-  auto load_x = [&](uint4 (&dst)[NT][4], int cc) {
-    const int blk = 2 * cc + boff;
-    const bool ok = cc < c_end && blk < nblk;
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int m = nt * 8 + g;
-      if (ok && m < M) {
-        if (xdirect) {
-          const uint16_t* q = p.xs + (row0 + m) * (size_t)p.ldx + blk * 64 + hoff;
-          dst[nt][0] = ld_x(q);
-          dst[nt][1] = ld_x(q + 8);
-          dst[nt][2] = ld_x(q + 32);
-          dst[nt][3] = ld_x(q + 40);
-        } else if (I8) {  // int8 codes: 16 pairs of bytes = 2 uint4
-          const uint32_t* q = p.xp + (row0 + m) * (size_t)(ldi >> 1) + blk * 16 + (hoff >> 1);
-          dst[nt][0] = ld_x(q);
-          dst[nt][1] = ld_x(q + 4);
-        } else {
-          const uint32_t* q = p.xp + (row0 + m) * (size_t)ldi + blk * 32 + hoff;
+        for (int v = 0; v < WV; ++v) wreg[r][h][v] = sl[((r * 2 + h) * WV + v) * 32];
 #pragma unroll
-          for (int v = 0; v < 4; ++v) dst[nt][v] = ld_x(q + 4 * v);
-        }
-      } else {
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int v = 0; v < 4; ++v) dst[nt][v] = make_uint4(0, 0, 0, 0);
-      }
-    }
+      for (int v = 0; v < 4; ++v)
+        xreg[nt][v] = (nt * 8 + g < M && (v < 2 || !I8 || xdirect)) ? sl[(S::W_U4 + nt * 4 + v) * 32] : make_uint4(0, 0, 0, 0);
   };
 
   auto compute = [&](const uint4 (&wc)[R][2][WV], const uint4 (&xc)[NT][4], int c) {
@@ -461,27 +471,21 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, (V == 0 && NT == 1 && !WBF
   };
 
 #pragma unroll
-  for (int s = 0; s < D; ++s) load_w(wb[s], c_begin + s);
-  if (XPF) load_x(xr[0], c_begin);
-  for (int c0 = c_begin; c0 < c_end; c0 += D) {
-#pragma unroll
-    for (int s = 0; s < D; ++s) {
-      const int c = c0 + s;
-      if (c < c_end) {
-        if (XPF) {
-          load_x(xr[(s + 1) & 1], c + 1);
-          compute(wb[s], xr[s & 1], c);
-        } else {
-          load_x(xr[0], c);
-          compute(wb[s], xr[0], c);
-        }
-        load_w(wb[s], c + D);
-      }
-    }
+  for (int st = 0; st < D - 1; ++st) issue(c_begin + st, st);
+  int st = 0;
+  for (int c = c_begin; c < c_end; ++c) {
+    issue(c + D - 1, st == 0 ? D - 1 : st - 1);  // the stage computed last round
+    cp_async_wait<D - 1>();                       // chunk c has landed
+    fetch(st);
+    compute(wreg, xreg, c);
+    st = st == D - 1 ? 0 : st + 1;
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring's memory becomes the split-K reduction buffer
 
   // accumulators: c0 (row g, token 2t), c1 (row g, 2t+1), c2 (row g+8, 2t), c3 (row g+8, 2t+1)
   constexpr int TOK = NT * 8;
+  float* red = reinterpret_cast<float*>(smem);
   float* rw = red + warp * (R * 16 * TOK);
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -531,17 +535,27 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, (V == 0 && NT == 1 && !WBF
   }
 }
 
-template <int R, int NT, bool BF16, bool WBF16, int V, bool I8>
+constexpr int MAX_SMEM = 227 * 1024;
+
+template <int R, int NT, bool WBF16>
+static size_t smem_bytes(int W, int D) {
+  const size_t ring = (size_t)W * D * Stage<R, NT, WBF16>::BYTES, red = (size_t)W * R * 16 * NT * 8 * sizeof(float);
+  return ring > red ? ring : red;
+}
+
+template <int R, int NT, bool BF16, bool WBF16, int D, bool I8>
 static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
-  const int nch = ((p.KP >> 6) + 1) >> 1;
-  if (R == 2 && W > 8) W = 8;
-  if (W > nch) W = nch < 1 ? 1 : nch;
-  p.cpw = (nch + W - 1) / W;
   const int tile_rows = p.epi == EPI_SWIGLU ? 16 : 16 * R;
   const int rows = p.epi == EPI_SWIGLU ? p.inter : p.N;
   const dim3 grid((rows + tile_rows - 1) / tile_rows, blocks_y);
-  const size_t smem = (size_t)W * R * 16 * NT * 8 * sizeof(float);
-  gemv_kernel<R, NT, BF16, WBF16, V, I8><<<grid, 32 * W, smem, st>>>(p);
+  const size_t smem = smem_bytes<R, NT, WBF16>(W, D);
+  static bool attr = false;  // once per instantiation: allow more than 48 KB of dynamic shared memory
+  if (!attr) {
+    const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, NT, BF16, WBF16, D, I8>, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_SMEM);
+    if (e != cudaSuccess) return e;
+    attr = true;
+  }
+  gemv_kernel<R, NT, BF16, WBF16, D, I8><<<grid, 32 * W, smem, st>>>(p);
   return cudaGetLastError();
 }
 
@@ -549,32 +563,39 @@ static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st) {
   if (rows_out <= 0) return 0;
-  cq::prep_x_kernel<<<rows_out, 256, 0, st>>>(p);
+  cq::prep_x_kernel<<<rows_out, 1024, 0, st>>>(p);  // the W4A4 row pass (min / max, divide) is latency-bound: wide blocks
   return (int)cudaGetLastError();
 }
 
-int cq_gemv(const GemvParams& p, int R, int W, int bf16_dot, int variant, int blocks_y, cudaStream_t st) {
+int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, cudaStream_t st) {
   using namespace cq;
   const int nt = p.M <= 8 ? 1 : 2;
   if (p.M < 1 || p.M > 16 || (R != 1 && R != 2) || W < 1 || W > 16 || (p.NG > 1 && p.G % 64)) return (int)cudaErrorInvalidValue;
   if (p.epi == EPI_SWIGLU && R != 2) return (int)cudaErrorInvalidValue;
   if (p.wd != nullptr && (!bf16_dot || p.K % 64)) return (int)cudaErrorInvalidValue;
   const bool wbf16 = p.wd != nullptr, i8 = p.cb8 != nullptr;
-  if (wbf16 || (i8 && variant > 1)) variant = 0;
-#define CQ_CASE(RR, NTT, BF, WB, VV, I8_)                                                                \
-  if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && variant == VV && i8 == I8_) \
-    return (int)launch<RR, NTT, BF, WB, VV, I8_>(p, W, blocks_y, st);
-#define CQ_V(RR, NTT, BF) \
-  CQ_CASE(RR, NTT, BF, false, 0, false) CQ_CASE(RR, NTT, BF, false, 1, false) CQ_CASE(RR, NTT, BF, false, 2, false)
-  CQ_V(1, 1, true) CQ_V(1, 2, true) CQ_V(2, 1, true) CQ_V(2, 2, true)
-  CQ_V(1, 1, false) CQ_V(1, 2, false) CQ_V(2, 1, false) CQ_V(2, 2, false)
-  CQ_CASE(1, 1, true, true, 0, false) CQ_CASE(1, 2, true, true, 0, false)
-  CQ_CASE(2, 1, true, true, 0, false) CQ_CASE(2, 2, true, true, 0, false)
-  CQ_CASE(1, 1, false, false, 0, true) CQ_CASE(1, 2, false, false, 0, true)
-  CQ_CASE(2, 1, false, false, 0, true) CQ_CASE(2, 2, false, false, 0, true)
-  CQ_CASE(1, 1, false, false, 1, true) CQ_CASE(1, 2, false, false, 1, true)
-  CQ_CASE(2, 1, false, false, 1, true) CQ_CASE(2, 2, false, false, 1, true)
-#undef CQ_V
+  const int nch = ((p.KP >> 6) + 1) >> 1;
+  if (R == 2 && W > 8) W = 8;
+  if (W > nch) W = nch < 1 ? 1 : nch;
+  p.cpw = (nch + W - 1) / W;
+  // deepest ring up to `stages` (2..4) that fits in shared memory
+  int D = stages < 2 ? 2 : stages > 4 ? 4 : stages;
+  auto bytes = [&](int d) {
+    return R == 1 ? (nt == 1 ? (wbf16 ? smem_bytes<1, 1, true>(W, d) : smem_bytes<1, 1, false>(W, d))
+                             : (wbf16 ? smem_bytes<1, 2, true>(W, d) : smem_bytes<1, 2, false>(W, d)))
+                  : (nt == 1 ? (wbf16 ? smem_bytes<2, 1, true>(W, d) : smem_bytes<2, 1, false>(W, d))
+                             : (wbf16 ? smem_bytes<2, 2, true>(W, d) : smem_bytes<2, 2, false>(W, d)));
+  };
+  while (D > 2 && bytes(D) > (size_t)MAX_SMEM) --D;
+  if (bytes(D) > (size_t)MAX_SMEM) return (int)cudaErrorInvalidValue;
+#define CQ_CASE(RR, NTT, BF, WB, DD, I8_)                                                         \
+  if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && D == DD && i8 == I8_) \
+    return (int)launch<RR, NTT, BF, WB, DD, I8_>(p, W, blocks_y, st);
+#define CQ_D(RR, NTT, BF, WB, I8_) CQ_CASE(RR, NTT, BF, WB, 2, I8_) CQ_CASE(RR, NTT, BF, WB, 3, I8_) CQ_CASE(RR, NTT, BF, WB, 4, I8_)
+#define CQ_RN(BF, WB, I8_) CQ_D(1, 1, BF, WB, I8_) CQ_D(1, 2, BF, WB, I8_) CQ_D(2, 1, BF, WB, I8_) CQ_D(2, 2, BF, WB, I8_)
+  CQ_RN(true, false, false) CQ_RN(false, false, false) CQ_RN(true, true, false) CQ_RN(false, false, true)
+#undef CQ_RN
+#undef CQ_D
 #undef CQ_CASE
   return (int)cudaErrorInvalidValue;
 }

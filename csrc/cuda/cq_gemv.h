@@ -24,8 +24,7 @@ struct PrepParams {
 
 // y = x @ W^T on packed weights (or dense bf16 weights wd), M <= 16 rows of x per block.
 struct GemvParams {
-  const uint8_t* idx;        // [E?, N, KP/2], or tiled [E?, N/16, KP/128, 16, 64] (tiled = 1)
-  int tiled;
+  const uint8_t* idx;        // [E?, N, KP/2]
   const __half* cb;          // [E?, N, NG, 16]
   const int8_t* cb8;         // or int8 codebooks [E?, N, NG, 16] (W4A4, x as int8 codes) ...
   const float* wscale;       // ... with per-row scales [E?, N]
@@ -50,4 +49,4 @@ struct GemvParams {
 };
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st);
-int cq_gemv(const GemvParams& p, int R, int W, int bf16_dot, int variant, int blocks_y, cudaStream_t st);
+int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, cudaStream_t st);

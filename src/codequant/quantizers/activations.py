@@ -41,7 +41,10 @@ def quantize_activations(x: torch.Tensor, spec: ActQuantSpec):
     qmax = 2**spec.bits - 1
     hi = xg.amax(-1).clamp(min=0) * spec.clip
     lo = xg.amin(-1).clamp(max=0) * spec.clip
-    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    # divide by a tensor, not the Python scalar: on CUDA, torch turns division by a scalar into
+    # multiplication by its float32 reciprocal, which moves s by an ulp and flips codes at ties;
+    # the kernels (CPU, Triton, CUDA) all divide exactly
+    scale = ((hi - lo) / torch.full_like(hi, qmax)).clamp(min=1e-8)
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(xg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, qmax)
     return q.to(torch.uint8).reshape(x.shape), scale, zero

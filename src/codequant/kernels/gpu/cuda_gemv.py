@@ -9,11 +9,12 @@ the caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels of
   kernel; matches the reference up to fp32 summation order and, for bf16 x, the bf16
   rounding of the codebook) and activations quantized with one scale per token: the
   prologue quantizes each row exactly as
-  :func:`~codequant.quantizers.activations.quantize_activations`. For up to 7 bits (W4A4)
-  the codes q - z are int8 and the GEMV runs on integer tensor cores against an int8 copy
-  of the codebook (``ops.int8_codebook``: per-row scale max|C| / 127, the CPU kernels'
-  tolerance: each weight off by at most half an int8 step); for 8 bits, fp16 codes against
-  the fp16 codebook. Scales are applied after the exact accumulation.
+  :func:`~codequant.quantizers.activations.quantize_activations` (same IEEE divisions), the
+  codes q - z (exact in fp16) meet the fp16 codebook on tensor cores and the scale is applied
+  after the exact fp32 accumulation. Opt-in ``CODEQUANT_CUDA_W4A4_INT8=1``: for up to 7 bits,
+  int8 codes on integer tensor cores against an int8 copy of the codebook
+  (``ops.int8_codebook``: per-row scale max|C| / 127, each weight off by at most half an int8
+  step, the CPU kernels' tolerance).
 * :func:`moe`: routed SwiGLU experts for decode batches: tokens grouped by expert into
   blocks of ``bm`` rows (one routing launch), one prologue (gather, pair, quantize), one
   gate_up launch over all active experts with SwiGLU in its epilogue, the block Hadamard,
@@ -46,7 +47,7 @@ _FAILED = False
 _SOURCES = ("cq_gemv.cpp", "cq_gemv.cu", "cq_gemv.h")
 _SMS: dict = {}
 _EMPTY: dict = {}
-DEFAULT_VARIANT = int(os.environ.get("CODEQUANT_CUDA_VARIANT", "0"))
+STAGES = 2  # cp.async ring depth per warp (chunks in flight + 1); 2 to 4 measured alike on an H200
 
 
 def source_dir() -> Path | None:
@@ -106,24 +107,23 @@ def _none(device) -> torch.Tensor:
     return _EMPTY[device]
 
 
-def config(m: int, tiles16: int, k: int, sms: int = 132) -> tuple[int, int]:
+def config(tiles16: int, k: int, sms: int = 132) -> tuple[int, int]:
     """(R row tiles of 16 per warp, W warps per block splitting K) for ``tiles16`` tiles of 16
     output rows (all experts together for a MoE): two row tiles per warp when that still
-    gives about one block per SM, warps up to about 32 per SM, at least 3 chunks of 128
+    gives about one block per SM, warps up to about 14 per SM, at least 3 chunks of 128
     columns per warp (the H200 sweep in benchmarks/results/gpu-decode-cuda-meta.json)."""
     r = 2 if tiles16 // 2 >= 0.9 * sms else 1
     blocks = -(-tiles16 // r)
     chunks = -(-k // 128)
     w_max = 8 if r == 2 else 16
-    budget = sms * (8 if (m > 8 and r == 2) else 32)
     w = 1
-    while w < w_max and blocks * w * 2 <= budget and w * 2 <= max(1, chunks // 3):
+    while w < w_max and blocks * w * 2 <= 14 * sms and w * 2 <= max(1, chunks // 3):
         w *= 2
     return r, w
 
 
 def _act_ok(act: ActQuantSpec, k: int) -> bool:
-    return not act.enabled or (W4A4 and act.bits <= 8 and (act.group_size or k) == k)
+    return not act.enabled or (act.bits <= 8 and (act.group_size or k) == k)
 
 
 def _packed_ok(w: PackedWeight, experts: bool) -> bool:
@@ -165,47 +165,22 @@ def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantS
     return xp, xs
 
 
-# Off by default: the tiled copy doubles the indices' GPU memory and measured no faster on an
-# H200 (benchmarks/notes-gpu.md); kept as a switch for the next round of measurements.
-TILED = os.environ.get("CODEQUANT_CUDA_TILED", "0") == "1"
 W4A4_INT8 = os.environ.get("CODEQUANT_CUDA_W4A4_INT8", "0") == "1"
-# Quantized activations in these kernels are opt-in: on an H200 (2026-11-22) they matched the
-# reference on float32-valued inputs (rel. err. < 1e-4) but not on bf16-valued ones (up to 5.7%,
-# cause not found; benchmarks/notes-gpu.md), so by default such calls return None / False.
-W4A4 = os.environ.get("CODEQUANT_CUDA_W4A4", "0") == "1"
-
-
-def tiled_indices(indices: torch.Tensor) -> torch.Tensor:
-    """The copy of ``indices`` [E?, N, KP/2] the kernels stream: [E?, ceil(N/16), KP/128, 16, 64]
-    (rows padded to 16, columns to 128), so that one warp's load of a 16-row chunk is 1 KB of
-    contiguous memory instead of 16 pieces of 64 B. Made once per weight and cached (one extra
-    copy of the indices in GPU memory, as the CPU kernels' interleaved copy)."""
-    from .ops import _derived
-
-    def make():
-        *lead, n, half = indices.shape
-        npad, hpad = -(-n // 16) * 16, -(-half // 64) * 64
-        t = torch.nn.functional.pad(indices, (0, hpad - half, 0, npad - n))
-        t = t.reshape(*lead, npad // 16, 16, hpad // 64, 64).transpose(-3, -2)
-        return t.contiguous()
-
-    return _derived(indices, "tiled", make)
 
 
 def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
     """(indices, fp16 codebook, int8 codebook, row scales) for the kernel; int8 ones when x is int8."""
     none = _none(w.indices.device)
-    idx = tiled_indices(w.indices) if TILED else w.indices
     if _int8_path(act):
         from .ops import int8_codebook
 
         cb8, scale = int8_codebook(w.codebook)
-        return idx, w.codebook, cb8, scale
-    return idx, w.codebook, none, none
+        return w.indices, w.codebook, cb8, scale
+    return w.indices, w.codebook, none, none
 
 
 def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None, y: torch.Tensor,
-           r: int | None = None, w: int | None = None, variant: int | None = None) -> bool:
+           r: int | None = None, w: int | None = None, stages: int = STAGES) -> bool:
     """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply."""
     if not supported(x2, weight, act):
         return False
@@ -217,7 +192,7 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if r is None or w is None:
-        r0, w0 = config(m, -(-n // 16), k, _sm_count(x2.device))
+        r0, w0 = config(-(-n // 16), k, _sm_count(x2.device))
         r, w = r or r0, w or w0
     kp = weight.indices.shape[-1] * 2
     none = _none(x2.device)
@@ -226,12 +201,12 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
               and x2.data_ptr() % 16 == 0)
     if direct:
         xin, xs = x2, none
-    else:  # quantized activations are taken from float32 x (16-bit x failed the H200 check, see notes-gpu.md)
-        xin, xs = _prep(ext, x2.float() if act.enabled else x2, kp, m, bf16_dot, act)
+    else:
+        xin, xs = _prep(ext, x2, kp, m, bf16_dot, act)
     b = bias.float().contiguous() if bias is not None else none
     out = y if y.is_contiguous() and not act.enabled else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *_lut_args(weight, act), none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
-             bf16_dot, r, w, DEFAULT_VARIANT if variant is None else variant)
+             bf16_dot, r, w, stages)
     if out is not y:
         y.copy_(out)
     return True
@@ -279,11 +254,11 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     active = min(max_blocks, n_exp)
     # gate_up + SwiGLU -> h [rows, I]
     bf16 = not act.enabled
-    xp, xs = _prep(ext, x2.float() if act.enabled else x2, kp_h, n_rows, bf16, act, rows, s, topk)
+    xp, xs = _prep(ext, x2, kp_h, n_rows, bf16, act, rows, s, topk)
     h = torch.empty(n_rows, i_dim, dtype=torch.float32, device=x.device)
-    _, w_g = config(bm, -(-i_dim // 16) * 2 * active, h_dim, sms)
+    _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms)
     ext.gemv(xp, False, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
-             i_dim, bf16, 2, min(w_g, 8), DEFAULT_VARIANT)
+             i_dim, bf16, 2, min(w_g, 8), STAGES)
     if hadamard_block:
         h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
@@ -291,7 +266,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     hp, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
     rw = top_k_weights.reshape(-1).float().contiguous()
-    r_d, w_d = config(bm, -(-h_dim // 16) * active, i_dim, sms)
+    r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms)
     ext.gemv(hp, False, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
-             EPI_SCATTER, 0, bf16, r_d, w_d, DEFAULT_VARIANT)
+             EPI_SCATTER, 0, bf16, r_d, w_d, STAGES)
     return y_slots.view(t, topk, h_dim).sum(1).to(x.dtype)

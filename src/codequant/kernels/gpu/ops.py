@@ -3,8 +3,8 @@
 Paths on a CUDA device, by activation mode and number of rows M:
 
 * M <= 16 (decode), W4A16: the CUDA C++ kernels (``cuda_gemv``, built on first use); fused
-  MoE up to ``cuda_gemv.MOE_MAX_SLOTS`` slots too. W4A4 there only with
-  ``CODEQUANT_CUDA_W4A4=1`` (see ``cuda_gemv.W4A4``), else the reference path.
+  MoE up to ``cuda_gemv.MOE_MAX_SLOTS`` slots too; W4A4 with the activations quantized per
+  token in the kernels' prologue.
 * M > 16 (prefill): :mod:`.prefill`: dequantize through the codebook, then cuBLAS (W4A16);
   W4A4 (``W4A4_PREFILL``): ``"bf16"`` (default) runs the fake-quantized activations through
   the W4A16 path, ``"fp8"`` uses FP8 tensor cores (e4m3-rounded codebooks: 2.3% error on
