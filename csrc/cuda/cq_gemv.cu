@@ -44,10 +44,15 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
   return d;
 }
 
-// 16 B global -> shared, asynchronous (L2 only); ok = false writes zeros and reads nothing.
+// 16 B global -> shared, asynchronous, through L2 only (weights: read once) or L1 too (x: read by
+// every block of the same rows); ok = false writes zeros and reads nothing.
+template <bool L1 = false>
 __device__ __forceinline__ void cp_async16(uint4* dst, const void* src, bool ok) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+  if (L1)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
@@ -334,6 +339,12 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   constexpr int WV = S::WV;
   uint4* ring = smem + (size_t)warp * D * S::U4 * 32 + lane;
   const bool xdirect = p.xs != nullptr;
+  bool xrow_ok[NT];  // x row of this lane's token in tile nt exists (MoE: and is not a padding slot, all zeros)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = nt * 8 + g;
+    xrow_ok[nt] = m < M && (p.rows == nullptr || p.rows[row0 + m] < p.nslots);
+  }
   // start the copies of chunk cc (weights, then x of each token tile) into stage st, zeros past the
   // last 64-column block; one commit group (empty past this warp's range)
   auto issue = [&](int cc, int st) {
@@ -359,22 +370,22 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int m = nt * 8 + g;
-        if (m >= M) continue;
+        if (!xrow_ok[nt]) continue;
         uint4* d = sl + (S::W_U4 + nt * 4) * 32;
         if (xdirect) {
           const uint16_t* q = p.xs + (row0 + m) * (size_t)p.ldx + b * 64 + hoff;
-          cp_async16(d, q, ok);
-          cp_async16(d + 32, q + 8, ok);
-          cp_async16(d + 64, q + 32, ok);
-          cp_async16(d + 96, q + 40, ok);
+          cp_async16<true>(d, q, ok);
+          cp_async16<true>(d + 32, q + 8, ok);
+          cp_async16<true>(d + 64, q + 32, ok);
+          cp_async16<true>(d + 96, q + 40, ok);
         } else if (I8) {  // int8 codes: 16 pairs of bytes = 2 uint4
           const uint32_t* q = p.xp + (row0 + m) * (size_t)(ldi >> 1) + b * 16 + (hoff >> 1);
-          cp_async16(d, q, ok);
-          cp_async16(d + 32, q + 4, ok);
+          cp_async16<true>(d, q, ok);
+          cp_async16<true>(d + 32, q + 4, ok);
         } else {
           const uint32_t* q = p.xp + (row0 + m) * (size_t)ldi + b * 32 + hoff;
 #pragma unroll
-          for (int v = 0; v < 4; ++v) cp_async16(d + 32 * v, q + 4 * v, ok);
+          for (int v = 0; v < 4; ++v) cp_async16<true>(d + 32 * v, q + 4 * v, ok);
         }
       }
     }
@@ -394,7 +405,7 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int v = 0; v < 4; ++v)
-        xreg[nt][v] = (nt * 8 + g < M && (v < 2 || !I8 || xdirect)) ? sl[(S::W_U4 + nt * 4 + v) * 32] : make_uint4(0, 0, 0, 0);
+        xreg[nt][v] = (xrow_ok[nt] && (v < 2 || !I8 || xdirect)) ? sl[(S::W_U4 + nt * 4 + v) * 32] : make_uint4(0, 0, 0, 0);
   };
 
   auto compute = [&](const uint4 (&wc)[R][2][WV], const uint4 (&xc)[NT][4], int c) {

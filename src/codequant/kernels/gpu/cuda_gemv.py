@@ -47,6 +47,9 @@ _FAILED = False
 _SOURCES = ("cq_gemv.cpp", "cq_gemv.cu", "cq_gemv.h")
 _SMS: dict = {}
 _EMPTY: dict = {}
+# warps per SM the launch config aims at (H200 sweep: dense 8-24 alike, 32 up to 1.3x slower on
+# 14336x4096; the MoE launches up to 1.15x faster with 32 on Mixtral shapes, alike elsewhere)
+DENSE_WARPS_PER_SM, MOE_WARPS_PER_SM = 14, 32
 STAGES = 2  # cp.async ring depth per warp (chunks in flight + 1); 2 to 4 measured alike on an H200
 
 
@@ -107,17 +110,17 @@ def _none(device) -> torch.Tensor:
     return _EMPTY[device]
 
 
-def config(tiles16: int, k: int, sms: int = 132) -> tuple[int, int]:
+def config(tiles16: int, k: int, sms: int = 132, warps_per_sm: int = DENSE_WARPS_PER_SM) -> tuple[int, int]:
     """(R row tiles of 16 per warp, W warps per block splitting K) for ``tiles16`` tiles of 16
     output rows (all experts together for a MoE): two row tiles per warp when that still
-    gives about one block per SM, warps up to about 14 per SM, at least 3 chunks of 128
+    gives about one block per SM, up to ``warps_per_sm`` warps per SM, at least 3 chunks of 128
     columns per warp (the H200 sweep in benchmarks/results/gpu-decode-cuda-meta.json)."""
     r = 2 if tiles16 // 2 >= 0.9 * sms else 1
     blocks = -(-tiles16 // r)
     chunks = -(-k // 128)
     w_max = 8 if r == 2 else 16
     w = 1
-    while w < w_max and blocks * w * 2 <= 14 * sms and w * 2 <= max(1, chunks // 3):
+    while w < w_max and blocks * w * 2 <= warps_per_sm * sms and w * 2 <= max(1, chunks // 3):
         w *= 2
     return r, w
 
@@ -256,7 +259,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     bf16 = not act.enabled
     xp, xs = _prep(ext, x2, kp_h, n_rows, bf16, act, rows, s, topk)
     h = torch.empty(n_rows, i_dim, dtype=torch.float32, device=x.device)
-    _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms)
+    _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
     ext.gemv(xp, False, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
              i_dim, bf16, 2, min(w_g, 8), STAGES)
     if hadamard_block:
@@ -266,7 +269,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     hp, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
     rw = top_k_weights.reshape(-1).float().contiguous()
-    r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms)
+    r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
     ext.gemv(hp, False, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
              EPI_SCATTER, 0, bf16, r_d, w_d, STAGES)
     return y_slots.view(t, topk, h_dim).sum(1).to(x.dtype)
