@@ -109,10 +109,7 @@ def _cpu_seconds() -> tuple[float, float]:
     return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
-# A block is repeated when other processes used more than this share of one CPU during it
-# (another user's job takes a whole CPU; blocks of three rounds on an otherwise idle machine
-# saw 8-10% of a CPU used outside this process, about 1% of it kdamond, the rest not traced).
-MAX_OTHER_CPU = 0.15
+MAX_OTHER_CPU = 0.05  # a block is repeated when other processes used more than this share of one CPU during it
 
 
 def wait_until_idle(log: list, max_busy: float = 0.1, max_wait_s: float = 1800) -> None:
