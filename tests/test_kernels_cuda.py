@@ -79,6 +79,18 @@ def test_ring_stages(stages, r, m):
         assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 4160), (17, 4096), (2048, 14336)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_smem_and_register_lookups_agree(n, k, m, dtype):
+    """Pair-word tables in shared memory and the register lookup give the same operands: equal outputs."""
+    w = random_packed(n, k, seed=n + k + m)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    y_smem = run_kernel(x, w, smem_lut=True)
+    assert torch.equal(y_smem, run_kernel(x, w, smem_lut=False))
+    assert rel_err(y_smem, reference.linear(x.float(), w, W4A16)) < LIMIT
+
+
 @pytest.mark.parametrize("n,k,groups", [(4096, 4096, 32), (1024, 1344, 7), (512, 4096, 64), (4096, 14336, 112)])
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_grouped_codebooks(n, k, groups, m):

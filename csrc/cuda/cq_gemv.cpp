@@ -62,7 +62,7 @@ void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tens
 void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx, torch::Tensor cb, torch::Tensor cb8,
           torch::Tensor wscale, torch::Tensor wd,
           torch::Tensor bias, torch::Tensor y, torch::Tensor bexp, torch::Tensor rows, torch::Tensor rw, int64_t M, int64_t K,
-          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages) {
+          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages, bool slut) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.stride(-1) == 1 && y.stride(-1) == 1, "x and y must be CUDA tensors with unit column stride");
   GemvParams p{};
   const bool dense_w = wd.numel() > 0;
@@ -119,6 +119,7 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
   p.rw = ptr_or_null<float>(rw);
   p.epi = (int)epi;
   p.inter = (int)inter;
+  p.slut = slut ? 1 : 0;
   TORCH_CHECK(p.epi != EPI_SCATTER || (p.rows && p.rw), "the scatter epilogue needs rows and routing weights");
   const int blocks_y = p.bexp ? (int)bexp.numel() : 1;
   check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)stages, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");

@@ -12,6 +12,10 @@
 // * Lookup in registers: the row's 16 codebook entries (in the dot type) are kept as 4 words of low
 //   bytes and 4 words of high bytes; per 4 indices 4 prmt look up entries idx&7 in both halves of the
 //   table, 2 prmt select by bit 3, 2 prmt interleave low and high bytes (8 prmt per 4 weights).
+// * SL (dense rows of K >= 8192, M <= 8): the lookup reads a 256-entry table of pair words
+//   (C[b & 15], C[b >> 4]) per row in shared memory, one copy per lane (bank = lane): one LDS and
+//   two ALU ops per index byte instead of 4 prmt + 1.25 ALU; the tables (64 KB per 16 rows) are built
+//   once per block, which pays only on long rows.
 // * Latency: each warp streams its chunks (weights and the matching x) through a private ring of D
 //   stages in shared memory filled by cp.async, so D - 1 chunks are in flight while one is computed,
 //   without holding registers (a register ring of the same depth measured no faster than depth 1:
@@ -134,6 +138,13 @@ __device__ __forceinline__ void imma16832(int* c, uint32_t a0, uint32_t a1, uint
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// One word of indices -> 4 pair words from a 256-entry table of pair words in shared memory,
+// t[b * 32] = (C[b & 15], C[b >> 4]) (this lane's copy: one bank per lane, no conflicts).
+__device__ __forceinline__ void lookup8_smem(const uint32_t* t, uint32_t w, uint32_t* o) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o[i] = t[((w >> (8 * i)) & 0xFFu) << 5];
+}
+
 // One word of indices (4 bytes, 8 nibbles) -> two words of int8 entries from a 16-byte table t:
 // o0 = (C[b0 lo], C[b0 hi], C[b1 lo], C[b1 hi]), o1 likewise for bytes 2 and 3 (3 prmt per 4 weights).
 __device__ __forceinline__ void lookup8_i8(const uint32_t* t, uint32_t w, uint32_t& o0, uint32_t& o1) {
@@ -252,7 +263,12 @@ template <int R, int NT, bool WBF16> struct Stage {
   static constexpr int BYTES = U4 * 16 * 32;      // per warp and stage
 };
 
-template <int R, int NT, bool BF16, bool WBF16, int D, bool I8>
+// SL: pair-word tables in shared memory (dense, per-row codebooks) instead of the register lookup.
+template <int R> struct PairTable {
+  static constexpr size_t BYTES = (size_t)R * 2 * 256 * 32 * 4;  // [R][2 halves][256 bytes][32 lanes] words
+};
+
+template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvParams p) {
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
@@ -332,12 +348,26 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   };
   const bool grouped = p.NG > 1;
   int cur_g = -1;
-  if (!WBF16 && !grouped) load_tables(0);
+  if (!WBF16 && !grouped && !SL) load_tables(0);
+  uint32_t* ptab = reinterpret_cast<uint32_t*>(smem);
+  if constexpr (SL) {  // item i: lane copy ln of row half rh, entries with high nibble hn
+    for (int i = threadIdx.x; i < R * 2 * 32 * 16; i += blockDim.x) {
+      const int ln = i & 31, rh = (i >> 5) % (R * 2), hn = (i >> 5) / (R * 2);
+      const int row = min(n0 + 8 * rh + (ln >> 2), p.N - 1);
+      Table T;
+      load_table<BF16>(T, cb + (size_t)row * 16);
+      const uint32_t hb = prmt(T.l[hn >> 2], T.h[hn >> 2], 0x4000 + (hn & 3) * 0x1100) & 0xFFFF0000u;  // entry hn, bytes 2..3
+#pragma unroll
+      for (int lo = 0; lo < 16; ++lo)
+        ptab[(rh * 256 + hn * 16 + lo) * 32 + ln] = (prmt(T.l[lo >> 2], T.h[lo >> 2], 0x40 + (lo & 3) * 0x11) & 0xFFFFu) | hb;
+    }
+    __syncthreads();
+  }
 
   // ring slot j of stage st of this lane: uint4 smem[((warp * D + st) * U4 + j) * 32 + lane]
   using S = Stage<R, NT, WBF16>;
   constexpr int WV = S::WV;
-  uint4* ring = smem + (size_t)warp * D * S::U4 * 32 + lane;
+  uint4* ring = smem + (SL ? PairTable<R>::BYTES / 16 : 0) + (size_t)warp * D * S::U4 * 32 + lane;
   const bool xdirect = p.xs != nullptr;
   bool xrow_ok[NT];  // x row of this lane's token in tile nt exists (MoE: and is not a padding slot, all zeros)
 #pragma unroll
@@ -464,7 +494,10 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
             pw[r][h][2] = prmt(l1, h1, 0x5410);
             pw[r][h][3] = prmt(l1, h1, 0x7632);
           } else {
-            lookup8(tab[(WBF16 || I8) ? 0 : r][h], word(wc[r][h][0], u), pw[r][h]);
+            if (SL)
+              lookup8_smem(ptab + (r * 2 + h) * 256 * 32 + lane, word(wc[r][h][0], u), pw[r][h]);
+            else
+              lookup8(tab[(WBF16 || I8) ? 0 : r][h], word(wc[r][h][0], u), pw[r][h]);
           }
         }
 #pragma unroll
@@ -554,19 +587,19 @@ static size_t smem_bytes(int W, int D) {
   return ring > red ? ring : red;
 }
 
-template <int R, int NT, bool BF16, bool WBF16, int D, bool I8>
+template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
   const int tile_rows = p.epi == EPI_SWIGLU ? 16 : 16 * R;
   const int rows = p.epi == EPI_SWIGLU ? p.inter : p.N;
   const dim3 grid((rows + tile_rows - 1) / tile_rows, blocks_y);
-  const size_t smem = smem_bytes<R, NT, WBF16>(W, D);
+  const size_t smem = smem_bytes<R, NT, WBF16>(W, D) + (SL ? PairTable<R>::BYTES : 0);
   static bool attr = false;  // once per instantiation: allow more than 48 KB of dynamic shared memory
   if (!attr) {
-    const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, NT, BF16, WBF16, D, I8>, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_SMEM);
+    const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL>, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_SMEM);
     if (e != cudaSuccess) return e;
     attr = true;
   }
-  gemv_kernel<R, NT, BF16, WBF16, D, I8><<<grid, 32 * W, smem, st>>>(p);
+  gemv_kernel<R, NT, BF16, WBF16, D, I8, SL><<<grid, 32 * W, smem, st>>>(p);
   return cudaGetLastError();
 }
 
@@ -597,11 +630,21 @@ int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, 
                   : (nt == 1 ? (wbf16 ? smem_bytes<2, 1, true>(W, d) : smem_bytes<2, 1, false>(W, d))
                              : (wbf16 ? smem_bytes<2, 2, true>(W, d) : smem_bytes<2, 2, false>(W, d)));
   };
+  // pair tables in shared memory: dense per-row codebooks on the 16-bit path, ring of 2
+  const bool sl = p.slut && !wbf16 && !i8 && p.NG == 1 && p.bexp == nullptr && p.epi == EPI_PLAIN &&
+                  bytes(2) + (R == 1 ? PairTable<1>::BYTES : PairTable<2>::BYTES) <= (size_t)MAX_SMEM;
+  if (sl) D = 2;
   while (D > 2 && bytes(D) > (size_t)MAX_SMEM) --D;
   if (bytes(D) > (size_t)MAX_SMEM) return (int)cudaErrorInvalidValue;
+  if (sl) {
+    if (R == 1 && nt == 1) return (int)(bf16_dot ? launch<1, 1, true, false, 2, false, true>(p, W, blocks_y, st) : launch<1, 1, false, false, 2, false, true>(p, W, blocks_y, st));
+    if (R == 1 && nt == 2) return (int)(bf16_dot ? launch<1, 2, true, false, 2, false, true>(p, W, blocks_y, st) : launch<1, 2, false, false, 2, false, true>(p, W, blocks_y, st));
+    if (R == 2 && nt == 1) return (int)(bf16_dot ? launch<2, 1, true, false, 2, false, true>(p, W, blocks_y, st) : launch<2, 1, false, false, 2, false, true>(p, W, blocks_y, st));
+    return (int)(bf16_dot ? launch<2, 2, true, false, 2, false, true>(p, W, blocks_y, st) : launch<2, 2, false, false, 2, false, true>(p, W, blocks_y, st));
+  }
 #define CQ_CASE(RR, NTT, BF, WB, DD, I8_)                                                         \
   if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && D == DD && i8 == I8_) \
-    return (int)launch<RR, NTT, BF, WB, DD, I8_>(p, W, blocks_y, st);
+    return (int)launch<RR, NTT, BF, WB, DD, I8_, false>(p, W, blocks_y, st);
 #define CQ_D(RR, NTT, BF, WB, I8_) CQ_CASE(RR, NTT, BF, WB, 2, I8_) CQ_CASE(RR, NTT, BF, WB, 3, I8_) CQ_CASE(RR, NTT, BF, WB, 4, I8_)
 #define CQ_RN(BF, WB, I8_) CQ_D(1, 1, BF, WB, I8_) CQ_D(1, 2, BF, WB, I8_) CQ_D(2, 1, BF, WB, I8_) CQ_D(2, 2, BF, WB, I8_)
   CQ_RN(true, false, false) CQ_RN(false, false, false) CQ_RN(true, true, false) CQ_RN(false, false, true)

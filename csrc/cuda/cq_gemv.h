@@ -46,6 +46,7 @@ struct GemvParams {
   const float* rw;           // routing weight of each slot (EPI_SCATTER)
   int epi;                   // EPI_PLAIN, EPI_SWIGLU (R = 2: gate rows n, up rows inter + n), EPI_SCATTER
   int inter;
+  int slut;                  // dense, per-row codebooks, 16-bit dot: look up pair words in shared memory
 };
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st);
