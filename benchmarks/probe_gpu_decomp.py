@@ -1,7 +1,8 @@
-"""Where the decode kernel's time goes: the same kernel built three more times from a patched copy of
-csrc/cuda/cq_gemv.cu (in /tmp), with the mma replaced by an xor of its operands ("nomma"), the
-codebook lookup replaced by an xor of the index word ("nolut"), or both ("neither": the data movement
-alone), timed like bench_gpu (CUDA graph over weight copies > 4x L2) next to the real kernel ("base").
+"""Where the decode kernel's time goes (register lookup, smem_lut=False): the same kernel built three
+more times from a patched copy of csrc/cuda/cq_gemv.cu (in /tmp), with the mma replaced by an xor of
+its operands ("nomma"), the codebook lookup replaced by an xor of the index word ("nolut"), or both
+("neither": the data movement alone), timed like bench_gpu (CUDA graph over weight copies > 4x L2)
+next to the real kernel ("base").
 Run on a CUDA machine from the repository root:
 
     PYTHONPATH=src python3 benchmarks/probe_gpu_decomp.py --out benchmarks/results
@@ -44,7 +45,7 @@ def run(tag, weights, recs):
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            t = B.time_calls([lambda w=w: cuda_gemv.linear(x, w, A16, None, y) for w in ws])
+            t = B.time_calls([lambda w=w: cuda_gemv.linear(x, w, A16, None, y, smem_lut=False) for w in ws])
             gbps = ws[0].indices.numel() / t / 1e3
             recs.append(dict(build=tag, M=m, N=n, K=k, us=round(t, 3), index_gbps=round(gbps, 1)))
             print(f"{tag:8s} M={m:2d} {n}x{k}: {t:7.2f} us {gbps:6.0f} GB/s", flush=True)
