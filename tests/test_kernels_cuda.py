@@ -230,6 +230,14 @@ def test_moe_dense_bf16_variant():
     assert rel_err(y, ref) < LIMIT
 
 
+def test_ops_moe_w4a4_beyond_cuda_slots_runs_triton():
+    """More (token, k) slots than the CUDA kernels take: the Triton W4A4 MoE, not the reference loop."""
+    x, idx, w, gu, dn = moe_case(16, 4, 512, 384, cuda_gemv.MOE_MAX_SLOTS // 4 + 9, seed=31)
+    assert cuda_gemv.moe(x, idx, w, gu, dn, W4A4, W4A4, 64) is None
+    y = ops.moe(x, idx, w, gu, dn, W4A4, W4A4, 64)
+    assert rel_err(y, reference.moe(x.float(), idx, w, gu, dn, W4A4, W4A4, 64)) < 8e-3
+
+
 def test_ops_moe_uses_cuda_kernel(monkeypatch):
     calls = []
     real = cuda_gemv.moe
