@@ -12,7 +12,6 @@
 #include <math.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "cq_kernels.h"
 
@@ -209,11 +208,8 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
       mx = std::max(mx, xa[t]);
       mn = std::min(mn, xa[t]);
     }
-    const float hi = std::max(mx, 0.f) * clip;
-    const float lo = std::min(mn, 0.f) * clip;
-    float scale = (hi - lo) / qmax;
-    if (!(scale >= 1e-8f)) scale = 1e-8f;
-    const float zero = nearbyintf(-lo / scale);
+    float scale, zero;
+    group_scale_zero(mx, mn, clip, qmax, scale, zero);
     const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zero);
     uint8_t* da = q + a * GA;
     for (k = 0; k + 8 <= GA; k += 8) {
@@ -223,11 +219,7 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
       const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
       _mm_storel_epi64((__m128i*)(da + k), _mm_packus_epi16(w, w));
     }
-    for (; k < GA; ++k) {
-      float v = nearbyintf(xa[k] / scale) + zero;
-      v = std::min(std::max(v, 0.f), qmax);
-      da[k] = (uint8_t)v;
-    }
+    for (; k < GA; ++k) da[k] = quantize_value(xa[k], scale, zero, qmax);
     s[a] = scale;
     z[a] = zero;
   }

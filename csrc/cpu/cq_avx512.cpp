@@ -16,7 +16,6 @@
 #include <stdlib.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "cq_kernels.h"
 
@@ -276,12 +275,7 @@ void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
 void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
                   float* s, float* z) {
   const float qmax = (float)((1 << bits) - 1);
-  thread_local std::vector<uint8_t> tmp;
-  uint8_t* dst = q;
-  if (interleave) {
-    if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
-    dst = tmp.data();
-  }
+  uint8_t* dst = codes_buffer(q, KQ, interleave);
   for (int64_t k = K; k < KQ; ++k) dst[k] = 0;
   const __m512 vqmax = _mm512_set1_ps(qmax), vzero = _mm512_setzero_ps();
   for (int64_t a = 0; a * GA < K; ++a) {
@@ -299,12 +293,8 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
       vmx = _mm512_mask_max_ps(vmx, mk, vmx, v);
       vmn = _mm512_mask_min_ps(vmn, mk, vmn, v);
     }
-    const float mx = _mm512_reduce_max_ps(vmx), mn = _mm512_reduce_min_ps(vmn);
-    const float hi = std::max(mx, 0.f) * clip;
-    const float lo = std::min(mn, 0.f) * clip;
-    float scale = (hi - lo) / qmax;
-    if (!(scale >= 1e-8f)) scale = 1e-8f;
-    const float zero = nearbyintf(-lo / scale);
+    float scale, zero;
+    group_scale_zero(_mm512_reduce_max_ps(vmx), _mm512_reduce_min_ps(vmn), clip, qmax, scale, zero);
     const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zero);
     uint8_t* da = dst + a * GA;
     for (k = 0; k < GA; k += 16) {

@@ -12,8 +12,12 @@
 // activation group (exactly quantize_activations), so that
 //   y[m, n] = sum_segments sc * s * sum_k cb8[idx_k] * q_k  -  sum_a s * z * rs8[n, a].
 #pragma once
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <algorithm>
+#include <vector>
 
 namespace cq {
 
@@ -72,6 +76,28 @@ struct Isa {
 // The scalar quantizer (cq_portable.cpp); the SIMD ones fall back to it where they must.
 void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave,
                          uint8_t* q, float* s, float* z);
+// Scale and zero of an activation group with maximum mx and minimum mn, in quantize_activations'
+// float32 operations: hi = max(mx, 0) clip, lo = min(mn, 0) clip, s = max((hi - lo) / qmax, 1e-8),
+// z = round(-lo / s) (half to even).
+inline void group_scale_zero(float mx, float mn, float clip, float qmax, float& scale, float& zero) {
+  const float hi = std::max(mx, 0.f) * clip;
+  const float lo = std::min(mn, 0.f) * clip;
+  scale = (hi - lo) / qmax;
+  if (!(scale >= 1e-8f)) scale = 1e-8f;
+  zero = nearbyintf(-lo / scale);
+}
+// One code: clamp(round(x / s) + z, 0, qmax).
+inline uint8_t quantize_value(float x, float scale, float zero, float qmax) {
+  return (uint8_t)std::min(std::max(nearbyintf(x / scale) + zero, 0.f), qmax);
+}
+// Where a quantizer writes natural-order codes: q itself, or (interleave) a per-thread buffer of
+// KQ bytes that interleave128 then copies into q.
+inline uint8_t* codes_buffer(uint8_t* q, int64_t KQ, bool interleave) {
+  if (!interleave) return q;
+  thread_local std::vector<uint8_t> tmp;
+  if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
+  return tmp.data();
+}
 // Reorders natural-order codes tmp[0..KQ) into q as [0-31, 64-95, 32-63, 96-127] per 128 columns.
 inline void interleave128(const uint8_t* tmp, int64_t KQ, uint8_t* q) {
   static const int64_t from[4] = {0, 64, 32, 96};

@@ -3,7 +3,6 @@
 #include <math.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "cq_kernels.h"
 
@@ -15,12 +14,7 @@ namespace cq {
 void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave,
                          uint8_t* q, float* s, float* z) {
   const float qmax = (float)((1 << bits) - 1);
-  thread_local std::vector<uint8_t> tmp;
-  uint8_t* dst = q;
-  if (interleave) {
-    if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
-    dst = tmp.data();
-  }
+  uint8_t* dst = codes_buffer(q, KQ, interleave);
   for (int64_t k = K; k < KQ; ++k) dst[k] = 0;
   for (int64_t a = 0; a * GA < K; ++a) {
     const float* xa = x + a * GA;
@@ -29,16 +23,9 @@ void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float 
       mx = std::max(mx, xa[k]);
       mn = std::min(mn, xa[k]);
     }
-    const float hi = std::max(mx, 0.f) * clip;
-    const float lo = std::min(mn, 0.f) * clip;
-    float scale = (hi - lo) / qmax;
-    if (!(scale >= 1e-8f)) scale = 1e-8f;
-    const float zero = nearbyintf(-lo / scale);
-    for (int64_t k = 0; k < GA; ++k) {
-      float v = nearbyintf(xa[k] / scale) + zero;
-      v = std::min(std::max(v, 0.f), qmax);
-      dst[a * GA + k] = (uint8_t)v;
-    }
+    float scale, zero;
+    group_scale_zero(mx, mn, clip, qmax, scale, zero);
+    for (int64_t k = 0; k < GA; ++k) dst[a * GA + k] = quantize_value(xa[k], scale, zero, qmax);
     s[a] = scale;
     z[a] = zero;
   }
