@@ -260,13 +260,11 @@ template <int R, int NT, bool WBF16> struct Stage {
   static constexpr int WV = WBF16 ? 4 : 1;        // uint4 per lane per row half of a chunk
   static constexpr int W_U4 = R * 2 * WV;         // weights
   static constexpr int U4 = W_U4 + NT * 4;        // + x (4 uint4 per token tile at most)
-  static constexpr int BYTES = U4 * 16 * 32;      // per warp and stage
 };
 
-// SL: pair-word tables in shared memory (dense, per-row codebooks) instead of the register lookup.
-template <int R> struct PairTable {
-  static constexpr size_t BYTES = (size_t)R * 2 * 256 * 32 * 4;  // [R][2 halves][256 bytes][32 lanes] words
-};
+// SL: pair-word tables in shared memory (dense, per-row codebooks) instead of the register lookup,
+// [R][2 halves][256 bytes][32 lanes] words ahead of the ring.
+__host__ __device__ constexpr size_t pair_table_bytes(int R) { return (size_t)R * 2 * 256 * 32 * 4; }
 
 template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvParams p) {
@@ -367,7 +365,7 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   // ring slot j of stage st of this lane: uint4 smem[((warp * D + st) * U4 + j) * 32 + lane]
   using S = Stage<R, NT, WBF16>;
   constexpr int WV = S::WV;
-  uint4* ring = smem + (SL ? PairTable<R>::BYTES / 16 : 0) + (size_t)warp * D * S::U4 * 32 + lane;
+  uint4* ring = smem + (SL ? pair_table_bytes(R) / 16 : 0) + (size_t)warp * D * S::U4 * 32 + lane;
   const bool xdirect = p.xs != nullptr;
   bool xrow_ok[NT];  // x row of this lane's token in tile nt exists (MoE: and is not a padding slot, all zeros)
 #pragma unroll
@@ -581,10 +579,12 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
 
 constexpr int MAX_SMEM = 227 * 1024;
 
-template <int R, int NT, bool WBF16>
-static size_t smem_bytes(int W, int D) {
-  const size_t ring = (size_t)W * D * Stage<R, NT, WBF16>::BYTES, red = (size_t)W * R * 16 * NT * 8 * sizeof(float);
-  return ring > red ? ring : red;
+// Dynamic shared memory of a launch: the pair tables (SL), then the W rings of D stages, whose
+// memory the split-K reduction reuses.
+static size_t smem_bytes(int R, int NT, bool wbf16, bool sl, int W, int D) {
+  const size_t stage = (size_t)(R * 2 * (wbf16 ? 4 : 1) + NT * 4) * 16 * 32;  // Stage::U4 uint4 per lane
+  const size_t ring = (size_t)W * D * stage, red = (size_t)W * R * 16 * NT * 8 * sizeof(float);
+  return (sl ? pair_table_bytes(R) : 0) + (ring > red ? ring : red);
 }
 
 template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
@@ -592,7 +592,7 @@ static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
   const int tile_rows = p.epi == EPI_SWIGLU ? 16 : 16 * R;
   const int rows = p.epi == EPI_SWIGLU ? p.inter : p.N;
   const dim3 grid((rows + tile_rows - 1) / tile_rows, blocks_y);
-  const size_t smem = smem_bytes<R, NT, WBF16>(W, D) + (SL ? PairTable<R>::BYTES : 0);
+  const size_t smem = smem_bytes(R, NT, WBF16, SL, W, D);
   static bool attr = false;  // once per instantiation: allow more than 48 KB of dynamic shared memory
   if (!attr) {
     const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL>, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_SMEM);
@@ -624,30 +624,22 @@ int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, 
   p.cpw = (nch + W - 1) / W;
   // deepest ring up to `stages` (2..4) that fits in shared memory
   int D = stages < 2 ? 2 : stages > 4 ? 4 : stages;
-  auto bytes = [&](int d) {
-    return R == 1 ? (nt == 1 ? (wbf16 ? smem_bytes<1, 1, true>(W, d) : smem_bytes<1, 1, false>(W, d))
-                             : (wbf16 ? smem_bytes<1, 2, true>(W, d) : smem_bytes<1, 2, false>(W, d)))
-                  : (nt == 1 ? (wbf16 ? smem_bytes<2, 1, true>(W, d) : smem_bytes<2, 1, false>(W, d))
-                             : (wbf16 ? smem_bytes<2, 2, true>(W, d) : smem_bytes<2, 2, false>(W, d)));
-  };
   // pair tables in shared memory: dense per-row codebooks on the 16-bit path, ring of 2
   const bool sl = p.slut && !wbf16 && !i8 && p.NG == 1 && p.bexp == nullptr && p.epi == EPI_PLAIN &&
-                  bytes(2) + (R == 1 ? PairTable<1>::BYTES : PairTable<2>::BYTES) <= (size_t)MAX_SMEM;
+                  smem_bytes(R, nt, false, true, W, 2) <= (size_t)MAX_SMEM;
   if (sl) D = 2;
-  while (D > 2 && bytes(D) > (size_t)MAX_SMEM) --D;
-  if (bytes(D) > (size_t)MAX_SMEM) return (int)cudaErrorInvalidValue;
-  if (sl) {
-    if (R == 1 && nt == 1) return (int)(bf16_dot ? launch<1, 1, true, false, 2, false, true>(p, W, blocks_y, st) : launch<1, 1, false, false, 2, false, true>(p, W, blocks_y, st));
-    if (R == 1 && nt == 2) return (int)(bf16_dot ? launch<1, 2, true, false, 2, false, true>(p, W, blocks_y, st) : launch<1, 2, false, false, 2, false, true>(p, W, blocks_y, st));
-    if (R == 2 && nt == 1) return (int)(bf16_dot ? launch<2, 1, true, false, 2, false, true>(p, W, blocks_y, st) : launch<2, 1, false, false, 2, false, true>(p, W, blocks_y, st));
-    return (int)(bf16_dot ? launch<2, 2, true, false, 2, false, true>(p, W, blocks_y, st) : launch<2, 2, false, false, 2, false, true>(p, W, blocks_y, st));
-  }
-#define CQ_CASE(RR, NTT, BF, WB, DD, I8_)                                                         \
-  if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && D == DD && i8 == I8_) \
-    return (int)launch<RR, NTT, BF, WB, DD, I8_, false>(p, W, blocks_y, st);
-#define CQ_D(RR, NTT, BF, WB, I8_) CQ_CASE(RR, NTT, BF, WB, 2, I8_) CQ_CASE(RR, NTT, BF, WB, 3, I8_) CQ_CASE(RR, NTT, BF, WB, 4, I8_)
+  while (D > 2 && smem_bytes(R, nt, wbf16, sl, W, D) > (size_t)MAX_SMEM) --D;
+  if (smem_bytes(R, nt, wbf16, sl, W, D) > (size_t)MAX_SMEM) return (int)cudaErrorInvalidValue;
+#define CQ_CASE(RR, NTT, BF, WB, DD, I8_, SL_)                                                                  \
+  if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && D == DD && i8 == I8_ && sl == SL_) \
+    return (int)launch<RR, NTT, BF, WB, DD, I8_, SL_>(p, W, blocks_y, st);
+#define CQ_D(RR, NTT, BF, WB, I8_) \
+  CQ_CASE(RR, NTT, BF, WB, 2, I8_, false) CQ_CASE(RR, NTT, BF, WB, 3, I8_, false) CQ_CASE(RR, NTT, BF, WB, 4, I8_, false)
 #define CQ_RN(BF, WB, I8_) CQ_D(1, 1, BF, WB, I8_) CQ_D(1, 2, BF, WB, I8_) CQ_D(2, 1, BF, WB, I8_) CQ_D(2, 2, BF, WB, I8_)
-  CQ_RN(true, false, false) CQ_RN(false, false, false) CQ_RN(true, true, false) CQ_RN(false, false, true)
+#define CQ_SL(BF) \
+  CQ_CASE(1, 1, BF, false, 2, false, true) CQ_CASE(1, 2, BF, false, 2, false, true) CQ_CASE(2, 1, BF, false, 2, false, true) CQ_CASE(2, 2, BF, false, 2, false, true)
+  CQ_RN(true, false, false) CQ_RN(false, false, false) CQ_RN(true, true, false) CQ_RN(false, false, true) CQ_SL(true) CQ_SL(false)
+#undef CQ_SL
 #undef CQ_RN
 #undef CQ_D
 #undef CQ_CASE
