@@ -212,6 +212,34 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     assert rel_err(y, ref) < (LIMIT if mode == "w4a16" else 8e-3)
 
 
+@pytest.mark.parametrize("e,topk,h,i,t", [(128, 8, 2048, 768, 1), (128, 8, 2048, 768, 4), (128, 8, 2048, 768, 16),
+                                            (8, 2, 1024, 1408, 1), (8, 2, 1024, 1408, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_w4a16_in_place_paths(monkeypatch, e, topk, h, i, t, dtype):
+    """W4A16 without Hadamard: x and h read in place, bf16 / fp16 routing weights, and one block per
+    slot (no routing launch) exactly when slots are at most a quarter of the experts."""
+    x, idx, w, gu, dn = moe_case(e, topk, h, i, t, seed=3 * e + t)
+    x, w = x.to(dtype), w.to(dtype)
+    routed = []
+    real_route = ops.moe_route
+    monkeypatch.setattr(ops, "moe_route", lambda *a: routed.append(1) or real_route(*a))
+    y = cuda_gemv.moe(x, idx, w, gu, dn, W4A16, W4A16)
+    assert y.dtype == dtype and rel_err(y, reference.moe(x.float(), idx, w.float(), gu, dn, W4A16, W4A16)) < LIMIT
+    assert bool(routed) == (t * topk * cuda_gemv.SLOT_BLOCKS_MAX_SHARE > e)
+    # int32 indices and the same routing weights in fp32: the same output, bit for bit
+    assert torch.equal(cuda_gemv.moe(x, idx.int(), w.float(), gu, dn, W4A16, W4A16), y)
+
+
+@pytest.mark.parametrize("t,k,e,bm", [(1, 8, 128, 8), (16, 8, 128, 8), (300, 6, 66, 16), (2048, 8, 128, 16)])
+def test_cuda_route_equals_triton_route(monkeypatch, t, k, e, bm):
+    g = torch.Generator(device="cuda").manual_seed(t)
+    idx = torch.randn(t, e, generator=g, device="cuda").topk(k, -1).indices
+    rows, bexp, max_blocks = ops.moe_route(idx, e, bm)
+    monkeypatch.setattr(ops, "_cuda_extension", lambda: None)
+    rows_t, bexp_t, max_blocks_t = ops.moe_route(idx, e, bm)
+    assert max_blocks == max_blocks_t and torch.equal(rows, rows_t) and torch.equal(bexp, bexp_t)
+
+
 def test_moe_dense_bf16_variant():
     e, topk, h, i, t = 8, 2, 1024, 512, 12
     g = torch.Generator(device="cuda").manual_seed(1)

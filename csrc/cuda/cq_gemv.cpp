@@ -25,9 +25,9 @@ void check(int err, const char* what) { TORCH_CHECK(err == 0, what, " launch fai
 
 // xp [rows_out, KP/2] int32 <- rows of x [*, K] (gathered through `rows` when given), paired
 // in bf16 or fp16, or quantized per row to `bits` (codes in fp16, scales to xscale [rows_out]);
-// i8: the codes as int8 pairs instead, xp [rows_out, KP/4].
+// i8: the codes as int8 pairs instead, xp [rows_out, KP/4]; pdl: launched with PDL after the kernel writing x.
 void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tensor rows, int64_t nslots, int64_t topk,
-            bool bf16, int64_t bits, double clip, bool i8) {
+            bool bf16, int64_t bits, double clip, bool i8, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "x must be a CUDA [rows, K] tensor with unit column stride");
   TORCH_CHECK(xp.is_cuda() && xp.is_contiguous() && xp.dim() == 2 && xp.element_size() == 4, "xp must be contiguous int32 [rows, KP/2]");
   const int K = (int)x.size(1), KP = (int)xp.size(1) * (i8 ? 4 : 2);
@@ -52,17 +52,21 @@ void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tens
   p.bits = (int)bits;
   p.clip = (float)clip;
   p.i8 = i8;
+  p.pdl = pdl;
   check(cq_prep_x(p, (int)xp.size(0), c10::cuda::getCurrentCUDAStream().stream()), "prep_x");
 }
 
 // y = x @ W^T (+ epilogue). x: raw 16-bit [M, K] (xdirect) or pair words [rows, KP/2] int32.
+// pdl: launched with programmatic dependent launch, x being the previous launch's output (sm_90).
 // Weights: idx uint8 [E?, N, KP/2] + cb fp16 [E?, N, NG, 16] (+ cb8 int8, wscale fp32 [E?, N] for int8
 // codes x), or wd bf16 [E?, N, K].
-// MoE (bexp given): block y of `bm` x rows uses expert bexp[y]; rows = slot ids; rw = routing weights.
+// MoE (bexp given, int32 or int64): block y of `bm` x rows uses expert bexp[y]; rows = slot ids (none: x row
+// r is slot r); rw = routing weights (bf16, fp16 or fp32); raw x with xtopk > 0: x row r reads token slot / xtopk.
 void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx, torch::Tensor cb, torch::Tensor cb8,
           torch::Tensor wscale, torch::Tensor wd,
           torch::Tensor bias, torch::Tensor y, torch::Tensor bexp, torch::Tensor rows, torch::Tensor rw, int64_t M, int64_t K,
-          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages, bool slut) {
+          int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages, bool slut,
+          int64_t xtopk, bool pdl) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.stride(-1) == 1 && y.stride(-1) == 1, "x and y must be CUDA tensors with unit column stride");
   GemvParams p{};
   const bool dense_w = wd.numel() > 0;
@@ -112,20 +116,54 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
   p.KP = KP;
   p.NG = NG;
   p.G = (int)(K / NG);
-  p.bexp = ptr_or_null<int>(bexp);
+  if (bexp.numel()) {
+    TORCH_CHECK(bexp.is_contiguous() && (bexp.dtype() == torch::kInt32 || bexp.dtype() == torch::kInt64), "bexp must be contiguous int32 or int64");
+    TORCH_CHECK(rows.numel() || bm == 1, "MoE blocks without slot rows hold one slot each (bm = 1)");
+    p.bexp = bexp.data_ptr();
+    p.bexp64 = bexp.dtype() == torch::kInt64;
+  }
   p.bm = (int)bm;
   p.rows = ptr_or_null<int>(rows);
   p.nslots = (int)nslots;
-  p.rw = ptr_or_null<float>(rw);
+  p.xtopk = (int)xtopk;
+  if (rw.numel()) {
+    TORCH_CHECK(rw.is_contiguous() && rw.numel() >= nslots, "routing weights must be contiguous [slots]");
+    p.rw = rw.data_ptr();
+    p.rwtype = dtype_code(rw);
+  }
   p.epi = (int)epi;
   p.inter = (int)inter;
   p.slut = slut ? 1 : 0;
-  TORCH_CHECK(p.epi != EPI_SCATTER || (p.rows && p.rw), "the scatter epilogue needs rows and routing weights");
+  p.pdl = pdl ? 1 : 0;
+  TORCH_CHECK(p.epi != EPI_SCATTER || (p.bexp && p.rw), "the scatter epilogue needs MoE blocks and routing weights");
   const int blocks_y = p.bexp ? (int)bexp.numel() : 1;
   check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)stages, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");
+}
+
+// The (token, k) slots of ids [S] (int32 / int64 expert ids < num_experts) grouped by expert in runs of bm
+// rows: sorted [max_blocks * bm] int32 slot ids (S in padding rows), bexp [max_blocks] int32 (-1: unused block).
+void moe_align(torch::Tensor ids, torch::Tensor sorted, torch::Tensor bexp, int64_t num_experts, int64_t bm) {
+  TORCH_CHECK(ids.is_cuda() && ids.is_contiguous() && (ids.dtype() == torch::kInt32 || ids.dtype() == torch::kInt64),
+              "ids must be contiguous CUDA int32 / int64");
+  TORCH_CHECK(sorted.dtype() == torch::kInt32 && bexp.dtype() == torch::kInt32 && sorted.is_contiguous() && bexp.is_contiguous() &&
+              sorted.numel() == bexp.numel() * bm, "sorted [max_blocks * bm] and bexp [max_blocks] must be contiguous int32");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= 4096, "num_experts must be in 1..4096");
+  check(cq_moe_align(ids.data_ptr(), ids.dtype() == torch::kInt64, (int)ids.numel(), (int)num_experts, (int)bm, (int)bexp.numel(),
+                     sorted.data_ptr<int>(), bexp.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream()), "moe_align");
+}
+
+// out [T, H] (bf16, fp16 or fp32) = sum over the topk slots of each token of ys fp32 [T * topk, H].
+void topk_sum(torch::Tensor ys, torch::Tensor out, int64_t topk, bool pdl) {
+  TORCH_CHECK(ys.is_cuda() && ys.dtype() == torch::kFloat32 && ys.is_contiguous() && ys.dim() == 2, "ys must be contiguous fp32 [T * topk, H]");
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(1) == ys.size(1) && out.size(0) * topk == ys.size(0),
+              "out must be contiguous [T, H] with T * topk = ys rows");
+  check(cq_topk_sum(ys.data_ptr<float>(), out.data_ptr(), dtype_code(out), (int)out.size(0), (int)out.size(1), (int)topk, pdl,
+                    c10::cuda::getCurrentCUDAStream().stream()), "topk_sum");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prep_x", &prep_x, "pair / gather / quantize x rows into pair words");
   m.def("gemv", &gemv, "CodeQuant decode GEMV (M <= 16 rows per block), dense or per-expert");
+  m.def("moe_align", &moe_align, "group MoE slots by expert into padded runs");
+  m.def("topk_sum", &topk_sum, "sum each token's top-k slot rows");
 }

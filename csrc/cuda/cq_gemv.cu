@@ -155,6 +155,19 @@ __device__ __forceinline__ void lookup8_i8(const uint32_t* t, uint32_t w, uint32
   o1 = prmt(prmt(t[0], t[1], w7h), prmt(t[2], t[3], w7h), selh);
 }
 
+// Programmatic dependent launch (sm_90): a kernel lets the next launch start early; one launched with
+// the PDL attribute waits here until the previous launch has finished and its writes are visible.
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int u) { return u == 0 ? v.x : u == 1 ? v.y : u == 2 ? v.z : v.w; }
 
 __device__ __forceinline__ void store_out(void* y, size_t i, int otype, float v) {
@@ -186,14 +199,19 @@ __device__ __forceinline__ uint32_t pack2(float a, float b, bool bf16) {
 
 // ---------------------------------------------------------------------------------------- prologue
 
-// One block per output row r of xp [rows, KP/2]: source row src(r) of x (the token of MoE slot
-// rows[r] when rows is given, none for padding slots), paired, in bf16 or fp16; with quant, the
+// One block per output row r of xp [rows, KP/2]: source row src(r) of x (MoE, nslots > 0: the token
+// of slot rows[r], or of slot r without rows; none for padding slots), paired, in bf16 or fp16; with quant, the
 // row is quantized per token (bits, clip) and the pair words hold the exact codes q - z (fp16)
 // and xscale[r] = s.
 __global__ void prep_x_kernel(const PrepParams p) {
+  launch_dependents();
+  grid_dependency_wait();  // (returns at once unless launched with PDL)
   const int r = blockIdx.x;
   int src = r;
-  if (p.rows != nullptr) src = p.rows[r] < p.nslots ? (p.topk > 0 ? p.rows[r] / p.topk : r) : -1;
+  if (p.nslots > 0) {
+    const int slot = p.rows != nullptr ? p.rows[r] : r;
+    src = slot < p.nslots ? (p.topk > 0 ? slot / p.topk : r) : -1;
+  }
   const int half = p.KP >> 1;
   uint32_t* out = p.xp + (size_t)r * (p.i8 ? half / 2 : half);
   if (src < 0) {
@@ -269,6 +287,7 @@ __host__ __device__ constexpr size_t pair_table_bytes(int R) { return (size_t)R 
 template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvParams p) {
   extern __shared__ uint4 smem[];
+  launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   int M = p.M;
@@ -278,8 +297,9 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   const int8_t* cb8 = p.cb8;
   const float* wscale = p.wscale;
   const __nv_bfloat16* wd = p.wd;
-  if (p.bexp != nullptr) {  // MoE: block y holds up to bm slots of expert bexp[y]
-    const int e = p.bexp[blockIdx.y];
+  const bool moe = p.bexp != nullptr;
+  if (moe) {  // MoE: block y holds up to bm slots of expert bexp[y]
+    const int e = p.bexp64 ? (int)reinterpret_cast<const long long*>(p.bexp)[blockIdx.y] : reinterpret_cast<const int*>(p.bexp)[blockIdx.y];
     if (e < 0) return;
     idx += (size_t)e * p.idx_es;
     cb += (size_t)e * p.cb_es;
@@ -346,42 +366,32 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   };
   const bool grouped = p.NG > 1;
   int cur_g = -1;
-  if (!WBF16 && !grouped && !SL) load_tables(0);
   uint32_t* ptab = reinterpret_cast<uint32_t*>(smem);
-  if constexpr (SL) {  // item i: lane copy ln of row half rh, entries with high nibble hn
-    for (int i = threadIdx.x; i < R * 2 * 32 * 16; i += blockDim.x) {
-      const int ln = i & 31, rh = (i >> 5) % (R * 2), hn = (i >> 5) / (R * 2);
-      const int row = min(n0 + 8 * rh + (ln >> 2), p.N - 1);
-      Table T;
-      load_table<BF16>(T, cb + (size_t)row * 16);
-      const uint32_t hb = prmt(T.l[hn >> 2], T.h[hn >> 2], 0x4000 + (hn & 3) * 0x1100) & 0xFFFF0000u;  // entry hn, bytes 2..3
-#pragma unroll
-      for (int lo = 0; lo < 16; ++lo)
-        ptab[(rh * 256 + hn * 16 + lo) * 32 + ln] = (prmt(T.l[lo >> 2], T.h[lo >> 2], 0x40 + (lo & 3) * 0x11) & 0xFFFFu) | hb;
-    }
-    __syncthreads();
-  }
-
   // ring slot j of stage st of this lane: uint4 smem[((warp * D + st) * U4 + j) * 32 + lane]
   using S = Stage<R, NT, WBF16>;
   constexpr int WV = S::WV;
   uint4* ring = smem + (SL ? pair_table_bytes(R) / 16 : 0) + (size_t)warp * D * S::U4 * 32 + lane;
   const bool xdirect = p.xs != nullptr;
+  auto slot_of = [&](size_t xrow) { return p.rows != nullptr ? p.rows[xrow] : (int)xrow; };
   bool xrow_ok[NT];  // x row of this lane's token in tile nt exists (MoE: and is not a padding slot, all zeros)
+  const uint16_t* xsrc[NT];  // raw x: the row it reads (MoE with xtopk: the slot's token)
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int m = nt * 8 + g;
-    xrow_ok[nt] = m < M && (p.rows == nullptr || p.rows[row0 + m] < p.nslots);
+    const int slot = m < M && moe ? slot_of(row0 + m) : 0;
+    xrow_ok[nt] = m < M && (!moe || slot < p.nslots);
+    const size_t src = p.xtopk > 0 ? (size_t)(slot / p.xtopk) : row0 + m;
+    xsrc[nt] = xdirect && xrow_ok[nt] ? p.xs + src * (size_t)p.ldx : p.xs;
   }
-  // start the copies of chunk cc (weights, then x of each token tile) into stage st, zeros past the
-  // last 64-column block; one commit group (empty past this warp's range)
-  auto issue = [&](int cc, int st) {
+  // start the copies of chunk cc (weights and / or x of each token tile) into stage st, zeros past
+  // the last 64-column block (nothing past this warp's range)
+  auto issue = [&](int cc, int st, bool with_w, bool with_x) {
     uint4* sl = ring + st * S::U4 * 32;
     const int b = 2 * cc + boff;
     const bool ok = b < nblk;
     if (cc < c_end) {
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R && with_w; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           uint4* d = sl + (r * 2 + h) * WV * 32;
@@ -398,10 +408,10 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int m = nt * 8 + g;
-        if (!xrow_ok[nt]) continue;
+        if (!xrow_ok[nt] || !with_x) continue;
         uint4* d = sl + (S::W_U4 + nt * 4) * 32;
         if (xdirect) {
-          const uint16_t* q = p.xs + (row0 + m) * (size_t)p.ldx + b * 64 + hoff;
+          const uint16_t* q = xsrc[nt] + b * 64 + hoff;
           cp_async16<true>(d, q, ok);
           cp_async16<true>(d + 32, q + 8, ok);
           cp_async16<true>(d + 64, q + 32, ok);
@@ -417,7 +427,6 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
         }
       }
     }
-    cp_async_commit();
   };
   // registers of stage st (each lane reads back only what it copied: no warp sync needed)
   uint4 wreg[R][2][WV], xreg[NT][4];
@@ -512,12 +521,43 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
     }
   };
 
+  // codebook tables first (measured 1-6% faster on the MoE and the long dense rows than after the
+  // first copies, 2-3% slower on 4096x4096-class rows)
+  if (!WBF16 && !grouped && !SL) load_tables(0);
+  if constexpr (SL) {  // item i: lane copy ln of row half rh, entries with high nibble hn
+    for (int i = threadIdx.x; i < R * 2 * 32 * 16; i += blockDim.x) {
+      const int ln = i & 31, rh = (i >> 5) % (R * 2), hn = (i >> 5) / (R * 2);
+      const int row = min(n0 + 8 * rh + (ln >> 2), p.N - 1);
+      Table T;
+      load_table<BF16>(T, cb + (size_t)row * 16);
+      const uint32_t hb = prmt(T.l[hn >> 2], T.h[hn >> 2], 0x4000 + (hn & 3) * 0x1100) & 0xFFFF0000u;  // entry hn, bytes 2..3
 #pragma unroll
-  for (int st = 0; st < D - 1; ++st) issue(c_begin + st, st);
+      for (int lo = 0; lo < 16; ++lo)
+        ptab[(rh * 256 + hn * 16 + lo) * 32 + ln] = (prmt(T.l[lo >> 2], T.h[lo >> 2], 0x40 + (lo & 3) * 0x11) & 0xFFFFu) | hb;
+    }
+    __syncthreads();
+  }
+  // with PDL x is the previous launch's output: weights and tables are fetched before the wait
+#pragma unroll
+  for (int st = 0; st < D - 1; ++st) {
+    issue(c_begin + st, st, true, !p.pdl);
+    cp_async_commit();
+  }
+  if (p.pdl) {
+    grid_dependency_wait();
+#pragma unroll
+    for (int st = 0; st < D - 1; ++st) issue(c_begin + st, st, false, true);
+    cp_async_commit();
+  }
+
   int st = 0;
   for (int c = c_begin; c < c_end; ++c) {
-    issue(c + D - 1, st == 0 ? D - 1 : st - 1);  // the stage computed last round
-    cp_async_wait<D - 1>();                       // chunk c has landed
+    issue(c + D - 1, st == 0 ? D - 1 : st - 1, true, true);  // the stage computed last round
+    cp_async_commit();
+    if (p.pdl && c == c_begin)
+      cp_async_wait<1>();  // the prologue's groups (weights, then x) have landed
+    else
+      cp_async_wait<D - 1>();  // chunk c has landed
     fetch(st);
     compute(wreg, xreg, c);
     st = st == D - 1 ? 0 : st + 1;
@@ -552,8 +592,8 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
     if (n >= n_lim) continue;
     const size_t xrow = row0 + m;
     int slot = 0;
-    if (p.rows != nullptr) {
-      slot = p.rows[xrow];
+    if (moe) {
+      slot = slot_of(xrow);
       if (slot >= p.nslots) continue;
     }
     const float xs = p.xscale != nullptr ? p.xscale[xrow] : 1.f;
@@ -569,7 +609,7 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
       s = s / (1.f + expf(-s)) * u;
       store_out(p.y, xrow * p.ldy + n, p.otype, s);
     } else if (p.epi == EPI_SCATTER) {
-      store_out(p.y, (size_t)slot * p.ldy + n, p.otype, s * p.rw[slot]);
+      store_out(p.y, (size_t)slot * p.ldy + n, p.otype, s * load_in(p.rw, slot, p.rwtype));
     } else {
       if (p.bias != nullptr) s += p.bias[n];
       store_out(p.y, xrow * p.ldy + n, p.otype, s);
@@ -577,7 +617,89 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   }
 }
 
+// out[t, n] = sum over k of ys[t * topk + k, n] (the MoE's slots of token t), one rounding to otype.
+__global__ void topk_sum_kernel(const float* __restrict__ ys, void* out, int otype, int H, int topk) {
+  grid_dependency_wait();  // launched with PDL after the down projection
+  const int t = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= H) return;
+  const float* src = ys + (size_t)t * topk * H + n;
+  float s = 0.f;
+  for (int k = 0; k < topk; ++k) s += src[(size_t)k * H];
+  store_out(out, (size_t)t * H + n, otype, s);
+}
+
+// Group the S (token, k) slots by expert, each expert's run padded to bm rows (one block):
+// sorted[bm * b + r] = slot id (S in padding rows), bexp[b] = expert of block b (-1 past the last
+// used block). Counts, then block offsets (a warp's scan), then one warp places 32 slots at a time,
+// each at its expert's cursor plus its rank among the earlier lanes of the same expert (stable:
+// slots of one expert stay in token order).
+__global__ void moe_align_kernel(const void* ids, int ids64, int S, int E, int bm, int max_blocks, int* sorted, int* bexp) {
+  extern __shared__ int sh[];  // count[E], first block[E + 1], cursor[E] (rows placed)
+  int *count = sh, *first = sh + E, *cursor = sh + 2 * E + 1;
+  const int tid = threadIdx.x, nth = blockDim.x;
+  auto expert = [&](int i) { return ids64 ? (int)reinterpret_cast<const long long*>(ids)[i] : reinterpret_cast<const int*>(ids)[i]; };
+  for (int e = tid; e < E; e += nth) count[e] = cursor[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < S; i += nth) atomicAdd(&count[expert(i)], 1);
+  __syncthreads();
+  if (tid < 32) {  // lane l scans experts [l * per, (l + 1) * per)
+    const int per = (E + 31) / 32, lo = min(tid * per, E), hi = min(lo + per, E);
+    int run = 0;
+    for (int e = lo; e < hi; ++e) run += (count[e] + bm - 1) / bm;
+    int incl = run;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (tid >= o) incl += v;
+    }
+    int b = incl - run;
+    for (int e = lo; e < hi; ++e) {
+      first[e] = b;
+      b += (count[e] + bm - 1) / bm;
+    }
+    if (tid == 31) first[E] = incl;
+  }
+  __syncthreads();
+  for (int b = tid; b < max_blocks; b += nth) {  // the expert whose run holds block b
+    int lo = 0, hi = E;                          // last e with first[e] <= b, among experts with blocks
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (first[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    bexp[b] = b < first[E] ? lo : -1;
+  }
+  for (int r = tid; r < max_blocks * bm; r += nth) sorted[r] = S;
+  __syncthreads();  // padding written before the slots overwrite their rows
+  if (tid >= 32) return;
+  for (int base = 0; base < S; base += 32) {
+    const int i = base + tid;
+    const int e = i < S ? expert(i) : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    if (e >= 0) sorted[first[e] * bm + cursor[e] + __popc(same & ((1u << tid) - 1u))] = i;
+    __syncwarp();
+    if (e >= 0 && (same >> tid) == 1u) cursor[e] += __popc(same);  // the group's last lane
+    __syncwarp();
+  }
+}
+
 constexpr int MAX_SMEM = 227 * 1024;
+
+// A launch, with programmatic stream serialization (PDL) when pdl: it may start while the previous
+// launch on the stream runs, and must call grid_dependency_wait before reading that launch's output.
+template <typename Kernel, typename... Args>
+static cudaError_t launch_pdl(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t st, bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
 
 // Dynamic shared memory of a launch: the pair tables (SL), then the W rings of D stages, whose
 // memory the split-K reduction reuses.
@@ -599,16 +721,26 @@ static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
     if (e != cudaSuccess) return e;
     attr = true;
   }
-  gemv_kernel<R, NT, BF16, WBF16, D, I8, SL><<<grid, 32 * W, smem, st>>>(p);
-  return cudaGetLastError();
+  return launch_pdl(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL>, grid, dim3(32 * W), smem, st, p.pdl != 0, p);
 }
 
 }  // namespace cq
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st) {
   if (rows_out <= 0) return 0;
-  cq::prep_x_kernel<<<rows_out, 1024, 0, st>>>(p);  // the W4A4 row pass (min / max, divide) is latency-bound: wide blocks
+  // the W4A4 row pass (min / max, divide) is latency-bound: wide blocks
+  return (int)cq::launch_pdl(cq::prep_x_kernel, dim3(rows_out), dim3(1024), 0, st, p.pdl != 0, p);
+}
+
+int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_blocks, int* sorted, int* bexp, cudaStream_t st) {
+  if (S <= 0) return 0;
+  cq::moe_align_kernel<<<1, 1024, (3 * E + 1) * sizeof(int), st>>>(ids, ids64, S, E, bm, max_blocks, sorted, bexp);
   return (int)cudaGetLastError();
+}
+
+int cq_topk_sum(const float* ys, void* out, int otype, int T, int H, int topk, int pdl, cudaStream_t st) {
+  if (T <= 0 || H <= 0) return 0;
+  return (int)cq::launch_pdl(cq::topk_sum_kernel, dim3((H + 255) / 256, T), dim3(256), 0, st, pdl != 0, ys, out, otype, H, topk);
 }
 
 int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, cudaStream_t st) {

@@ -20,6 +20,7 @@ struct PrepParams {
   int quant, bits;
   float clip;
   int i8;              // int8 codes (bytes), two per 16-bit unit, instead of 16-bit pair words
+  int pdl;             // launched with PDL (x is the previous launch's output)
 };
 
 // y = x @ W^T on packed weights (or dense bf16 weights wd), M <= 16 rows of x per block.
@@ -39,15 +40,24 @@ struct GemvParams {
   long long ldy;
   int otype;
   int M, N, K, KP, NG, G, cpw;
-  const int* bexp;           // MoE: expert of each block of bm x rows (-1: empty), or null (dense)
+  const void* bexp;          // MoE: expert of each block of bm x rows (-1: empty), or null (dense) ...
+  int bexp64;                // ... int64 (the router's top-k indices, one block per slot) or int32
   int bm;
-  const int* rows;           // MoE: slot id of each x row (>= nslots: padding)
+  const int* rows;           // MoE: slot id of each x row (>= nslots: padding), or null: x row r is slot r
   int nslots;
-  const float* rw;           // routing weight of each slot (EPI_SCATTER)
+  int xtopk;                 // MoE with raw x: x row r reads token slot(r) / xtopk (0: row r itself)
+  const void* rw;            // routing weight of each slot (EPI_SCATTER), in rwtype (0 bf16, 1 fp16, 2 fp32)
+  int rwtype;
   int epi;                   // EPI_PLAIN, EPI_SWIGLU (R = 2: gate rows n, up rows inter + n), EPI_SCATTER
   int inter;
   int slut;                  // dense, per-row codebooks, 16-bit dot: look up pair words in shared memory
+  int pdl;                   // launched with PDL: weights and tables fetched before waiting for x (the previous launch's output)
 };
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st);
 int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, cudaStream_t st);
+// Slots grouped by expert into runs of bm rows: sorted [max_blocks * bm] slot ids (S: padding), bexp [max_blocks].
+int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_blocks, int* sorted, int* bexp, cudaStream_t st);
+// out[t, n] = sum_k ys[t * topk + k, n] for t < T, n < H, out in otype (0 bf16, 1 fp16, 2 fp32); pdl: launched
+// with PDL (after a gemv, which lets dependents start early).
+int cq_topk_sum(const float* ys, void* out, int otype, int T, int H, int topk, int pdl, cudaStream_t st);

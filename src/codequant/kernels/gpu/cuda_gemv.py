@@ -15,11 +15,14 @@ the caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels of
   int8 codes on integer tensor cores against an int8 copy of the codebook
   (``ops.int8_codebook``: per-row scale max|C| / 127, each weight off by at most half an int8
   step, the CPU kernels' tolerance).
-* :func:`moe`: routed SwiGLU experts for decode batches: tokens grouped by expert into
-  blocks of ``bm`` rows (one routing launch), one prologue (gather, pair, quantize), one
-  gate_up launch over all active experts with SwiGLU in its epilogue, the block Hadamard,
-  one prologue, one down launch that scales by the routing weight and scatters to the
-  (token, k) slots, one sum. Dense bf16 expert weights run through the same kernels
+* :func:`moe`: routed SwiGLU experts for decode batches. With few (token, k) slots against
+  experts, one block per slot with its expert read from the router's indices; otherwise the
+  tokens grouped by expert into blocks of ``bm`` rows (one routing launch). One gate_up
+  launch over all active experts with SwiGLU in its epilogue, one down launch that scales
+  by the routing weight and scatters to the slots, one launch that sums each token's slots.
+  W4A16 on 16-bit x reads x and h in place (h written in the dot type), so decode is three
+  launches; quantized activations (or the block Hadamard) add a prologue before each GEMV
+  that gathers, pairs and quantizes. Dense bf16 expert weights run through the same kernels
   (``WBF16``), the comparison that isolates the weight format.
 
 Kernel design in the .cu file and benchmarks/notes-gpu.md.
@@ -50,11 +53,17 @@ _EMPTY: dict = {}
 # warps per SM the launch config aims at (H200 sweep: dense 8-24 alike, 32 up to 1.3x slower on
 # 14336x4096; the MoE launches up to 1.15x faster with 32 on Mixtral shapes, alike elsewhere)
 DENSE_WARPS_PER_SM, MOE_WARPS_PER_SM = 14, 32
-STAGES = 2  # cp.async ring depth per warp (chunks in flight + 1); 2 to 4 measured alike on an H200
+# cp.async ring depth per warp (chunks in flight + 1): dense 2 to 4 measured alike on an H200; the
+# MoE's short expert rows gain from 4 (Qwen3-30B-A3B shapes, 4 and 16 tokens: 6-10% faster than 2)
+STAGES, MOE_STAGES = 2, 4
 # dense W4A16 rows at least this long, for at most SMEM_LUT_MAX_M rows of x, look up pair words in
 # shared-memory tables (built once per block, so they pay on long rows) instead of the register
 # lookup (H200: 4096x14336 M=1 20.1 -> 17.6 us; K = 4096 1.1-1.6x slower, M = 16 1.35x slower)
 SMEM_LUT_MIN_K, SMEM_LUT_MAX_M = 8192, 8
+# MoE batches with at most n_experts / SLOT_BLOCKS_MAX_SHARE (token, k) slots run one block per slot with
+# the expert read from the router's indices (no routing launch); an expert picked twice is read twice,
+# which costs little while slots are few against experts (decode)
+SLOT_BLOCKS_MAX_SHARE = 4
 
 
 def source_dir() -> Path | None:
@@ -160,19 +169,21 @@ def _int8_path(act: ActQuantSpec) -> bool:
     return W4A4_INT8 and act.enabled and act.bits <= 7
 
 
-def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantSpec, rows=None, nslots=0, topk=0):
+def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantSpec, rows=None, nslots=0, topk=0,
+          pdl: bool = False):
     """x words of x's rows: 16-bit pairs [n_rows, KP/2] or int8 codes [n_rows, KP/4], and the
-    per-row scales of quantized activations."""
+    per-row scales of quantized activations (``pdl``: x is the previous launch's output)."""
     i8 = _int8_path(act)
     xp = torch.empty(n_rows, kp // (4 if i8 else 2), dtype=torch.int32, device=x.device)
     xs = torch.empty(n_rows, dtype=torch.float32, device=x.device) if act.enabled else _none(x.device)
     none = _none(x.device)
     ext.prep_x(x, xp, xs, rows if rows is not None else none, nslots, topk, bf16, act.bits if act.enabled else 16,
-               float(act.clip), i8)
+               float(act.clip), i8, pdl)
     return xp, xs
 
 
 W4A4_INT8 = os.environ.get("CODEQUANT_CUDA_W4A4_INT8", "0") == "1"
+PDL = os.environ.get("CODEQUANT_CUDA_PDL", "1") != "0"
 
 
 def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
@@ -206,14 +217,14 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     bf16_dot = x2.dtype != torch.float16 and not act.enabled
     direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
               and x2.data_ptr() % 16 == 0)
-    if direct:
-        xin, xs = x2, none
-    else:
-        xin, xs = _prep(ext, x2, kp, m, bf16_dot, act)
     b = bias.float().contiguous() if bias is not None else none
-    out = y if y.is_contiguous() and not act.enabled else torch.empty(y.shape, dtype=torch.float32, device=y.device)
-    ext.gemv(xin, direct, xs, *_lut_args(weight, act), none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
-             bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut)
+    lut = _lut_args(weight, act)
+    # after our prologue (no launch in between), the GEMV fetches weights while the prologue runs (PDL)
+    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act)
+    out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
+             bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut, 0,
+             not direct and _pdl(x2.device))
     if out is not y:
         y.copy_(out)
     return True
@@ -245,13 +256,20 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     ext = load()
     if ext is None:
         return None
-    from .ops import moe_route
+    none = _none(x.device)
+    if s * SLOT_BLOCKS_MAX_SHARE <= n_exp:  # one block per slot, experts straight from the router's indices
+        bm, rows, max_blocks = 1, none, s
+        bexp = top_k_index.reshape(-1)
+        if bexp.dtype not in (torch.int32, torch.int64):
+            bexp = bexp.long()
+        bexp = bexp.contiguous()
+    else:
+        from .ops import moe_route
 
-    bm = 16 if s >= 8 * n_exp else 8
-    rows, bexp, max_blocks = moe_route(top_k_index, n_exp, bm)
+        bm = 16 if s >= 8 * n_exp else 8
+        rows, bexp, max_blocks = moe_route(top_k_index, n_exp, bm)
     n_rows = max_blocks * bm
     sms = _sm_count(x.device)
-    none = _none(x.device)
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     kp_h, kp_i = -(-h_dim // 64) * 64, -(-i_dim // 64) * 64
     if dense:
@@ -259,21 +277,48 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     else:
         w_gu, w_dn = (*_lut_args(gate_up, act), none), (*_lut_args(down, down_act), none)
     active = min(max_blocks, n_exp)
-    # gate_up + SwiGLU -> h [rows, I]
-    bf16 = not act.enabled
-    xp, xs = _prep(ext, x2, kp_h, n_rows, bf16, act, rows, s, topk)
-    h = torch.empty(n_rows, i_dim, dtype=torch.float32, device=x.device)
+    rw = top_k_weights.reshape(-1)
+    rw = (rw if rw.dtype in (torch.bfloat16, torch.float16, torch.float32) else rw.float()).contiguous()
+    pdl = _pdl(x.device)
+    # gate_up + SwiGLU -> h [rows, I]: x read in place (16-bit W4A16) or gathered / quantized by a prologue
+    if _raw_ok(x2, act, dense):
+        bf16, xin, xs, x_direct = x2.dtype == torch.bfloat16, x2, none, True
+    else:
+        bf16, x_direct = not act.enabled, False
+        xin, xs = _prep(ext, x2, kp_h, n_rows, bf16, act, rows, s, topk)
+    # h straight in the down kernel's 16-bit dot type when nothing (quantization, Hadamard) comes between
+    h_direct = not down_act.enabled and not hadamard_block and i_dim % 64 == 0
+    h_dtype = torch.bfloat16 if dense or x2.dtype != torch.float16 else torch.float16
+    h = torch.empty(n_rows, i_dim, dtype=h_dtype if h_direct else torch.float32, device=x.device)
     _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
-    ext.gemv(xp, False, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
-             i_dim, bf16, 2, min(w_g, 8), STAGES, False)
+    ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
+             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, pdl and not x_direct)
     if hadamard_block:
         h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
-    bf16 = not down_act.enabled
-    hp, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0)
+    if h_direct:
+        bf16, hin, hs = h_dtype == torch.bfloat16, h, none
+    else:
+        bf16 = not down_act.enabled
+        hin, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0, pdl and not hadamard_block)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
-    rw = top_k_weights.reshape(-1).float().contiguous()
     r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
-    ext.gemv(hp, False, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
-             EPI_SCATTER, 0, bf16, r_d, w_d, STAGES, False)
-    return y_slots.view(t, topk, h_dim).sum(1).to(x.dtype)
+    # PDL: each launch after one of ours fetches its first weights and tables while that one finishes
+    ext.gemv(hin, h_direct, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
+             EPI_SCATTER, 0, bf16, r_d, w_d, MOE_STAGES, False, 0, pdl)
+    out = torch.empty(t, h_dim, dtype=x.dtype, device=x.device)
+    ext.topk_sum(y_slots, out, topk, pdl)
+    return out
+
+
+def _pdl(device) -> bool:
+    """Programmatic dependent launch inside the MoE (sm_90+, ``CODEQUANT_CUDA_PDL=0`` turns it off)."""
+    return PDL and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _raw_ok(x2: torch.Tensor, act: ActQuantSpec, dense: bool) -> bool:
+    """The kernels read x itself (16-bit, rows of whole 64-column blocks, 16-byte aligned);
+    dense bf16 expert weights need bf16 x."""
+    ok_dtype = x2.dtype == torch.bfloat16 or (x2.dtype == torch.float16 and not dense)
+    return (not act.enabled and ok_dtype and x2.shape[1] % 64 == 0 and x2.stride(0) % 8 == 0
+            and x2.data_ptr() % 16 == 0)

@@ -340,11 +340,18 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
 
 
 def moe_route(top_k_index: torch.Tensor, num_experts: int, block_m: int):
-    """Sorted-by-expert padded slots (assignment ids, S = padding) and each block's expert."""
+    """Sorted-by-expert padded slots (assignment ids, S = padding) and each block's expert:
+    one launch, the CUDA extension's kernel on a CUDA device when it is built, else Triton's."""
     s = top_k_index.numel()
     max_blocks = max(1, (s + min(num_experts, s) * (block_m - 1)) // block_m)
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=top_k_index.device)
     bexp = torch.empty(max_blocks, dtype=torch.int32, device=top_k_index.device)
+    ext = _cuda_extension() if top_k_index.is_cuda and num_experts <= 4096 else None
+    if ext is not None:
+        ids = top_k_index.reshape(-1)
+        ext.moe_align(ids if ids.dtype in (torch.int32, torch.int64) and ids.is_contiguous() else ids.long().contiguous(),
+                      sorted_ids, bexp, num_experts, block_m)
+        return sorted_ids, bexp, max_blocks
     e_p2 = _pow2_at_least(num_experts, 2)
     chunk = max(16, min(256, 8192 // e_p2))
     bchunk = max(1, min(64, 4096 // e_p2, 8192 // (e_p2 * 1)))
@@ -352,6 +359,12 @@ def moe_route(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     K_.moe_align_kernel[(1,)](top_k_index.reshape(-1), sorted_ids, bexp, s, max_blocks,
                               S_P2=_pow2_at_least(s, chunk), MAXB_P2=_pow2_at_least(max_blocks, bchunk), BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, BCHUNK=bchunk, num_warps=4)
     return sorted_ids, bexp, max_blocks
+
+
+def _cuda_extension():
+    from . import cuda_gemv
+
+    return cuda_gemv.load() if cuda_gemv.enabled() else None
 
 
 def moe(
