@@ -28,11 +28,17 @@
 //   into the int8 operand registers of mma.m16n8k32.s8 against int8 activation codes q - z; exact
 //   integer dot products, the scales applied in the epilogue (about 1.4 instructions per weight
 //   against 4.8 for the 16-bit lookup).
+// * MoE: blocks of bm x rows of one expert (slots grouped by moe_align_kernel), or with few slots one
+//   block per (token, k) slot with its expert read from the router's indices; topk_sum_kernel sums
+//   each token's slots.
+// * PDL (sm_90): every kernel lets the next launch start early; a GEMV launched with the PDL
+//   attribute fetches its first weight chunks and codebooks, then waits for the previous launch
+//   (which wrote its x) before copying x.
 //
-// x enters either straight from a 16-bit [M, K] tensor (paired in registers) or as pair words
-// xp [rows, KP/2] (word 32b+j = (x[64b+j], x[64b+32+j])) written by prep_x_kernel, which also
-// gathers the tokens of MoE slots and quantizes per row (W4A4) exactly like
-// codequant.quantizers.activations.quantize_activations.
+// x enters either straight from a 16-bit [M, K] tensor (paired in registers; for a MoE, the token
+// of each slot) or as pair words xp [rows, KP/2] (word 32b+j = (x[64b+j], x[64b+32+j])) written
+// by prep_x_kernel, which also gathers the tokens of MoE slots and quantizes per row (W4A4)
+// exactly like codequant.quantizers.activations.quantize_activations.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
