@@ -48,7 +48,7 @@ EPI_PLAIN, EPI_SWIGLU, EPI_SCATTER = 0, 1, 2
 _EXT = None
 _FAILED = False
 _SOURCES = ("cq_gemv.cpp", "cq_gemv.cu", "cq_gemv.h")
-_SMS: dict = {}
+_PROPS: dict = {}
 _EMPTY: dict = {}
 # warps per SM the launch config aims at (H200 sweep: dense 8-24 alike, 32 up to 1.3x slower on
 # 14336x4096; the MoE launches up to 1.15x faster with 32 on Mixtral shapes, alike elsewhere)
@@ -110,11 +110,17 @@ def load(verbose: bool = False):
     return _EXT
 
 
-def _sm_count(device) -> int:
+def _device_props(device) -> tuple[int, int]:
+    """(SM count, compute capability major) of a CUDA device, looked up once."""
     i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
+    if i not in _PROPS:
+        props = torch.cuda.get_device_properties(i)
+        _PROPS[i] = (props.multi_processor_count, props.major)
+    return _PROPS[i]
+
+
+def _sm_count(device) -> int:
+    return _device_props(device)[0]
 
 
 def _none(device) -> torch.Tensor:
@@ -256,16 +262,12 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     ext = load()
     if ext is None:
         return None
+    from .ops import expert_ids, moe_route, topk_sum
+
     none = _none(x.device)
     if s * SLOT_BLOCKS_MAX_SHARE <= n_exp:  # one block per slot, experts straight from the router's indices
-        bm, rows, max_blocks = 1, none, s
-        bexp = top_k_index.reshape(-1)
-        if bexp.dtype not in (torch.int32, torch.int64):
-            bexp = bexp.long()
-        bexp = bexp.contiguous()
+        bm, rows, max_blocks, bexp = 1, none, s, expert_ids(top_k_index)
     else:
-        from .ops import moe_route
-
         bm = 16 if s >= 8 * n_exp else 8
         rows, bexp, max_blocks = moe_route(top_k_index, n_exp, bm)
     n_rows = max_blocks * bm
@@ -306,14 +308,12 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     # PDL: each launch after one of ours fetches its first weights and tables while that one finishes
     ext.gemv(hin, h_direct, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
              EPI_SCATTER, 0, bf16, r_d, w_d, MOE_STAGES, False, 0, pdl)
-    out = torch.empty(t, h_dim, dtype=x.dtype, device=x.device)
-    ext.topk_sum(y_slots, out, topk, pdl)
-    return out
+    return topk_sum(y_slots, torch.empty(t, h_dim, dtype=x.dtype, device=x.device), topk, pdl)
 
 
 def _pdl(device) -> bool:
     """Programmatic dependent launch inside the MoE (sm_90+, ``CODEQUANT_CUDA_PDL=0`` turns it off)."""
-    return PDL and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and _device_props(device)[1] >= 9
 
 
 def _raw_ok(x2: torch.Tensor, act: ActQuantSpec, dense: bool) -> bool:

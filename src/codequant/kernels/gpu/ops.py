@@ -348,9 +348,7 @@ def moe_route(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     bexp = torch.empty(max_blocks, dtype=torch.int32, device=top_k_index.device)
     ext = _cuda_extension() if top_k_index.is_cuda and num_experts <= 4096 else None
     if ext is not None:
-        ids = top_k_index.reshape(-1)
-        ext.moe_align(ids if ids.dtype in (torch.int32, torch.int64) and ids.is_contiguous() else ids.long().contiguous(),
-                      sorted_ids, bexp, num_experts, block_m)
+        ext.moe_align(expert_ids(top_k_index), sorted_ids, bexp, num_experts, block_m)
         return sorted_ids, bexp, max_blocks
     e_p2 = _pow2_at_least(num_experts, 2)
     chunk = max(16, min(256, 8192 // e_p2))
@@ -359,6 +357,26 @@ def moe_route(top_k_index: torch.Tensor, num_experts: int, block_m: int):
     K_.moe_align_kernel[(1,)](top_k_index.reshape(-1), sorted_ids, bexp, s, max_blocks,
                               S_P2=_pow2_at_least(s, chunk), MAXB_P2=_pow2_at_least(max_blocks, bchunk), BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, BCHUNK=bchunk, num_warps=4)
     return sorted_ids, bexp, max_blocks
+
+
+def expert_ids(top_k_index: torch.Tensor) -> torch.Tensor:
+    """The router's expert indices flattened, contiguous, int32 or int64 (what the CUDA kernels read)."""
+    ids = top_k_index.reshape(-1)
+    return (ids if ids.dtype in (torch.int32, torch.int64) else ids.long()).contiguous()
+
+
+def topk_sum(y_slots: torch.Tensor, out: torch.Tensor, topk: int, pdl: bool = False) -> torch.Tensor:
+    """out[t] = sum_j y_slots[t * topk + j] (float32 sum, rounded once to out's dtype): the CUDA
+    extension's kernel on a CUDA device when it is built (``pdl``: launched after one of its GEMVs),
+    else Triton's."""
+    t, h_dim = out.shape
+    ext = _cuda_extension() if y_slots.is_cuda else None
+    if ext is not None:
+        ext.topk_sum(y_slots, out, topk, pdl)
+        return out
+    block = min(1024, _pow2_at_least(h_dim, 16))
+    K_.topk_sum_kernel[(t, -(-h_dim // block))](y_slots, out, h_dim, TOPK=topk, BLOCK=block, num_warps=4)
+    return out
 
 
 def _cuda_extension():
@@ -428,6 +446,4 @@ def moe(
         h = block_hadamard(h, hadamard_block)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
     run(h, down_act, down, y_slots, h_dim, i_dim, 2, max_blocks * cfg.block_m)
-    block = min(1024, _pow2_at_least(h_dim, 16))
-    K_.topk_sum_kernel[(t, -(-h_dim // block))](y_slots, out, h_dim, TOPK=topk, BLOCK=block, num_warps=4)
-    return out
+    return topk_sum(y_slots, out, topk)
