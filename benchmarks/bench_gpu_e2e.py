@@ -10,7 +10,11 @@ attention nn.Linear by CodeQuantLinear and every experts module by CodeQuantExpe
 RANDOM packed indices and codebooks (speed does not depend on the values); routers, norms,
 embeddings and lm_head stay bf16. Greedy decode of --new tokens after a --prompt token
 prompt, batch 1, timed without and with CUDA graphs (StaticCache, one decode step per
-graph replay). Writes gpu-e2e.json.
+graph replay), and with CUDA graphs of the model with every decoder layer under
+``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
+``codequant::linear`` / ``codequant::moe`` ops; one compile per layer index, because
+transformers' static cache specializes on it; the compile time is printed, not timed).
+Writes gpu-e2e.json.
 """
 
 from __future__ import annotations
@@ -90,7 +94,9 @@ def decode_eager(model, prompt, new_tokens):
 
 
 @torch.no_grad()
-def decode_graph(model, prompt, new_tokens):
+def decode_graph(model, prompt, new_tokens, compiled: bool = False):
+    """Greedy decode, one CUDA-graph replay per token; ``compiled``: the decoder layers under
+    torch.compile from the first decode step on (the prompt runs eagerly)."""
     from transformers import StaticCache
 
     p = prompt.shape[1]
@@ -99,6 +105,8 @@ def decode_graph(model, prompt, new_tokens):
     tok_buf = out.logits[:, -1:].argmax(-1).clone()
     pos_buf = torch.tensor([p], device=prompt.device)
     logits_buf = None
+    if compiled:
+        compile_layers(model, True)
 
     def step():
         return model(input_ids=tok_buf, past_key_values=cache, cache_position=pos_buf, use_cache=True).logits
@@ -125,20 +133,45 @@ def decode_graph(model, prompt, new_tokens):
     return new_tokens / (time.perf_counter() - t0), torch.cat(toks, 1)
 
 
-def run_all(model, prompt, new_tokens, label, results):
+def compile_layers(model, on: bool):
+    """torch.compile every decoder layer for static shapes, or undo it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 2 * len(model.model.layers)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    for layer in model.model.layers:
+        if on:
+            layer.compile(dynamic=False)
+        else:
+            layer._compiled_call_impl = None
+
+
+def run_all(model, prompt, new_tokens, label, results, compiled: bool):
+    from torch._dynamo.utils import counters
+
     rec = {"model": label}
-    tps, _ = decode_eager(model, prompt, new_tokens)
+    tps, toks = decode_eager(model, prompt, new_tokens)
     rec["tokens_per_s_eager"] = round(tps, 2)
     print(f"{label}: eager {tps:.1f} tok/s", flush=True)
-    try:
-        tps_g, _ = decode_graph(model, prompt, new_tokens)
-        rec["tokens_per_s_cuda_graph"] = round(tps_g, 2)
-        print(f"{label}: CUDA graph {tps_g:.1f} tok/s", flush=True)
-    except Exception as e:  # noqa: BLE001
-        rec["tokens_per_s_cuda_graph"] = None
-        rec["cuda_graph_error"] = repr(e)[:300]
-        print(f"{label}: CUDA graph failed: {e!r}"[:400], flush=True)
-        torch.cuda.synchronize()
+    for key, comp in [("cuda_graph", False)] + ([("compiled_cuda_graph", True)] if compiled else []):
+        try:
+            t0 = time.time()
+            counters.clear()
+            tps_g, toks_g = decode_graph(model, prompt, new_tokens, comp)
+            rec[f"tokens_per_s_{key}"] = round(tps_g, 2)
+            rec[f"{key}_same_tokens_as_eager"] = round(int((toks_g == toks).sum()) / toks.numel(), 3)
+            if comp:
+                rec["graph_breaks"] = sum(counters["graph_break"].values())
+            print(f"{label}: {key} {tps_g:.1f} tok/s ({time.time() - t0:.0f} s with warm-up)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            rec[f"tokens_per_s_{key}"] = None
+            rec[f"{key}_error"] = repr(e)[:300]
+            print(f"{label}: {key} failed: {e!r}"[:400], flush=True)
+            torch.cuda.synchronize()
+        finally:
+            if comp:
+                compile_layers(model, False)
     results.append(rec)
 
 
@@ -148,6 +181,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     a = ap.parse_args()
     from transformers import Qwen3MoeForCausalLM
 
@@ -162,12 +196,12 @@ def main():
     print(f"built in {time.time() - t0:.0f} s; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
     prompt = torch.randint(0, cfg.vocab_size, (1, a.prompt), device="cuda")
     results = []
-    run_all(model, prompt, a.new, "bf16 (transformers grouped_mm experts)", results)
+    run_all(model, prompt, a.new, "bf16 (transformers grouped_mm experts)", results, not a.no_compile)
     quantize_randomly(model, ActQuantSpec(bits=16))
     print(f"quantized; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
-    run_all(model, prompt, a.new, "CodeQuant W4A16 (attention + experts)", results)
+    run_all(model, prompt, a.new, "CodeQuant W4A16 (attention + experts)", results, not a.no_compile)
     set_act(model, ActQuantSpec(bits=4))
-    run_all(model, prompt, a.new, "CodeQuant W4A4 (attention + experts)", results)
+    run_all(model, prompt, a.new, "CodeQuant W4A4 (attention + experts)", results, not a.no_compile)
     meta = {"layers": a.layers, "prompt": a.prompt, "new_tokens": a.new, "batch": 1, "device": torch.cuda.get_device_name(),
             "note": "random packed weights (speed does not depend on values); routers, norms, embeddings, lm_head bf16",
             "results": results}

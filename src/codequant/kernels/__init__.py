@@ -4,13 +4,22 @@ A backend registers ``linear`` and/or ``moe`` with the same signatures as
 :mod:`codequant.kernels.reference`. ``select_backend`` picks the fastest available one
 for a tensor's device; ``CODEQUANT_BACKEND=reference|cpu|gpu`` or the ``backend``
 argument overrides it.
+
+:func:`linear` and :func:`moe` are what the quantized modules call. Under ``torch.compile``
+they are the opaque custom ops ``codequant::linear`` and ``codequant::moe`` (shape-only fake
+implementations), so Dynamo does not trace the backends' Python and Inductor fuses the
+model code around them; in eager mode they call the backend directly (no op dispatch cost).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
+
+from ..format import PackedWeight
+from ..quantizers.activations import ActQuantSpec
 from . import reference
 
 _BACKENDS: dict[str, dict[str, Callable]] = {"reference": {"linear": reference.linear, "moe": reference.moe}}
@@ -54,3 +63,82 @@ def _load_optional_backends() -> None:
             __import__(module)
         except ImportError:
             pass
+
+
+# ---------------------------------------------------------------- the ops the modules call
+
+def linear(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    act: ActQuantSpec,
+    bias: torch.Tensor | None = None,
+    hadamard_block: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = Q_act(x H) W_hat^T + b in x's dtype; H is the online block Hadamard (0: none)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.codequant.linear(x, weight.indices, weight.codebook, weight.row_sum, weight.in_features, bias,
+                                          act.bits, act.group_size, act.clip, hadamard_block, backend)
+    return _run_linear(x, weight, act, bias, hadamard_block, backend)
+
+
+def moe(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: PackedWeight,
+    down: PackedWeight,
+    act: ActQuantSpec,
+    down_act: ActQuantSpec,
+    hadamard_block: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Routed SwiGLU experts on packed weights (:func:`reference.moe`'s contract), [T, H] in x's dtype."""
+    if torch.compiler.is_compiling():
+        return torch.ops.codequant.moe(x, top_k_index, top_k_weights, gate_up.indices, gate_up.codebook, gate_up.row_sum,
+                                       gate_up.in_features, down.indices, down.codebook, down.row_sum, down.in_features,
+                                       act.bits, act.group_size, act.clip, down_act.bits, down_act.group_size, down_act.clip,
+                                       hadamard_block, backend)
+    return select_backend("moe", x.device.type, backend)(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+
+
+def _run_linear(x, weight, act, bias, hadamard_block, backend):
+    if hadamard_block:
+        from ..transforms.hadamard import block_hadamard
+
+        x = block_hadamard(x, hadamard_block)
+    return select_backend("linear", x.device.type, backend)(x, weight, act, bias)
+
+
+@torch.library.custom_op("codequant::linear", mutates_args=())
+def _linear_op(
+    x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor, row_sum: torch.Tensor, in_features: int,
+    bias: Optional[torch.Tensor], act_bits: int, act_group_size: int, act_clip: float, hadamard_block: int,
+    backend: Optional[str],
+) -> torch.Tensor:
+    return _run_linear(x, PackedWeight(indices, codebook, row_sum, in_features), ActQuantSpec(act_bits, act_group_size, act_clip),
+                       bias, hadamard_block, backend)
+
+
+@_linear_op.register_fake
+def _(x, indices, *args):
+    return x.new_empty(*x.shape[:-1], indices.shape[-2])
+
+
+@torch.library.custom_op("codequant::moe", mutates_args=())
+def _moe_op(
+    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    gate_up_indices: torch.Tensor, gate_up_codebook: torch.Tensor, gate_up_row_sum: torch.Tensor, gate_up_in_features: int,
+    down_indices: torch.Tensor, down_codebook: torch.Tensor, down_row_sum: torch.Tensor, down_in_features: int,
+    act_bits: int, act_group_size: int, act_clip: float, down_act_bits: int, down_act_group_size: int, down_act_clip: float,
+    hadamard_block: int, backend: Optional[str],
+) -> torch.Tensor:
+    gate_up = PackedWeight(gate_up_indices, gate_up_codebook, gate_up_row_sum, gate_up_in_features)
+    down = PackedWeight(down_indices, down_codebook, down_row_sum, down_in_features)
+    act, down_act = ActQuantSpec(act_bits, act_group_size, act_clip), ActQuantSpec(down_act_bits, down_act_group_size, down_act_clip)
+    return select_backend("moe", x.device.type, backend)(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+
+
+@_moe_op.register_fake
+def _(x, top_k_index, top_k_weights, gate_up_indices, gate_up_codebook, gate_up_row_sum, gate_up_in_features, down_indices, *args):
+    return x.new_empty(x.shape[0], down_indices.shape[-2])

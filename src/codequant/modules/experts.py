@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
-from ..kernels import select_backend
+from .. import kernels
 from ..quantizers.activations import ActQuantSpec
 
 
@@ -61,8 +61,8 @@ class CodeQuantExperts(nn.Module):
         return PackedWeight(self.down_indices, self.down_codebook, self.down_row_sum, self.intermediate_dim)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        fn = select_backend("moe", hidden_states.device.type, self.backend)
-        return fn(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self.act, self.down_act, self.hadamard_block)
+        return kernels.moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self.act, self.down_act,
+                           self.hadamard_block, self.backend)
 
     def extra_repr(self) -> str:
         return (

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, pack, padded_columns
-from ..kernels import select_backend
+from .. import kernels
 from ..quantizers.activations import ActQuantSpec
-from ..transforms.hadamard import block_hadamard
 
 
 class CodeQuantLinear(nn.Module):
@@ -70,9 +69,7 @@ class CodeQuantLinear(nn.Module):
         return self.in_features // self.codebook.shape[-2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hadamard_block:
-            x = block_hadamard(x, self.hadamard_block)
-        return select_backend("linear", x.device.type, self.backend)(x, self.packed, self.act, self.bias)
+        return kernels.linear(x, self.packed, self.act, self.bias, self.hadamard_block, self.backend)
 
     def extra_repr(self) -> str:
         return (
