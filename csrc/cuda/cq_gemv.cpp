@@ -57,7 +57,8 @@ void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tens
 }
 
 // y = x @ W^T (+ epilogue). x: raw 16-bit [M, K] (xdirect) or pair words [rows, KP/2] int32.
-// pdl: launched with programmatic dependent launch, x being the previous launch's output (sm_90).
+// pdl: launched with programmatic dependent launch (sm_90) after the launch writing x: 1 fetches the weights
+// before waiting for it, 2 waits first (MoE blocks whose expert ids the previous launches wrote).
 // Weights: idx uint8 [E?, N, KP/2] + cb fp16 [E?, N, NG, 16] (+ cb8 int8, wscale fp32 [E?, N] for int8
 // codes x), or wd bf16 [E?, N, K].
 // MoE (bexp given, int32 or int64): block y of `bm` x rows uses expert bexp[y]; rows = slot ids (none: x row
@@ -66,7 +67,7 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
           torch::Tensor wscale, torch::Tensor wd,
           torch::Tensor bias, torch::Tensor y, torch::Tensor bexp, torch::Tensor rows, torch::Tensor rw, int64_t M, int64_t K,
           int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages, bool slut,
-          int64_t xtopk, bool pdl) {
+          int64_t xtopk, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.stride(-1) == 1 && y.stride(-1) == 1, "x and y must be CUDA tensors with unit column stride");
   GemvParams p{};
   const bool dense_w = wd.numel() > 0;
@@ -134,7 +135,8 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
   p.epi = (int)epi;
   p.inter = (int)inter;
   p.slut = slut ? 1 : 0;
-  p.pdl = pdl ? 1 : 0;
+  TORCH_CHECK(pdl >= 0 && pdl <= 2, "pdl must be 0, 1 or 2");
+  p.pdl = (int)pdl;
   TORCH_CHECK(p.epi != EPI_SCATTER || (p.bexp && p.rw), "the scatter epilogue needs MoE blocks and routing weights");
   const int blocks_y = p.bexp ? (int)bexp.numel() : 1;
   check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)stages, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");

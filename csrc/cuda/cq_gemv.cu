@@ -31,9 +31,12 @@
 // * MoE: blocks of bm x rows of one expert (slots grouped by moe_align_kernel), or with few slots one
 //   block per (token, k) slot with its expert read from the router's indices; topk_sum_kernel sums
 //   each token's slots.
-// * PDL (sm_90): every kernel lets the next launch start early; a GEMV launched with the PDL
-//   attribute fetches its first weight chunks and codebooks, then waits for the previous launch
-//   (which wrote its x) before copying x.
+// * PDL (sm_90): every kernel lets the next launch start early, and every launch has the PDL
+//   attribute except the routing kernel (safe after any kernel: nothing the previous launches write
+//   is read before the wait):
+//   a GEMV fetches its first weight chunks and codebooks, then waits for the previous launch (which
+//   wrote its x) before copying x; a MoE gate_up whose experts come from the router's indices, the
+//   prologues and the top-k sum wait first, so only the launch latency overlaps.
 //
 // x enters either straight from a 16-bit [M, K] tensor (paired in registers; for a MoE, the token
 // of each slot) or as pair words xp [rows, KP/2] (word 32b+j = (x[64b+j], x[64b+32+j])) written
@@ -294,6 +297,8 @@ template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvParams p) {
   extern __shared__ uint4 smem[];
   launch_dependents();
+  if (p.pdl == 2) grid_dependency_wait();
+  const bool prefetch = p.pdl == 1;  // weights before the wait, x after
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   int M = p.M;
@@ -546,10 +551,10 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   // with PDL x is the previous launch's output: weights and tables are fetched before the wait
 #pragma unroll
   for (int st = 0; st < D - 1; ++st) {
-    issue(c_begin + st, st, true, !p.pdl);
+    issue(c_begin + st, st, true, !prefetch);
     cp_async_commit();
   }
-  if (p.pdl) {
+  if (prefetch) {
     grid_dependency_wait();
 #pragma unroll
     for (int st = 0; st < D - 1; ++st) issue(c_begin + st, st, false, true);
@@ -560,7 +565,7 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   for (int c = c_begin; c < c_end; ++c) {
     issue(c + D - 1, st == 0 ? D - 1 : st - 1, true, true);  // the stage computed last round
     cp_async_commit();
-    if (p.pdl && c == c_begin)
+    if (prefetch && c == c_begin)
       cp_async_wait<1>();  // the prologue's groups (weights, then x) have landed
     else
       cp_async_wait<D - 1>();  // chunk c has landed

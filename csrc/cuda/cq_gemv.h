@@ -51,7 +51,8 @@ struct GemvParams {
   int epi;                   // EPI_PLAIN, EPI_SWIGLU (R = 2: gate rows n, up rows inter + n), EPI_SCATTER
   int inter;
   int slut;                  // dense, per-row codebooks, 16-bit dot: look up pair words in shared memory
-  int pdl;                   // launched with PDL: weights and tables fetched before waiting for x (the previous launch's output)
+  int pdl;                   // launched with PDL: 1 = weights and tables fetched before waiting for x (the previous
+                             // launch's output), 2 = waits first (MoE gate_up: the expert ids come from the router)
 };
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st);

@@ -225,12 +225,14 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
               and x2.data_ptr() % 16 == 0)
     b = bias.float().contiguous() if bias is not None else none
     lut = _lut_args(weight, act)
-    # after our prologue (no launch in between), the GEMV fetches weights while the prologue runs (PDL)
-    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act)
+    # PDL: the prologue or the GEMV is resident while the previous launch finishes, and the GEMV
+    # fetches its weights and tables before it waits for x (the previous launch's output)
+    pdl = _pdl(x2.device)
+    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
              bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut, 0,
-             not direct and _pdl(x2.device))
+             int(pdl))
     if out is not y:
         y.copy_(out)
     return True
@@ -287,14 +289,14 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
         bf16, xin, xs, x_direct = x2.dtype == torch.bfloat16, x2, none, True
     else:
         bf16, x_direct = not act.enabled, False
-        xin, xs = _prep(ext, x2, kp_h, n_rows, bf16, act, rows, s, topk)
+        xin, xs = _prep(ext, x2, kp_h, n_rows, bf16, act, rows, s, topk, pdl)
     # h straight in the down kernel's 16-bit dot type when nothing (quantization, Hadamard) comes between
     h_direct = not down_act.enabled and not hadamard_block and i_dim % 64 == 0
     h_dtype = torch.bfloat16 if dense or x2.dtype != torch.float16 else torch.float16
     h = torch.empty(n_rows, i_dim, dtype=h_dtype if h_direct else torch.float32, device=x.device)
     _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
     ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
-             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, pdl and not x_direct)
+             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0)
     if hadamard_block:
         h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
@@ -302,17 +304,17 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
         bf16, hin, hs = h_dtype == torch.bfloat16, h, none
     else:
         bf16 = not down_act.enabled
-        hin, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0, pdl and not hadamard_block)
+        hin, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0, pdl)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
     r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
-    # PDL: each launch after one of ours fetches its first weights and tables while that one finishes
+    # PDL: the down GEMV fetches its first weights and tables while the launch writing h finishes
     ext.gemv(hin, h_direct, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
-             EPI_SCATTER, 0, bf16, r_d, w_d, MOE_STAGES, False, 0, pdl)
+             EPI_SCATTER, 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl))
     return topk_sum(y_slots, torch.empty(t, h_dim, dtype=x.dtype, device=x.device), topk, pdl)
 
 
 def _pdl(device) -> bool:
-    """Programmatic dependent launch inside the MoE (sm_90+, ``CODEQUANT_CUDA_PDL=0`` turns it off)."""
+    """Programmatic dependent launch of our kernels (sm_90+, ``CODEQUANT_CUDA_PDL=0`` turns it off)."""
     return PDL and _device_props(device)[1] >= 9
 
 
