@@ -215,8 +215,9 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     n = weight.out_features
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    sms = _sm_count(x2.device)
     if r is None or w is None:
-        r0, w0 = config(-(-n // 16), k, _sm_count(x2.device))
+        r0, w0 = config(-(-n // 16), k, sms)
         r, w = r or r0, w or w0
     kp = weight.indices.shape[-1] * 2
     none = _none(x2.device)
@@ -226,8 +227,10 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     b = bias.float().contiguous() if bias is not None else none
     lut = _lut_args(weight, act)
     # PDL: the prologue or the GEMV is resident while the previous launch finishes, and the GEMV
-    # fetches its weights and tables before it waits for x (the previous launch's output)
-    pdl = _pdl(x2.device)
+    # fetches its weights and tables before it waits for x (the previous launch's output); not for
+    # a W4A16 GEMV of 1-row-tile blocks filling half the SMs or more (0.84-0.93x on 2048x4096 and
+    # 2048x7168, H200: the blocks placed early spread unevenly)
+    pdl = _pdl(x2.device) and (not direct or r == 2 or -(-n // 16) < sms // 2)
     xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
