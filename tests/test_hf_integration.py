@@ -91,6 +91,24 @@ def test_generate_on_model_object_is_deterministic(checkpoint):
     assert first == again
 
 
+def test_generate_compiled_gives_the_eager_text(checkpoint):
+    """transformers compiles the decode step of a CodeQuant model (static cache, fullgraph: the
+    quantizer declares it compileable) and the greedy text is the eager one."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert model.hf_quantizer.is_compileable
+    want, _ = generate(model, "Hello", max_new_tokens=6, stream=False, tokenizer=char_tokenizer())
+    torch._dynamo.reset()
+    counters.clear()
+    config = CompileConfig(fullgraph=True, backend="aot_eager", mode="default")
+    got, _ = generate(model, "Hello", max_new_tokens=6, stream=False, tokenizer=char_tokenizer(), compile=config)
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
+    assert got == want
+
+
 def test_generate_needs_tokenizer_for_in_memory_model():
     model = quantize_tiny(tiny_model("olmoe"))
     with pytest.raises(ValueError, match="pass tokenizer="):

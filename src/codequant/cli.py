@@ -133,7 +133,7 @@ def format_eval_table(name: str, result: dict, ref: str | None = None) -> str:
 def cmd_generate(args) -> int:
     from .generate import generate
 
-    _, tps = generate(args.model, args.prompt, args.max_new_tokens, stream=True, device=args.device)
+    _, tps = generate(args.model, args.prompt, args.max_new_tokens, stream=True, device=args.device, compile=args.compile)
     print(f"\n[{tps:.1f} tokens/s]", file=sys.stderr)
     return 0
 
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--device", default="auto")
+    g.add_argument("--compile", action="store_true", help="static KV cache + torch.compile of the decode step (faster decode after a compile)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("compare", help="quantize with every method and tabulate perplexity and KL (table, JSON, plot)")

@@ -20,6 +20,7 @@ def generate(
     tokenizer=None,
     device: str | None = None,
     do_sample: bool = False,
+    compile=False,
     **generate_kwargs,
 ) -> tuple[str, float]:
     """Generate a continuation of ``prompt``; returns (new text, new tokens per second).
@@ -29,6 +30,13 @@ def generate(
     ``config.name_or_path`` must hold one). With ``stream`` the new text is printed to stdout
     as it is produced (``TextStreamer``). Greedy by default; the KV cache is used. The rate
     counts every new token over the whole ``generate`` call (prefill included).
+
+    ``compile`` (True or a transformers ``CompileConfig``): a static KV cache and the decode step
+    under ``torch.compile`` (transformers' generation compile, CUDA graphs on a GPU: about 2x the
+    decode rate of a 30B MoE on an H200, benchmarks/README.md); the first call pays for it.
+    Inductor rounds a fused chain of bf16 ops once, where eager rounds after each op, so a W4A4
+    model's activation codes can flip at rounding ties and the text can differ from eager;
+    ``torch._inductor.config.emulate_precision_casts = True`` makes them equal.
     """
     import codequant  # noqa: F401  registers the CodeQuant quantizer with transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
@@ -48,6 +56,12 @@ def generate(
         model = model.to(device)
     model.eval()
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    if compile:
+        from transformers import CompileConfig
+
+        config = compile if isinstance(compile, CompileConfig) else CompileConfig(fullgraph=True)
+        config._compile_all_devices = True  # transformers compiles by itself only on accelerators
+        generate_kwargs = {"cache_implementation": "static", "compile_config": config, **generate_kwargs}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()

@@ -273,3 +273,9 @@ class CodeQuantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """Under torch.compile the quantized modules are the ops codequant::linear / codequant::moe,
+        so ``generate(..., cache_implementation="static")`` compiles the decode step (CUDA graphs)."""
+        return True
