@@ -83,3 +83,26 @@ def test_eager_call_does_not_go_through_the_op(monkeypatch):
     want = lin(x)
     monkeypatch.setattr(torch.ops.codequant, "linear", None)
     assert torch.equal(lin(x), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_transformers_compiles_the_decode_step_on_cuda(tmp_path):
+    """On a GPU, transformers compiles a CodeQuant checkpoint's decode step by itself (static
+    cache, Inductor, CUDA graphs); its first compiled step scores like the uncompiled one."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from codequant.io import save_quantized
+
+    save_quantized(quantize_tiny(tiny_model("qwen3_moe", seed=3)), tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").cuda().eval()
+    ids = tiny_input_ids(1, 8).cuda()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static", output_scores=True,
+              return_dict_in_generate=True)
+    want = model.generate(ids, disable_compile=True, **kw)
+    counters.clear()
+    got = model.generate(ids, **kw)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert torch.equal(got.sequences[:, :ids.shape[1] + 2], want.sequences[:, :ids.shape[1] + 2])
+    a, b = got.scores[1].double(), want.scores[1].double()
+    assert ((a - b).norm() / b.norm()).item() < 2e-2

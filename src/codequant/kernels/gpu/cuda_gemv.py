@@ -228,9 +228,10 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     lut = _lut_args(weight, act)
     # PDL: the prologue or the GEMV is resident while the previous launch finishes, and the GEMV
     # fetches its weights and tables before it waits for x (the previous launch's output); not for
-    # a W4A16 GEMV of 1-row-tile blocks filling half the SMs or more (0.84-0.93x on 2048x4096 and
-    # 2048x7168, H200: the blocks placed early spread unevenly)
-    pdl = _pdl(x2.device) and (not direct or r == 2 or -(-n // 16) < sms // 2)
+    # 1-row-tile blocks filling half the SMs or more, unless a W4A4 prologue of M <= 4 rows comes
+    # first (H200, 2048x4096 and 2048x7168: 0.84-0.93x for W4A16, 0.76-0.87x for W4A4 at M = 16,
+    # 1.2-1.3x for W4A4 at M <= 4; the blocks placed early spread unevenly)
+    pdl = _pdl(x2.device) and (r == 2 or -(-n // 16) < sms // 2 or (not direct and m <= 4))
     xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
