@@ -99,7 +99,7 @@ def moe(
                                        gate_up.in_features, down.indices, down.codebook, down.row_sum, down.in_features,
                                        act.bits, act.group_size, act.clip, down_act.bits, down_act.group_size, down_act.clip,
                                        hadamard_block, backend)
-    return select_backend("moe", x.device.type, backend)(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+    return _run_moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block, backend)
 
 
 def _run_linear(x, weight, act, bias, hadamard_block, backend):
@@ -108,6 +108,10 @@ def _run_linear(x, weight, act, bias, hadamard_block, backend):
 
         x = block_hadamard(x, hadamard_block)
     return select_backend("linear", x.device.type, backend)(x, weight, act, bias)
+
+
+def _run_moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block, backend):
+    return select_backend("moe", x.device.type, backend)(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
 
 
 @torch.library.custom_op("codequant::linear", mutates_args=())
@@ -136,7 +140,7 @@ def _moe_op(
     gate_up = PackedWeight(gate_up_indices, gate_up_codebook, gate_up_row_sum, gate_up_in_features)
     down = PackedWeight(down_indices, down_codebook, down_row_sum, down_in_features)
     act, down_act = ActQuantSpec(act_bits, act_group_size, act_clip), ActQuantSpec(down_act_bits, down_act_group_size, down_act_clip)
-    return select_backend("moe", x.device.type, backend)(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+    return _run_moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block, backend)
 
 
 @_moe_op.register_fake
