@@ -88,15 +88,30 @@ def test_eager_call_does_not_go_through_the_op(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_transformers_compiles_the_decode_step_on_cuda(tmp_path):
     """On a GPU, transformers compiles a CodeQuant checkpoint's decode step by itself (static
-    cache, Inductor, CUDA graphs); its first compiled step scores like the uncompiled one."""
+    cache, Inductor, CUDA graphs); its first compiled step scores like the uncompiled one.
+    Per-token 4-bit activations: the configuration the GPU kernels run (group-wise activations
+    fall back to a reference MoE that a CUDA graph cannot capture, refused with an error)."""
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from codequant.io import save_quantized
 
-    save_quantized(quantize_tiny(tiny_model("qwen3_moe", seed=3)), tmp_path / "ckpt")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").cuda().eval()
+    model = quantize_tiny(tiny_model("qwen3_moe", seed=3)).cuda()
+    for m in model.modules():
+        if isinstance(m, (CodeQuantLinear, CodeQuantExperts)):
+            m.act = ActQuantSpec(bits=4)
+            if isinstance(m, CodeQuantExperts):
+                m.down_act = ActQuantSpec(bits=4)
+    experts = model.model.layers[0].mlp.experts
+    experts.down_act = ActQuantSpec(bits=4, group_size=32)
+    h, idx = torch.randn(3, experts.hidden_dim, device="cuda"), torch.randint(0, experts.num_experts, (3, 2), device="cuda")
+    experts(h, idx, torch.rand(3, 2, device="cuda"))  # eager: the reference fallback runs
+    with pytest.raises(RuntimeError, match="no GPU MoE kernel for activations"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        experts(h, idx, torch.ones(3, 2, device="cuda"))
+    experts.down_act = ActQuantSpec(bits=4)
     ids = tiny_input_ids(1, 8).cuda()
+    save_quantized(model.cpu(), tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").cuda().eval()
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static", output_scores=True,
               return_dict_in_generate=True)
     want = model.generate(ids, disable_compile=True, **kw)

@@ -37,6 +37,12 @@ def moe(
     """
     from ..transforms.hadamard import block_hadamard
 
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"no GPU MoE kernel for activations {act} / {down_act}: the reference path it falls back to reads "
+            "the routing on the host, which a CUDA graph cannot capture; run without CUDA graphs (eager, or "
+            "torch.compile(mode='default')) or quantize activations per token in 4 bits (act_group_size=0)"
+        )
     out = torch.zeros(x.shape[0], down.out_features, dtype=torch.float32, device=x.device)
     for e in torch.unique(top_k_index).tolist():
         tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
