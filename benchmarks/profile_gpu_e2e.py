@@ -22,10 +22,11 @@ from codequant.quantizers.activations import ActQuantSpec
 
 # (substring of the kernel name, category), first match wins
 CATEGORIES = [
-    ("gemv", "codequant gemv"), ("topk_sum", "codequant topk_sum"), ("moe_align", "codequant route"), ("prep", "codequant prep"),
-    ("flash", "attention"), ("sdpa", "attention"), ("attention", "attention"), ("fmha", "attention"),
-    ("triton", "inductor triton"), ("gemm", "cublas gemm"), ("cutlass", "cublas gemm"), ("nvjet", "cublas gemm"),
-    ("sm90", "cublas gemm"), ("copy", "copy"), ("index", "index"),
+    ("cq::gemv", "codequant gemv"), ("cq::topk_sum", "codequant topk_sum"), ("cq::moe_align", "codequant route"),
+    ("cq::prep_x", "codequant prologue"), ("triton", "inductor (fused elementwise, norms, softmax)"),
+    ("sdpa", "attention (sdpa)"), ("flash", "attention (sdpa)"), ("topk", "torch.topk (router)"),
+    ("sortkv", "torch.topk (router)"), ("grouped_gemm", "bf16 grouped GEMM (experts)"), ("cutlass", "bf16 grouped GEMM (experts)"),
+    ("nvjet", "cuBLAS GEMV (dense bf16, router, lm_head)"), ("splitkreduce", "cuBLAS GEMV (dense bf16, router, lm_head)"),
 ]
 
 
@@ -62,7 +63,7 @@ def prof(model, label: str, layers: int, steps: int = 5):
     tot = sum(sums.values())
     print(f"== {label}: kernel time per step {tot:.0f} us ({tot / layers:.1f} us / layer), kernels per step {sum(counts.values()):.0f}")
     for c, v in sums.most_common():
-        print(f"   {c:22s} {v:8.0f} us  {counts[c]:6.0f} launches")
+        print(f"   {c:44s} {v:8.0f} us  {counts[c]:6.0f} launches")
     for n, v in names.most_common(14):
         print(f"      {v:8.0f} us  {n}")
 
