@@ -11,10 +11,9 @@ RANDOM packed indices and codebooks (speed does not depend on the values); route
 embeddings and lm_head stay bf16. Greedy decode of --new tokens after a --prompt token
 prompt, batch 1, timed without and with CUDA graphs (StaticCache, one decode step per
 graph replay), and with CUDA graphs of the model with every decoder layer under
-``torch.compile`` with ``codequant.generate.INDUCTOR_OPTIONS`` (Inductor fuses the norms,
-RoPE, router softmax and top-k, and residual code around the ``codequant::linear`` /
-``codequant::moe`` ops; one compile per layer index, because transformers' static cache
-specializes on it; the compile time is printed, not timed).
+``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
+``codequant::linear`` / ``codequant::moe`` ops; one compile per layer index, because
+transformers' static cache specializes on it; the compile time is printed, not timed).
 Writes gpu-e2e.json.
 """
 
@@ -28,7 +27,6 @@ import time
 import torch
 
 from codequant.format import PackedWeight
-from codequant.generate import INDUCTOR_OPTIONS
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.quantizers.activations import ActQuantSpec
@@ -144,7 +142,7 @@ def compile_layers(model, on: bool):
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     for layer in model.model.layers:
         if on:
-            layer.compile(dynamic=False, options=INDUCTOR_OPTIONS)
+            layer.compile(dynamic=False)
         else:
             layer._compiled_call_impl = None
 

@@ -10,21 +10,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Inductor options for a compiled MoE decode step: the router's top-k over the experts lowered to
-# a Triton sort fused with its softmax (torch.topk runs two kernels, ~9 us per layer on an H200)
-INDUCTOR_OPTIONS = {"triton.decompose_sort_ops": True}
-
-
-def compile_config():
-    """transformers ``CompileConfig`` for a CodeQuant decode step: fullgraph, Inductor with
-    INDUCTOR_OPTIONS and CUDA graphs (mode "reduce-overhead"'s one option; torch.compile takes
-    a mode or options, not both), on every device (transformers alone compiles only on GPUs)."""
-    from transformers import CompileConfig
-
-    config = CompileConfig(fullgraph=True, mode=None, options={**INDUCTOR_OPTIONS, **torch._inductor.list_mode_options("reduce-overhead")})
-    config._compile_all_devices = True
-    return config
-
 
 def generate(
     model_dir_or_model,
@@ -72,8 +57,10 @@ def generate(
     model.eval()
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     if compile:
-        config = compile_config() if compile is True else compile
-        config._compile_all_devices = True
+        from transformers import CompileConfig
+
+        config = compile if isinstance(compile, CompileConfig) else CompileConfig(fullgraph=True)
+        config._compile_all_devices = True  # transformers compiles by itself only on accelerators
         generate_kwargs = {"cache_implementation": "static", "compile_config": config, **generate_kwargs}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
