@@ -94,6 +94,7 @@ def test_transformers_compiles_the_decode_step_on_cuda(tmp_path):
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
+    from codequant.generate import compile_config
     from codequant.io import save_quantized
 
     model = quantize_tiny(tiny_model("qwen3_moe", seed=3)).cuda()
@@ -116,7 +117,7 @@ def test_transformers_compiles_the_decode_step_on_cuda(tmp_path):
               return_dict_in_generate=True)
     want = model.generate(ids, disable_compile=True, **kw)
     counters.clear()
-    got = model.generate(ids, **kw)
+    got = model.generate(ids, compile_config=compile_config(), **kw)
     assert counters["stats"]["unique_graphs"] >= 1
     assert torch.equal(got.sequences[:, :ids.shape[1] + 2], want.sequences[:, :ids.shape[1] + 2])
     a, b = got.scores[1].double(), want.scores[1].double()

@@ -11,6 +11,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def compile_config():
+    """transformers ``CompileConfig`` for a CodeQuant decode step: fullgraph, Inductor with CUDA
+    graphs (mode "reduce-overhead"), on every device (transformers alone compiles only on GPUs)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True
+    return config
+
+
 def generate(
     model_dir_or_model,
     prompt: str,
@@ -57,10 +67,8 @@ def generate(
     model.eval()
     inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     if compile:
-        from transformers import CompileConfig
-
-        config = compile if isinstance(compile, CompileConfig) else CompileConfig(fullgraph=True)
-        config._compile_all_devices = True  # transformers compiles by itself only on accelerators
+        config = compile_config() if compile is True else compile
+        config._compile_all_devices = True
         generate_kwargs = {"cache_implementation": "static", "compile_config": config, **generate_kwargs}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
