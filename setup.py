@@ -72,12 +72,14 @@ def cuda_build():
         else:
             ext = CUDAExtension(
                 "codequant.kernels.gpu._cq_gemv",
-                sources=[os.path.join(CUDA_DIR, "cq_gemv.cpp"), os.path.join(CUDA_DIR, "cq_gemv.cu")],
+                # distinct stems: setuptools names each object after its source's stem
+                sources=[os.path.join(CUDA_DIR, "cq_gemv_binding.cpp"), os.path.join(CUDA_DIR, "cq_gemv.cu")],
                 depends=[os.path.join(CUDA_DIR, "cq_gemv.h")],
                 include_dirs=[os.path.abspath(CUDA_DIR)],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
             )
-            return ext, BuildExtension
+            # no ninja: its compile path bypasses the per-file hook that gives the CPU files their ISA flags
+            return ext, BuildExtension.with_options(use_ninja=False)
     if want == "1":
         raise RuntimeError(f"CODEQUANT_BUILD_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     print(f"codequant: CUDA kernels not built at install ({reason}); they compile on first use", file=sys.stderr)

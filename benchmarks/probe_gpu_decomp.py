@@ -66,9 +66,9 @@ def main():
         os.makedirs(d, exist_ok=True)
         patched = f"#define EXP_NOMMA {no_mma}\n#define EXP_NOLUT {no_lut}\n" + src.replace(*NO_MMA).replace(*NO_LUT)
         open(f"{d}/cq_gemv.cu", "w").write(patched)
-        shutil.copy("src/codequant/kernels/gpu/csrc/cq_gemv.cpp", d)
+        shutil.copy("src/codequant/kernels/gpu/csrc/cq_gemv_binding.cpp", d)
         shutil.copy("src/codequant/kernels/gpu/csrc/cq_gemv.h", d)
-        cuda_gemv._EXT = load(name=f"cq_decomp_{name}", sources=[f"{d}/cq_gemv.cpp", f"{d}/cq_gemv.cu"], extra_include_paths=[d],
+        cuda_gemv._EXT = load(name=f"cq_decomp_{name}", sources=[f"{d}/cq_gemv_binding.cpp", f"{d}/cq_gemv.cu"], extra_include_paths=[d],
                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"])
         run(name, weights, recs)
     os.makedirs(a.out, exist_ok=True)

@@ -50,7 +50,7 @@ MOE_MAX_SLOTS = 8192
 EPI_PLAIN, EPI_SWIGLU, EPI_SCATTER = 0, 1, 2
 _EXT = None
 _FAILED = False
-_SOURCES = ("cq_gemv.cpp", "cq_gemv.cu", "cq_gemv.h")
+_SOURCES = ("cq_gemv_binding.cpp", "cq_gemv.cu", "cq_gemv.h")
 _PROPS: dict = {}
 _EMPTY: dict = {}
 # warps per SM the launch config aims at (H200 sweep: dense 8-24 alike, 32 up to 1.3x slower on
