@@ -1,5 +1,5 @@
 """Where the decode kernel's time goes (register lookup, smem_lut=False): the same kernel built three
-more times from a patched copy of csrc/cuda/cq_gemv.cu (in /tmp), with the mma replaced by an xor of
+more times from a patched copy of src/codequant/kernels/gpu/csrc/cq_gemv.cu (in /tmp), with the mma replaced by an xor of
 its operands ("nomma"), the codebook lookup replaced by an xor of the index word ("nolut"), or both
 ("neither": the data movement alone), timed like bench_gpu (CUDA graph over weight copies > 4x L2)
 next to the real kernel ("base").
@@ -55,8 +55,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
-    src = open("csrc/cuda/cq_gemv.cu").read()
-    assert NO_MMA[0] in src and NO_LUT[0] in src, "csrc/cuda/cq_gemv.cu changed: update the patches"
+    src = open("src/codequant/kernels/gpu/csrc/cq_gemv.cu").read()
+    assert NO_MMA[0] in src and NO_LUT[0] in src, "src/codequant/kernels/gpu/csrc/cq_gemv.cu changed: update the patches"
     weights = {s: [B.random_packed((), *s) for _ in range(max(2, math.ceil(4 * B.L2_BYTES / (s[0] * s[1] // 2))))] for s in SHAPES}
     recs = []
     cuda_gemv.load()
@@ -66,9 +66,9 @@ def main():
         os.makedirs(d, exist_ok=True)
         patched = f"#define EXP_NOMMA {no_mma}\n#define EXP_NOLUT {no_lut}\n" + src.replace(*NO_MMA).replace(*NO_LUT)
         open(f"{d}/cq_gemv.cu", "w").write(patched)
-        shutil.copy("csrc/cuda/cq_gemv.cpp", d)
-        shutil.copy("csrc/cuda/cq_gemv.h", d)
-        cuda_gemv._EXT = load(name=f"cq_decomp_{name}", sources=[f"{d}/cq_gemv.cpp", f"{d}/cq_gemv.cu"], extra_include_paths=[d],
+        shutil.copy("src/codequant/kernels/gpu/csrc/cq_gemv_binding.cpp", d)
+        shutil.copy("src/codequant/kernels/gpu/csrc/cq_gemv.h", d)
+        cuda_gemv._EXT = load(name=f"cq_decomp_{name}", sources=[f"{d}/cq_gemv_binding.cpp", f"{d}/cq_gemv.cu"], extra_include_paths=[d],
                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"])
         run(name, weights, recs)
     os.makedirs(a.out, exist_ok=True)

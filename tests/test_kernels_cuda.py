@@ -1,4 +1,4 @@
-"""The CUDA C++ decode kernels (src/codequant/kernels/gpu/cuda_gemv.py, csrc/cuda/) and the
+"""The CUDA C++ decode kernels (src/codequant/kernels/gpu/cuda_gemv.py, src/codequant/kernels/gpu/csrc/) and the
 prefill paths (gpu/prefill.py) against the reference path at real sizes. Skipped without
 CUDA. Errors are relative Frobenius errors ||y - y_ref|| / ||y_ref||."""
 

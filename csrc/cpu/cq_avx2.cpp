@@ -6,12 +6,11 @@
 // index the int8 codebook with vpshufb, and vpmaddubsw + vpmaddwd form the dot product
 // with the uint8 codes (natural column order). 8-bit codes could saturate vpmaddubsw,
 // so they are split as q = 128 * (q >> 7) + (q & 127) into two exact products.
+//
+// Compiled with -mavx2 -mfma -mf16c -mbmi2 (setup.py) and called only after the runtime check
+// in cq_module.cpp; includes no C++ standard headers (see cq_kernels.h).
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx2,fma,f16c,bmi2")
 #include <immintrin.h>
-#include <math.h>
-
-#include <algorithm>
 
 #include "cq_kernels.h"
 
@@ -189,7 +188,7 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
   const __m256 vqmax = _mm256_set1_ps(qmax), vzero = _mm256_setzero_ps();
   for (int64_t a = 0; a * GA < K; ++a) {
     const float* xa = x + a * GA;
-    __m256 vmx = _mm256_set1_ps(-INFINITY), vmn = _mm256_set1_ps(INFINITY);
+    __m256 vmx = _mm256_set1_ps(-CQ_INF), vmn = _mm256_set1_ps(CQ_INF);
     int64_t k = 0;
     for (; k + 8 <= GA; k += 8) {
       const __m256 v = _mm256_loadu_ps(xa + k);
@@ -199,14 +198,14 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
     float mxa[8], mna[8];
     _mm256_storeu_ps(mxa, vmx);
     _mm256_storeu_ps(mna, vmn);
-    float mx = -INFINITY, mn = INFINITY;
+    float mx = -CQ_INF, mn = CQ_INF;
     for (int j = 0; j < 8; ++j) {
-      mx = std::max(mx, mxa[j]);
-      mn = std::min(mn, mna[j]);
+      mx = max_f(mx, mxa[j]);
+      mn = min_f(mn, mna[j]);
     }
     for (int64_t t = k; t < GA; ++t) {
-      mx = std::max(mx, xa[t]);
-      mn = std::min(mn, xa[t]);
+      mx = max_f(mx, xa[t]);
+      mn = min_f(mn, xa[t]);
     }
     float scale, zero;
     group_scale_zero(mx, mn, clip, qmax, scale, zero);

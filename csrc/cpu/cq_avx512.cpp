@@ -1,21 +1,18 @@
-// AVX-512 kernels (F/BW/VL/VNNI + F16C/FMA), compiled for those features by target
-// pragma and called only after the runtime check in cq_module.cpp.
+// AVX-512 kernels (F/BW/VL/VNNI/DQ + F16C/FMA), compiled with those -m flags (setup.py) and
+// called only after the runtime check in cq_module.cpp; includes no C++ standard headers (see
+// cq_kernels.h).
 //
 // Float activations (W4A16): 16 float centroids live in one zmm; vpermps looks up 16
 // columns at once (it reads only the low 4 bits of each index, so the low nibble needs
 // no mask and the high nibble one shift).
 // Integer activations (W4A8/W4A4): one 64-byte load holds two 64-column blocks; the low
 // and high nibbles index a 16-byte int8 codebook with vpshufb (vpermb where the CPU has
-// VBMI, cq_avx512_wide.h), and vpdpbusd multiplies
-// the int8 weights with the uint8 activation codes, which the caller stores interleaved
-// per 128 columns ([0-31, 64-95, 32-63, 96-127]) so they line up with the nibbles.
+// VBMI: cq_avx512_vbmi.cpp, the same kernel cq_avx512_wide.h compiled with -mavx512vbmi),
+// and vpdpbusd multiplies the int8 weights with the uint8 activation codes, which the
+// caller stores interleaved per 128 columns ([0-31, 64-95, 32-63, 96-127]) so they line up
+// with the nibbles.
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c,bmi2")
 #include <immintrin.h>
-#include <math.h>
-#include <stdlib.h>
-
-#include <algorithm>
 
 #include "cq_kernels.h"
 
@@ -23,17 +20,6 @@ namespace cq {
 namespace {
 
 bool f32_ok(const Weight& w) { return w.il && (w.NG == 1 || w.G % 32 == 0); }
-
-// Start of row n in the interleaved copy and the distance between its 64-byte pieces.
-inline const uint8_t* il_row(const Weight& w, int64_t n, int64_t* step) {
-  const int64_t rb = q_columns(w.KP) / 2, n4 = w.N / 4 * 4;
-  if (n < n4) {
-    *step = 256;
-    return w.il + (n & ~(int64_t)3) * rb + (n & 3) * 64;
-  }
-  *step = 64;
-  return w.il + n * rb;
-}
 
 // Both the codebook group and the activation group are whole rows or multiples of 128
 // columns ("wide": one table per 128-column step), or multiples of 32 ("narrow").
@@ -181,31 +167,20 @@ inline float finish(__m512 accf, const ActQ& a, const float* rs, int64_t m) {
   return v;
 }
 
-namespace wide {
 #define CQ_VBMI 0
 #include "cq_avx512_wide.h"
 #undef CQ_VBMI
-}  // namespace wide
-
-#pragma GCC push_options
-#pragma GCC target("avx512vbmi")
-namespace wide_vbmi {
-#define CQ_VBMI 1
-#include "cq_avx512_wide.h"
-#undef CQ_VBMI
-}  // namespace wide_vbmi
-#pragma GCC pop_options
 
 bool has_vbmi() {
   static const bool v = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
   return v;
 }
 
-void i8_rows_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+void i8_rows_wide_best(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
   if (has_vbmi() && !g_tune[TUNE_NO_VBMI])
-    wide_vbmi::i8_rows_wide(w, a, y, ldy, bias, n0, n1);
+    i8_rows_wide_vbmi(w, a, y, ldy, bias, n0, n1);
   else
-    wide::i8_rows_wide(w, a, y, ldy, bias, n0, n1);
+    i8_rows_wide(w, a, y, ldy, bias, n0, n1);
 }
 
 // Groups multiples of 32 columns: every 128-column step may see four codebooks and four
@@ -265,7 +240,7 @@ CQ_I8_ROWS(i8_rows_narrow, i8_narrow)
 
 void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
   if (wide_ok(w.G, w.K) && wide_ok(a.GA, w.K))
-    i8_rows_wide(w, a, y, ldy, bias, n0, n1);
+    i8_rows_wide_best(w, a, y, ldy, bias, n0, n1);
   else
     i8_rows_narrow(w, a, y, ldy, bias, n0, n1);
 }
@@ -280,7 +255,7 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
   const __m512 vqmax = _mm512_set1_ps(qmax), vzero = _mm512_setzero_ps();
   for (int64_t a = 0; a * GA < K; ++a) {
     const float* xa = x + a * GA;
-    __m512 vmx = _mm512_set1_ps(-INFINITY), vmn = _mm512_set1_ps(INFINITY);
+    __m512 vmx = _mm512_set1_ps(-CQ_INF), vmn = _mm512_set1_ps(CQ_INF);
     int64_t k = 0;
     for (; k + 16 <= GA; k += 16) {
       const __m512 v = _mm512_loadu_ps(xa + k);

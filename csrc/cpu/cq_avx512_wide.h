@@ -1,8 +1,7 @@
-// Included twice by cq_avx512.cpp (no include guard on purpose).
-// The "wide" integer-activation kernel of cq_avx512.cpp, included twice there: once with
-// CQ_VBMI 0 (vpshufb lookups, AVX-512 F/BW/VNNI) and once with CQ_VBMI 1 in a region
-// compiled for VBMI too (vpermb lookups), so that no VBMI instruction can reach the
-// functions that run on AVX-512 CPUs without it.
+// The "wide" integer-activation AVX-512 kernel, included inside an anonymous namespace by two
+// files: cq_avx512.cpp with CQ_VBMI 0 (vpshufb lookups, AVX-512 F/BW/VNNI) and
+// cq_avx512_vbmi.cpp with CQ_VBMI 1, compiled with -mavx512vbmi too (vpermb lookups), so that
+// no VBMI instruction can reach the functions that run on AVX-512 CPUs without it.
 //
 // Codebook and activation groups whole rows or multiples of 128 columns: one table per
 // row and 128-column step. NR rows x MB tokens per pass (activation codes loaded once per

@@ -11,13 +11,16 @@
 // Integer activations are codes q in 0..2^bits-1 with scale s and zero z per token and
 // activation group (exactly quantize_activations), so that
 //   y[m, n] = sum_segments sc * s * sum_k cb8[idx_k] * q_k  -  sum_a s * z * rs8[n, a].
+//
+// The instruction-set files (cq_avx2.cpp, cq_avx512*.cpp) are compiled with their own -m flags
+// (setup.py), so nothing they compile may be shared with the baseline files: a header inline
+// function or std template instantiated there is a weak symbol the linker may pick for every
+// caller, which would put AVX-512 code on the portable path. Hence this header includes no C++
+// standard headers, and its helpers are `static inline` (one private copy per file); only the
+// `isa_*` tables and cq_*_vbmi's entry point are exported by the instruction-set files.
 #pragma once
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-
-#include <algorithm>
-#include <vector>
 
 namespace cq {
 
@@ -73,33 +76,33 @@ struct Isa {
                        float* s, float* z);
 };
 
+#define CQ_INF __builtin_inff()
+
 // The scalar quantizer (cq_portable.cpp); the SIMD ones fall back to it where they must.
 void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave,
                          uint8_t* q, float* s, float* z);
 // Scale and zero of an activation group with maximum mx and minimum mn, in quantize_activations'
 // float32 operations: hi = max(mx, 0) clip, lo = min(mn, 0) clip, s = max((hi - lo) / qmax, 1e-8),
 // z = round(-lo / s) (half to even).
-inline void group_scale_zero(float mx, float mn, float clip, float qmax, float& scale, float& zero) {
-  const float hi = std::max(mx, 0.f) * clip;
-  const float lo = std::min(mn, 0.f) * clip;
+// max(a, b) and min(a, b) as std::max / std::min define them (the first argument on ties and NaN).
+static inline float max_f(float a, float b) { return a < b ? b : a; }
+static inline float min_f(float a, float b) { return b < a ? b : a; }
+static inline void group_scale_zero(float mx, float mn, float clip, float qmax, float& scale, float& zero) {
+  const float hi = max_f(mx, 0.f) * clip;
+  const float lo = min_f(mn, 0.f) * clip;
   scale = (hi - lo) / qmax;
   if (!(scale >= 1e-8f)) scale = 1e-8f;
-  zero = nearbyintf(-lo / scale);
+  zero = __builtin_nearbyintf(-lo / scale);
 }
 // One code: clamp(round(x / s) + z, 0, qmax).
-inline uint8_t quantize_value(float x, float scale, float zero, float qmax) {
-  return (uint8_t)std::min(std::max(nearbyintf(x / scale) + zero, 0.f), qmax);
+static inline uint8_t quantize_value(float x, float scale, float zero, float qmax) {
+  return (uint8_t)min_f(max_f(__builtin_nearbyintf(x / scale) + zero, 0.f), qmax);
 }
 // Where a quantizer writes natural-order codes: q itself, or (interleave) a per-thread buffer of
-// KQ bytes that interleave128 then copies into q.
-inline uint8_t* codes_buffer(uint8_t* q, int64_t KQ, bool interleave) {
-  if (!interleave) return q;
-  thread_local std::vector<uint8_t> tmp;
-  if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
-  return tmp.data();
-}
+// KQ bytes that interleave128 then copies into q (cq_portable.cpp).
+uint8_t* codes_buffer(uint8_t* q, int64_t KQ, bool interleave);
 // Reorders natural-order codes tmp[0..KQ) into q as [0-31, 64-95, 32-63, 96-127] per 128 columns.
-inline void interleave128(const uint8_t* tmp, int64_t KQ, uint8_t* q) {
+static inline void interleave128(const uint8_t* tmp, int64_t KQ, uint8_t* q) {
   static const int64_t from[4] = {0, 64, 32, 96};
   for (int64_t c = 0; c < KQ; c += 128)
     for (int j = 0; j < 4; ++j) __builtin_memcpy(q + c + 32 * j, tmp + c + from[j], 32);
@@ -108,14 +111,28 @@ inline void interleave128(const uint8_t* tmp, int64_t KQ, uint8_t* q) {
 extern const Isa isa_portable;
 extern const Isa isa_avx2;
 extern const Isa isa_avx512;
+// The AVX-512 "wide" integer kernel compiled for VBMI too (cq_avx512_vbmi.cpp); call only where
+// the CPU has AVX-512 VBMI.
+void i8_rows_wide_vbmi(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1);
 
 // Switches for tests and experiments (_lut.tune(i, v)); all 0 by default.
 enum { TUNE_NO_VBMI = 1 };  // 1: AVX-512 kernels use vpshufb + masks even where vpermb (VBMI) exists
 extern int64_t g_tune[8];
 
-inline int64_t q_columns(int64_t KP) { return (KP + 127) / 128 * 128; }
+static inline int64_t q_columns(int64_t KP) { return (KP + 127) / 128 * 128; }
 
-inline float half_to_float(uint16_t h) {
+// Start of row n in the interleaved copy and the distance between its 64-byte pieces.
+static inline const uint8_t* il_row(const Weight& w, int64_t n, int64_t* step) {
+  const int64_t rb = q_columns(w.KP) / 2, n4 = w.N / 4 * 4;
+  if (n < n4) {
+    *step = 256;
+    return w.il + (n & ~(int64_t)3) * rb + (n & 3) * 64;
+  }
+  *step = 64;
+  return w.il + n * rb;
+}
+
+static inline float half_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
   if (exp == 0) {
     if (man == 0) {
@@ -135,7 +152,7 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-inline int64_t gcd64(int64_t a, int64_t b) {
+static inline int64_t gcd64(int64_t a, int64_t b) {
   while (b) { int64_t t = a % b; a = b; b = t; }
   return a;
 }

@@ -2,11 +2,18 @@
 // correct; the SIMD files fall back here for configurations they do not handle.
 #include <math.h>
 
-#include <algorithm>
+#include <vector>
 
 #include "cq_kernels.h"
 
 namespace cq {
+
+uint8_t* codes_buffer(uint8_t* q, int64_t KQ, bool interleave) {
+  if (!interleave) return q;
+  thread_local std::vector<uint8_t> tmp;
+  if ((int64_t)tmp.size() < KQ) tmp.resize(KQ);
+  return tmp.data();
+}
 
 // Per-token (per-group) asymmetric min-max quantization, operation for operation the
 // float32 arithmetic of quantize_activations (round half to even), so codes, scales and
@@ -20,8 +27,8 @@ void quantize_row_scalar(const float* x, int64_t K, int bits, int64_t GA, float 
     const float* xa = x + a * GA;
     float mx = -INFINITY, mn = INFINITY;
     for (int64_t k = 0; k < GA; ++k) {
-      mx = std::max(mx, xa[k]);
-      mn = std::min(mn, xa[k]);
+      mx = max_f(mx, xa[k]);
+      mn = min_f(mn, xa[k]);
     }
     float scale, zero;
     group_scale_zero(mx, mn, clip, qmax, scale, zero);

@@ -1,9 +1,12 @@
-"""CUDA C++ decode kernels (M <= 16 rows of x per weight) on the packed format: ``csrc/cuda/cq_gemv.cu``.
+"""CUDA C++ decode kernels (M <= 16 rows of x per weight) on the packed format: ``csrc/cq_gemv.cu``
+next to this module (package data, shipped in the wheel and the sdist).
 
-Built on first use with ``torch.utils.cpp_extension.load`` for the device's architecture
-(sm_90 on an H200) and cached by PyTorch's extension builder. When the sources are missing,
-nvcc is absent or the build fails, the entry points return None / False (logged once) and
-the caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels off.
+The extension ``codequant.kernels.gpu._cq_gemv`` when the install built it (setup.py: torch with
+CUDA and a CUDA toolkit at build time), else built on first use from the packaged sources with
+``torch.utils.cpp_extension.load`` for the device's architecture (sm_90 on an H200) and cached
+by PyTorch's extension builder. When neither works (no nvcc, failed build, GPU older than
+sm_80), the entry points return None / False, one warning gives the reason and the fix, and the
+caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels off.
 
 * :func:`linear`: W4A16 (x straight from its bf16 / fp16 tensor, or paired by a prologue
   kernel; matches the reference up to fp32 summation order and, for bf16 x, the bf16
@@ -47,7 +50,7 @@ MOE_MAX_SLOTS = 8192
 EPI_PLAIN, EPI_SWIGLU, EPI_SCATTER = 0, 1, 2
 _EXT = None
 _FAILED = False
-_SOURCES = ("cq_gemv.cpp", "cq_gemv.cu", "cq_gemv.h")
+_SOURCES = ("cq_gemv_binding.cpp", "cq_gemv.cu", "cq_gemv.h")
 _PROPS: dict = {}
 _EMPTY: dict = {}
 # warps per SM the launch config aims at (H200 sweep: dense 8-24 alike, 32 up to 1.3x slower on
@@ -66,14 +69,7 @@ SMEM_LUT_MIN_K, SMEM_LUT_MAX_M = 8192, 8
 SLOT_BLOCKS_MAX_SHARE = 4
 
 
-def source_dir() -> Path | None:
-    env = os.environ.get("CODEQUANT_CSRC")
-    cands = [Path(env) / "cuda"] if env else []
-    cands.append(Path(__file__).resolve().parents[4] / "csrc" / "cuda")
-    for d in cands:
-        if all((d / s).is_file() for s in _SOURCES):
-            return d
-    return None
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 
 
 def enabled() -> bool:
@@ -81,33 +77,55 @@ def enabled() -> bool:
 
 
 def load(verbose: bool = False):
-    """The compiled extension, or None (reason logged once)."""
+    """The compiled extension, or None (the reason and the fix warned once)."""
     global _EXT, _FAILED
     if _EXT is not None or _FAILED:
         return _EXT
     try:
-        d = source_dir()
-        if d is None:
-            raise FileNotFoundError("csrc/cuda/cq_gemv.{cpp,cu,h} not found (set CODEQUANT_CSRC)")
-        from torch.utils.cpp_extension import load as _load
-
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
-            raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.m16n8k16 bf16 needs sm_80)")
-        arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
-        _EXT = _load(
-            name=f"codequant_cq_gemv_v3_sm{major}{minor}",
-            sources=[str(d / s) for s in _SOURCES[:2]],
-            extra_include_paths=[str(d)],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", arch, "-lineinfo"],
-            verbose=verbose,
-        )
+            raise _Unavailable(f"compute capability {major}.{minor} < 8.0 (mma.m16n8k16 bf16 needs sm_80)",
+                               "none: this GPU runs the Triton kernels")
+        try:
+            from . import _cq_gemv as ext  # built at install
+
+            _EXT = ext
+        except ImportError:
+            _EXT = _build(major, minor, verbose)
     except Exception as e:  # noqa: BLE001  (no nvcc, failed build: keep the Triton path)
         _FAILED = True
-        log.warning("CodeQuant CUDA decode kernels unavailable, using the Triton path: %s", e)
+        fix = e.fix if isinstance(e, _Unavailable) else (
+            "install a CUDA toolkit matching torch.version.cuda (nvcc on PATH or CUDA_HOME set), "
+            "or reinstall with it: pip install --no-build-isolation codequant; "
+            "cuda_gemv.load(verbose=True) shows the compiler output")
+        log.warning("CodeQuant CUDA decode kernels unavailable, using the Triton path (slower decode). "
+                    "Reason: %s. Fix: %s", e, fix)
         _EXT = None
     return _EXT
+
+
+class _Unavailable(RuntimeError):
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.fix = fix
+
+
+def _build(major: int, minor: int, verbose: bool):
+    """The extension compiled now from the packaged sources for sm_{major}{minor} (cached by torch)."""
+    missing = [s for s in _SOURCES if not (SOURCE_DIR / s).is_file()]
+    if missing:
+        raise _Unavailable(f"sources {missing} missing from {SOURCE_DIR}", "reinstall codequant (the wheel and the sdist ship them)")
+    from torch.utils.cpp_extension import load as _load
+
+    arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+    return _load(
+        name=f"codequant_cq_gemv_v3_sm{major}{minor}",
+        sources=[str(SOURCE_DIR / s) for s in _SOURCES[:2]],
+        extra_include_paths=[str(SOURCE_DIR)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", arch, "-lineinfo"],
+        verbose=verbose,
+    )
 
 
 def _device_props(device) -> tuple[int, int]:
