@@ -281,3 +281,55 @@ def test_resume_with_other_calibration_data_is_refused(capsys, tmp_path, calib):
     data.write_text(calib.read_text() + " One more sentence.")
     rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(data), *FAST)
     assert rc == 2 and error_line(err) == resume_refusal(out, "other calibration data")
+
+
+# -- bad input: one line naming the problem and the fix ------------------------------------------
+def test_config_file_types_one_message_per_field(capsys, tmp_path, calib):
+    config = tmp_path / "run.yaml"
+    config.write_text('nsamples: 1.5\ngroup_size: "64"\nmethod: rtn\n')
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(tmp_path / "q"), "--config", str(config))
+    assert rc == 2 and error_line(err) == (
+        f"codequant: error: {config}: option nsamples must be an integer, got float 1.5; "
+        "option group_size must be an integer or null, got str '64'"
+    )
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_hub_calibration_while_offline(capsys, tmp_path, monkeypatch):
+    import datasets
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True, raising=False)
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(tmp_path / "q"), "--calib", "nobody/no-such-dataset", *FAST)
+    assert rc == 2
+    line = error_line(err)
+    assert line.startswith("codequant: error: could not load the dataset 'nobody/no-such-dataset' from the Hugging Face Hub (")
+    assert line.endswith("); without network access, pass a local text or JSONL file or directory")
+
+
+def test_generate_empty_prompt_and_eval_zero_seqlen(capsys, checkpoint):
+    rc, _, err = run(capsys, "generate", str(checkpoint[0]), "--prompt", "  ")
+    assert rc == 2 and error_line(err) == 'codequant: error: --prompt is empty; give the text to continue, e.g. --prompt "The President said"'
+    rc, _, err = run(capsys, "eval", str(checkpoint[0]), "--seqlen", "0")
+    assert rc == 2 and error_line(err) == "codequant: error: --seqlen must be at least 2 tokens (a token and its successor), got 0"
+
+
+def test_generate_echoes_the_prompt_and_reports_the_rate_once(capsys, checkpoint):
+    rc, out, err = run(capsys, "generate", str(checkpoint[0]), "--prompt", "The council met", "--max-new-tokens", "3", "--device", "cpu")
+    assert rc == 0 and out.startswith("The council met")
+    assert (out + err).count("tokens/s") == 1
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in [("codequant", parser), *subparsers.items()]:
+        for action in sub._actions:
+            if action.dest not in ("help", "command"):
+                assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--debug"])
