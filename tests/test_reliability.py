@@ -333,3 +333,48 @@ def test_every_option_has_help_text():
 def test_debug_shows_the_traceback(capsys, tmp_path):
     with pytest.raises(FileNotFoundError):
         main(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--debug"])
+
+
+# -- kill -9 at any point, then resume: the same tensors as an uninterrupted run -------------------
+KILLER = """
+import os, signal, sys
+import codequant.io.checkpoint as checkpoint, codequant.utils as utils
+from codequant.cli import main
+
+module, call = {"layers": utils, "checkpoint": checkpoint}[sys.argv[1]], int(sys.argv[2])
+write, calls = module.save_file, [0]
+
+def save_then_die(*args, **kwargs):
+    write(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == call:  # the file is written under its temporary name, not yet renamed into place
+        os.kill(os.getpid(), signal.SIGKILL)
+
+module.save_file = save_then_die
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point,where,call", [
+    ("first layer", "layers", 2),  # 1: the calibration tokens, 2: layer 0
+    ("middle", "layers", 4),  # layers 0 and 1 saved, killed writing layer 2
+    ("while writing", "checkpoint", 1),  # every layer saved, killed writing model.safetensors
+])
+def test_killed_run_resumes_to_the_uninterrupted_tensors(capsys, checkpoint, tmp_path, calib, point, where, call):
+    out = tmp_path / "q"
+    argv = ["quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST]
+    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(call), *argv], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert partial_dir(out).is_dir() and not (out / "model.safetensors").exists()
+    rc, summary, err = run(capsys, *argv)
+    assert rc == 0, err
+    expected, resumed = load_file(checkpoint[0] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert expected[key].equal(resumed[key]), f"{point}: {key} differs from the uninterrupted run"
+    config = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert config(out)["modules"] == config(checkpoint[0])["modules"]
+    assert config(out)["extra"]["calibration"] == config(checkpoint[0])["extra"]["calibration"] == str(calib)
+    lines = lambda text: [line for line in text.splitlines() if line.strip().startswith(("unreached experts", "calibration"))]  # noqa: E731
+    assert lines(summary) == lines(checkpoint[1])
+    assert not partial_dir(out).exists()

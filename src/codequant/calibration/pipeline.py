@@ -511,7 +511,7 @@ class Quantizer:
         _set_module(layer, t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
 
     # resume -----------------------------------------------------------------------------
-    def save_layer(self, layer: nn.Module, path: Path, name: str) -> None:
+    def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
         """The layer's packed tensors, with its specs and its part of the report (unreached experts, ACCF losses)."""
         tensors, specs = {}, {}
         for name, module in layer.named_modules():
@@ -528,7 +528,7 @@ class Quantizer:
             for buf in ("indices", "codebook", "row_sum", "gate_up_indices", "gate_up_codebook", "gate_up_row_sum", "down_indices", "down_codebook", "down_row_sum"):
                 if hasattr(module, buf) and isinstance(getattr(module, buf), torch.Tensor):
                     tensors[f"{name}.{buf}"] = getattr(module, buf).detach().contiguous().cpu()
-        report = {key: {k: v for k, v in self.report[key].items() if k.startswith(name + ".")} for key in ("unreached_experts", "accf")}
+        report = {key: {k: v for k, v in self.report[key].items() if k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf")}
         atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "report": json.dumps(report)})
 
     def restore_layer(self, layer: nn.Module, path: Path) -> None:
