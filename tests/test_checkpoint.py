@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -102,8 +103,10 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 def rewrite_tensors(path: Path, edit) -> None:
     """Apply ``edit(tensors)`` to model.safetensors and record the new checksum (a consistent but wrong writer)."""
     tensors = load_file(path / "model.safetensors")
+    with safe_open(path / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
     edit(tensors)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, path / "model.safetensors", metadata=metadata)
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"]["checksums"]["model.safetensors"] = sha256_file(path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(config))
@@ -155,7 +158,7 @@ def test_quantization_config_schema(saved):
     assert qc["quant_method"] == "codequant" and qc["format_version"] == FORMAT_VERSION
     assert (qc["bits"], qc["group_size"], qc["act_bits"], qc["act_group_size"]) == (4, 32, 4, 32)
     assert qc["extra"] == {"method": "test", "rotations": ["R1"]}
-    assert qc["checksums"] == {"model.safetensors": sha256_file(path / "model.safetensors")}
+    assert qc["checksums"] == {name: sha256_file(path / name) for name in ("model.safetensors", "codequant_remote.py")}
     spec = qc["modules"]["model.layers.0.mlp.experts"]
     assert spec == {
         "kind": "experts", "num_experts": 8, "hidden_dim": 64, "intermediate_dim": 64, "group_size": 32,
@@ -258,7 +261,7 @@ def test_wrong_dtype_refused(saved, tmp_path):
     key = "model.layers.0.self_attn.q_proj.codebook"
     rewrite_tensors(path, lambda t: t.__setitem__(key, t[key].float()))
     for check in (load, verify_checkpoint):
-        with pytest.raises(CheckpointError, match=rf"tensor {key} has dtype F32, expected F16 \(format v1\)"):
+        with pytest.raises(CheckpointError, match=rf"tensor {key} has dtype F32, expected F16 \(format v{FORMAT_VERSION}\)"):
             check(path)
 
 
@@ -326,13 +329,13 @@ def test_unknown_config_key_refused(saved, tmp_path):
         load(path)
 
 
-def test_module_missing_from_model_refused(saved, tmp_path):
+def test_spec_without_tensors_refused(saved, tmp_path):
     path = copy_checkpoint(saved[1], tmp_path / "c")
     config = json.loads((path / "config.json").read_text())
     modules = config["quantization_config"]["modules"]
     modules["model.layers.5.self_attn.q_proj"] = modules["model.layers.0.self_attn.q_proj"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="module model.layers.5.self_attn.q_proj listed in quantization_config is not in the Qwen3MoeForCausalLM model"):
+    with pytest.raises(CheckpointError, match="module model.layers.5.self_attn.q_proj has a spec in config.json but no weight file holds its tensors"):
         load(path)
 
 

@@ -42,7 +42,7 @@ def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     model = args.model or default_model()
     log.info("quantizing %s with %s (W%dA%d, group %s) on %s", model, config.method, config.wbits, config.abits, config.group_size or "row", config.device)
-    result = quantize(model, config, args.out, progress=not args.no_progress)
+    result = quantize(model, config, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     summary = checkpoint_summary(args.out)
     r = result.report
     rows = [
@@ -67,7 +67,9 @@ def load_any(path: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration.pipeline import load_model, resolve_device
+    from .io.checkpoint import refuse_packed_without_config
 
+    refuse_packed_without_config(path)
     dev = resolve_device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     if (Path(path) / "config.json").is_file() and "quantization_config" in json.loads((Path(path) / "config.json").read_text()):
@@ -100,6 +102,10 @@ def eval_windows_for(data: str | None, tokenizer, model, seqlen: int, max_window
 def cmd_eval(args) -> int:
     from .evaluation.perplexity import evaluate
 
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be at least 2 tokens (a token and its successor), got {args.seqlen}")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be at least 1, got {args.max_windows}")
     model, tokenizer = load_any(args.model, args.device)
     ref = load_any(args.ref, args.device)[0] if args.ref else None
     windows, source = eval_windows_for(args.data, tokenizer, ref if ref is not None else model, args.seqlen, args.max_windows, args.ref or source_model(args.model))
@@ -133,6 +139,11 @@ def format_eval_table(name: str, result: dict, ref: str | None = None) -> str:
 def cmd_generate(args) -> int:
     from .generate import generate
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the text to continue, e.g. --prompt \"The President said\"")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    print(args.prompt, end="", flush=True)
     _, tps = generate(args.model, args.prompt, args.max_new_tokens, stream=True, device=args.device, compile=args.compile)
     print(f"\n[{tps:.1f} tokens/s]", file=sys.stderr)
     return 0
@@ -159,11 +170,14 @@ def _write_json(path: str, obj) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codequant", description="4-bit codebook weights and 4-bit activations for MoE LLMs")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a Hugging Face causal LM and write a CodeQuant checkpoint")
+    q = sub.add_parser("quantize", parents=[common], help="quantize a Hugging Face causal LM and write a CodeQuant checkpoint")
     q.add_argument("model", nargs="?", help="hub id or local directory (default: the bundled fixture model)")
-    q.add_argument("--out", required=True, help="output directory (written atomically; rerun to resume)")
+    q.add_argument("--out", required=True, help="output directory: a new path or an earlier CodeQuant output (written atomically; rerun to resume)")
+    q.add_argument("--overwrite", action="store_true", help="replace the CodeQuant checkpoint already at --out")
     q.add_argument("--method", help="codequant (default), kmeans, gptq, spinquant, quarot, rtn")
     q.add_argument("--wbits", type=int, help="weight bits: 2..4 (default 4: 16 centroids)")
     q.add_argument("--abits", type=int, help="activation bits: 2..8, or 16 for none (default 4)")
@@ -172,46 +186,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")
     q.add_argument("--device", help="cuda, cpu or auto (default)")
-    q.add_argument("--seed", type=int)
+    q.add_argument("--seed", type=int, help="random seed of sampling, k-means and rotations (default 0)")
     q.add_argument("--config", help="YAML or TOML file of QuantConfig options; flags override it")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against a reference, zero-shot tasks")
+    e = sub.add_parser("eval", parents=[common], help="perplexity, KL and top-1 agreement against a reference, zero-shot tasks")
     e.add_argument("model", help="model directory or hub id (CodeQuant checkpoints too)")
     e.add_argument("--data", help="evaluation text: file, directory, heldout:CORPUS_DIR or HF dataset (default: sampled from the reference)")
     e.add_argument("--ref", help="full-precision model to compare with (KL, top-1 agreement)")
-    e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--max-windows", type=int)
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
+    e.add_argument("--max-windows", type=int, help="evaluate at most this many windows (default: all; 16 when sampling text)")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--tasks", help="comma-separated zero-shot tasks: arc_easy,piqa,winogrande")
     e.add_argument("--task-dir", default=str(SHARED_DATA / "tasks"), help="folder of the task .jsonl files")
     e.add_argument("--limit", type=int, help="at most this many examples per task")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="stream a completion and report tokens per second")
-    g.add_argument("model")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--device", default="auto")
+    g = sub.add_parser("generate", parents=[common], help="stream a completion and report tokens per second")
+    g.add_argument("model", help="CodeQuant checkpoint or model directory or hub id")
+    g.add_argument("--prompt", required=True, help="the text to continue (echoed, then the completion is streamed)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     g.add_argument("--compile", action="store_true", help="static KV cache + torch.compile of the decode step (faster decode after a compile)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("compare", help="quantize with every method and tabulate perplexity and KL (table, JSON, plot)")
+    c = sub.add_parser("compare", parents=[common], help="quantize with every method and tabulate perplexity and KL (table, JSON, plot)")
     c.add_argument("model", nargs="?", help="default: the bundled fixture model")
     c.add_argument("--out", required=True, help="folder for results.json, results.md and results.png")
-    c.add_argument("--methods", default="rtn,quarot,spinquant,gptq,kmeans,codequant")
-    c.add_argument("--modes", default="w4a16,w4a4")
+    c.add_argument("--methods", default="rtn,quarot,spinquant,gptq,kmeans,codequant", help="comma-separated methods to compare")
+    c.add_argument("--modes", default="w4a16,w4a4", help="comma-separated weight/activation bit modes")
     c.add_argument("--data", action="append", default=[], help="NAME=SOURCE evaluation set (repeatable)")
-    c.add_argument("--seqlen", type=int, default=512)
-    c.add_argument("--max-windows", type=int, default=32)
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
+    c.add_argument("--max-windows", type=int, default=32, help="evaluation windows per data set (default 32)")
     c.add_argument("--calib", help="calibration text (default: sampled from the model)")
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--calib-seqlen", type=int, default=512)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
     return p
 
@@ -223,12 +237,24 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"codequant: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("codequant: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # every failure ends in one line naming the problem; --debug shows where
+        if args.debug:
+            raise
+        print(f"codequant: error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def error_line(e: Exception) -> str:
+    """One line for an exception: our messages (ValueError, OSError with a path) as they are,
+    anything else with its type and a pointer to --debug."""
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return " ".join(str(e).split("\n"))
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or e}: {e.filename}"
+    return f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -9,10 +9,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+
+def _has_type(value, expected) -> bool:
+    """isinstance for the annotations QuantConfig uses (bool is not an int; an int is a float)."""
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, expected)
+
+
+def _type_name(expected) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(expected, expected.__name__)
 
 
 @dataclass(frozen=True)
@@ -69,12 +94,25 @@ class QuantConfig:
     router_kl_weight: float = 1.0
 
     def __post_init__(self):
+        self.check_types(dataclasses.asdict(self), "QuantConfig")
         self.targets = tuple(self.targets)
         self.validate()
 
     @property
     def recipe(self) -> Recipe:
         return METHODS[self.method]
+
+    @classmethod
+    def check_types(cls, options: dict, source: str) -> None:
+        """One message per option whose value has the wrong type (name, expected type, value)."""
+        hints = typing.get_type_hints(cls)
+        bad = [
+            f"option {name} must be {_type_name(hints[name])}, got {type(value).__name__} {value!r}"
+            for name, value in options.items()
+            if name in hints and not _has_type(value, hints[name])
+        ]
+        if bad:
+            raise ValueError(f"{source}: " + "; ".join(bad))
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -109,6 +147,7 @@ class QuantConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {unknown}; valid options: {', '.join(sorted(names))}")
+        cls.check_types(data, source)
         return cls(**data)
 
     def to_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""The packed CodeQuant weight format (format version 1).
+"""The packed CodeQuant weight format (format version 2).
 
 A weight W of shape [..., N, K] (leading dims: a stack of experts, or none) is stored as
 three tensors, and every kernel (reference, CPU, GPU) reads exactly these:
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: module specs bound into the safetensors headers (the packed layout is that of 1)
 BLOCK = 64  # columns per packing block
 CODEBOOK_SIZE = 16
 CODEBOOK_DTYPE = torch.float16

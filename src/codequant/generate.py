@@ -51,8 +51,11 @@ def generate(
     import codequant  # noqa: F401  registers the CodeQuant quantizer with transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
+    from .io.checkpoint import refuse_packed_without_config
+
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         path = os.fspath(model_dir_or_model)
+        refuse_packed_without_config(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     else:
@@ -81,5 +84,5 @@ def generate(
     elapsed = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]
     rate = len(new) / elapsed if elapsed > 0 else float("inf")
-    logger.info("generated %d tokens in %.2f s (%.1f tokens/s)", len(new), elapsed, rate)
+    logger.debug("generated %d tokens in %.2f s (%.1f tokens/s)", len(new), elapsed, rate)
     return tokenizer.decode(new, skip_special_tokens=True), rate

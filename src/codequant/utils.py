@@ -21,4 +21,12 @@ def atomic_save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict |
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600 files
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -88,7 +88,14 @@ def _load_hf_dataset(spec: str) -> list[str]:
             "from the Hugging Face Hub is not installed (pip install datasets)"
         ) from None
     name, config, split = (spec.split(":") + [None, None])[:3]
-    ds = datasets.load_dataset(name, config, split=split or "train")
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as err:  # offline, unknown name, no "text" column: the hub's many error types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"could not load the dataset {spec!r} from the Hugging Face Hub ({reason}); "
+            "without network access, pass a local text or JSONL file or directory"
+        ) from None
     return list(ds["text"])
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..adapters import SUPPORTED_ARCHITECTURES, ArchitectureAdapter, QuantTarget, get_adapter
 from ..config import QuantConfig
 from ..format import PackedWeight, bits_per_weight, pack
+from ..io.output import check_output, partial_dir, run_record, start_or_resume
 from ..modules.experts import CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.router import quantize_router
@@ -97,9 +98,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
 def calibration_tokens(model, tokenizer, config: QuantConfig, cache: Path | None, model_dir: str | None) -> tuple[torch.Tensor, str]:
     """[nsamples, seqlen] tokens and a description of where they came from."""
     if cache is not None and cache.is_file():
-        tokens = load_file(str(cache))["tokens"]
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            tokens, source = f.get_tensor("tokens"), (f.metadata() or {}).get("source", f"cached {cache}")
         if tokens.shape == (config.nsamples, config.seqlen):
-            return tokens, f"cached {cache}"
+            return tokens, source
     if config.calib:
         texts = load_texts(config.calib, model_dir)
         tokens, source = calibration_windows(tokenizer, texts, config.nsamples, config.seqlen, config.seed), config.calib
@@ -109,7 +113,7 @@ def calibration_tokens(model, tokenizer, config: QuantConfig, cache: Path | None
         source = "text sampled from the full-precision model (data-free)"
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors({"tokens": tokens.contiguous()}, cache)
+        atomic_save_tensors({"tokens": tokens.contiguous()}, cache, {"source": source})
     return tokens, source
 
 
@@ -211,7 +215,7 @@ class Quantizer:
         self.model, self.config, self.progress = model, config, progress
         self.adapter = get_adapter(model)
         self.device = resolve_device(config.device)
-        self.partial = Path(f"{out_dir}.partial") if out_dir is not None else None
+        self.partial = partial_dir(out_dir) if out_dir is not None else None
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and config.recipe.rotation != "none"
         self.report: dict = {"unreached_experts": {}, "accf": {}}
@@ -320,7 +324,7 @@ class Quantizer:
                 else:
                     self.quantize_layer(i, layer, x, run)
                     if saved is not None:
-                        self.save_layer(layer, saved)
+                        self.save_layer(layer, saved, self.adapter.layer_name(i))
                 self._set_backend(layer, "reference")
                 x = run(i, layer, x)
                 self._set_backend(layer, None)
@@ -507,7 +511,8 @@ class Quantizer:
         _set_module(layer, t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
 
     # resume -----------------------------------------------------------------------------
-    def save_layer(self, layer: nn.Module, path: Path) -> None:
+    def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
+        """The layer's packed tensors, with its specs and its part of the report (unreached experts, ACCF losses)."""
         tensors, specs = {}, {}
         for name, module in layer.named_modules():
             if isinstance(module, CodeQuantLinear):
@@ -523,13 +528,16 @@ class Quantizer:
             for buf in ("indices", "codebook", "row_sum", "gate_up_indices", "gate_up_codebook", "gate_up_row_sum", "down_indices", "down_codebook", "down_row_sum"):
                 if hasattr(module, buf) and isinstance(getattr(module, buf), torch.Tensor):
                     tensors[f"{name}.{buf}"] = getattr(module, buf).detach().contiguous().cpu()
-        atomic_save_tensors(tensors, path, {"specs": json.dumps(specs)})
+        report = {key: {k: v for k, v in self.report[key].items() if k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf")}
+        atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "report": json.dumps(report)})
 
     def restore_layer(self, layer: nn.Module, path: Path) -> None:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             specs = json.loads(f.metadata()["specs"])
+            for key, part in json.loads(f.metadata()["report"]).items():
+                self.report[key].update(part)
         tensors = load_file(str(path), device=str(self.device))
         for name, spec in specs.items():
             module = layer.get_submodule(name)
@@ -609,26 +617,28 @@ def quantize(
     tokenizer=None,
     progress: bool = True,
     calibration: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> QuantResult:
     """Quantize ``model`` (a hub id, a local directory, or a loaded model with ``tokenizer``)
-    by ``config``; with ``out_dir``, write the packed checkpoint there (resumable).
+    by ``config``; with ``out_dir``, write the packed checkpoint there (resumable; an existing
+    checkpoint there is replaced only with ``overwrite``, see :mod:`codequant.io.output`).
     ``calibration`` [nsamples, seqlen] tokens replace the config's data source."""
     config = config or QuantConfig()
     start = time.time()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     source = model if isinstance(model, str) else None
+    if out_dir is not None:  # before any work: nothing the user owns is overwritten, a resume matches its run
+        check_output(out_dir, source, overwrite)
+        record = run_record(source, json.loads(config.fingerprint()), config.calib)
+        start_or_resume(partial_dir(out_dir), record, create=False)
     if isinstance(model, str):
         model, tokenizer = load_model(model, torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16)
     out = Path(out_dir) if out_dir is not None else None
     q = Quantizer(model, config, out, progress)
     q.check_group_sizes()
     if q.partial is not None:
-        manifest = q.partial / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") != config.fingerprint():
-            raise ValueError(f"{q.partial} holds a run with other settings; delete it or use another --out")
-        q.partial.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps({"fingerprint": config.fingerprint(), "model": source}))
+        start_or_resume(q.partial, record)
     cache = q.partial / "calibration_tokens.safetensors" if q.partial else None
     model.to("cpu")
     if calibration is not None:

@@ -8,7 +8,7 @@ A checkpoint directory holds
 ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``)
     Every tensor of ``model.state_dict()`` except the ``weight`` of quantized routers (it is
     rebuilt from the router's codebook at load) and tied copies. Packed modules store the
-    format v1 tensors of :mod:`codequant.format`: ``indices`` uint8, ``codebook`` float16,
+    packed tensors of :mod:`codequant.format`: ``indices`` uint8, ``codebook`` float16,
     ``row_sum`` float32 (experts: ``gate_up_*`` and ``down_*``).
 ``generation_config.json``, tokenizer files (when given).
 
@@ -29,11 +29,18 @@ A checkpoint directory holds
         "rms_norm": hidden_size, eps, bias
         where act = {"bits", "group_size", "clip"} (an ActQuantSpec)
     rms_norms         [module name], the RMSNorms that replaced LayerNorms
-    checksums         {weight file name: sha256 hex digest}
+    checksums         {file name: sha256 hex digest} of every file read or executed at load:
+                      the weight files, the weight index and codequant_remote.py
     extra             free-form JSON from the pipeline (method, rotations in effect, calibration data)
 
 The per-module specs are authoritative; the top-level numbers summarize them. Nothing is
 pickled: tensors live in safetensors, everything else in JSON.
+
+Since format version 2 the meaning of the packed tensors is bound to them: the header metadata
+of each weight file holds ``quant_method``, ``format_version``, ``codequant_summary`` (the
+top-level fields ``bits``, ``group_size``, ``act_bits``, ``act_group_size``) and
+``codequant_specs`` (the spec of every module with a tensor in that file), all covered by the
+file's checksum. :func:`verify_checkpoint_files` compares them with config.json at every load.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
 from ..modules.router import is_quantized_router
 from ..quantizers.activations import ActQuantSpec
+from ..utils import current_umask
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +89,7 @@ _ST_DTYPES = {
 _ST_SIZES = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8,
              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-# format v1: the exact dtype of each packed tensor
+# the exact dtype of each packed tensor
 PACKED_DTYPES = {"indices": _ST_DTYPES[torch.uint8], "codebook": _ST_DTYPES[CODEBOOK_DTYPE], "row_sum": "F32"}
 
 
@@ -172,7 +180,7 @@ def packed_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
 
 
 def expected_packed_tensors(spec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{tensor suffix: (shape, safetensors dtype)} of the packed tensors of one module spec (format v1)."""
+    """{tensor suffix: (shape, safetensors dtype)} of the packed tensors of one module spec."""
     out = {}
     for prefix, (rows, k, g) in packed_layout(spec).items():
         out[prefix + "indices"] = (rows + (padded_columns(k) // 2,), PACKED_DTYPES["indices"])
@@ -254,8 +262,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        umask = current_umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; outputs get the user's usual permissions
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
@@ -351,7 +362,6 @@ def save_quantized(
         config.tie_word_embeddings = False  # a packed lm_head is not tied to the float embeddings
         if hasattr(config, "get_text_config"):
             config.get_text_config().tie_word_embeddings = False
-    metadata = {"format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION)}
     shards = _shards(state, max_shard_bytes)
     with atomic_directory(out_dir) as tmp:
         if len(shards) == 1:
@@ -360,14 +370,15 @@ def save_quantized(
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {}
         for name, shard in zip(names, shards):
-            save_file(shard, str(tmp / name), metadata=metadata)
-            qconfig["checksums"][name] = sha256_file(tmp / name)
+            save_file(shard, str(tmp / name), metadata=bound_metadata(qconfig, shard))
             weight_map.update(dict.fromkeys(shard, name))
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _write_remote_code_entry(tmp, config, type(model).__name__)
+        for name in checked_files(tmp):
+            qconfig["checksums"][name] = sha256_file(tmp / name)
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
@@ -379,6 +390,35 @@ def save_quantized(
 
 
 REMOTE_CODE_FILE = "codequant_remote.py"
+SUMMARY_KEYS = ("bits", "group_size", "act_bits", "act_group_size")
+
+
+def module_of(key: str, modules: dict) -> str | None:
+    """The module of ``modules`` that owns tensor ``key`` (the longest matching name), or None."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        name = ".".join(parts[:end])
+        if name in modules:
+            return name
+    return None
+
+
+def bound_metadata(qconfig: dict, tensors) -> dict[str, str]:
+    """The safetensors header metadata that binds a weight file's tensors to their meaning:
+    the format version, the top-level summary and the spec of every module with a tensor here."""
+    owners = {module_of(key, qconfig["modules"]) for key in tensors} - {None}
+    return {
+        "format": "pt",
+        "quant_method": QUANT_METHOD,
+        "format_version": str(FORMAT_VERSION),
+        "codequant_summary": json.dumps({k: qconfig[k] for k in SUMMARY_KEYS}, sort_keys=True),
+        "codequant_specs": json.dumps({name: qconfig["modules"][name] for name in sorted(owners)}, sort_keys=True),
+    }
+
+
+def checked_files(directory: Path) -> list[str]:
+    """Names of the files of a checkpoint that are read or executed at load (all under checksums)."""
+    return [f.name for f in weight_files(directory)] + [n for n in (INDEX_FILE, REMOTE_CODE_FILE) if (directory / n).is_file()]
 
 
 def _write_remote_code_entry(directory: Path, config, class_name: str) -> None:
@@ -444,6 +484,8 @@ def verify_checksums(files: list[str | os.PathLike], checksums: dict[str, str]) 
     """Compare each file's sha256 with the digest recorded at save time."""
     for f in files:
         f = Path(f)
+        if not f.is_file():
+            raise CheckpointError(f"codequant checkpoint: {f} is missing (its checksum is recorded); copy the whole checkpoint directory")
         recorded = checksums.get(f.name)
         if recorded is None:
             raise CheckpointError(f"codequant checkpoint {f}: no checksum recorded for {f.name} in quantization_config")
@@ -463,7 +505,7 @@ def check_file_tensors(
     """Check the tensors listed in safetensors headers against the module specs.
 
     ``headers`` maps tensor name -> (file, header entry). Packed tensors must be present with
-    the exact format-v1 dtype and the shape the spec implies; biases and RMSNorm weights must be
+    the exact format dtype and the shape the spec implies; biases and RMSNorm weights must be
     float. With ``expected_shapes`` (the state dict of the model skeleton) every stored tensor's
     shape is checked too.
     """
@@ -498,6 +540,92 @@ def check_file_tensors(
                 raise CheckpointError(
                     f"codequant checkpoint {path}: tensor {key} has shape {list(entry['shape'])}, the model expects {list(shape)}"
                 )
+
+
+PACKED_SUFFIXES = tuple(prefix + part for prefix in ("", "gate_up_", "down_") for part in PACKED_PARTS)
+
+
+def _flat(spec: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_bound_specs(bound: dict[Path, dict], qc: dict) -> None:
+    """The format version, summary and module specs bound into each weight file's header must
+    equal config.json's: a config that was edited, lost a spec or gained one is refused."""
+    modules, held = qc["modules"], set()
+    for f, metadata in bound.items():
+        version = metadata.get("format_version")
+        if metadata.get("quant_method") != QUANT_METHOD or version != str(FORMAT_VERSION) or "codequant_specs" not in metadata:
+            raise CheckpointError(
+                f"codequant checkpoint {f}: the file's header does not bind format version {FORMAT_VERSION} module specs "
+                f"(its format_version is {version!r}); export the model again with this codequant"
+            )
+        restore = "config.json was edited after export; restore it from the exported checkpoint"
+        summary = json.loads(metadata["codequant_summary"])
+        for key in SUMMARY_KEYS:
+            if summary.get(key) != qc[key]:
+                raise CheckpointError(
+                    f"codequant checkpoint {f.parent}: config.json has quantization_config.{key} = {qc[key]!r}, "
+                    f"the weights in {f.name} were written with {summary.get(key)!r}; {restore}"
+                )
+        for name, spec in json.loads(metadata["codequant_specs"]).items():
+            if name not in modules:
+                raise CheckpointError(
+                    f"codequant checkpoint {f.parent}: module {name} has packed tensors in {f.name} but no spec in "
+                    f"config.json's quantization_config.modules; {restore}"
+                )
+            ours, theirs = _flat(modules[name]), _flat(spec)
+            for key in sorted(set(ours) | set(theirs)):
+                if ours.get(key) != theirs.get(key):
+                    raise CheckpointError(
+                        f"codequant checkpoint {f.parent}: module {name} has {key} = {ours.get(key)!r} in config.json, "
+                        f"its tensors in {f.name} were written with {key} = {theirs.get(key)!r}; {restore}"
+                    )
+            held.add(name)
+    for name in modules:
+        if name not in held:
+            raise CheckpointError(
+                f"codequant checkpoint: module {name} has a spec in config.json but no weight file holds its tensors; "
+                "restore the weight files and config.json from the exported checkpoint"
+            )
+
+
+def verify_checkpoint_files(
+    directory: str | os.PathLike, qc: dict, files: list[str | os.PathLike] | None = None, *, checksums: bool = True
+) -> dict[str, tuple[Path, dict]]:
+    """Every check of a checkpoint's files against its ``quantization_config`` ``qc``, before any
+    tensor is read; every loader (transformers' quantizer, :func:`verify_checkpoint`, other
+    engines) calls this one function.
+
+    Truncation; the sha256 of every file read or executed at load (weight files, weight index,
+    codequant_remote.py); the format version, summary and module specs bound into the weight
+    files' headers equal config.json's; every packed tensor is claimed by a spec and every spec's
+    tensors are present with the format's dtypes and shapes. Returns {tensor name: (file, header entry)}.
+    """
+    directory = Path(directory)
+    files = weight_files(directory) if files is None else [Path(f) for f in files]
+    headers, bound = {}, {}
+    for f in files:
+        tensors, bound[f] = read_safetensors_header(f)
+        headers.update((key, (f, entry)) for key, entry in tensors.items())
+    if checksums:
+        others = [directory / n for n in (INDEX_FILE, REMOTE_CODE_FILE) if (directory / n).is_file() or n in qc["checksums"]]
+        verify_checksums(files + others, qc["checksums"])
+    check_bound_specs(bound, qc)
+    for key, (f, _) in headers.items():
+        if key.rpartition(".")[2] in PACKED_SUFFIXES and module_of(key, qc["modules"]) is None:
+            raise CheckpointError(
+                f"codequant checkpoint {f}: tensor {key} is packed CodeQuant data that no module spec in config.json claims; "
+                "restore config.json from the exported checkpoint"
+            )
+    check_file_tensors(headers, qc["modules"])
+    return headers
 
 
 def check_packed_values(key: str, weight: PackedWeight, bits: int) -> None:
@@ -561,6 +689,26 @@ def read_quantization_config(directory: str | os.PathLike) -> dict:
     return CodeQuantConfig.from_dict(qc).to_dict()
 
 
+def refuse_packed_without_config(directory: str | os.PathLike) -> None:
+    """Refuse a local model directory whose config.json has no CodeQuant ``quantization_config``
+    but whose weight files were written by CodeQuant: loaded as a plain model, its packed
+    tensors would be ignored and the layers they replace left randomly initialized."""
+    directory = Path(directory)
+    config = directory / CONFIG_NAME
+    if not config.is_file() or json.loads(config.read_text()).get("quantization_config"):
+        return
+    try:
+        files = weight_files(directory)
+    except CheckpointError:
+        return
+    for f in files:
+        if read_safetensors_header(f)[1].get("quant_method") == QUANT_METHOD:
+            raise CheckpointError(
+                f"codequant checkpoint {directory}: config.json has no quantization_config, but {f.name} holds CodeQuant "
+                "packed tensors that a plain model would ignore (running on random weights); restore config.json from the export"
+            )
+
+
 def collect_headers(files: list[Path]) -> dict[str, tuple[Path, dict]]:
     headers = {}
     for f in files:
@@ -579,11 +727,7 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> d
     from safetensors import safe_open
 
     qc = read_quantization_config(directory)
-    files = weight_files(directory)
-    headers = collect_headers(files)
-    if checksums:
-        verify_checksums(files, qc["checksums"])
-    check_file_tensors(headers, qc["modules"])
+    headers = verify_checkpoint_files(directory, qc, checksums=checksums)
     handles = {}
     try:
         for name, spec in qc["modules"].items():

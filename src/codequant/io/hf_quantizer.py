@@ -3,12 +3,14 @@
 Importing this module (``import codequant`` does) registers
 
 * :class:`CodeQuantConfig` for ``quantization_config.quant_method == "codequant"``, and
-* :class:`CodeQuantHfQuantizer`, which, before the weights are read, checks the weight files
-  (truncation, sha256 checksums recorded at save time, format-v1 dtypes and shapes) and swaps the
+* :class:`CodeQuantHfQuantizer`, which, before the weights are read, checks the checkpoint's
+  files (:func:`codequant.io.checkpoint.verify_checkpoint_files`: truncation, checksums, the
+  specs bound into the weight files against config.json, dtypes and shapes) and swaps the
   modules listed in the config for empty CodeQuantLinear / CodeQuantExperts / RMSNorm modules
-  and gives quantized routers their packed buffers; transformers then loads the tensors; after
-  loading it checks index ranges and row sums and finishes the routers (weight = W_hat, input
-  quantization pre-hook).
+  and gives quantized routers their packed buffers; a tensor the model expects that the files
+  lack (it would be randomly initialized), or one the files hold that the model has no place
+  for, is refused. transformers then loads the tensors; after loading it checks index ranges
+  and row sums and finishes the routers (weight = W_hat, input quantization pre-hook).
 
 A checkpoint is only written by :func:`codequant.io.save_quantized`; ``save_pretrained`` on a
 loaded CodeQuant model is refused (the packed modules and checksums need the CodeQuant writer).
@@ -43,9 +45,8 @@ from .checkpoint import (
     act_from_dict,
     check_file_tensors,
     check_packed_values,
-    collect_headers,
     packed_layout,
-    verify_checksums,
+    verify_checkpoint_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,11 @@ class CodeQuantConfig(QuantizationConfigMixin):
         codequant_version: str | None = None,
         **unknown,
     ):
+        if not isinstance(format_version, int) or isinstance(format_version, bool):
+            raise CheckpointError(
+                f"codequant checkpoint: quantization_config.format_version must be an integer, got "
+                f"{type(format_version).__name__} {format_version!r}; write it as a number, without quotes"
+            )
         if format_version != FORMAT_VERSION:
             raise _version_error(format_version)
         if quant_method != QUANT_METHOD:
@@ -214,6 +220,28 @@ def add_folded_biases(model: torch.nn.Module, names: list[str]) -> None:
             module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device))
 
 
+def check_state_keys(model: torch.nn.Module, headers: dict, modules: dict[str, dict]) -> None:
+    """A CodeQuant checkpoint never loads partly random: every tensor of the prepared model must be
+    in the weight files (except quantized routers' weights, rebuilt from their codebooks, and tied
+    copies), and every stored tensor must have a place in the model."""
+    expected = set(model.state_dict())
+    rebuilt = {f"{name}.weight" for name, spec in modules.items() if spec["kind"] == "router"}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(expected - set(headers) - rebuilt - tied)
+    unexpected = sorted(set(headers) - expected)
+    if missing:
+        raise CheckpointError(
+            f"codequant checkpoint: the weight files lack {len(missing)} tensor(s) the model needs ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); they would be randomly initialized. Restore the checkpoint from its export"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"codequant checkpoint: the weight files hold {len(unexpected)} tensor(s) the model has no place for "
+            f"({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}); config.json and the weights disagree. "
+            "Restore the checkpoint from its export"
+        )
+
+
 def finish_loaded_model(model: torch.nn.Module, modules: dict[str, dict]) -> None:
     """Check the loaded packed tensors and turn routers' buffers into working quantized routers."""
     for name, spec in modules.items():
@@ -249,13 +277,14 @@ class CodeQuantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         qc = self.quantization_config
         files = [Path(f) for f in checkpoint_files or []]
-        headers = collect_headers(files)  # refuses truncated files
-        if os.environ.get(VERIFY_ENV, "1") != "0":
-            verify_checksums(files, qc.checksums)
+        if not files:
+            raise CheckpointError("codequant checkpoint: transformers found no weight files to load")
+        headers = verify_checkpoint_files(files[0].parent, qc.to_dict(), files, checksums=os.environ.get(VERIFY_ENV, "1") != "0")
         prepare_model_for_checkpoint(model, qc.modules)
         add_folded_biases(model, getattr(model.config, "codequant_added_biases", None) or [])
         skeleton = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
         check_file_tensors(headers, qc.modules, skeleton)
+        check_state_keys(model, headers, qc.modules)
         # quantized routers' weights are rebuilt from their codebooks, not stored
         ignore = {re.escape(f"{name}.weight") + "$" for name, s in qc.modules.items() if s["kind"] == "router"}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | ignore

@@ -1,0 +1,380 @@
+"""Issue #19: nothing loads silently wrong, nothing the user owns is overwritten, every bad input
+fails before the work starts. Each case runs the ``codequant`` command on the bundled tiny model
+and checks the exit code, the one error line and (outputs) that existing files are untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from codequant.cli import FIXTURE, build_parser, main
+from codequant.format import FORMAT_VERSION
+from codequant.io.checkpoint import sha256_file
+from codequant.io.output import partial_dir, run_record, start_or_resume
+
+FAST = ["--method", "rtn", "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--no-progress"]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("codequant: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(f"The council met on day {i} and voted on the {i % 7}th budget line." for i in range(60)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, calib) -> tuple[Path, str]:
+    """One W4A4 RTN checkpoint of the bundled model for the whole module, and the quantize stdout."""
+    out = tmp_path_factory.mktemp("ckpt") / "q"
+    import io
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert main(["quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST]) == 0
+    return out, buffer.getvalue()
+
+
+def copy_of(checkpoint, tmp_path) -> Path:
+    return Path(shutil.copytree(checkpoint[0], tmp_path / "c"))
+
+
+def edit_config(path: Path, edit) -> None:
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def refused_at_load(capsys, path: Path) -> str:
+    rc, _, err = run(capsys, "eval", str(path), "--device", "cpu", "--no-progress")
+    assert rc == 2
+    return error_line(err)
+
+
+# -- what a checkpoint's config says must be what its tensors were written with ----------------
+def test_all_module_specs_removed_is_refused(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    edit_config(path, lambda c: c["quantization_config"].update(modules={}))
+    line = refused_at_load(capsys, path)
+    assert "codequant: error: codequant checkpoint " in line
+    assert "has packed tensors in model.safetensors but no spec in config.json's quantization_config.modules; " \
+           "config.json was edited after export; restore it from the exported checkpoint" in line
+
+
+def test_one_module_spec_removed_is_refused(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    edit_config(path, lambda c: c["quantization_config"]["modules"].pop("model.layers.1.mlp.experts"))
+    line = refused_at_load(capsys, path)
+    assert f"codequant checkpoint {path}: module model.layers.1.mlp.experts has packed tensors in model.safetensors " \
+           "but no spec in config.json's quantization_config.modules" in line
+
+
+def test_quantization_config_removed_is_refused(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    edit_config(path, lambda c: c.pop("quantization_config"))
+    message = (f"codequant: error: codequant checkpoint {path}: config.json has no quantization_config, but model.safetensors "
+               "holds CodeQuant packed tensors that a plain model would ignore (running on random weights); restore config.json from the export")
+    assert refused_at_load(capsys, path) == message
+    rc, out, err = run(capsys, "generate", str(path), "--prompt", "Hello", "--device", "cpu")
+    assert rc == 2 and error_line(err) == message
+
+
+@pytest.mark.parametrize("module,key,value,was", [
+    ("model.layers.0.self_attn.q_proj", ("act", "bits"), 2, 4),
+    ("model.layers.0.self_attn.o_proj", ("hadamard_block",), 32, 0),  # RTN has no online Hadamard
+])
+def test_edited_module_spec_is_refused(capsys, checkpoint, tmp_path, module, key, value, was):
+    path = copy_of(checkpoint, tmp_path)
+
+    def edit(config):
+        target = config["quantization_config"]["modules"][module]
+        for k in key[:-1]:
+            target = target[k]
+        target[key[-1]] = value
+
+    edit_config(path, edit)
+    dotted = ".".join(key)
+    assert refused_at_load(capsys, path) == (
+        f"codequant: error: codequant checkpoint {path}: module {module} has {dotted} = {value} in config.json, its tensors in "
+        f"model.safetensors were written with {dotted} = {was}; config.json was edited after export; restore it from the exported checkpoint"
+    )
+
+
+def test_edited_top_level_bits_is_refused(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    edit_config(path, lambda c: c["quantization_config"].update(bits=3))
+    assert refused_at_load(capsys, path) == (
+        f"codequant: error: codequant checkpoint {path}: config.json has quantization_config.bits = 3, the weights in "
+        "model.safetensors were written with 4; config.json was edited after export; restore it from the exported checkpoint"
+    )
+
+
+def test_format_version_as_string_names_the_type(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    edit_config(path, lambda c: c["quantization_config"].update(format_version=str(FORMAT_VERSION)))
+    assert refused_at_load(capsys, path) == (
+        f"codequant: error: codequant checkpoint: quantization_config.format_version must be an integer, got str "
+        f"'{FORMAT_VERSION}'; write it as a number, without quotes"
+    )
+
+
+def test_missing_float_tensor_is_refused_not_randomly_initialized(capsys, checkpoint, tmp_path):
+    """A consistent writer (metadata and checksum updated) that dropped a norm weight: never random init."""
+    path = copy_of(checkpoint, tmp_path)
+    weights = path / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    del tensors["model.layers.0.input_layernorm.weight"]
+    save_file(tensors, weights, metadata=metadata)
+    edit_config(path, lambda c: c["quantization_config"]["checksums"].update({"model.safetensors": sha256_file(weights)}))
+    assert refused_at_load(capsys, path) == (
+        "codequant: error: codequant checkpoint: the weight files lack 1 tensor(s) the model needs "
+        "(model.layers.0.input_layernorm.weight); they would be randomly initialized. Restore the checkpoint from its export"
+    )
+
+
+def test_edited_remote_code_is_refused(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    remote = path / "codequant_remote.py"
+    remote.write_text(remote.read_text() + "\nprint('edited')\n")
+    line = refused_at_load(capsys, path)
+    assert line.startswith(f"codequant: error: codequant checkpoint {remote}: sha256 checksum mismatch")
+    assert line.endswith("the file is corrupted or was modified after export")
+
+
+# -- outputs: nothing the user owns is overwritten, checked before any work ------------------------
+def test_out_non_checkpoint_directory_is_refused_and_untouched(capsys, tmp_path, calib):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = snapshot(out)
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST)
+    assert rc == 2 and error_line(err) == (
+        f"codequant: error: --out {out} is a non-empty directory that is not a CodeQuant checkpoint; its files would be lost; "
+        "choose a new or empty directory"
+    )
+    assert snapshot(out) == before and not partial_dir(out).exists()
+
+
+def test_out_source_model_directory_is_refused_and_untouched(capsys, tmp_path, calib):
+    source = Path(shutil.copytree(FIXTURE, tmp_path / "model"))
+    before = snapshot(source)
+    for out in (source, source / "quantized"):
+        rc, _, err = run(capsys, "quantize", str(source), "--out", str(out), "--calib", str(calib), *FAST)
+        assert rc == 2 and error_line(err) == (
+            f"codequant: error: --out {out} is the source model's directory {source} (or inside or around it); "
+            "writing there would replace the full-precision model; choose another --out"
+        )
+    assert snapshot(source) == before
+
+
+def test_out_existing_file_is_refused_before_work(capsys, tmp_path, calib):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"precious")
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST)
+    assert rc == 2 and error_line(err) == (
+        f"codequant: error: --out {out} is an existing file; give a directory path (a new one, or an earlier CodeQuant output)"
+    )
+    assert out.read_bytes() == b"precious"
+
+
+def test_out_read_only_location_is_refused(capsys, calib):
+    out = Path("/proc/codequant-out")
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST)
+    assert rc == 2
+    line = error_line(err)
+    assert line.startswith(f"codequant: error: --out {out}: cannot write in /proc (")
+    assert line.endswith("); choose an --out on a writable location")
+
+
+def test_existing_checkpoint_needs_overwrite(capsys, checkpoint, tmp_path, calib):
+    path = copy_of(checkpoint, tmp_path)
+    before = snapshot(path)
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(path), "--calib", str(calib), *FAST)
+    assert rc == 2 and error_line(err) == (
+        f"codequant: error: --out {path} already holds a CodeQuant checkpoint; pass --overwrite to replace it, or choose another --out"
+    )
+    assert snapshot(path) == before
+
+
+def test_outputs_get_umask_permissions(checkpoint):
+    path = checkpoint[0]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in path.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+# -- resume: only the same run ---------------------------------------------------------------
+def _interrupted_run(source, out, calib, **settings):
+    """The manifest an interrupted run leaves in OUT.partial, written by the function the pipeline uses."""
+    from codequant.config import QuantConfig
+
+    config = QuantConfig(method="rtn", nsamples=2, seqlen=32, calib=str(calib), device="cpu", **settings)
+    start_or_resume(partial_dir(out), run_record(str(source), json.loads(config.fingerprint()), config.calib))
+
+
+def resume_refusal(out: Path, what: str) -> str:
+    return (f"codequant: error: {out}.partial holds an interrupted run with {what}; rerun that command to resume it, "
+            f"or delete {out}.partial to start over")
+
+
+def test_resume_with_another_model_is_refused(capsys, tmp_path, calib):
+    """An interrupted run of model A left OUT.partial; quantizing model B to the same --out is refused."""
+    other = Path(shutil.copytree(FIXTURE, tmp_path / "other"))
+    out = tmp_path / "q"
+    _interrupted_run(FIXTURE, out, calib)
+    rc, _, err = run(capsys, "quantize", str(other), "--out", str(out), "--calib", str(calib), *FAST)
+    assert rc == 2 and error_line(err) == resume_refusal(out, f"another source model ({FIXTURE} then, {other} now)")
+
+
+def test_resume_with_an_edited_model_is_refused(capsys, tmp_path, calib):
+    model = Path(shutil.copytree(FIXTURE, tmp_path / "model"))
+    out = tmp_path / "q"
+    _interrupted_run(model, out, calib)
+    edit_config(model, lambda c: c.update(rms_norm_eps=1e-5))
+    rc, _, err = run(capsys, "quantize", str(model), "--out", str(out), "--calib", str(calib), *FAST)
+    assert rc == 2 and error_line(err) == resume_refusal(out, f"another source model ({model} then, {model} now)")
+
+
+def test_resume_with_other_settings_is_refused(capsys, tmp_path, calib):
+    out = tmp_path / "q"
+    _interrupted_run(FIXTURE, out, calib)
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST, "--wbits", "3")
+    assert rc == 2 and error_line(err) == resume_refusal(out, "other settings (wbits: 4 then, 3 now)")
+
+
+def test_resume_with_other_calibration_data_is_refused(capsys, tmp_path, calib):
+    data = tmp_path / "calib.txt"
+    data.write_text(calib.read_text())
+    out = tmp_path / "q"
+    _interrupted_run(FIXTURE, out, data)
+    data.write_text(calib.read_text() + " One more sentence.")
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(data), *FAST)
+    assert rc == 2 and error_line(err) == resume_refusal(out, "other calibration data")
+
+
+# -- bad input: one line naming the problem and the fix ------------------------------------------
+def test_config_file_types_one_message_per_field(capsys, tmp_path, calib):
+    config = tmp_path / "run.yaml"
+    config.write_text('nsamples: 1.5\ngroup_size: "64"\nmethod: rtn\n')
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(tmp_path / "q"), "--config", str(config))
+    assert rc == 2 and error_line(err) == (
+        f"codequant: error: {config}: option nsamples must be an integer, got float 1.5; "
+        "option group_size must be an integer or null, got str '64'"
+    )
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_hub_calibration_while_offline(capsys, tmp_path, monkeypatch):
+    import datasets
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True, raising=False)
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(tmp_path / "q"), "--calib", "nobody/no-such-dataset", *FAST)
+    assert rc == 2
+    line = error_line(err)
+    assert line.startswith("codequant: error: could not load the dataset 'nobody/no-such-dataset' from the Hugging Face Hub (")
+    assert line.endswith("); without network access, pass a local text or JSONL file or directory")
+
+
+def test_generate_empty_prompt_and_eval_zero_seqlen(capsys, checkpoint):
+    rc, _, err = run(capsys, "generate", str(checkpoint[0]), "--prompt", "  ")
+    assert rc == 2 and error_line(err) == 'codequant: error: --prompt is empty; give the text to continue, e.g. --prompt "The President said"'
+    rc, _, err = run(capsys, "eval", str(checkpoint[0]), "--seqlen", "0")
+    assert rc == 2 and error_line(err) == "codequant: error: --seqlen must be at least 2 tokens (a token and its successor), got 0"
+
+
+def test_generate_echoes_the_prompt_and_reports_the_rate_once(capsys, checkpoint):
+    rc, out, err = run(capsys, "generate", str(checkpoint[0]), "--prompt", "The council met", "--max-new-tokens", "3", "--device", "cpu")
+    assert rc == 0 and out.startswith("The council met")
+    assert (out + err).count("tokens/s") == 1
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in [("codequant", parser), *subparsers.items()]:
+        for action in sub._actions:
+            if action.dest not in ("help", "command"):
+                assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--debug"])
+
+
+# -- kill -9 at any point, then resume: the same tensors as an uninterrupted run -------------------
+KILLER = """
+import os, signal, sys
+import codequant.io.checkpoint as checkpoint, codequant.utils as utils
+from codequant.cli import main
+
+module, call = {"layers": utils, "checkpoint": checkpoint}[sys.argv[1]], int(sys.argv[2])
+write, calls = module.save_file, [0]
+
+def save_then_die(*args, **kwargs):
+    write(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == call:  # the file is written under its temporary name, not yet renamed into place
+        os.kill(os.getpid(), signal.SIGKILL)
+
+module.save_file = save_then_die
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point,where,call", [
+    ("first layer", "layers", 2),  # 1: the calibration tokens, 2: layer 0
+    ("middle", "layers", 4),  # layers 0 and 1 saved, killed writing layer 2
+    ("while writing", "checkpoint", 1),  # every layer saved, killed writing model.safetensors
+])
+def test_killed_run_resumes_to_the_uninterrupted_tensors(capsys, checkpoint, tmp_path, calib, point, where, call):
+    out = tmp_path / "q"
+    argv = ["quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST]
+    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(call), *argv], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert partial_dir(out).is_dir() and not (out / "model.safetensors").exists()
+    rc, summary, err = run(capsys, *argv)
+    assert rc == 0, err
+    expected, resumed = load_file(checkpoint[0] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert expected[key].equal(resumed[key]), f"{point}: {key} differs from the uninterrupted run"
+    config = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert config(out)["modules"] == config(checkpoint[0])["modules"]
+    assert config(out)["extra"]["calibration"] == config(checkpoint[0])["extra"]["calibration"] == str(calib)
+    lines = lambda text: [line for line in text.splitlines() if line.strip().startswith(("unreached experts", "calibration"))]  # noqa: E731
+    assert lines(summary) == lines(checkpoint[1])
+    assert not partial_dir(out).exists()
