@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--models", default="/tmp/cq-bench-models", help="where the random models are written")
     ap.add_argument("--label", default="after", help="name of the code measured (before / after)")
     ap.add_argument("--json", required=True, help="results file (rows are appended)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds the quantization may run before it is stopped and recorded as such")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -93,7 +94,10 @@ def main() -> None:
     full = write_model(args.shape, args.layers, path)
     written = time.time() - start
     cmd = [sys.executable, __file__, "--shape", args.shape, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--json", "-", "--child", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc = subprocess.CompletedProcess(cmd, -1, "", f"stopped after the --timeout of {args.timeout:g} s")
     row = {"label": args.label, "shape": args.shape, "layers": args.layers, "full_layers": full, "nsamples": args.nsamples, "seqlen": args.seqlen,
            "model_gib_bf16": round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30, 3), "write_seconds": round(written, 1)}
     if proc.returncode:
