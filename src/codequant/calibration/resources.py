@@ -36,6 +36,7 @@ class MemoryPlan:
 
     expert_chunk: int
     token_batch: int
+    min_bytes: int  # the least the largest layer needs (one expert at a time)
     need_bytes: int  # estimated peak of the largest layer at this plan
 
 
@@ -71,7 +72,7 @@ def plan_memory(layers: list[nn.Module], experts_of, token_batch: int, max_gpu_g
         )
     spare = (max_gpu_gib * GIB - floor) if max_gpu_gib is not None else DEFAULT_SPARE_GIB * GIB
     chunk = max(1, int(spare // (8 * one_expert))) if one_expert else 1
-    return MemoryPlan(chunk, token_batch, floor + 8 * one_expert * (chunk - 1))
+    return MemoryPlan(chunk, token_batch, floor, floor + 8 * one_expert * (chunk - 1))
 
 
 def cap_device_memory(device: torch.device, max_gpu_gib: float | None) -> None:
