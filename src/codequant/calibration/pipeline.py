@@ -145,6 +145,17 @@ def _cat(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in store.items()}
 
 
+def _collect_inputs(modules: dict[str, nn.Module], forward) -> dict[str, torch.Tensor]:
+    """Each module's inputs [tokens, features] (on the host) while ``forward()`` runs."""
+    store, handles = _capture_inputs(modules)
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return _cat(store)
+
+
 # -- per-target statistics --------------------------------------------------------------
 @dataclass
 class InputStats:
@@ -370,12 +381,7 @@ class Quantizer:
         name = self.adapter.layer_name(i)
         # attention linears, on inputs from the full-precision attention
         with self._stage("attention"):
-            store, handles = _capture_inputs({t.name: t.module for t in attention})
-            run(i, layer, x)
-            for h in handles:
-                h.remove()
-            inputs = _cat(store)
-            del store
+            inputs = _collect_inputs({t.name: t.module for t in attention}, lambda: run(i, layer, x))
             for t in attention:
                 self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
         if not mlp:
@@ -383,25 +389,17 @@ class Quantizer:
         # MLP block, on inputs from the quantized attention
         with self._stage("mlp"):
             block = self.adapter.mlp(layer)
-            store, handles = _capture_inputs({"block": block})
             self._set_backend(layer, "reference")
-            run(i, layer, x)
-            for h in handles:
-                h.remove()
-            xm = _cat(store)["block"]
-            del store
+            xm = _collect_inputs({"block": block}, lambda: run(i, layer, x))["block"]
             if self.adapter.is_moe(layer):
                 self.quantize_moe_block(layer, block, mlp, xm, name)
             else:
-                store, handles = _capture_inputs({t.name: t.module for t in mlp})
-                batch = self.plan.token_batch
-                with torch.no_grad():
-                    for s in range(0, xm.shape[0], batch):
-                        block(xm[s : s + batch][None].to(self.device))
-                for h in handles:
-                    h.remove()
-                inputs = _cat(store)
-                del store
+                @torch.no_grad()
+                def run_block():
+                    for s in range(0, xm.shape[0], self.plan.token_batch):
+                        block(xm[s : s + self.plan.token_batch][None].to(self.device))
+
+                inputs = _collect_inputs({t.name: t.module for t in mlp}, run_block)
                 for t in mlp:
                     self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
 
