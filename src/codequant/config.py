@@ -82,6 +82,7 @@ class QuantConfig:
     seqlen: int = 512
     seed: int = 0
     device: str = "auto"
+    max_gpu_memory: float | None = None  # GiB the device may use (None: no cap); refused up front when below one layer's need
     # stage 1: AOS
     rotation_steps: int = 400
     rotation_lr: float = 1e-2
@@ -126,6 +127,8 @@ class QuantConfig:
         unknown = set(self.targets) - set(TARGET_KINDS)
         if unknown:
             raise ValueError(f"unknown targets {sorted(unknown)}; choose from: {', '.join(TARGET_KINDS)}")
+        if self.max_gpu_memory is not None and not self.max_gpu_memory > 0:
+            raise ValueError(f"--max-gpu-memory must be a positive number of GiB, got {self.max_gpu_memory}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError(f"need at least one calibration sample of 2 tokens, got nsamples={self.nsamples} seqlen={self.seqlen}")
 
@@ -159,4 +162,5 @@ class QuantConfig:
         """Stable text identifying every setting that changes the result (for resume)."""
         d = self.to_dict()
         d.pop("device")
+        d.pop("max_gpu_memory")  # changes batching, not the result
         return json.dumps(d, sort_keys=True)

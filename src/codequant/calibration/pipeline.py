@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from ..transforms.permutation import apply_pog
 from ..transforms.rotation import rotate_residual, rotate_value_heads, train_rotation
 from ..utils import atomic_save_tensors
 from .data import calibration_windows, load_texts, sample_from_model
+from .resources import StageClock, cap_device_memory, host_rss_peak_gib, plan_memory
 
 log = logging.getLogger("codequant")
 
@@ -119,7 +119,8 @@ def calibration_tokens(model, tokenizer, config: QuantConfig, cache: Path | None
 
 # -- running layers ---------------------------------------------------------------------
 class LayerRunner:
-    """Runs decoder layer i of ``model`` standalone on [n, S, H] streams, in batches."""
+    """Runs decoder layer i of ``model`` standalone on [n, S, H] streams, in batches: the
+    stream stays on the host, each batch visits the device."""
 
     def __init__(self, model, adapter: ArchitectureAdapter, device: torch.device, batch_size: int = 8):
         self.model, self.adapter, self.device, self.batch_size = model, adapter, device, batch_size
@@ -128,17 +129,17 @@ class LayerRunner:
     def __call__(self, i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
         for s in range(0, x.shape[0], self.batch_size):
-            h = x[s : s + self.batch_size]
+            h = x[s : s + self.batch_size].to(self.device)
             y = layer(h, **self.adapter.layer_kwargs(self.model, h, None, i))
-            out[s : s + self.batch_size] = y[0] if isinstance(y, tuple) else y
+            out[s : s + self.batch_size] = (y[0] if isinstance(y, tuple) else y).to(out.device)
         return out
 
 
 def _capture_inputs(modules: dict[str, nn.Module]):
-    """Forward pre-hooks that collect each module's first input as [tokens, features]."""
+    """Forward pre-hooks that collect each module's first input as [tokens, features] on the host."""
     store: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     handles = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        m.register_forward_pre_hook(lambda mod, args, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()))
         for name, m in modules.items()
     ]
     return store, handles
@@ -146,6 +147,17 @@ def _capture_inputs(modules: dict[str, nn.Module]):
 
 def _cat(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in store.items()}
+
+
+def _collect_inputs(modules: dict[str, nn.Module], forward) -> dict[str, torch.Tensor]:
+    """Each module's inputs [tokens, features] (on the host) while ``forward()`` runs."""
+    store, handles = _capture_inputs(modules)
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return _cat(store)
 
 
 # -- per-target statistics --------------------------------------------------------------
@@ -159,22 +171,35 @@ class InputStats:
     hessian: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, x: torch.Tensor, act: ActQuantSpec, hessian: bool) -> "InputStats":
-        xq = fake_quantize_activations(x, act)
+    def of(cls, x: torch.Tensor, act: ActQuantSpec, hessian: bool, device: torch.device | None = None, transform=None, batch: int = 8192) -> "InputStats":
+        """Statistics of the rows of x [T, K] (after ``transform``), summed over batches of
+        ``batch`` rows moved to ``device`` (default: x's device)."""
+        device = device or x.device
+        k = x.shape[-1]
+        a, b = torch.zeros(k, device=device), torch.zeros(k, device=device)
+        h = torch.zeros(k, k, device=device) if hessian else None
+        for s in range(0, x.shape[0], batch):
+            xb = x[s : s + batch].to(device)
+            xb = transform(xb) if transform is not None else xb
+            xq = fake_quantize_activations(xb, act)
+            a += (xb * xb).sum(0)
+            b += (xb * xq).sum(0)
+            if hessian:
+                h += xq.T @ xq
         n = max(x.shape[0], 1)
-        h = 2 * (xq.T @ xq) / n if hessian else None
-        return cls((x * x).sum(0) / n, (x * xq).sum(0) / n, x.shape[0], h)
+        return cls(a / n, b / n, x.shape[0], 2 * h / n if hessian else None)
 
 
 def _experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, act: ActQuantSpec, down_act: ActQuantSpec, hadamard: int, hessian: bool):
-    """Per-expert input statistics of gate_up and down, and token counts."""
+    """Per-expert input statistics of gate_up and down, and token counts (x [T, H] and
+    top_k_index may live on the host; each expert's tokens visit the experts' device)."""
     num, hidden, inter = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
-    dev = x.device
+    dev = experts.gate_up_proj.device
     gu = [InputStats(torch.ones(hidden, device=dev), torch.ones(hidden, device=dev), 0, torch.eye(hidden, device=dev) if hessian else None) for _ in range(num)]
     dn = [InputStats(torch.ones(inter, device=dev), torch.ones(inter, device=dev), 0, torch.eye(inter, device=dev) if hessian else None) for _ in range(num)]
     for e in torch.unique(top_k_index).tolist():
         tok = torch.nonzero((top_k_index == e).any(-1)).squeeze(-1)
-        xe = x[tok]
+        xe = x[tok].to(dev)
         gate, up = F.linear(xe, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
         h = experts.act_fn(gate) * up
         if hadamard:
@@ -211,10 +236,12 @@ def _stack_ab(stats):
 class Quantizer:
     """One quantization run (see the module doc). Use :func:`quantize`."""
 
-    def __init__(self, model, config: QuantConfig, out_dir: Path | None, progress: bool):
+    def __init__(self, model, config: QuantConfig, out_dir: Path | None, progress: bool, clock: StageClock | None = None):
         self.model, self.config, self.progress = model, config, progress
         self.adapter = get_adapter(model)
         self.device = resolve_device(config.device)
+        self.clock = clock or StageClock()
+        self.plan = plan_memory(self.adapter.layers(model), self._routed_experts, max(config.accf_batch_tokens, 8 * config.seqlen), config.max_gpu_memory)
         self.partial = partial_dir(out_dir) if out_dir is not None else None
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and config.recipe.rotation != "none"
@@ -244,6 +271,9 @@ class Quantizer:
             return 0
         k = target.module.down_proj.shape[-1] if target.kind == "experts" else target.module.in_features
         return largest_power_of_two_block(k)
+
+    def _routed_experts(self, layer: nn.Module) -> nn.Module | None:
+        return self.adapter.experts(layer) if self.adapter.is_moe(layer) else None
 
     def check_group_sizes(self) -> None:
         for i, layer in enumerate(self.adapter.layers(self.model)):
@@ -310,24 +340,42 @@ class Quantizer:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.adapter.embed_tokens(self.model)
         with torch.no_grad():
-            return emb(tokens).float().to(self.device)
+            return emb(tokens).float().cpu()
 
     # the layer loop --------------------------------------------------------------------
     def run(self, tokens: torch.Tensor) -> None:
         x = self.embed(tokens)
         run = LayerRunner(self.model, self.adapter, self.device)
-        for i, layer in enumerate(tqdm(self.adapter.layers(self.model), desc="quantizing layers", disable=not self.progress)):
+        layers = self.adapter.layers(self.model)
+        bar = tqdm(layers, desc="quantizing layers", unit="layer", disable=not self.progress)
+        start = time.time()
+        for i, layer in enumerate(bar):
+            self.stage_bar = bar
             with on_device(layer, self.device):
                 saved = self.partial / f"layer_{i:04d}.safetensors" if self.partial else None
                 if saved is not None and saved.is_file():
-                    self.restore_layer(layer, saved)
+                    with self._stage("resume"):
+                        self.restore_layer(layer, saved)
                 else:
                     self.quantize_layer(i, layer, x, run)
                     if saved is not None:
-                        self.save_layer(layer, saved, self.adapter.layer_name(i))
+                        with self._stage("save layer"):
+                            self.save_layer(layer, saved, self.adapter.layer_name(i))
                 self._set_backend(layer, "reference")
-                x = run(i, layer, x)
+                with self._stage("propagate"):
+                    x = run(i, layer, x)
                 self._set_backend(layer, None)
+            elapsed = time.time() - start
+            log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left", i + 1, len(layers), elapsed, elapsed / (i + 1) * (len(layers) - i - 1))
+        self.stage_bar = None
+
+    stage_bar = None
+
+    def _stage(self, name: str):
+        """Account the block to stage ``name`` and show it on the progress bar."""
+        if self.stage_bar is not None:
+            self.stage_bar.set_postfix_str(name)
+        return self.clock.stage(name)
 
     def quantize_layer(self, i: int, layer: nn.Module, x: torch.Tensor, run: LayerRunner) -> None:
         targets = [t for t in self.adapter.quant_targets(layer) if self._selected(layer, t)]
@@ -336,35 +384,28 @@ class Quantizer:
         mlp = [t for t in targets if not t.name.startswith(attn_prefix)]
         name = self.adapter.layer_name(i)
         # attention linears, on inputs from the full-precision attention
-        store, handles = _capture_inputs({t.name: t.module for t in attention})
-        run(i, layer, x)
-        for h in handles:
-            h.remove()
-        inputs = _cat(store)
-        for t in attention:
-            self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+        with self._stage("attention"):
+            inputs = _collect_inputs({t.name: t.module for t in attention}, lambda: run(i, layer, x))
+            for t in attention:
+                self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
         if not mlp:
             return
         # MLP block, on inputs from the quantized attention
-        block = self.adapter.mlp(layer)
-        store, handles = _capture_inputs({"block": block})
-        self._set_backend(layer, "reference")
-        run(i, layer, x)
-        for h in handles:
-            h.remove()
-        xm = _cat(store)["block"]
-        if self.adapter.is_moe(layer):
-            self.quantize_moe_block(layer, block, mlp, xm, name)
-        else:
-            store, handles = _capture_inputs({t.name: t.module for t in mlp})
-            with torch.no_grad():
-                for s in range(0, xm.shape[0], 8192):
-                    block(xm[s : s + 8192][None])
-            for h in handles:
-                h.remove()
-            inputs = _cat(store)
-            for t in mlp:
-                self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+        with self._stage("mlp"):
+            block = self.adapter.mlp(layer)
+            self._set_backend(layer, "reference")
+            xm = _collect_inputs({"block": block}, lambda: run(i, layer, x))["block"]
+            if self.adapter.is_moe(layer):
+                self.quantize_moe_block(layer, block, mlp, xm, name)
+            else:
+                @torch.no_grad()
+                def run_block():
+                    for s in range(0, xm.shape[0], self.plan.token_batch):
+                        block(xm[s : s + self.plan.token_batch][None].to(self.device))
+
+                inputs = _collect_inputs({t.name: t.module for t in mlp}, run_block)
+                for t in mlp:
+                    self.quantize_linear_alone(layer, t, inputs.pop(t.name), f"{name}.{t.name}")
 
     def _weight_for(self, layer, t: QuantTarget) -> tuple[torch.Tensor, int]:
         """The weight the quantizer sees (with the online Hadamard folded in) and its block."""
@@ -375,16 +416,16 @@ class Quantizer:
     def quantize_linear_alone(self, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> None:
         """A linear (or router) fitted on its own inputs: codebooks, then ACCF on output MSE."""
         w, hb = self._weight_for(layer, t)
-        if hb:
-            x = block_hadamard(x, hb)
+        transform = (lambda v: block_hadamard(v, hb)) if hb else None
         g = self._group(w.shape[-1], full_name)
-        stats = InputStats.of(x, self.act, self.config.recipe.weights == "gptq")
+        stats = InputStats.of(x, self.act, self.config.recipe.weights == "gptq", self.device, transform, self.plan.token_batch)
         idx, cb = initial_codebook(w, stats, self.config, g)
         if self.config.recipe.finetune:
             book = accf.Codebook(idx, cb)
 
             def loss_fn(batch):
-                xb = x[batch]
+                xb = x[batch].to(self.device)
+                xb = transform(xb) if transform is not None else xb
                 ref = xb @ w.T
                 y = fake_quantize_activations(xb, self.act) @ book().T
                 return (y - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
@@ -407,21 +448,24 @@ class Quantizer:
         def capture_routing(module, args, kwargs):
             bound = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
             hidden = bound["hidden_states"].detach()
-            routed.append((hidden.reshape(-1, hidden.shape[-1]).float(), bound["top_k_index"].detach()))
+            routed.append((hidden.reshape(-1, hidden.shape[-1]).float().cpu(), bound["top_k_index"].detach().cpu()))
 
         hook = experts.register_forward_pre_hook(capture_routing, with_kwargs=True)
         linear_targets = [t for t in targets if t.kind == "linear"]
         store, handles = _capture_inputs({t.name: t.module for t in linear_targets})
         y_ref = torch.empty_like(xm)
+        batch = self.plan.token_batch
         with torch.no_grad():
-            for s in range(0, xm.shape[0], 8192):
-                y_ref[s : s + 8192] = _block_output(block, xm[s : s + 8192])
+            for s in range(0, xm.shape[0], batch):
+                y_ref[s : s + batch] = _block_output(block, xm[s : s + batch].to(self.device)).cpu()
         hook.remove()
         for h in handles:
             h.remove()
         x_experts = torch.cat([h for h, _ in routed])
         top_k_index = torch.cat([i for _, i in routed])
+        del routed
         inputs = _cat(store)
+        del store
         # initial codebooks
         books: dict[str, tuple[QuantTarget, accf.Codebook, torch.Tensor, object, int]] = {}
         for t in targets:
@@ -438,8 +482,9 @@ class Quantizer:
                     self.report["unreached_experts"][full] = unreached
                     for e in unreached:  # data-free k-means for experts no token reached
                         gu_stats[e] = InputStats(torch.ones_like(gu_stats[e].a), torch.ones_like(gu_stats[e].b), 0, gu_stats[e].hessian)
-                gi, gc = initial_codebook(gu_w, gu_stats, self.config, self._group(gu_w.shape[-1], f"{full}.gate_up_proj"))
-                di, dc = initial_codebook(d_w, d_stats, self.config, self._group(d_w.shape[-1], f"{full}.down_proj"))
+                del x_experts, top_k_index
+                gi, gc = self._experts_codebook(gu_w, gu_stats, self._group(gu_w.shape[-1], f"{full}.gate_up_proj"))
+                di, dc = self._experts_codebook(d_w, d_stats, self._group(d_w.shape[-1], f"{full}.down_proj"))
                 a_gu, b_gu = _stack_ab(gu_stats)
                 a_d, b_d = _stack_ab(d_stats)
                 books[f"{t.name}.gate_up"] = (t, accf.Codebook(gi, gc), gu_w, (a_gu, b_gu), hb)
@@ -449,8 +494,9 @@ class Quantizer:
                     w, hb, x_in = router_w, 0, xm
                 else:
                     w, hb = self._weight_for(layer, t)
-                    x_in = block_hadamard(inputs[t.name], hb) if hb else inputs[t.name]
-                stats = InputStats.of(x_in, self.act, hessian)
+                    x_in = inputs.pop(t.name)
+                transform = (lambda v, hb=hb: block_hadamard(v, hb)) if hb else None
+                stats = InputStats.of(x_in, self.act, hessian, self.device, transform, batch)
                 idx, cb = initial_codebook(w, stats, self.config, self._group(w.shape[-1], full))
                 books[t.name] = (t, accf.Codebook(idx, cb), w, (stats.a, stats.b), hb)
         if self.config.recipe.finetune:
@@ -460,10 +506,28 @@ class Quantizer:
             if t.kind == "experts":
                 if key.endswith(".gate_up"):
                     down = books[f"{t.name}.down"][1]
-                    module = CodeQuantExperts.from_packed(pack(book.idx, book.codebook.detach()), pack(down.idx, down.codebook.detach()), self.act, self.act, hb)
+                    module = CodeQuantExperts.from_packed(self._pack_experts(book), self._pack_experts(down), self.act, self.act, hb)
                     _set_module(layer, t.name, module)
             else:
                 self.install(layer, t, pack(book.idx, book.codebook.detach()), hb)
+
+    def _experts_codebook(self, weight: torch.Tensor, stats: list[InputStats], group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`initial_codebook` of an expert stack [E, N, K], ``plan.expert_chunk`` experts at
+        a time: (idx uint8 [E, N, K], codebook [E, N, K // G, C]); each expert is fitted on its own."""
+        idx = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+        books = []
+        for e0 in range(0, weight.shape[0], self.plan.expert_chunk):
+            part = slice(e0, e0 + self.plan.expert_chunk)
+            chunk_idx, chunk_cb = initial_codebook(weight[part], stats[part], self.config, group)
+            idx[part] = chunk_idx
+            books.append(chunk_cb)
+        return idx, torch.cat(books)
+
+    def _pack_experts(self, book: accf.Codebook) -> PackedWeight:
+        """:func:`pack` of an expert stack, ``plan.expert_chunk`` experts at a time."""
+        codebook = book.codebook.detach()
+        parts = [pack(book.idx[e0 : e0 + self.plan.expert_chunk], codebook[e0 : e0 + self.plan.expert_chunk]) for e0 in range(0, book.idx.shape[0], self.plan.expert_chunk)]
+        return PackedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("indices", "codebook", "row_sum")), parts[0].in_features)
 
     def finetune_moe_block(self, layer, block, router, experts, books, xm, y_ref, router_w, router_b, name) -> None:
         sims, experts_target = [], None
@@ -481,8 +545,8 @@ class Quantizer:
         router_book = next((b[1] for b in books.values() if b[0].kind == "router"), None)
 
         def loss_fn(batch):
-            xb = xm[batch]
-            loss = (_block_output(block, xb) - y_ref[batch]).pow(2).mean() / scale
+            xb = xm[batch].to(self.device)
+            loss = (_block_output(block, xb) - y_ref[batch].to(self.device)).pow(2).mean() / scale
             if router_book is not None:
                 logits = F.linear(fake_quantize_activations(xb, self.act), router.weight, router_b)
                 loss = loss + self.config.router_kl_weight * accf.kl_divergence(F.linear(xb, router_w, router_b), logits)
@@ -490,7 +554,7 @@ class Quantizer:
 
         def reassign():
             for t, book, w, (a, b), _ in books.values():
-                book.reassign(w, a, b)
+                book.reassign(w, a, b, self.plan.expert_chunk)
 
         steps = self.config.accf_epochs * -(-xm.shape[0] // self.config.accf_batch_tokens)
         bar = tqdm(total=steps, desc=f"ACCF {name} MoE block", leave=False, disable=not self.progress)
@@ -604,7 +668,8 @@ def model_bits_per_weight(model: nn.Module) -> float:
 
 
 def peak_memory() -> dict:
-    out = {"peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    """Peak host RSS and torch's peak GPU allocation since the last reset of its statistics."""
+    out = {"peak_host_rss_gib": round(host_rss_peak_gib(), 3)}
     if torch.cuda.is_available():
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
@@ -625,17 +690,20 @@ def quantize(
     ``calibration`` [nsamples, seqlen] tokens replace the config's data source."""
     config = config or QuantConfig()
     start = time.time()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    clock = StageClock()
     source = model if isinstance(model, str) else None
     if out_dir is not None:  # before any work: nothing the user owns is overwritten, a resume matches its run
         check_output(out_dir, source, overwrite)
         record = run_record(source, json.loads(config.fingerprint()), config.calib)
         start_or_resume(partial_dir(out_dir), record, create=False)
     if isinstance(model, str):
-        model, tokenizer = load_model(model, torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16)
+        with clock.stage("load"):
+            model, tokenizer = load_model(model, torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16)
     out = Path(out_dir) if out_dir is not None else None
-    q = Quantizer(model, config, out, progress)
+    q = Quantizer(model, config, out, progress, clock)
+    log.info("memory plan: %d experts per chunk, %d tokens per batch, about %.2f GiB of device memory per layer",
+             q.plan.expert_chunk, q.plan.token_batch, q.plan.need_bytes / 2**30)
+    cap_device_memory(q.device, config.max_gpu_memory)
     q.check_group_sizes()
     if q.partial is not None:
         start_or_resume(q.partial, record)
@@ -644,10 +712,12 @@ def quantize(
     if calibration is not None:
         tokens, data_source = calibration, "calibration tokens given by the caller"
     else:
-        tokens, data_source = calibration_tokens(model, tokenizer, config, cache, source)
+        with clock.stage("calibration data"):
+            tokens, data_source = calibration_tokens(model, tokenizer, config, cache, source)
     log.info("calibration data: %s (%d x %d tokens)", data_source, *tokens.shape)
     rotary = q.adapter.rotary_emb(model).to(q.device)
-    q.transform(tokens)
+    with clock.stage("transforms (norm folding, rotations)"):
+        q.transform(tokens)
     q.run(tokens)
     rotary.to("cpu")
     report = {
@@ -666,13 +736,14 @@ def quantize(
         extra = {"method": config.method, "config": config.to_dict(), "calibration": data_source, "source_model": source,
                  "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": "down_proj" if q.use_online_hadamard else None}}
         _cast_float_params(model, getattr(model, "codequant_source_dtype", None) or torch.float32)
-        save_quantized(model, out, tokenizer, extra)
+        with clock.stage("save"):
+            save_quantized(model, out, tokenizer, extra)
         if cache is not None and cache.is_file():
             os.replace(cache, out / "calibration_tokens.safetensors")
         _remove_tree(q.partial)
         report["out_dir"] = str(out)
     report["seconds"] = round(time.time() - start, 1)
-    report.update(peak_memory())
+    report.update(clock.report())
     return QuantResult(model, tokenizer, report)
 
 

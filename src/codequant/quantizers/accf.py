@@ -22,25 +22,43 @@ from .codebook import assign
 
 
 class Codebook(nn.Module):
-    """The parametrization W -> W_hat = C[idx]: trainable C [..., N, K/G, C], fixed idx [..., N, K]."""
+    """The parametrization W -> W_hat = C[idx]: trainable C [..., N, K/G, C], fixed idx [..., N, K].
+
+    idx is held as uint8 (an eighth of int64: for a stack of experts it is the largest tensor
+    of the run); ``expert(e)`` reconstructs one leading slice, so a stack of experts never
+    needs its whole W_hat (or its gradient) at once."""
 
     def __init__(self, idx: torch.Tensor, codebook: torch.Tensor):
         super().__init__()
-        self.register_buffer("idx", idx)
+        self.register_buffer("idx", idx.to(torch.uint8))
         self.codebook = nn.Parameter(codebook.float().clone())
 
     @property
     def group_size(self) -> int:
         return self.idx.shape[-1] // self.codebook.shape[-2]
 
+    @staticmethod
+    def _reconstruct(idx: torch.Tensor, codebook: torch.Tensor, group: int) -> torch.Tensor:
+        grouped = idx.long().reshape(*idx.shape[:-1], idx.shape[-1] // group, group)
+        return torch.gather(codebook, -1, grouped).reshape(idx.shape)
+
     def forward(self, _original: torch.Tensor | None = None) -> torch.Tensor:
-        k = self.idx.shape[-1]
-        grouped = self.idx.reshape(*self.idx.shape[:-1], k // self.group_size, self.group_size)
-        return torch.gather(self.codebook, -1, grouped).reshape(self.idx.shape)
+        return self._reconstruct(self.idx, self.codebook, self.group_size)
+
+    def expert(self, e: int) -> torch.Tensor:
+        """W_hat[e] = C[e][idx[e]] for a stack [E, N, K]."""
+        return self._reconstruct(self.idx[e], self.codebook[e], self.group_size)
 
     @torch.no_grad()
-    def reassign(self, weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        self.idx.copy_(assign(weight, self.codebook, self.group_size, a, b))
+    def reassign(self, weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, chunk: int = 0) -> None:
+        """idx <- :func:`assign` (W, C, a, b), over ``chunk`` leading slices at a time (0: all)."""
+        if not chunk or self.idx.dim() < 3:
+            self.idx.copy_(assign(weight, self.codebook, self.group_size, a, b))
+            return
+        per_slice = lambda t, s: t if t is None or t.dim() < 2 else t[s]  # noqa: E731  (a, b: [K] or [E, K])
+        for e0 in range(0, self.idx.shape[0], chunk):
+            s = slice(e0, e0 + chunk)
+            self.idx[s] = assign(weight[s], self.codebook[s], self.group_size, per_slice(a, s), per_slice(b, s))
 
 
 class InputTransform:
@@ -82,14 +100,13 @@ class SimulatedExperts(nn.Module):
         self.act_fn, self.transform, self.down_transform = act_fn, transform, down_transform
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        w_gu, w_d = self.gate_up(), self.down()
         x = self.transform(hidden_states)
-        out = torch.zeros(hidden_states.shape[0], w_d.shape[-2], dtype=torch.float32, device=hidden_states.device)
+        out = torch.zeros(hidden_states.shape[0], self.down.idx.shape[-2], dtype=torch.float32, device=hidden_states.device)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-            gate, up = F.linear(x[tok].float(), w_gu[e]).chunk(2, dim=-1)
+            gate, up = F.linear(x[tok].float(), self.gate_up.expert(e)).chunk(2, dim=-1)
             h = self.down_transform(self.act_fn(gate) * up)
-            out = out.index_add(0, tok, F.linear(h, w_d[e]) * top_k_weights[tok, slot, None].float())
+            out = out.index_add(0, tok, F.linear(h, self.down.expert(e)) * top_k_weights[tok, slot, None].float())
         return out.to(hidden_states.dtype)
 
 
