@@ -65,6 +65,21 @@ def test_baselines_run_and_stay_close(method):
     assert out["kl"] < 0.5 and result.report["method"] == method
 
 
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_feedback_assignment_keeps_the_packed_format(group_size):
+    fp = tiny_model("qwen3_moe")
+    config = dict(FAST, group_size=group_size, accf_epochs=1)
+    near = quantize(copy.deepcopy(fp), QuantConfig(**config), progress=False, calibration=_calibration())
+    feed = quantize(copy.deepcopy(fp), QuantConfig(weight_assignment="feedback", **config), progress=False, calibration=_calibration())
+    assert feed.report["bits_per_weight"] == near.report["bits_per_weight"]
+    for (name, a), (_, b) in zip(near.model.named_buffers(), feed.model.named_buffers()):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+    changed = [n for (n, a), (_, b) in zip(near.model.named_buffers(), feed.model.named_buffers()) if n.endswith("indices") and not torch.equal(a, b)]
+    assert changed, "the feedback walk assigned no weight differently"
+    out = evaluate(feed.model, tiny_input_ids(4, 32, seed=7), fp, progress=False)
+    assert out["kl"] < 0.5
+
+
 def test_grouped_codebooks_use_pog_and_group_size():
     fp = tiny_model("qwen3_moe")
     result = quantize(copy.deepcopy(fp), QuantConfig(group_size=32, **FAST), progress=False, calibration=_calibration())

@@ -1,4 +1,4 @@
-"""Weight quantizers: k-means codebooks, RTN, GPTQ (src/codequant/quantizers/{codebook,uniform,gptq}.py)."""
+"""Weight quantizers: k-means codebooks, RTN, GPTQ, feedback codebooks (src/codequant/quantizers/{codebook,uniform,gptq,feedback}.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from codequant.format import pack
 from codequant.quantizers.codebook import assign, fit_codebooks, reconstruct
+from codequant.quantizers.feedback import feedback_codebooks, output_error
 from codequant.quantizers.gptq import accumulate_hessian, gptq
 from codequant.quantizers.uniform import rtn, uniform_grid
 
@@ -16,6 +17,7 @@ from codequant.quantizers.uniform import rtn, uniform_grid
 KMEANS_VS_RTN_HEAVY = 0.5  # k-means MSE / RTN MSE on heavy-tailed rows, 4 bits
 KMEANS_VS_OPTIMUM = 1.05  # k-means error / exact optimal 1-D clustering error
 GPTQ_VS_RTN = 0.5  # GPTQ output error / RTN output error on correlated inputs
+FEEDBACK_VS_NEAREST = 0.8  # feedback codebook output error / nearest-centroid (k-means) output error
 FP16_CODEBOOK_STEP = 0.01  # packing moves RTN weights by at most this fraction of a step
 
 
@@ -282,6 +284,66 @@ def test_streaming_hessian_equals_batch():
     flat = x.reshape(-1, 16)
     assert n == 120
     torch.testing.assert_close(h, 2 / 120 * flat.T @ flat, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- feedback codebooks
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_feedback_codebooks_beat_nearest_centroid_on_output_error(group):
+    k = 128
+    x = _correlated_inputs(k)
+    w = torch.randn(48, k, generator=_gen(31))
+    h, _ = accumulate_hessian(None, x, 0)
+    idx, cb = fit_codebooks(w, 4, group, (x * x).mean(0))
+    f_idx, f_cb = feedback_codebooks(w, h, idx, cb, group)
+    assert f_idx.shape == idx.shape and f_cb.shape == cb.shape
+    assert int(f_idx.min()) >= 0 and int(f_idx.max()) <= 15
+    pack(f_idx, f_cb)  # the packed format takes the result unchanged
+    nearest = _output_error(x, w, reconstruct(idx, cb, group))
+    assert _output_error(x, w, reconstruct(f_idx, f_cb, group)) < FEEDBACK_VS_NEAREST * nearest
+    # every row is at least as good as its k-means start under f = (w - w_hat) H (w - w_hat)^T
+    f = lambda i, c: output_error(w[None], h[None], i[None], c[None], group or k)[0]  # noqa: E731
+    assert (f(f_idx, f_cb) <= f(idx, cb) * (1 + 1e-5)).all()
+
+
+def test_feedback_refit_lowers_the_error_of_the_walk_alone():
+    k = 96
+    x = _correlated_inputs(k, seed=32)
+    w = torch.randn(40, k, generator=_gen(33))
+    h, _ = accumulate_hessian(None, x, 0)
+    start = fit_codebooks(w, 3, None, (x * x).mean(0))
+    walked = feedback_codebooks(w, h, *start, alternations=1, refit=False)
+    refit = feedback_codebooks(w, h, *start, alternations=1)
+    assert _output_error(x, w, reconstruct(*refit)) < _output_error(x, w, reconstruct(*walked))
+
+
+def test_feedback_expert_stack_matches_per_expert_loop():
+    k = 64
+    hs = torch.stack([accumulate_hessian(None, _correlated_inputs(k, 512, seed=34 + e), 0)[0] for e in range(3)])
+    w = torch.randn(3, 16, k, generator=_gen(37))
+    idx, cb = fit_codebooks(w, 4, 32)
+    s_idx, s_cb = feedback_codebooks(w, hs, idx, cb, 32)
+    for e in range(3):
+        e_idx, e_cb = feedback_codebooks(w[e], hs[e], idx[e], cb[e], 32)
+        assert torch.equal(s_idx[e], e_idx)
+        torch.testing.assert_close(s_cb[e], e_cb)
+
+
+def test_feedback_with_identity_hessian_keeps_nearest_centroid():
+    w = torch.randn(8, 64, generator=_gen(38))
+    idx, cb = fit_codebooks(w, 4, 16)
+    f_idx, f_cb = feedback_codebooks(w, torch.eye(64), idx, cb, 16, damp=0.0)
+    assert _output_error(torch.eye(64), w, reconstruct(f_idx, f_cb, 16)) <= _output_error(torch.eye(64), w, reconstruct(idx, cb, 16)) * (1 + 1e-6)
+    walked, same_cb = feedback_codebooks(w, torch.eye(64), idx, cb, 16, refit=False, damp=0.0)
+    assert torch.equal(walked, idx) and torch.equal(same_cb, cb)  # no coupling: the walk is nearest-centroid
+
+
+def test_feedback_bad_hessian_shape():
+    w = torch.randn(2, 4, 64)
+    idx, cb = fit_codebooks(w, 4)
+    with pytest.raises(ValueError, match=r"^hessian must be \[K, K\] or \[E, K, K\] with K = 64 and E = 2, got \(3, 64, 64\)$"):
+        feedback_codebooks(w, torch.eye(64).expand(3, 64, 64), idx, cb)
 
 
 # ---------------------------------------------------------------- errors

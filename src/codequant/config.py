@@ -59,6 +59,7 @@ METHODS: dict[str, Recipe] = {
     "codequant": Recipe("learned", "codebook", True, True),
 }
 
+ASSIGNMENTS = ("nearest", "feedback")
 TARGET_KINDS = ("attention", "router", "experts", "shared_experts", "dense_mlp")
 
 
@@ -89,6 +90,8 @@ class QuantConfig:
     rotation_tokens: int = 2048  # sampled tokens per norm output
     # stage 3: codebooks and ACCF
     kmeans_iters: int = 20
+    weight_assignment: str = "nearest"  # "nearest" (k-means) | "feedback" (Hessian error feedback, quantizers/feedback.py; not yet shown to lower KL)
+    feedback_alternations: int = 2  # walk + centroid refit rounds of the feedback assignment
     accf_epochs: int = 3
     accf_lr: float = 1e-4
     accf_batch_tokens: int = 4096
@@ -124,6 +127,10 @@ class QuantConfig:
             raise ValueError(f"--abits must be between 2 and 8, or 16 for no activation quantization, got {self.abits}")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"--group-size must be a positive number of columns, got {self.group_size}")
+        if self.weight_assignment not in ASSIGNMENTS:
+            raise ValueError(f"unknown weight_assignment {self.weight_assignment!r}; choose one of: {', '.join(ASSIGNMENTS)}")
+        if self.feedback_alternations < 1:
+            raise ValueError(f"feedback_alternations must be at least 1, got {self.feedback_alternations}")
         unknown = set(self.targets) - set(TARGET_KINDS)
         if unknown:
             raise ValueError(f"unknown targets {sorted(unknown)}; choose from: {', '.join(TARGET_KINDS)}")

@@ -37,6 +37,7 @@ from ..modules.router import quantize_router
 from ..quantizers import accf
 from ..quantizers.activations import ActQuantSpec, fake_quantize_activations
 from ..quantizers.codebook import check_group_size, fit_codebooks
+from ..quantizers.feedback import feedback_codebooks
 from ..quantizers.gptq import gptq
 from ..quantizers.uniform import rtn
 from ..transforms.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
@@ -205,7 +206,26 @@ def _experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tenso
         if hadamard:
             h = block_hadamard(h, hadamard)
         gu[e], dn[e] = InputStats.of(xe, act, hessian), InputStats.of(h, down_act, hessian)
+    if hessian:
+        _pool_expert_hessians(gu)
+        _pool_expert_hessians(dn)
     return gu, dn
+
+
+def _pool_expert_hessians(stats: list[InputStats]) -> None:
+    """Fallback for experts with few routed tokens: H_e <- (n_e H_e + K H_bar) / (n_e + K).
+
+    H_bar = sum_e n_e H_e / sum_e n_e is the Hessian of all tokens routed in the block, and K
+    (the row length) acts as a prior count: an expert with n_e << K tokens has a rank-deficient
+    H_e and gets mostly H_bar; one with n_e >> K keeps its own. Unreached experts get H_bar.
+    """
+    total = sum(s.count for s in stats)
+    if total == 0:
+        return
+    pooled = sum(s.hessian * s.count for s in stats if s.count) / total
+    prior = pooled.shape[-1]
+    for s in stats:
+        s.hessian = (s.hessian * s.count + pooled * prior) / (s.count + prior) if s.count else pooled.clone()
 
 
 # -- quantizing one weight ----------------------------------------------------------------
@@ -215,21 +235,47 @@ def initial_codebook(weight: torch.Tensor, stats: list[InputStats] | InputStats 
     if recipe.weights == "rtn":
         return rtn(weight, config.wbits, group_size)
     if recipe.weights == "gptq":
-        hessian = torch.stack([s.hessian for s in stats]) if isinstance(stats, list) else stats.hessian
-        return gptq(weight, hessian, config.wbits, group_size)
+        return gptq(weight, _stack_stats(stats)[2], config.wbits, group_size)
     if stats is None:
         importance = None
     elif isinstance(stats, list):
         importance = torch.stack([s.a for s in stats])
     else:
         importance = stats.a
-    return fit_codebooks(weight, config.wbits, group_size, importance, config.kmeans_iters, config.seed)
+    idx, codebook = fit_codebooks(weight, config.wbits, group_size, importance, config.kmeans_iters, config.seed)
+    hessian = _stack_stats(stats)[2] if stats is not None else None
+    if hessian is not None and config.weight_assignment == "feedback":
+        idx, codebook = feedback_codebooks(weight, hessian, idx, codebook, group_size, config.feedback_alternations)
+    return idx, codebook
 
 
-def _stack_ab(stats):
+def needs_hessian(config: QuantConfig) -> bool:
+    """GPTQ and the feedback codebook assignment need H = 2 E[xq xq^T] per weight."""
+    return config.recipe.weights == "gptq" or (config.recipe.weights == "codebook" and config.weight_assignment == "feedback")
+
+
+def _stack_stats(stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(a, b, hessian or None) of one InputStats or stacked over a list of them."""
     if isinstance(stats, list):
-        return torch.stack([s.a for s in stats]), torch.stack([s.b for s in stats])
-    return stats.a, stats.b
+        hessian = torch.stack([s.hessian for s in stats]) if stats[0].hessian is not None else None
+        return torch.stack([s.a for s in stats]), torch.stack([s.b for s in stats]), hessian
+    return stats.a, stats.b, stats.hessian
+
+
+def _reassign(book: accf.Codebook, weight: torch.Tensor, stats: tuple, chunk: int = 0) -> None:
+    """ACCF reassignment: by error feedback with the current centroids when H is known (a row
+    keeps its indices unless the walk lowers its output error), else activation-weighted nearest;
+    an expert stack [E, N, K] goes ``chunk`` experts at a time (0: all)."""
+    a, b, hessian = stats
+    if hessian is None:
+        book.reassign(weight, a, b, chunk)
+        return
+    num = book.idx.shape[0]
+    parts = [slice(e0, e0 + (chunk or num)) for e0 in range(0, num, chunk or num)] if book.idx.dim() == 3 else [slice(None)]
+    with torch.no_grad():
+        for part in parts:
+            idx, _ = feedback_codebooks(weight[part], hessian[part], book.idx[part].long(), book.codebook.detach()[part], book.group_size, alternations=1, refit=False)
+            book.idx[part] = idx
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -418,7 +464,7 @@ class Quantizer:
         w, hb = self._weight_for(layer, t)
         transform = (lambda v: block_hadamard(v, hb)) if hb else None
         g = self._group(w.shape[-1], full_name)
-        stats = InputStats.of(x, self.act, self.config.recipe.weights == "gptq", self.device, transform, self.plan.token_batch)
+        stats = InputStats.of(x, self.act, needs_hessian(self.config), self.device, transform, self.plan.token_batch)
         idx, cb = initial_codebook(w, stats, self.config, g)
         if self.config.recipe.finetune:
             book = accf.Codebook(idx, cb)
@@ -430,14 +476,14 @@ class Quantizer:
                 y = fake_quantize_activations(xb, self.act) @ book().T
                 return (y - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
 
-            history = accf.finetune([book], loss_fn, x.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, lambda: book.reassign(w, stats.a, stats.b), self.config.seed, eval_tokens=4 * self.config.accf_batch_tokens)
+            history = accf.finetune([book], loss_fn, x.shape[0], self.config.accf_epochs, self.config.accf_lr, self.config.accf_batch_tokens, lambda: _reassign(book, w, _stack_stats(stats)), self.config.seed, eval_tokens=4 * self.config.accf_batch_tokens)
             self.report["accf"][full_name] = history
             idx, cb = book.idx, book.codebook.detach()
         self.install(layer, t, pack(idx, cb), hb)
 
     def quantize_moe_block(self, layer: nn.Module, block: nn.Module, targets: list[QuantTarget], xm: torch.Tensor, name: str) -> None:
         """Router, experts and shared experts, fine-tuned together on block MSE + router KL."""
-        hessian = self.config.recipe.weights == "gptq"
+        hessian = needs_hessian(self.config)
         router = self.adapter.router(layer)
         experts = self.adapter.experts(layer)
         router_w = router.weight.detach().float().clone()
@@ -481,14 +527,12 @@ class Quantizer:
                 if unreached:
                     self.report["unreached_experts"][full] = unreached
                     for e in unreached:  # data-free k-means for experts no token reached
-                        gu_stats[e] = InputStats(torch.ones_like(gu_stats[e].a), torch.ones_like(gu_stats[e].b), 0, gu_stats[e].hessian)
+                        gu_stats[e] = InputStats(torch.ones_like(gu_stats[e].a), torch.ones_like(gu_stats[e].b), 0, gu_stats[e].hessian)  # H: pooled
                 del x_experts, top_k_index
                 gi, gc = self._experts_codebook(gu_w, gu_stats, self._group(gu_w.shape[-1], f"{full}.gate_up_proj"))
                 di, dc = self._experts_codebook(d_w, d_stats, self._group(d_w.shape[-1], f"{full}.down_proj"))
-                a_gu, b_gu = _stack_ab(gu_stats)
-                a_d, b_d = _stack_ab(d_stats)
-                books[f"{t.name}.gate_up"] = (t, accf.Codebook(gi, gc), gu_w, (a_gu, b_gu), hb)
-                books[f"{t.name}.down"] = (t, accf.Codebook(di, dc), d_w, (a_d, b_d), hb)
+                books[f"{t.name}.gate_up"] = (t, accf.Codebook(gi, gc), gu_w, _stack_stats(gu_stats), hb)
+                books[f"{t.name}.down"] = (t, accf.Codebook(di, dc), d_w, _stack_stats(d_stats), hb)
             else:
                 if t.kind == "router":
                     w, hb, x_in = router_w, 0, xm
@@ -498,7 +542,7 @@ class Quantizer:
                 transform = (lambda v, hb=hb: block_hadamard(v, hb)) if hb else None
                 stats = InputStats.of(x_in, self.act, hessian, self.device, transform, batch)
                 idx, cb = initial_codebook(w, stats, self.config, self._group(w.shape[-1], full))
-                books[t.name] = (t, accf.Codebook(idx, cb), w, (stats.a, stats.b), hb)
+                books[t.name] = (t, accf.Codebook(idx, cb), w, _stack_stats(stats), hb)
         if self.config.recipe.finetune:
             self.finetune_moe_block(layer, block, router, experts, books, xm, y_ref, router_w, router_b, name)
         # install the deployable modules
@@ -553,8 +597,8 @@ class Quantizer:
             return loss
 
         def reassign():
-            for t, book, w, (a, b), _ in books.values():
-                book.reassign(w, a, b, self.plan.expert_chunk)
+            for t, book, w, stats, _ in books.values():
+                _reassign(book, w, stats, self.plan.expert_chunk)
 
         steps = self.config.accf_epochs * -(-xm.shape[0] // self.config.accf_batch_tokens)
         bar = tqdm(total=steps, desc=f"ACCF {name} MoE block", leave=False, disable=not self.progress)

@@ -28,6 +28,21 @@ def accumulate_hessian(hessian: torch.Tensor | None, x: torch.Tensor, n_seen: in
     return torch.addmm(hessian, x.T, x, beta=n_seen / n, alpha=2.0 / n), n
 
 
+def _prepare_hessian(hessian: torch.Tensor, e: int, k: int) -> torch.Tensor:
+    """H as a float32 [E, K, K] copy, with dead columns (H_kk = 0) given H_kk = 1."""
+    h = hessian.float().expand(e, k, k).clone()
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag.masked_fill_(diag == 0, 1.0)
+    return h
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """U = chol((H + damp * mean(diag H) I)^-1)^T, upper [..., K, K] (damps ``h`` in place)."""
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -54,9 +69,8 @@ def gptq(
     g = check_group_size(group_size, k)
     w = weight.float().reshape(-1, n, k).clone()
     e = w.shape[0]
-    h = hessian.float().expand(e, k, k).clone()
+    h = _prepare_hessian(hessian, e, k)
     diag = h.diagonal(dim1=-2, dim2=-1)
-    diag.masked_fill_(diag == 0, 1.0)
     scale = torch.empty(e, n, k // g, device=w.device)
     zero = torch.empty_like(scale)
     if act_order:
@@ -66,8 +80,7 @@ def gptq(
         h = h.gather(-1, perm[:, None, :].expand(e, k, k)).gather(-2, perm[:, :, None].expand(e, k, k))
         diag = h.diagonal(dim1=-2, dim2=-1)
         group_of = perm // g
-    diag.add_(damp * diag.mean(-1, keepdim=True))
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = inverse_cholesky(h, damp)
     del h
 
     q = torch.empty_like(w)

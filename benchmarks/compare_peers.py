@@ -1,0 +1,165 @@
+"""CodeQuant against AutoRound and GPTQModel on the same calibration and held-out tokens.
+
+    python benchmarks/compare_peers.py [MODEL] --out benchmarks/results/peers-fixture-cpu.json
+
+MODEL defaults to the bundled fixture. Every row quantizes a fresh copy of the full-precision
+model on the same calibration windows (C4 sample) and is scored on the same held-out windows
+(the fixture's held-out documents by default): perplexity, KL(full precision || quantized) per
+token, top-1 agreement, and true storage bits per quantized weight (indices, codebooks,
+scales and zeros). Rows (``--rows``):
+
+  codequant:w4a16:feedback / :nearest   CodeQuant (AOS + POG + codebooks + ACCF), weights assigned
+                                        with Hessian error feedback or by nearest centroid
+  codequant:w4a4:feedback / :nearest    the same with 4-bit per-token activations
+  rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
+  autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric
+  gptqmodel:w4a16                       GPTQModel (pip install gptqmodel), group 128
+
+A peer that is not installed or fails on this machine gets a row with ``"status"`` and the
+reason instead of numbers. The peers are not test dependencies of this project. Results are
+written atomically after every row; a rerun with the same settings skips rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from codequant.calibration.data import calibration_windows, eval_windows, load_texts
+from codequant.calibration.pipeline import load_model, quantize
+from codequant.config import QuantConfig
+from codequant.evaluation.perplexity import evaluate
+from codequant.utils import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ROWS = ["codequant:w4a16:nearest", "codequant:w4a16:feedback", "autoround:w4a16", "gptqmodel:w4a16",
+                "codequant:w4a4:nearest", "codequant:w4a4:feedback", "rtn:w4a4"]
+ABITS = {"w4a16": 16, "w4a4": 4}
+PEER_GROUP = 128  # the peers' weight group size
+FP16_BITS = 16
+
+
+def decoder_weights(model) -> dict[str, torch.Tensor]:
+    """The 2-D and 3-D weights inside the decoder layers (what every method quantizes), cloned."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".layers." in n and p.dim() >= 2 and "gate.weight" not in n}
+
+
+def quantized_share(before: dict[str, torch.Tensor], model) -> float:
+    """Share of the decoder-layer weight elements a peer changed (1.0: it quantized all of them)."""
+    after = dict(model.named_parameters())
+    changed = sum(w.numel() for n, w in before.items() if n in after and not torch.equal(after[n].detach().to(w.dtype), w))
+    return changed / sum(w.numel() for w in before.values())
+
+
+def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str) -> tuple[torch.nn.Module, dict]:
+    config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device="cpu")
+    result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=False, calibration=calib)
+    return result.model, {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
+
+
+def run_autoround(fp_model, tokenizer, calib, iters: int) -> tuple[torch.nn.Module, dict]:
+    from auto_round import AutoRound
+
+    model = copy.deepcopy(fp_model)
+    before = decoder_weights(model)
+    texts = [tokenizer.decode(row) for row in calib]
+    ar = AutoRound(model, tokenizer, bits=4, group_size=PEER_GROUP, sym=True, iters=iters, nsamples=calib.shape[0], seqlen=calib.shape[1], dataset=texts, device_map="cpu")
+    model, _ = ar.quantize()
+    # symmetric group-128 INT4: 4-bit codes + one fp16 scale per group
+    return model, {"bits_per_weight": round(4 + FP16_BITS / PEER_GROUP, 4), "quantized_share": round(quantized_share(before, model), 4), "iters": iters}
+
+
+def run_gptqmodel(fp_model, tokenizer, calib, model_path: str) -> tuple[torch.nn.Module, dict]:
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    model = GPTQModel.load(model_path, QuantizeConfig(bits=4, group_size=PEER_GROUP, sym=True, desc_act=False), device="cpu")
+    before = decoder_weights(fp_model)
+    model.quantize([{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in calib])
+    # symmetric group-128 INT4: 4-bit codes, one fp16 scale and one 4-bit zero per group
+    return model.model, {"bits_per_weight": round(4 + (FP16_BITS + 4) / PEER_GROUP, 4), "quantized_share": round(quantized_share(before, model.model), 4)}
+
+
+def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Module, dict]:
+    parts = spec.split(":")
+    if parts[0] == "autoround":
+        return run_autoround(fp_model, tokenizer, calib, args.autoround_iters)
+    if parts[0] == "gptqmodel":
+        return run_gptqmodel(fp_model, tokenizer, calib, args.model)
+    method, mode = parts[0], parts[1]
+    if mode not in ABITS:
+        raise ValueError(f"row {spec!r}: mode must be one of {', '.join(ABITS)}")
+    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", default=str(ROOT / "models/codequant-moe-tiny"))
+    p.add_argument("--out", required=True, help="results JSON (written atomically after every row)")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
+    p.add_argument("--calib", default=str(ROOT.parent / "shared/data/c4/c4_train_sample.jsonl"))
+    p.add_argument("--data", default=f"heldout:{ROOT.parent / 'shared/data/corpus'}", help="held-out text to score on")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=32)
+    p.add_argument("--autoround-iters", type=int, default=200)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    fp_model, tokenizer = load_model(args.model, torch.float32)
+    calib = calibration_windows(tokenizer, load_texts(args.calib, args.model), args.nsamples, args.seqlen, 0)
+    windows = eval_windows(tokenizer, load_texts(args.data, args.model), args.seqlen, args.max_windows)
+    settings = {"model": args.model, "calib": args.calib, "calibration_tokens": list(calib.shape), "data": args.data,
+                "eval_tokens": list(windows.shape), "torch_threads": torch.get_num_threads(), "device": "cpu"}
+    out = Path(args.out)
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    rows = record.get("rows", []) if record.get("settings") == settings else []
+    record = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]), "settings": settings, "rows": rows}
+    if not any(r["row"] == "full precision" for r in rows):
+        fp = evaluate(fp_model, windows, progress=False)
+        rows.append({"row": "full precision", "ppl": fp["perplexity"]})
+    for spec in [s for s in args.rows.split(",") if s]:
+        if any(r["row"] == spec for r in rows):
+            continue
+        start = time.time()
+        try:
+            model, info = run_row(spec, fp_model, tokenizer, calib, args)
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            if spec.split(":")[0] not in ("autoround", "gptqmodel"):
+                raise
+            reason = f"{type(e).__name__}: {e}"
+            rows.append({"row": spec, "status": "did not run on this machine", "reason": reason[:2000], "trace": traceback.format_exc()[-2000:]})
+            print(f"{spec}: {reason}", file=sys.stderr)
+        else:
+            seconds = time.time() - start
+            r = evaluate(model, windows, fp_model, progress=False)
+            rows.append({"row": spec, "quantize_seconds": round(seconds, 1), "ppl": r["perplexity"], "kl": r["kl"], "top1": r["top1_agreement"], **info})
+            del model
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+        print(json.dumps(rows[-1]))
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    print(format_table(rows))
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| row | ppl | KL | top-1 | bits/weight | quantized share | quantize s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "status" in r:
+            lines.append(f"| {r['row']} | {r['status']}: {r['reason'][:120]} | | | | | |")
+            continue
+        cell = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
+        lines.append(f"| {r['row']} | {r['ppl']:.3f} | {cell('kl', '.4f')} | {cell('top1', '.3f')} | {cell('bits_per_weight', '.3f')} | {cell('quantized_share', '.2f')} | {cell('quantize_seconds', '.1f')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
