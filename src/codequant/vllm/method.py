@@ -149,6 +149,8 @@ class CodeQuantLinearMethod(LinearMethodBase):
     def __init__(self, names: list[str], specs: list[dict]):
         self.names, self.specs = names, specs
         self.act, self.hadamard_block = _act_and_block(names, specs)
+        # a quantized router computes Q_act(x) W_hat^T in float32 (codequant.modules.router): the reference path
+        self.backend = "reference" if specs[0]["kind"] == "router" else None
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
@@ -199,7 +201,7 @@ class CodeQuantLinearMethod(LinearMethodBase):
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features)
-        return kernels.linear(x, weight, self.act, bias, self.hadamard_block)
+        return kernels.linear(x, weight, self.act, bias, self.hadamard_block, self.backend)
 
 
 class CodeQuantMoEMethod(FusedMoEMethodBase):
