@@ -89,8 +89,7 @@ class CodeQuantVllmConfig(QuantizationConfig):
     def part_names(self, prefix: str) -> list[str]:
         """The checkpoint modules a vLLM layer stacks (``...qkv_proj`` -> q_proj, k_proj, v_proj)."""
         parent, _, leaf = prefix.rpartition(".")
-        mapping = self.packed_modules_mapping or DEFAULT_PACKED_MODULES
-        parts = mapping.get(leaf) or DEFAULT_PACKED_MODULES.get(leaf)
+        parts = self.packed_modules_mapping.get(leaf) or DEFAULT_PACKED_MODULES.get(leaf)
         if parts is None:
             return [prefix]
         return [f"{parent}.{p}" if parent else p for p in parts]
