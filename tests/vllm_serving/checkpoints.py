@@ -1,0 +1,44 @@
+"""CodeQuant checkpoints of the bundled fixture (Qwen3-MoE) for the vLLM tests and benchmark.
+
+Uniform-grid codebooks everywhere (the packed format is what vLLM must serve; the quantizer's
+accuracy is tested elsewhere), online Hadamard blocks on o_proj / down_proj / experts, and
+activations in 4 bits (W4A4) or unquantized (W4A16).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+TESTS = Path(__file__).resolve().parents[1]
+FIXTURE = TESTS.parent / "models" / "codequant-moe-tiny"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from test_checkpoint import quantize_tiny  # noqa: E402
+
+from codequant.io import save_quantized  # noqa: E402
+from codequant.modules.experts import CodeQuantExperts  # noqa: E402
+from codequant.modules.linear import CodeQuantLinear  # noqa: E402
+from codequant.modules.router import is_quantized_router  # noqa: E402
+from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+
+
+def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE) -> Path:
+    """Quantize ``source`` (float32) with 4-bit codebooks and ``act_bits`` activations into ``out``."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    quantize_tiny(model)
+    if act_bits >= 16:
+        none = ActQuantSpec(bits=16)
+        for module in model.modules():
+            if isinstance(module, CodeQuantLinear):
+                module.act = none
+            elif isinstance(module, CodeQuantExperts):
+                module.act = module.down_act = none
+            elif is_quantized_router(module):
+                module.codequant_act = none
+    save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": f"W4A{act_bits}"})
+    return out
