@@ -80,11 +80,18 @@ def test_feedback_assignment_keeps_the_packed_format(group_size):
     assert out["kl"] < 0.5
 
 
-def test_grouped_codebooks_use_pog_and_group_size():
+def test_grouped_codebooks_use_pog_and_group_size(monkeypatch):
+    from codequant.calibration import pipeline
+
+    permuted = []
+    real_pog = pipeline.apply_pog
+    monkeypatch.setattr(pipeline, "apply_pog", lambda model, adapter, g, *a, **k: permuted.append((g, real_pog(model, adapter, g, *a, **k))))
     fp = tiny_model("qwen3_moe")
     result = quantize(copy.deepcopy(fp), QuantConfig(group_size=32, **FAST), progress=False, calibration=_calibration())
     q = result.model.model.layers[0].self_attn.q_proj
     assert q.group_size == 32 and q.codebook.shape[-2] == 64 // 32
+    # POG runs once with the group size and reorders 16 channel sets (experts and value heads of both layers)
+    assert permuted == [(32, 16)]
 
 
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
