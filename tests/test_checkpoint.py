@@ -163,7 +163,7 @@ def test_quantization_config_schema(saved):
     assert spec == {
         "kind": "experts", "num_experts": 8, "hidden_dim": 64, "intermediate_dim": 64, "group_size": 32,
         "down_group_size": 64, "bits": 4, "act": {"bits": 4, "group_size": 32, "clip": 0.9},
-        "down_act": {"bits": 4, "group_size": 0, "clip": 1.0}, "hadamard_block": 32,
+        "down_act": {"bits": 4, "group_size": 0, "clip": 1.0}, "hadamard_block": 32, "activation": "silu",
     }
     assert qc["modules"]["model.layers.1.self_attn.o_proj"]["hadamard_block"] == 16
     assert qc["modules"]["model.layers.1.mlp.gate"]["kind"] == "router"

@@ -122,6 +122,19 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
 
 
 # -- configuration -----------------------------------------------------------------------
+def test_experts_with_another_activation_are_refused_before_any_work():
+    from transformers.activations import ACT2FN
+
+    model = tiny_model("qwen3_moe")
+    model.model.layers[1].mlp.experts.act_fn = ACT2FN["gelu"]
+    with pytest.raises(ValueError) as e:
+        quantize(model, QuantConfig(method="rtn", **FAST), progress=False, calibration=_calibration())
+    assert str(e.value) == (
+        "model.layers.1.mlp.experts uses the expert activation GELUActivation, but CodeQuant's expert kernels compute "
+        "SiLU (SwiGLU) only; this model cannot be quantized faithfully (supported: experts with hidden_act silu)"
+    )
+
+
 def test_config_from_yaml_and_toml(tmp_path):
     (tmp_path / "a.yaml").write_text("method: gptq\nwbits: 3\ngroup_size: 128\n")
     (tmp_path / "b.toml").write_text('method = "rtn"\nabits = 16\n')

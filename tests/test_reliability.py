@@ -125,6 +125,15 @@ def test_edited_module_spec_is_refused(capsys, checkpoint, tmp_path, module, key
     )
 
 
+def test_expert_activation_other_than_silu_is_refused(capsys, checkpoint, tmp_path):
+    path = copy_of(checkpoint, tmp_path)
+    edit_config(path, lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.experts"].update(activation="gelu"))
+    assert refused_at_load(capsys, path) == (
+        "codequant: error: codequant checkpoint: module model.layers.0.mlp.experts has expert activation 'gelu', "
+        "but the kernels compute 'silu' only; re-export the model with this codequant"
+    )
+
+
 def test_edited_top_level_bits_is_refused(capsys, checkpoint, tmp_path):
     path = copy_of(checkpoint, tmp_path)
     edit_config(path, lambda c: c["quantization_config"].update(bits=3))

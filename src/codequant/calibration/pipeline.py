@@ -303,6 +303,19 @@ class Quantizer:
             return "attention" in kinds
         return ("shared_experts" if self.adapter.is_moe(layer) else "dense_mlp") in kinds
 
+    def check_expert_activations(self) -> None:
+        """Refuse routed experts whose activation is not SiLU: every deployed kernel computes
+        silu(x W_g^T) * (x W_u^T), so another act_fn would be calibrated right and run wrong."""
+        probe = torch.linspace(-6, 6, 97)
+        for i, layer in enumerate(self.adapter.layers(self.model)):
+            for t in self.adapter.quant_targets(layer):
+                if t.kind == "experts" and not torch.allclose(t.module.act_fn(probe), F.silu(probe), atol=1e-6):
+                    raise ValueError(
+                        f"{self.adapter.layer_name(i)}.{t.name} uses the expert activation {type(t.module.act_fn).__name__}, "
+                        "but CodeQuant's expert kernels compute SiLU (SwiGLU) only; this model cannot be quantized "
+                        "faithfully (supported: experts with hidden_act silu)"
+                    )
+
     def _group(self, k: int, name: str) -> int:
         g = self.config.group_size or k
         if k % g:
@@ -749,6 +762,7 @@ def quantize(
              q.plan.expert_chunk, q.plan.token_batch, q.plan.need_bytes / 2**30)
     cap_device_memory(q.device, config.max_gpu_memory)
     q.check_group_sizes()
+    q.check_expert_activations()
     if q.partial is not None:
         start_or_resume(q.partial, record)
     cache = q.partial / "calibration_tokens.safetensors" if q.partial else None

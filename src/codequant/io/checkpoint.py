@@ -24,7 +24,7 @@ A checkpoint directory holds
     modules           {module name: spec}; spec["kind"] is one of
         "linear":   in_features, out_features, group_size, bits, act, hadamard_block, bias
         "experts":  num_experts, hidden_dim, intermediate_dim, group_size, down_group_size,
-                    bits, act, down_act, hadamard_block
+                    bits, act, down_act, hadamard_block, activation ("silu": h = silu(x Wg^T) * (x Wu^T))
         "router":   in_features, out_features, group_size, bits, act
         "rms_norm": hidden_size, eps, bias
         where act = {"bits", "group_size", "clip"} (an ActQuantSpec)
@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, FORMAT_VERSION, PackedWeight, bits_per_weight, padded_columns
-from ..modules.experts import CodeQuantExperts
+from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
 from ..modules.router import is_quantized_router
@@ -147,7 +147,7 @@ def module_spec(kind: str, module: nn.Module, bits: int) -> dict:
                 "group_size": _group(module.gate_up_codebook, module.hidden_dim),
                 "down_group_size": _group(module.down_codebook, module.intermediate_dim), "bits": bits,
                 "act": _act_dict(module.act), "down_act": _act_dict(module.down_act),
-                "hadamard_block": int(module.hadamard_block)}
+                "hadamard_block": int(module.hadamard_block), "activation": EXPERT_ACTIVATION}
     if kind == "router":
         out_features, in_features = module.weight.shape
         return {"kind": kind, "in_features": in_features, "out_features": out_features,

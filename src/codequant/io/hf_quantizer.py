@@ -34,7 +34,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, FORMAT_VERSION, PackedWeight, padded_columns
-from ..modules.experts import CodeQuantExperts
+from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
 from ..modules.router import quantize_router
@@ -55,7 +55,7 @@ MODULE_KINDS = ("linear", "experts", "router", "rms_norm")
 _MODULE_KEYS = {
     "linear": {"kind", "in_features", "out_features", "group_size", "bits", "act", "hadamard_block", "bias"},
     "experts": {"kind", "num_experts", "hidden_dim", "intermediate_dim", "group_size", "down_group_size", "bits", "act",
-                "down_act", "hadamard_block"},
+                "down_act", "hadamard_block", "activation"},
     "router": {"kind", "in_features", "out_features", "group_size", "bits", "act"},
     "rms_norm": {"kind", "hidden_size", "eps", "bias"},
 }
@@ -137,6 +137,11 @@ class CodeQuantConfig(QuantizationConfigMixin):
             hb = spec.get("hadamard_block", 0)
             if hb and (hb & (hb - 1)):
                 raise CheckpointError(f"codequant checkpoint: module {name} has hadamard_block {hb}, not a power of two")
+            if kind == "experts" and spec["activation"] != EXPERT_ACTIVATION:
+                raise CheckpointError(
+                    f"codequant checkpoint: module {name} has expert activation {spec['activation']!r}, but the "
+                    f"kernels compute {EXPERT_ACTIVATION!r} only; re-export the model with this codequant"
+                )
             for key in ("act", "down_act"):
                 if key in spec:
                     act_from_dict(spec[key])

@@ -14,6 +14,8 @@ from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
 from .. import kernels
 from ..quantizers.activations import ActQuantSpec
 
+EXPERT_ACTIVATION = "silu"  # the only one the kernels compute: h = silu(x Wg^T) * (x Wu^T)
+
 
 class CodeQuantExperts(nn.Module):
     def __init__(
