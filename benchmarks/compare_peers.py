@@ -59,8 +59,8 @@ def quantized_share(before: dict[str, torch.Tensor], model) -> float:
     return changed / sum(w.numel() for w in before.values())
 
 
-def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str) -> tuple[torch.nn.Module, dict]:
-    config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device="cpu")
+def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str) -> tuple[torch.nn.Module, dict]:
+    config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device=device)
     result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=False, calibration=calib)
     return result.model, {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
 
@@ -96,7 +96,7 @@ def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Modul
     method, mode = parts[0], parts[1]
     if mode not in ABITS:
         raise ValueError(f"row {spec!r}: mode must be one of {', '.join(ABITS)}")
-    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest")
+    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device)
 
 
 def main(argv=None) -> int:
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=32)
     p.add_argument("--autoround-iters", type=int, default=200)
+    p.add_argument("--device", default="cpu", help="where CodeQuant and its baselines calibrate (the peers and the scoring run on the CPU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     calib = calibration_windows(tokenizer, load_texts(args.calib, args.model), args.nsamples, args.seqlen, 0)
     windows = eval_windows(tokenizer, load_texts(args.data, args.model), args.seqlen, args.max_windows)
     settings = {"model": args.model, "calib": args.calib, "calibration_tokens": list(calib.shape), "data": args.data,
-                "eval_tokens": list(windows.shape), "torch_threads": torch.get_num_threads(), "device": "cpu"}
+                "eval_tokens": list(windows.shape), "torch_threads": torch.get_num_threads(), "device": args.device}
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.is_file() else {}
     rows = record.get("rows", []) if record.get("settings") == settings else []
