@@ -168,6 +168,24 @@ def test_edited_remote_code_is_refused(capsys, checkpoint, tmp_path):
     assert line.endswith("the file is corrupted or was modified after export")
 
 
+def test_low_bit_checkpoint_is_smaller_and_its_summary_true(capsys, checkpoint, tmp_path, calib):
+    """--wbits 2 stores half the index bytes of --wbits 4, and the summary prints the bits per weight on disk."""
+    from codequant.io import checkpoint_summary
+
+    out = tmp_path / "q2"
+    rc, printed, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST, "--wbits", "2")
+    assert rc == 0, err
+    two, four = load_file(out / "model.safetensors"), load_file(checkpoint[0] / "model.safetensors")
+    for key in (k for k in four if k.endswith("indices")):
+        assert two[key].numel() * 2 == four[key].numel(), key
+    summary, summary4 = checkpoint_summary(out), checkpoint_summary(checkpoint[0])
+    assert summary["packed_weights"] == summary4["packed_weights"]
+    assert summary["bits_per_weight"] < summary4["bits_per_weight"] - 2
+    line = next(line for line in printed.splitlines() if line.strip().startswith("bits per weight"))
+    assert line.split()[3] == f"{summary['bits_per_weight']:.3f}"
+    assert f"{summary4['bits_per_weight']:.3f}" in checkpoint[1]
+
+
 # -- outputs: nothing the user owns is overwritten, checked before any work ------------------------
 def test_out_non_checkpoint_directory_is_refused_and_untouched(capsys, tmp_path, calib):
     out = tmp_path / "mine"
