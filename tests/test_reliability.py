@@ -168,6 +168,25 @@ def test_edited_remote_code_is_refused(capsys, checkpoint, tmp_path):
     assert line.endswith("the file is corrupted or was modified after export")
 
 
+def test_edited_remote_code_is_not_executed(checkpoint, tmp_path):
+    """trust_remote_code=True once codequant is imported: the edited file is refused before it runs."""
+    from transformers import AutoModelForCausalLM
+
+    from codequant.io import CheckpointError
+
+    path = copy_of(checkpoint, tmp_path)
+    remote, ran = path / "codequant_remote.py", tmp_path / "ran"
+    recorded = sha256_file(remote)
+    remote.write_text(remote.read_text() + f"\nopen({str(ran)!r}, 'w').close()\n")
+    with pytest.raises(CheckpointError) as err:
+        AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert str(err.value) == (
+        f"codequant checkpoint {remote}: sha256 checksum mismatch (recorded {recorded[:16]}..., found {sha256_file(remote)[:16]}...); "
+        "the file is corrupted or was modified after export; it was not executed (trust_remote_code)"
+    )
+    assert not ran.exists()
+
+
 def test_low_bit_checkpoint_is_smaller_and_its_summary_true(capsys, checkpoint, tmp_path, calib):
     """--wbits 2 stores half the index bytes of --wbits 4, and the summary prints the bits per weight on disk."""
     from codequant.io import checkpoint_summary

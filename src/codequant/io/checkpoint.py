@@ -523,6 +523,22 @@ def verify_checksums(files: list[str | os.PathLike], checksums: dict[str, str]) 
             )
 
 
+def verify_remote_code(directory: str | os.PathLike, module_file: str) -> None:
+    """Before transformers executes ``module_file`` of ``directory`` (``trust_remote_code=True``): when
+    the directory is a CodeQuant checkpoint, the file's sha256 must be the one recorded in config.json."""
+    directory = Path(directory)
+    try:
+        qc = json.loads((directory / CONFIG_NAME).read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return  # not a local model directory with a readable config: not a CodeQuant checkpoint
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return
+    try:
+        verify_checksums([directory / module_file], qc.get("checksums") or {})
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; it was not executed (trust_remote_code)") from None
+
+
 def check_file_tensors(
     headers: dict[str, tuple[Path, dict]],
     modules: dict[str, dict],

@@ -2,7 +2,7 @@
 
 Importing this module (``import codequant`` does) registers
 
-* :class:`CodeQuantConfig` for ``quantization_config.quant_method == "codequant"``, and
+* :class:`CodeQuantConfig` for ``quantization_config.quant_method == "codequant"``,
 * :class:`CodeQuantHfQuantizer`, which, before the weights are read, checks the checkpoint's
   files (:func:`codequant.io.checkpoint.verify_checkpoint_files`: truncation, checksums, the
   specs bound into the weight files against config.json, dtypes and shapes) and swaps the
@@ -12,7 +12,11 @@ Importing this module (``import codequant`` does) registers
   hold that the model has no place for, is refused. transformers then loads the tensors; after
   loading it unpacks them to the in-memory layout (:func:`codequant.format.unpack_from_disk`),
   checks padding and row sums and finishes the routers (weight = W_hat, input quantization
-  pre-hook).
+  pre-hook), and
+* a check before transformers runs a ``trust_remote_code`` module file of a CodeQuant
+  checkpoint (``codequant_remote.py``): its sha256 must match config.json's checksum. A process
+  that has not imported codequant yet runs the file once before any codequant code can check
+  it; the model load that follows is refused by the checksum checks above.
 
 A checkpoint is only written by :func:`codequant.io.save_quantized`; ``save_pretrained`` on a
 loaded CodeQuant model is refused (the packed modules and checksums need the CodeQuant writer).
@@ -20,6 +24,7 @@ loaded CodeQuant model is refused (the packed modules and checksums need the Cod
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -27,6 +32,7 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import dynamic_module_utils
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -52,6 +58,7 @@ from .checkpoint import (
     packed_layout,
     torch_dtype,
     verify_checkpoint_files,
+    verify_remote_code,
 )
 
 logger = logging.getLogger(__name__)
@@ -261,6 +268,24 @@ def finish_loaded_model(model: torch.nn.Module, modules: dict[str, dict]) -> Non
         if spec["kind"] == "router":
             weight = PackedWeight(*(module._buffers.pop(p) for p in PACKED_PARTS), spec["in_features"])
             quantize_router(module, weight, act_from_dict(spec["act"]))
+
+
+def _verifying(get_cached_module_file):
+    """transformers' fetch of a ``trust_remote_code`` module file, which first checks a CodeQuant
+    checkpoint's file against its recorded checksum (:func:`codequant.io.checkpoint.verify_remote_code`)."""
+
+    @functools.wraps(get_cached_module_file)
+    def fetch(pretrained_model_name_or_path, module_file, *args, **kwargs):
+        verify_remote_code(pretrained_model_name_or_path, module_file)
+        return get_cached_module_file(pretrained_model_name_or_path, module_file, *args, **kwargs)
+
+    fetch.codequant_verifying = True
+    return fetch
+
+
+# every module file transformers fetches from here on (AutoConfig / AutoModel* with trust_remote_code=True)
+if not getattr(dynamic_module_utils.get_cached_module_file, "codequant_verifying", False):
+    dynamic_module_utils.get_cached_module_file = _verifying(dynamic_module_utils.get_cached_module_file)
 
 
 def _maybe_register(registry: dict, key: str, decorator):
