@@ -195,16 +195,19 @@ def test_summary_bits_per_weight(saved):
 def test_atomic_directory_replaces_and_keeps_old_on_error(tmp_path):
     target = tmp_path / "out"
     with atomic_directory(target) as d:
+        assert d.parent == tmp_path / "out.partial"  # staged inside OUT.partial, never beside OUT
         (d / "a").write_text("1")
     with pytest.raises(RuntimeError):
         with atomic_directory(target) as d:
             (d / "a").write_text("2")
             raise RuntimeError("interrupted")
     assert (target / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "out.partial").mkdir()  # a quantize run's resume state: kept, the run removes it
     with atomic_directory(target) as d:
         (d / "b").write_text("3")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]
+    assert sorted(p.name for p in target.iterdir()) == ["b"] and not any((tmp_path / "out.partial").iterdir())
 
 
 def test_sharded_checkpoint_loads(saved, tmp_path):

@@ -264,17 +264,23 @@ def build_quantization_config(model: nn.Module, bits: int | None = None, extra: 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` by renames.
+    """Yield a fresh staging directory inside ``PATH.partial/``; on success it replaces ``path`` by renames.
 
-    An existing ``path`` is moved aside first and deleted only after the new directory is
-    in place, so a reader sees either the old complete directory or the new one. On an
-    exception the temporary directory is removed and ``path`` is left untouched.
+    Nothing is staged beside ``path``: a writer killed at any point leaves at most ``PATH.partial``
+    (where ``codequant quantize`` resumes), never a hidden directory. An existing ``path`` is moved
+    into ``PATH.partial`` first and deleted only after the new directory is in place. On an
+    exception the staging directory is removed and ``path`` is left untouched. ``PATH.partial``
+    is removed at the end when this call created it.
     """
+    from .output import partial_dir
+
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    partial = partial_dir(path)
+    created = not partial.exists()
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=partial))
     try:
         yield tmp
         umask = current_umask()
@@ -285,9 +291,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = partial / f"replaced-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -295,6 +305,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if created:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
