@@ -184,7 +184,7 @@ def test_summary_bits_per_weight(saved):
         if is_quantized_router(m):
             weights.append(PackedWeight(m.indices, m.codebook, m.row_sum, m.weight.shape[-1]))
     n = [w.indices.shape[:-1].numel() * w.in_features for w in weights]
-    expected = sum(bits_per_weight(w) * k for w, k in zip(weights, n)) / sum(n)
+    expected = sum(bits_per_weight(w, 4) * k for w, k in zip(weights, n)) / sum(n)
     assert summary["packed_weights"] == sum(n)
     assert math.isclose(summary["bits_per_weight"], expected, rel_tol=1e-12)
     assert 4.0 < summary["bits_per_weight"] < 16.0
@@ -195,16 +195,19 @@ def test_summary_bits_per_weight(saved):
 def test_atomic_directory_replaces_and_keeps_old_on_error(tmp_path):
     target = tmp_path / "out"
     with atomic_directory(target) as d:
+        assert d.parent == tmp_path / "out.partial"  # staged inside OUT.partial, never beside OUT
         (d / "a").write_text("1")
     with pytest.raises(RuntimeError):
         with atomic_directory(target) as d:
             (d / "a").write_text("2")
             raise RuntimeError("interrupted")
     assert (target / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "out.partial").mkdir()  # a quantize run's resume state: kept, the run removes it
     with atomic_directory(target) as d:
         (d / "b").write_text("3")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial"]
+    assert sorted(p.name for p in target.iterdir()) == ["b"] and not any((tmp_path / "out.partial").iterdir())
 
 
 def test_sharded_checkpoint_loads(saved, tmp_path):
@@ -273,20 +276,35 @@ def test_wrong_shape_refused(saved, tmp_path):
         load(path)
 
 
-def test_index_out_of_range_refused(tmp_path):
-    model = quantize_tiny(tiny_model("mixtral"), bits=3)
-    save_quantized(model, tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["bits"] == 3
-    load(tmp_path / "m")  # valid
-    key = "model.layers.1.mlp.experts.gate_up_indices"
-
-    def corrupt(t):
-        t[key][3, 5, 7] = 0xF0 | (t[key][3, 5, 7] & 0x0F)  # a high nibble of 15 with 8 centroids
-
-    rewrite_tensors(tmp_path / "m", corrupt)
-    for check in (load, verify_checkpoint):
-        with pytest.raises(CheckpointError, match=rf"{key} holds index 15, out of range for 3-bit codebooks \(largest valid index 7\)"):
-            check(tmp_path / "m")
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_indices_and_codebooks_are_stored_at_their_width(bits, tmp_path):
+    """b-bit indices take b/4 of the bytes of 4-bit ones and codebooks keep their 2^b entries; the
+    loaded model holds exactly the in-memory tensors it was saved from."""
+    model = quantize_tiny(tiny_model("mixtral"), bits=bits)
+    save_quantized(model, tmp_path / "low", bits=bits)
+    save_quantized(model, tmp_path / "four", bits=4)  # the same indices, stored as nibbles
+    low, four = load_file(tmp_path / "low" / "model.safetensors"), load_file(tmp_path / "four" / "model.safetensors")
+    key = "model.layers.1.mlp.experts.gate_up_"
+    assert low[key + "indices"].shape[-1] * 4 == four[key + "indices"].shape[-1] * bits
+    assert low[key + "codebook"].shape[-1] == 2**bits and four[key + "codebook"].shape[-1] == 16
+    assert json.loads((tmp_path / "low" / "config.json").read_text())["quantization_config"]["bits"] == bits
+    verify_checkpoint(tmp_path / "low")
+    loaded = load(tmp_path / "low")
+    expected = model.state_dict()
+    for name, t in loaded.state_dict().items():
+        if name.endswith(("indices", "codebook", "row_sum")):
+            assert t.dtype == expected[name].dtype and torch.equal(t, expected[name]), name
+    ids = tiny_input_ids(batch=1, seq=8)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    summary, summary4 = checkpoint_summary(tmp_path / "low"), checkpoint_summary(tmp_path / "four")
+    assert summary["weight_file_bytes"] < summary4["weight_file_bytes"]
+    weights = [w for m in model.modules() if isinstance(m, CodeQuantExperts) for w in (m.gate_up, m.down)]
+    weights += [m.packed for m in model.modules() if isinstance(m, CodeQuantLinear)]
+    weights += [PackedWeight(m.indices, m.codebook, m.row_sum, m.weight.shape[-1]) for m in model.modules() if is_quantized_router(m)]
+    n = [w.indices.shape[:-1].numel() * w.in_features for w in weights]
+    for s, b in ((summary, bits), (summary4, 4)):
+        assert math.isclose(s["bits_per_weight"], sum(bits_per_weight(w, b) * k for w, k in zip(weights, n)) / sum(n), rel_tol=1e-12)
 
 
 def test_nonzero_padding_refused():
@@ -297,7 +315,7 @@ def test_nonzero_padding_refused():
     with pytest.raises(CheckpointError, match="has nonzero padding indices past column 96"):
         from codequant.io.checkpoint import check_packed_values
 
-        check_packed_values("x.", PackedWeight(indices, lin.codebook, lin.row_sum, 96), 4)
+        check_packed_values("x.", PackedWeight(indices, lin.codebook, lin.row_sum, 96))
 
 
 def test_row_sum_mismatch_refused(saved, tmp_path):
@@ -308,7 +326,8 @@ def test_row_sum_mismatch_refused(saved, tmp_path):
         load(path)
 
 
-@pytest.mark.parametrize("version,advice", [(FORMAT_VERSION + 1, "upgrade codequant"), (0, "export the model again")])
+@pytest.mark.parametrize("version,advice", [(FORMAT_VERSION + 1, "upgrade codequant"), (2, "quantize the model again with this codequant"),
+                                            (0, "quantize the model again with this codequant")])
 def test_format_version_mismatch_refused(saved, tmp_path, version, advice):
     path = copy_checkpoint(saved[1], tmp_path / "c")
     config = json.loads((path / "config.json").read_text())

@@ -177,6 +177,43 @@ def test_edited_remote_code_is_refused(capsys, checkpoint, tmp_path):
     assert line.endswith("the file is corrupted or was modified after export")
 
 
+def test_edited_remote_code_is_not_executed(checkpoint, tmp_path):
+    """trust_remote_code=True once codequant is imported: the edited file is refused before it runs."""
+    from transformers import AutoModelForCausalLM
+
+    from codequant.io import CheckpointError
+
+    path = copy_of(checkpoint, tmp_path)
+    remote, ran = path / "codequant_remote.py", tmp_path / "ran"
+    recorded = sha256_file(remote)
+    remote.write_text(remote.read_text() + f"\nopen({str(ran)!r}, 'w').close()\n")
+    with pytest.raises(CheckpointError) as err:
+        AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert str(err.value) == (
+        f"codequant checkpoint {remote}: sha256 checksum mismatch (recorded {recorded[:16]}..., found {sha256_file(remote)[:16]}...); "
+        "the file is corrupted or was modified after export; it was not executed (trust_remote_code)"
+    )
+    assert not ran.exists()
+
+
+def test_low_bit_checkpoint_is_smaller_and_its_summary_true(capsys, checkpoint, tmp_path, calib):
+    """--wbits 2 stores half the index bytes of --wbits 4, and the summary prints the bits per weight on disk."""
+    from codequant.io import checkpoint_summary
+
+    out = tmp_path / "q2"
+    rc, printed, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST, "--wbits", "2")
+    assert rc == 0, err
+    two, four = load_file(out / "model.safetensors"), load_file(checkpoint[0] / "model.safetensors")
+    for key in (k for k in four if k.endswith("indices")):
+        assert two[key].numel() * 2 == four[key].numel(), key
+    summary, summary4 = checkpoint_summary(out), checkpoint_summary(checkpoint[0])
+    assert summary["packed_weights"] == summary4["packed_weights"]
+    assert summary["bits_per_weight"] < summary4["bits_per_weight"] - 2
+    line = next(line for line in printed.splitlines() if line.strip().startswith("bits per weight"))
+    assert line.split()[3] == f"{summary['bits_per_weight']:.3f}"
+    assert f"{summary4['bits_per_weight']:.3f}" in checkpoint[1]
+
+
 # -- outputs: nothing the user owns is overwritten, checked before any work ------------------------
 def test_out_non_checkpoint_directory_is_refused_and_untouched(capsys, tmp_path, calib):
     out = tmp_path / "mine"
@@ -346,44 +383,52 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
 # -- kill -9 at any point, then resume: the same tensors as an uninterrupted run -------------------
 KILLER = """
-import os, signal, sys
+import json, os, signal, sys
+from pathlib import Path
 import codequant.io.checkpoint as checkpoint, codequant.utils as utils
 from codequant.cli import main
 
-module, call = {"layers": utils, "checkpoint": checkpoint}[sys.argv[1]], int(sys.argv[2])
-write, calls = module.save_file, [0]
+out, argv, report = Path(sys.argv[1]), sys.argv[2:], []
+for point in ("layer_0000", "layer_0002", "model.safetensors"):
+    pid = os.fork()  # one import for the three runs; this parent runs no torch op
+    if pid == 0:
+        def dying(write):
+            def save_file(tensors, path, *args, **kwargs):
+                write(tensors, path, *args, **kwargs)
+                if Path(path).name.startswith(point):  # written under its temporary name, not yet renamed into place
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return save_file
 
-def save_then_die(*args, **kwargs):
-    write(*args, **kwargs)
-    calls[0] += 1
-    if calls[0] == call:  # the file is written under its temporary name, not yet renamed into place
-        os.kill(os.getpid(), signal.SIGKILL)
-
-module.save_file = save_then_die
-sys.exit(main(sys.argv[3:]))
+        utils.save_file, checkpoint.save_file = dying(utils.save_file), dying(checkpoint.save_file)
+        os._exit(main(argv))
+    _, status = os.waitpid(pid, 0)
+    report.append({"killed_by": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                   "beside_out": sorted(p.name for p in out.parent.iterdir()),
+                   "layers": sorted(p.stem for p in Path(f"{out}.partial").glob("layer_*.safetensors"))})
+print(json.dumps(report))
 """
 
 
-@pytest.mark.parametrize("point,where,call", [
-    ("first layer", "layers", 2),  # 1: the calibration tokens, 2: layer 0
-    ("middle", "layers", 4),  # layers 0 and 1 saved, killed writing layer 2
-    ("while writing", "checkpoint", 1),  # every layer saved, killed writing model.safetensors
-])
-def test_killed_run_resumes_to_the_uninterrupted_tensors(capsys, checkpoint, tmp_path, calib, point, where, call):
+def test_killed_runs_resume_to_the_uninterrupted_tensors(capsys, checkpoint, tmp_path, calib):
+    """Killed writing the first layer, resumed and killed writing a middle one, resumed and killed
+    writing the checkpoint, resumed: the tensors of an uninterrupted run; only OUT.partial is ever left beside OUT."""
     out = tmp_path / "q"
     argv = ["quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST]
-    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(call), *argv], capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert partial_dir(out).is_dir() and not (out / "model.safetensors").exists()
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(out), *argv], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 0, killed.stderr[-2000:]
+    saved = [[], ["layer_0000", "layer_0001"], ["layer_0000", "layer_0001", "layer_0002", "layer_0003"]]
+    assert json.loads(killed.stdout.splitlines()[-1]) == [
+        {"killed_by": signal.SIGKILL, "beside_out": ["q.partial"], "layers": layers} for layers in saved
+    ]
     rc, summary, err = run(capsys, *argv)
     assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     expected, resumed = load_file(checkpoint[0] / "model.safetensors"), load_file(out / "model.safetensors")
     assert expected.keys() == resumed.keys()
     for key in expected:
-        assert expected[key].equal(resumed[key]), f"{point}: {key} differs from the uninterrupted run"
+        assert expected[key].equal(resumed[key]), f"{key} differs from the uninterrupted run"
     config = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
     assert config(out)["modules"] == config(checkpoint[0])["modules"]
     assert config(out)["extra"]["calibration"] == config(checkpoint[0])["extra"]["calibration"] == str(calib)
     lines = lambda text: [line for line in text.splitlines() if line.strip().startswith(("unreached experts", "calibration"))]  # noqa: E731
     assert lines(summary) == lines(checkpoint[1])
-    assert not partial_dir(out).exists()

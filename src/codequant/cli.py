@@ -51,7 +51,7 @@ def cmd_quantize(args) -> int:
         ("calibration", f"{r['calibration']}  ({config.nsamples} x {config.seqlen} tokens)"),
         ("time", f"{r['seconds']:.1f} s"),
         ("peak memory", ", ".join(f"{k} {v}" for k, v in r.items() if k.startswith("peak"))),
-        ("bits per weight", f"{r['bits_per_weight']:.3f} (quantized weights, codebooks included)"),
+        ("bits per weight", f"{summary['bits_per_weight']:.3f} (bytes of the packed weights on disk, codebooks included)"),
         ("checkpoint", f"{args.out}  {summary['weight_file_bytes'] / 2**20:.2f} MiB weights"),
         ("unreached experts", sum(len(v) for v in r["unreached_experts"].values())),
     ]

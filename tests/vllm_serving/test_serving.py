@@ -67,3 +67,13 @@ def test_corrupted_checkpoint_is_refused(served, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format version 99 is not supported"):
         LLM(str(bad), dtype="float32", enforce_eager=True, max_model_len=256)
+
+
+def test_low_bit_checkpoint_is_refused(tmp_path):
+    """Format 3 stores 2-bit indices as a 2-bit stream; the plugin's loaders read the 4-bit layout only."""
+    from vllm import LLM
+
+    ckpt = make_checkpoint(tmp_path / "w2", 16, bits=2)
+    with pytest.raises(ValueError, match=r"vLLM cannot serve this codequant checkpoint faithfully: its indices are stored at 2 bits, "
+                                         r"and the vLLM plugin reads 4-bit indices only; serve it with transformers"):
+        LLM(str(ckpt), dtype="float32", enforce_eager=True, max_model_len=256)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..adapters import SUPPORTED_ARCHITECTURES, ArchitectureAdapter, QuantTarget, get_adapter
 from ..config import QuantConfig
 from ..format import PackedWeight, bits_per_weight, pack
+from ..io.checkpoint import find_quantized_modules, packed_weights
 from ..io.output import check_output, partial_dir, run_record, start_or_resume
 from ..modules.experts import CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
@@ -709,19 +710,15 @@ def _cast_float_params(layer: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def model_bits_per_weight(model: nn.Module) -> float:
-    """Storage bits per quantized weight over every packed module (codebooks included)."""
-    bits, count = 0.0, 0
-    for m in model.modules():
-        packs = []
-        if isinstance(m, CodeQuantLinear):
-            packs = [m.packed]
-        elif isinstance(m, CodeQuantExperts):
-            packs = [m.gate_up, m.down]
-        for p in packs:
-            n = p.indices.shape[:-1].numel() * p.in_features
-            bits, count = bits + bits_per_weight(p) * n, count + n
-    return bits / max(count, 1)
+def model_bits_per_weight(model: nn.Module, bits: int) -> float:
+    """Bits per quantized weight on disk at ``bits``-bit indices, over every packed module
+    (codebooks and row constants included; what :func:`codequant.io.checkpoint_summary` reads back)."""
+    total, count = 0.0, 0
+    for kind, module in find_quantized_modules(model).values():
+        for w in packed_weights(kind, module).values():
+            n = w.indices.shape[:-1].numel() * w.in_features
+            total, count = total + bits_per_weight(w, bits) * n, count + n
+    return total / max(count, 1)
 
 
 def peak_memory() -> dict:
@@ -784,7 +781,7 @@ def quantize(
         "abits": config.abits,
         "group_size": config.group_size,
         "calibration": data_source,
-        "bits_per_weight": round(model_bits_per_weight(model), 4),
+        "bits_per_weight": round(model_bits_per_weight(model, config.wbits), 4),
         "unreached_experts": q.report["unreached_experts"],
         "accf_loss_per_epoch": q.report["accf"],
     }
@@ -795,7 +792,7 @@ def quantize(
                  "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": "down_proj" if q.use_online_hadamard else None}}
         _cast_float_params(model, getattr(model, "codequant_source_dtype", None) or torch.float32)
         with clock.stage("save"):
-            save_quantized(model, out, tokenizer, extra)
+            save_quantized(model, out, tokenizer, extra, bits=config.wbits)
         if cache is not None and cache.is_file():
             os.replace(cache, out / "calibration_tokens.safetensors")
         _remove_tree(q.partial)

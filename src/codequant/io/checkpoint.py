@@ -1,4 +1,4 @@
-"""Deployable CodeQuant checkpoints: packed 4-bit weights in safetensors, described in config.json.
+"""Deployable CodeQuant checkpoints: packed weights in safetensors, described in config.json.
 
 A checkpoint directory holds
 
@@ -8,8 +8,9 @@ A checkpoint directory holds
 ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``)
     Every tensor of ``model.state_dict()`` except the ``weight`` of quantized routers (it is
     rebuilt from the router's codebook at load) and tied copies. Packed modules store the
-    packed tensors of :mod:`codequant.format`: ``indices`` uint8, ``codebook`` float16,
-    ``row_sum`` float32 (experts: ``gate_up_*`` and ``down_*``).
+    packed tensors of :mod:`codequant.format` in their disk layout (at the module's index bit
+    width): ``indices`` uint8, ``codebook`` float16, ``row_sum`` float32 (experts: ``gate_up_*``
+    and ``down_*``).
 ``generation_config.json``, tokenizer files (when given).
 
 ``quantization_config``::
@@ -41,6 +42,8 @@ of each weight file holds ``quant_method``, ``format_version``, ``codequant_summ
 top-level fields ``bits``, ``group_size``, ``act_bits``, ``act_group_size``) and
 ``codequant_specs`` (the spec of every module with a tensor in that file), all covered by the
 file's checksum. :func:`verify_checkpoint_files` compares them with config.json at every load.
+Since format version 3 indices and codebooks are stored at the module's index bit width
+(:func:`codequant.format.pack_for_disk`); format 2 checkpoints are refused (re-quantize them).
 """
 
 from __future__ import annotations
@@ -64,7 +67,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, FORMAT_VERSION, PackedWeight, bits_per_weight, padded_columns
+from ..format import (
+    CODEBOOK_DTYPE,
+    FORMAT_VERSION,
+    PackedWeight,
+    pack_for_disk,
+    stored_index_bytes,
+    unpack_from_disk,
+)
 from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
@@ -99,6 +109,11 @@ class CheckpointError(ValueError):
 
 def st_dtype(dtype: torch.dtype) -> str:
     return _ST_DTYPES[dtype]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    return next(dtype for dtype, st in _ST_DTYPES.items() if st == name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +195,11 @@ def packed_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
 
 
 def expected_packed_tensors(spec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{tensor suffix: (shape, safetensors dtype)} of the packed tensors of one module spec."""
+    """{tensor suffix: (shape, safetensors dtype)} of the packed tensors of one module spec, as stored on disk."""
     out = {}
     for prefix, (rows, k, g) in packed_layout(spec).items():
-        out[prefix + "indices"] = (rows + (padded_columns(k) // 2,), PACKED_DTYPES["indices"])
-        out[prefix + "codebook"] = (rows + (k // g, CODEBOOK_SIZE), PACKED_DTYPES["codebook"])
+        out[prefix + "indices"] = (rows + (stored_index_bytes(k, spec["bits"]),), PACKED_DTYPES["indices"])
+        out[prefix + "codebook"] = (rows + (k // g, 2 ** spec["bits"]), PACKED_DTYPES["codebook"])
         out[prefix + "row_sum"] = (rows, PACKED_DTYPES["row_sum"])
     return out
 
@@ -249,17 +264,23 @@ def build_quantization_config(model: nn.Module, bits: int | None = None, extra: 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` by renames.
+    """Yield a fresh staging directory inside ``PATH.partial/``; on success it replaces ``path`` by renames.
 
-    An existing ``path`` is moved aside first and deleted only after the new directory is
-    in place, so a reader sees either the old complete directory or the new one. On an
-    exception the temporary directory is removed and ``path`` is left untouched.
+    Nothing is staged beside ``path``: a writer killed at any point leaves at most ``PATH.partial``
+    (where ``codequant quantize`` resumes), never a hidden directory. An existing ``path`` is moved
+    into ``PATH.partial`` first and deleted only after the new directory is in place. On an
+    exception the staging directory is removed and ``path`` is left untouched. ``PATH.partial``
+    is removed at the end when this call created it.
     """
+    from .output import partial_dir
+
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    partial = partial_dir(path)
+    created = not partial.exists()
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=partial))
     try:
         yield tmp
         umask = current_umask()
@@ -270,9 +291,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = partial / f"replaced-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -280,6 +305,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if created:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -320,6 +348,17 @@ def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def stored_tensors(state: dict[str, torch.Tensor], modules: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The tensors as written: packed ones in their disk layout at their module's index bits
+    (:func:`codequant.format.pack_for_disk`), the rest as they are."""
+    out = {}
+    for key, t in state.items():
+        name = module_of(key, modules)
+        packed = name is not None and key.rpartition(".")[2] in PACKED_SUFFIXES
+        out[key] = pack_for_disk(key, t, modules[name]["bits"]) if packed else t
+    return out
+
+
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards, size = [{}], 0
     for key, t in state.items():
@@ -349,7 +388,7 @@ def save_quantized(
     is recorded under ``quantization_config["extra"]``.
     """
     qconfig = build_quantization_config(model, bits, extra)
-    state = checkpoint_state_dict(model)
+    state = stored_tensors(checkpoint_state_dict(model), qconfig["modules"])
     config = copy.deepcopy(model.config)
     config.quantization_config = qconfig
     config.codequant_rms_norms = qconfig["rms_norms"]
@@ -497,6 +536,22 @@ def verify_checksums(files: list[str | os.PathLike], checksums: dict[str, str]) 
             )
 
 
+def verify_remote_code(directory: str | os.PathLike, module_file: str) -> None:
+    """Before transformers executes ``module_file`` of ``directory`` (``trust_remote_code=True``): when
+    the directory is a CodeQuant checkpoint, the file's sha256 must be the one recorded in config.json."""
+    directory = Path(directory)
+    try:
+        qc = json.loads((directory / CONFIG_NAME).read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return  # not a local model directory with a readable config: not a CodeQuant checkpoint
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return
+    try:
+        verify_checksums([directory / module_file], qc.get("checksums") or {})
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; it was not executed (trust_remote_code)") from None
+
+
 def check_file_tensors(
     headers: dict[str, tuple[Path, dict]],
     modules: dict[str, dict],
@@ -564,7 +619,7 @@ def check_bound_specs(bound: dict[Path, dict], qc: dict) -> None:
         if metadata.get("quant_method") != QUANT_METHOD or version != str(FORMAT_VERSION) or "codequant_specs" not in metadata:
             raise CheckpointError(
                 f"codequant checkpoint {f}: the file's header does not bind format version {FORMAT_VERSION} module specs "
-                f"(its format_version is {version!r}); export the model again with this codequant"
+                f"(its format_version is {version!r}); quantize the model again with this codequant"
             )
         restore = "config.json was edited after export; restore it from the exported checkpoint"
         summary = json.loads(metadata["codequant_summary"])
@@ -628,15 +683,10 @@ def verify_checkpoint_files(
     return headers
 
 
-def check_packed_values(key: str, weight: PackedWeight, bits: int) -> None:
-    """Index range (< 2^bits), zero padding past column K, and row_sum == sum_k W_hat (per leading slice)."""
+def check_packed_values(key: str, weight: PackedWeight) -> None:
+    """Zero padding past column K, and row_sum == sum_k W_hat (per leading slice), on the in-memory
+    layout. (Indices stored at b bits cannot exceed 2^b - 1: the format has no room for them.)"""
     idx = weight.indices
-    top = _max_index(idx)
-    if top >= 2**bits:
-        raise CheckpointError(
-            f"codequant checkpoint: {key}indices holds index {top}, out of range for {bits}-bit codebooks "
-            f"(largest valid index {2**bits - 1})"
-        )
     k = weight.in_features
     r = k % 64
     if r and idx.numel():
@@ -721,8 +771,8 @@ def collect_headers(files: list[Path]) -> dict[str, tuple[Path, dict]]:
 def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> dict:
     """Every check ``from_pretrained`` runs, without building the model; returns the quantization_config.
 
-    Structure (truncation), checksums, dtypes and shapes of the packed tensors, index ranges
-    and row sums. Raises :class:`CheckpointError` with a message naming the problem.
+    Structure (truncation), checksums, dtypes and shapes of the packed tensors, padding and row
+    sums. Raises :class:`CheckpointError` with a message naming the problem.
     """
     from safetensors import safe_open
 
@@ -738,8 +788,8 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> d
                     f = headers[base + part][0]
                     if f not in handles:
                         handles[f] = safe_open(str(f), framework="pt")
-                    parts.append(handles[f].get_tensor(base + part))
-                check_packed_values(base, PackedWeight(*parts, k), spec["bits"])
+                    parts.append(unpack_from_disk(base + part, handles[f].get_tensor(base + part), spec["bits"]))
+                check_packed_values(base, PackedWeight(*parts, k))
     finally:
         handles.clear()
     return qc
@@ -748,7 +798,8 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> d
 def checkpoint_summary(directory: str | os.PathLike) -> dict:
     """Sizes of a checkpoint: file bytes and bits per weight (codebooks and row sums included).
 
-    ``bits_per_weight`` covers the packed weights only (see :func:`codequant.format.bits_per_weight`);
+    ``bits_per_weight`` is the bytes the packed tensors take in the weight files over the packed
+    weights (it equals :func:`codequant.format.bits_per_weight`);
     ``bits_per_parameter`` divides all weight-file bits by every stored or packed parameter.
     Reads only headers and config.json.
     """
@@ -756,18 +807,14 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict:
     qc = read_quantization_config(directory)
     files = weight_files(directory)
     headers = collect_headers(files)
-    packed_bits = packed_n = 0.0
+    packed_bytes = packed_n = 0
     packed_keys = set()
     for name, spec in qc["modules"].items():
-        for prefix, (rows, k, g) in packed_layout(spec).items():
-            base = f"{name}.{prefix}"
-            parts = [torch.empty(headers[base + p][1]["shape"], dtype=_torch_dtype(headers[base + p][1]["dtype"]), device="meta")
-                     for p in PACKED_PARTS]
-            w = PackedWeight(*parts, k)
-            n = math.prod(rows) * k
-            packed_bits += bits_per_weight(w) * n
-            packed_n += n
-            packed_keys.update(base + p for p in PACKED_PARTS)
+        for prefix, (rows, k, _) in packed_layout(spec).items():
+            keys = [f"{name}.{prefix}{p}" for p in PACKED_PARTS]
+            packed_bytes += sum(headers[key][1]["data_offsets"][1] - headers[key][1]["data_offsets"][0] for key in keys)
+            packed_n += math.prod(rows) * k
+            packed_keys.update(keys)
     other_params = sum(math.prod(e["shape"]) for key, (_, e) in headers.items() if key not in packed_keys)
     weight_bytes = sum(f.stat().st_size for f in files)
     total_bytes = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
@@ -783,15 +830,8 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict:
         "total_bytes": total_bytes,
         "packed_weights": int(packed_n),
         "other_parameters": int(other_params),
-        "bits_per_weight": packed_bits / packed_n if packed_n else float("nan"),
+        "bits_per_weight": 8 * packed_bytes / packed_n if packed_n else float("nan"),
         "bits_per_parameter": 8.0 * weight_bytes / (packed_n + other_params) if packed_n + other_params else float("nan"),
         "modules": dict(kinds),
         "extra": qc.get("extra", {}),
     }
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    for dtype, st in _ST_DTYPES.items():
-        if st == name:
-            return dtype
-    raise CheckpointError(f"codequant checkpoint: unsupported tensor dtype {name}")

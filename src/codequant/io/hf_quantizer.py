@@ -2,15 +2,21 @@
 
 Importing this module (``import codequant`` does) registers
 
-* :class:`CodeQuantConfig` for ``quantization_config.quant_method == "codequant"``, and
+* :class:`CodeQuantConfig` for ``quantization_config.quant_method == "codequant"``,
 * :class:`CodeQuantHfQuantizer`, which, before the weights are read, checks the checkpoint's
   files (:func:`codequant.io.checkpoint.verify_checkpoint_files`: truncation, checksums, the
   specs bound into the weight files against config.json, dtypes and shapes) and swaps the
   modules listed in the config for empty CodeQuantLinear / CodeQuantExperts / RMSNorm modules
-  and gives quantized routers their packed buffers; a tensor the model expects that the files
-  lack (it would be randomly initialized), or one the files hold that the model has no place
-  for, is refused. transformers then loads the tensors; after loading it checks index ranges
-  and row sums and finishes the routers (weight = W_hat, input quantization pre-hook).
+  and gives quantized routers their packed buffers, shaped as the tensors are stored; a tensor
+  the model expects that the files lack (it would be randomly initialized), or one the files
+  hold that the model has no place for, is refused. transformers then loads the tensors; after
+  loading it unpacks them to the in-memory layout (:func:`codequant.format.unpack_from_disk`),
+  checks padding and row sums and finishes the routers (weight = W_hat, input quantization
+  pre-hook), and
+* a check before transformers runs a ``trust_remote_code`` module file of a CodeQuant
+  checkpoint (``codequant_remote.py``): its sha256 must match config.json's checksum. A process
+  that has not imported codequant yet runs the file once before any codequant code can check
+  it; the model load that follows is refused by the checksum checks above.
 
 A checkpoint is only written by :func:`codequant.io.save_quantized`; ``save_pretrained`` on a
 loaded CodeQuant model is refused (the packed modules and checksums need the CodeQuant writer).
@@ -18,12 +24,15 @@ loaded CodeQuant model is refused (the packed modules and checksums need the Cod
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
 import re
 from pathlib import Path
 
 import torch
+from transformers import dynamic_module_utils
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -33,7 +42,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, FORMAT_VERSION, PackedWeight, padded_columns
+from ..format import FORMAT_VERSION, PackedWeight, unpack_from_disk
 from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
@@ -45,8 +54,11 @@ from .checkpoint import (
     act_from_dict,
     check_file_tensors,
     check_packed_values,
+    expected_packed_tensors,
     packed_layout,
+    torch_dtype,
     verify_checkpoint_files,
+    verify_remote_code,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,7 +79,7 @@ def _version_error(version) -> CheckpointError:
     if isinstance(version, int) and version > FORMAT_VERSION:
         advice = "upgrade codequant"
     else:
-        advice = "export the model again with this codequant"
+        advice = "quantize the model again with this codequant"
     return CheckpointError(
         f"codequant checkpoint: format version {version} is not supported by this codequant "
         f"(supports {FORMAT_VERSION}); {advice}"
@@ -192,7 +204,8 @@ def build_empty_module(spec: dict, dtype: torch.dtype, device=None) -> torch.nn.
 
 
 def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict]) -> None:
-    """Swap in empty CodeQuant modules (and give routers packed buffers) as the specs describe."""
+    """Swap in empty CodeQuant modules (and give routers packed buffers) as the specs describe; their
+    packed buffers take the disk layout that transformers loads into (see :func:`finish_loaded_model`)."""
     dtype = _float_dtype(model)
     arch = type(model).__name__
     for name, spec in modules.items():
@@ -208,13 +221,12 @@ def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict
                     f"codequant checkpoint: router {name} of the {arch} model has weight shape {shape}, "
                     f"the checkpoint has [{spec['out_features']}, {spec['in_features']}]"
                 )
-            (rows, k, g), = packed_layout(spec).values()
-            device = weight.device
-            current.register_buffer("indices", torch.zeros(*rows, padded_columns(k) // 2, dtype=torch.uint8, device=device))
-            current.register_buffer("codebook", torch.zeros(*rows, k // g, CODEBOOK_SIZE, dtype=CODEBOOK_DTYPE, device=device))
-            current.register_buffer("row_sum", torch.zeros(*rows, dtype=torch.float32, device=device))
         else:
-            _set_module(model, name, build_empty_module(spec, dtype))
+            current = build_empty_module(spec, dtype)
+            _set_module(model, name, current)
+        device = next(itertools.chain(current.buffers(), current.parameters())).device
+        for suffix, (shape, st) in expected_packed_tensors(spec).items():
+            current.register_buffer(suffix, torch.zeros(shape, dtype=torch_dtype(st), device=device))
 
 
 def add_folded_biases(model: torch.nn.Module, names: list[str]) -> None:
@@ -248,15 +260,37 @@ def check_state_keys(model: torch.nn.Module, headers: dict, modules: dict[str, d
 
 
 def finish_loaded_model(model: torch.nn.Module, modules: dict[str, dict]) -> None:
-    """Check the loaded packed tensors and turn routers' buffers into working quantized routers."""
+    """Bring the loaded packed tensors to the in-memory layout, check them, and turn routers'
+    buffers into working quantized routers."""
     for name, spec in modules.items():
         module = model.get_submodule(name)
         for prefix, (_, k, _) in packed_layout(spec).items():
-            parts = [getattr(module, prefix + p) for p in PACKED_PARTS]
-            check_packed_values(f"{name}.{prefix}", PackedWeight(*parts, k), spec["bits"])
+            parts = []
+            for p in PACKED_PARTS:
+                module.register_buffer(prefix + p, unpack_from_disk(prefix + p, getattr(module, prefix + p), spec["bits"]))
+                parts.append(getattr(module, prefix + p))
+            check_packed_values(f"{name}.{prefix}", PackedWeight(*parts, k))
         if spec["kind"] == "router":
             weight = PackedWeight(*(module._buffers.pop(p) for p in PACKED_PARTS), spec["in_features"])
             quantize_router(module, weight, act_from_dict(spec["act"]))
+
+
+def _verifying(get_cached_module_file):
+    """transformers' fetch of a ``trust_remote_code`` module file, which first checks a CodeQuant
+    checkpoint's file against its recorded checksum (:func:`codequant.io.checkpoint.verify_remote_code`)."""
+
+    @functools.wraps(get_cached_module_file)
+    def fetch(pretrained_model_name_or_path, module_file, *args, **kwargs):
+        verify_remote_code(pretrained_model_name_or_path, module_file)
+        return get_cached_module_file(pretrained_model_name_or_path, module_file, *args, **kwargs)
+
+    fetch.codequant_verifying = True
+    return fetch
+
+
+# every module file transformers fetches from here on (AutoConfig / AutoModel* with trust_remote_code=True)
+if not getattr(dynamic_module_utils.get_cached_module_file, "codequant_verifying", False):
+    dynamic_module_utils.get_cached_module_file = _verifying(dynamic_module_utils.get_cached_module_file)
 
 
 def _maybe_register(registry: dict, key: str, decorator):

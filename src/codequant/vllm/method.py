@@ -2,9 +2,10 @@
 
 Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. The config checks the
 whole checkpoint when vLLM opens it (``codequant.io.verify_checkpoint``: truncation, checksums,
-format version, dtypes, shapes, index ranges, row sums) and refuses what vLLM's model classes
-cannot run faithfully. Each quantized linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too)
-and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
+format version, dtypes, shapes, padding, row sums) and refuses what vLLM's model classes
+cannot run faithfully, and indices stored at fewer than 4 bits (the weight loaders read the
+4-bit disk layout, which is the in-memory one). Each quantized linear (vLLM's merged
+``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
 :class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel after vLLM's router.
 Both compute with :mod:`codequant.kernels`, the ops the transformers modules call.
 """
@@ -74,6 +75,12 @@ class CodeQuantVllmConfig(QuantizationConfig):
         """Check the checkpoint as ``from_pretrained`` does, and refuse what vLLM would run differently."""
         if Path(model_name).is_dir():
             verify_checkpoint(model_name)
+        low = sorted({s["bits"] for s in self.checkpoint.modules.values() if "bits" in s} - {4})
+        if low:
+            raise refusal(
+                f"its indices are stored at {low[0]} bits, and the vLLM plugin reads 4-bit indices only; "
+                "serve it with transformers (codequant generate / eval) or quantize it with --wbits 4"
+            )
         if self.checkpoint.rms_norms:
             raise refusal(
                 f"its LayerNorms {self.checkpoint.rms_norms[:3]} were replaced by RMSNorm, which vLLM's model class "
