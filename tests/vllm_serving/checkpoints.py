@@ -27,10 +27,10 @@ from codequant.modules.router import is_quantized_router  # noqa: E402
 from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
 
 
-def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE) -> Path:
-    """Quantize ``source`` (float32) with 4-bit codebooks and ``act_bits`` activations into ``out``."""
+def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4) -> Path:
+    """Quantize ``source`` (float32) with ``bits``-bit codebooks and ``act_bits`` activations into ``out``."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    quantize_tiny(model)
+    quantize_tiny(model, bits=bits)
     if act_bits >= 16:
         none = ActQuantSpec(bits=16)
         for module in model.modules():

@@ -2,9 +2,10 @@
 
 Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. The config checks the
 whole checkpoint when vLLM opens it (``codequant.io.verify_checkpoint``: truncation, checksums,
-format version, dtypes, shapes, index ranges, row sums) and refuses what vLLM's model classes
-cannot run faithfully. Each quantized linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too)
-and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
+format version, the specs bound into the weight files, dtypes, shapes, index ranges, row sums)
+and refuses checkpoints whose vLLM output is not verified against transformers (architectures
+other than :data:`VERIFIED_ARCHITECTURES`, index widths other than 4 bits). Each quantized
+linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
 :class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel after vLLM's router.
 Both compute with :mod:`codequant.kernels`, the ops the transformers modules call.
 """
@@ -40,8 +41,31 @@ DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_p
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
+# the model classes whose vLLM output tests/vllm_serving/test_serving.py checks against transformers
+VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+# the index width those tests cover (16-centroid codebooks)
+VERIFIED_BITS = 4
+USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`, or from_pretrained after `import codequant`)"
+
+
 def refusal(reason: str) -> CheckpointError:
     return CheckpointError(f"vLLM cannot serve this codequant checkpoint faithfully: {reason}")
+
+
+def check_servable(qc: CodeQuantConfig, architectures: list[str]) -> None:
+    """Refuse what the vLLM path has not been verified to run as transformers does."""
+    unverified = sorted(set(architectures) - set(VERIFIED_ARCHITECTURES))
+    if unverified or not architectures:
+        raise refusal(
+            f"architecture {unverified or architectures} is not verified under vLLM with the codequant method "
+            f"(verified: {', '.join(VERIFIED_ARCHITECTURES)}); {USE_TRANSFORMERS}"
+        )
+    bits = sorted({qc.bits} | {s["bits"] for s in qc.modules.values() if "bits" in s})
+    if bits != [VERIFIED_BITS]:
+        raise refusal(
+            f"its codebooks use {'/'.join(map(str, bits))}-bit indices, and only {VERIFIED_BITS}-bit checkpoints are verified under vLLM; "
+            f"{USE_TRANSFORMERS}, or quantize with --wbits {VERIFIED_BITS}"
+        )
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -71,17 +95,10 @@ class CodeQuantVllmConfig(QuantizationConfig):
         return []
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        """Check the checkpoint as ``from_pretrained`` does, and refuse what vLLM would run differently."""
+        """Check the checkpoint as ``from_pretrained`` does, and refuse what is not verified under vLLM."""
         if Path(model_name).is_dir():
             verify_checkpoint(model_name)
-        if self.checkpoint.rms_norms:
-            raise refusal(
-                f"its LayerNorms {self.checkpoint.rms_norms[:3]} were replaced by RMSNorm, which vLLM's model class "
-                "does not build; serve it with transformers (codequant generate) or quantize without norm replacement"
-            )
-        added = getattr(hf_config, "codequant_added_biases", None) if hf_config is not None else None
-        if added:
-            raise refusal(f"linears {added[:3]} received folded LayerNorm biases that vLLM's model class has no slot for")
+        check_servable(self.checkpoint, list(getattr(hf_config, "architectures", None) or []))
 
     def spec(self, name: str) -> dict | None:
         return self.checkpoint.modules.get(name)
