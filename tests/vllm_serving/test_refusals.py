@@ -108,3 +108,12 @@ def test_unverified_architecture_is_refused(tmp_path):
     message = vllm_error(ckpt)
     assert "['MixtralForCausalLM'] is not verified" in message
     assert "verified: Qwen3MoeForCausalLM" in message and "codequant generate" in message
+
+
+def test_hub_name_is_refused(checkpoint):
+    """Only a local directory can be verified before loading (vLLM would fetch a Hub name's files later)."""
+    from codequant.vllm.method import CodeQuantVllmConfig
+
+    qc = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    with pytest.raises(CheckpointError, match="not a local directory.*huggingface-cli download someone/model"):
+        CodeQuantVllmConfig.from_config(qc).maybe_update_config("someone/model")

@@ -1,13 +1,15 @@
 """The ``codequant`` quantization method of vLLM: packed linears, routers and fused experts.
 
-Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. The config checks the
-whole checkpoint when vLLM opens it (``codequant.io.verify_checkpoint``: truncation, checksums,
-format version, the specs bound into the weight files, dtypes, shapes, index ranges, row sums)
-and refuses checkpoints whose vLLM output is not verified against transformers (architectures
-other than :data:`VERIFIED_ARCHITECTURES`, index widths other than 4 bits). Each quantized
-linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
-:class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel after vLLM's router.
-Both compute with :mod:`codequant.kernels`, the ops the transformers modules call.
+Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. When vLLM opens a
+checkpoint (a local directory; a Hub name is refused), the config checks all of it
+(``codequant.io.verify_checkpoint``: truncation, checksums, format version, the specs bound into
+the weight files, dtypes, shapes, index ranges, row sums) and refuses checkpoints whose vLLM
+output is not verified against transformers (architectures other than
+:data:`VERIFIED_ARCHITECTURES`, index widths other than 4 bits). Each quantized linear (vLLM's
+merged ``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`;
+the routed experts get :class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel
+after vLLM's router. Both compute with :mod:`codequant.kernels`, the ops the transformers
+modules call.
 """
 
 from __future__ import annotations
@@ -96,8 +98,12 @@ class CodeQuantVllmConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         """Check the checkpoint as ``from_pretrained`` does, and refuse what is not verified under vLLM."""
-        if Path(model_name).is_dir():
-            verify_checkpoint(model_name)
+        if not Path(model_name).is_dir():
+            raise CheckpointError(
+                f"codequant checkpoint {model_name!r}: not a local directory, so its files cannot be verified before vLLM "
+                f"loads them; download it first (huggingface-cli download {model_name} --local-dir DIR) and serve DIR"
+            )
+        verify_checkpoint(model_name)
         check_servable(self.checkpoint, list(getattr(hf_config, "architectures", None) or []))
 
     def spec(self, name: str) -> dict | None:
