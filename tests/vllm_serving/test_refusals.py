@@ -95,6 +95,14 @@ def test_index_out_of_range(tmp_path):
     assert_same_refusal(ckpt, "holds index 15, out of range for 3-bit codebooks")
 
 
+def test_other_safetensors_file_is_refused(copy):
+    """``codequant quantize`` keeps its calibration tokens beside the weights; vLLM would load them as weights."""
+    save_file({"tokens": torch.zeros(2, 8, dtype=torch.int64)}, str(copy / "calibration_tokens.safetensors"))
+    message = vllm_error(copy)
+    assert "vLLM would load ['calibration_tokens.safetensors'] as model weights" in message
+    assert "move them out of the checkpoint directory" in message
+
+
 def test_unverified_index_width_is_refused(tmp_path):
     ckpt = make_checkpoint(tmp_path / "w3", 4, bits=3)
     message = vllm_error(ckpt)

@@ -3,7 +3,8 @@
 Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. When vLLM opens a
 checkpoint (a local directory; a Hub name is refused), the config checks all of it
 (``codequant.io.verify_checkpoint``: truncation, checksums, format version, the specs bound into
-the weight files, dtypes, shapes, index ranges, row sums) and refuses checkpoints whose vLLM
+the weight files, dtypes, shapes, index ranges, row sums; no other ``*.safetensors`` file that
+vLLM would load as weights) and refuses checkpoints whose vLLM
 output is not verified against transformers (architectures other than
 :data:`VERIFIED_ARCHITECTURES`, index widths other than 4 bits). Each quantized linear (vLLM's
 merged ``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`;
@@ -34,7 +35,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .. import kernels
 from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
-from ..io.checkpoint import QUANT_METHOD, CheckpointError, act_from_dict, verify_checkpoint
+from ..io.checkpoint import INDEX_FILE, QUANT_METHOD, CheckpointError, act_from_dict, verify_checkpoint, weight_files
 from ..io.hf_quantizer import CodeQuantConfig
 from .sharding import column_shard_features, column_shard_part, row_slice, shard_row_sum
 
@@ -52,6 +53,19 @@ USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`
 
 def refusal(reason: str) -> CheckpointError:
     return CheckpointError(f"vLLM cannot serve this codequant checkpoint faithfully: {reason}")
+
+
+def check_weight_files(directory: Path) -> None:
+    """Without a weight index vLLM loads every ``*.safetensors`` file of the directory as model weights."""
+    if (directory / INDEX_FILE).is_file():
+        return
+    weights = {f.name for f in weight_files(directory)}
+    others = sorted(f.name for f in directory.glob("*.safetensors") if f.name not in weights)
+    if others:
+        raise CheckpointError(
+            f"codequant checkpoint {directory}: vLLM would load {others} as model weights (it reads every *.safetensors "
+            f"file of a directory without {INDEX_FILE}); move them out of the checkpoint directory"
+        )
 
 
 def check_servable(qc: CodeQuantConfig, architectures: list[str]) -> None:
@@ -104,6 +118,7 @@ class CodeQuantVllmConfig(QuantizationConfig):
                 f"loads them; download it first (huggingface-cli download {model_name} --local-dir DIR) and serve DIR"
             )
         verify_checkpoint(model_name)
+        check_weight_files(Path(model_name))
         check_servable(self.checkpoint, list(getattr(hf_config, "architectures", None) or []))
 
     def spec(self, name: str) -> dict | None:
