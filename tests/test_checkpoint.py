@@ -31,6 +31,10 @@ DOWN_ACT = ActQuantSpec(bits=4, group_size=0, clip=1.0)
 
 def uniform_codebook(w: torch.Tensor, bits: int, group_size: int) -> PackedWeight:
     """A plain min-max grid of 2^bits centroids per group: enough to fill every packed tensor."""
+    if w.dim() > 2:  # one expert at a time: the distances below take 2^bits times the weight's memory
+        parts = [uniform_codebook(e, bits, group_size) for e in w]
+        return PackedWeight(*(torch.stack([getattr(p, f) for p in parts]) for f in ("indices", "codebook", "row_sum")),
+                            w.shape[-1])
     *lead, n, k = w.shape
     wg = w.float().reshape(*lead, n, k // group_size, group_size)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
@@ -40,23 +44,25 @@ def uniform_codebook(w: torch.Tensor, bits: int, group_size: int) -> PackedWeigh
     return pack(idx.reshape(*lead, n, k), cb)
 
 
-def quantize_tiny(model: nn.Module, bits: int = 4, group_size: int = 32, lm_head: bool = False) -> nn.Module:
-    """Stand-in for the pipeline: packed linears, experts and routers everywhere, RMSNorm for LayerNorms."""
+def quantize_tiny(model: nn.Module, bits: int = 4, group_size: int | None = 32, lm_head: bool = False) -> nn.Module:
+    """Stand-in for the pipeline: packed linears, experts and routers everywhere, RMSNorm for LayerNorms.
+
+    ``group_size`` None: one codebook per row."""
     replace = {}
     for name, module in model.named_modules():
         if not name.startswith("model.layers.") and not (lm_head and name == "lm_head"):
             continue
         if type(module).__name__.endswith(("Router", "TopkRouter")):
-            quantize_router(module, uniform_codebook(module.weight.data, bits, group_size), ACT)
+            quantize_router(module, uniform_codebook(module.weight.data, bits, group_size or module.weight.shape[-1]), ACT)
         elif isinstance(module, nn.Linear):
             k = module.in_features
-            g = group_size if k % group_size == 0 else k
+            g = group_size if group_size and k % group_size == 0 else k
             hb = 16 if name.endswith(("o_proj", "down_proj")) else 0
             replace[name] = CodeQuantLinear.from_packed(
                 uniform_codebook(module.weight.data, bits, g), module.bias, ACT if hb == 0 else DOWN_ACT, hb
             )
         elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
-            gate_up = uniform_codebook(module.gate_up_proj.data, bits, group_size)
+            gate_up = uniform_codebook(module.gate_up_proj.data, bits, group_size or module.gate_up_proj.shape[-1])
             down = uniform_codebook(module.down_proj.data, bits, module.down_proj.shape[-1])
             replace[name] = CodeQuantExperts.from_packed(gate_up, down, ACT, DOWN_ACT, hadamard_block=32)
         elif isinstance(module, nn.LayerNorm):

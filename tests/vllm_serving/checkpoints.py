@@ -27,10 +27,12 @@ from codequant.modules.router import is_quantized_router  # noqa: E402
 from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
 
 
-def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4) -> Path:
-    """Quantize ``source`` (float32) with ``bits``-bit codebooks and ``act_bits`` activations into ``out``."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    quantize_tiny(model, bits=bits)
+def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Quantize ``source`` (in ``dtype``) with ``bits``-bit codebooks of ``group_size`` columns (None: a row) and
+    ``act_bits`` activations into ``out``."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    quantize_tiny(model, bits=bits, group_size=group_size)
     if act_bits >= 16:
         none = ActQuantSpec(bits=16)
         for module in model.modules():
@@ -40,5 +42,5 @@ def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int 
                 module.act = module.down_act = none
             elif is_quantized_router(module):
                 module.codequant_act = none
-    save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": f"W{bits}A{act_bits}"}, bits=bits)
+    save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": f"W4A{act_bits}"})
     return out

@@ -6,6 +6,9 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM's engine processes inherit it: idle OpenMP threads sleep instead of spinning (on 2 shared cores
+# spinning threads starve the others)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]

@@ -1,13 +1,16 @@
 """The ``codequant`` quantization method of vLLM: packed linears, routers and fused experts.
 
-Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. The config checks the
-whole checkpoint when vLLM opens it (``codequant.io.verify_checkpoint``: truncation, checksums,
-format version, dtypes, shapes, padding, row sums) and refuses what vLLM's model classes
-cannot run faithfully, and indices stored at fewer than 4 bits (the weight loaders read the
-4-bit disk layout, which is the in-memory one). Each quantized linear (vLLM's merged
-``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`; the routed experts get
-:class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel after vLLM's router.
-Both compute with :mod:`codequant.kernels`, the ops the transformers modules call.
+Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. When vLLM opens a
+checkpoint (a local directory; a Hub name is refused), the config checks all of it
+(``codequant.io.verify_checkpoint``: truncation, checksums, format version, the specs bound into
+the weight files, dtypes, shapes, padding, row sums; no other ``*.safetensors`` file that
+vLLM would load as weights) and refuses checkpoints whose vLLM
+output is not verified against transformers (architectures other than
+:data:`VERIFIED_ARCHITECTURES`, index widths other than 4 bits). Each quantized linear (vLLM's
+merged ``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`;
+the routed experts get :class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel
+after vLLM's router. Both compute with :mod:`codequant.kernels`, the ops the transformers
+modules call.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .. import kernels
 from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
-from ..io.checkpoint import QUANT_METHOD, CheckpointError, act_from_dict, verify_checkpoint
+from ..io.checkpoint import INDEX_FILE, QUANT_METHOD, CheckpointError, act_from_dict, verify_checkpoint, weight_files
 from ..io.hf_quantizer import CodeQuantConfig
 from .sharding import column_shard_features, column_shard_part, row_slice, shard_row_sum
 
@@ -41,8 +44,44 @@ DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_p
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
+# the model classes whose vLLM output tests/vllm_serving/test_serving.py checks against transformers
+VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+# the index width those tests cover (16-centroid codebooks)
+VERIFIED_BITS = 4
+USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`, or from_pretrained after `import codequant`)"
+
+
 def refusal(reason: str) -> CheckpointError:
     return CheckpointError(f"vLLM cannot serve this codequant checkpoint faithfully: {reason}")
+
+
+def check_weight_files(directory: Path) -> None:
+    """Without a weight index vLLM loads every ``*.safetensors`` file of the directory as model weights."""
+    if (directory / INDEX_FILE).is_file():
+        return
+    weights = {f.name for f in weight_files(directory)}
+    others = sorted(f.name for f in directory.glob("*.safetensors") if f.name not in weights)
+    if others:
+        raise CheckpointError(
+            f"codequant checkpoint {directory}: vLLM would load {others} as model weights (it reads every *.safetensors "
+            f"file of a directory without {INDEX_FILE}); move them out of the checkpoint directory"
+        )
+
+
+def check_servable(qc: CodeQuantConfig, architectures: list[str]) -> None:
+    """Refuse what the vLLM path has not been verified to run as transformers does."""
+    unverified = sorted(set(architectures) - set(VERIFIED_ARCHITECTURES))
+    if unverified or not architectures:
+        raise refusal(
+            f"architecture {unverified or architectures} is not verified under vLLM with the codequant method "
+            f"(verified: {', '.join(VERIFIED_ARCHITECTURES)}); {USE_TRANSFORMERS}"
+        )
+    bits = sorted({qc.bits} | {s["bits"] for s in qc.modules.values() if "bits" in s})
+    if bits != [VERIFIED_BITS]:
+        raise refusal(
+            f"its codebooks use {'/'.join(map(str, bits))}-bit indices, and only {VERIFIED_BITS}-bit checkpoints are verified under vLLM; "
+            f"{USE_TRANSFORMERS}, or quantize with --wbits {VERIFIED_BITS}"
+        )
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -72,23 +111,15 @@ class CodeQuantVllmConfig(QuantizationConfig):
         return []
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        """Check the checkpoint as ``from_pretrained`` does, and refuse what vLLM would run differently."""
-        if Path(model_name).is_dir():
-            verify_checkpoint(model_name)
-        low = sorted({s["bits"] for s in self.checkpoint.modules.values() if "bits" in s} - {4})
-        if low:
-            raise refusal(
-                f"its indices are stored at {low[0]} bits, and the vLLM plugin reads 4-bit indices only; "
-                "serve it with transformers (codequant generate / eval) or quantize it with --wbits 4"
+        """Check the checkpoint as ``from_pretrained`` does, and refuse what is not verified under vLLM."""
+        if not Path(model_name).is_dir():
+            raise CheckpointError(
+                f"codequant checkpoint {model_name!r}: not a local directory, so its files cannot be verified before vLLM "
+                f"loads them; download it first (huggingface-cli download {model_name} --local-dir DIR) and serve DIR"
             )
-        if self.checkpoint.rms_norms:
-            raise refusal(
-                f"its LayerNorms {self.checkpoint.rms_norms[:3]} were replaced by RMSNorm, which vLLM's model class "
-                "does not build; serve it with transformers (codequant generate) or quantize without norm replacement"
-            )
-        added = getattr(hf_config, "codequant_added_biases", None) if hf_config is not None else None
-        if added:
-            raise refusal(f"linears {added[:3]} received folded LayerNorm biases that vLLM's model class has no slot for")
+        verify_checkpoint(model_name)
+        check_weight_files(Path(model_name))
+        check_servable(self.checkpoint, list(getattr(hf_config, "architectures", None) or []))
 
     def spec(self, name: str) -> dict | None:
         return self.checkpoint.modules.get(name)

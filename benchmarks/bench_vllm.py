@@ -1,0 +1,231 @@
+"""vLLM serving speed on the CPU: CodeQuant W4A16 and W4A4 against the same model in bf16, side by side,
+and transformers + CodeQuant end to end on the same checkpoints.
+
+    .venv-vllm/bin/python benchmarks/bench_vllm.py --out benchmarks/results/vllm-cpu-zen4-2c.json
+
+Models: the bundled fixture (models/codequant-moe-tiny) and a Qwen3-30B-A3B-shaped model cut to
+``--layers`` decoder layers (the published config, random bf16 weights; written once under
+``--work`` by bench_quantize_memory.write_model). The CodeQuant checkpoints are made data-free
+(tests/vllm_serving/checkpoints.py: min-max grids of 16 centroids, one codebook per row, online
+Hadamard blocks, quantized attention, routers and routed experts; embeddings, norms and lm_head
+stay bf16): speed depends on the packed format, not on how the centroids were found.
+
+Every engine runs in its own child process, one at a time, with ``--threads`` OpenMP threads
+(vLLM: VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), else vLLM reserves a core of two for its
+scheduler; transformers: torch.set_num_threads) and OMP_WAIT_POLICY=PASSIVE. For each
+concurrency c, c requests of ``--prompt-len`` random token ids are submitted at once
+(``LLM.generate`` with all c; ``generate`` with a batch of c for transformers), greedy with EOS
+ignored: ``latency_s`` is the time until all c requests have ``--new-tokens`` tokens (every
+request's latency, as they run together), ``ttft_s`` the same with 1 new token, ``tokens_per_s``
+c * new_tokens / latency_s, and ``decode_tokens_per_s`` c * (new_tokens - 1) / (latency_s - ttft_s)
+(tokens/s after the prefill, all requests together). Medians of ``--repeats`` after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "models" / "codequant-moe-tiny"
+VARIANTS = {"bf16": None, "codequant-w4a16": 16, "codequant-w4a4": 4}  # name: activation bits
+
+
+def prompts(concurrency: int, length: int, vocab: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(concurrency)
+    return torch.randint(0, vocab, (concurrency, length), generator=g).tolist()
+
+
+def summarize(concurrency: int, new_tokens: int, full: list[float], first: list[float]) -> dict:
+    latency, ttft = statistics.median(full), statistics.median(first)
+    return {
+        "concurrency": concurrency,
+        "latency_s": round(latency, 4),
+        "ttft_s": round(ttft, 4),
+        "tokens_per_s": round(concurrency * new_tokens / latency, 2),
+        "decode_tokens_per_s": round(concurrency * (new_tokens - 1) / (latency - ttft), 2),
+        "latency_runs_s": [round(t, 4) for t in full],
+    }
+
+
+def child_vllm(args) -> list[dict]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.prompt_len + args.new_tokens + 8,
+              max_num_seqs=max(args.concurrency), seed=0, skip_tokenizer_init=True)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    full_params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
+    first_params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+
+    def timed(batch, params, tokens):
+        t0 = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
+        return dt
+
+    rows = []
+    for c in args.concurrency:
+        batch = prompts(c, args.prompt_len, vocab)
+        timed(batch, full_params, args.new_tokens)  # warm-up
+        full = [timed(batch, full_params, args.new_tokens) for _ in range(args.repeats)]
+        first = [timed(batch, first_params, 1) for _ in range(args.repeats)]
+        rows.append(summarize(c, args.new_tokens, full, first))
+    return rows
+
+
+def child_transformers(args) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import codequant  # noqa: F401  (registers the checkpoint format)
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
+
+    def timed(batch, tokens):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        dt = time.perf_counter() - t0
+        assert out.shape[1] == batch.shape[1] + tokens
+        return dt
+
+    rows = []
+    for c in args.concurrency:
+        batch = torch.tensor(prompts(c, args.prompt_len, model.config.vocab_size))
+        timed(batch, args.new_tokens)  # warm-up
+        full = [timed(batch, args.new_tokens) for _ in range(args.repeats)]
+        first = [timed(batch, 1) for _ in range(args.repeats)]
+        rows.append(summarize(c, args.new_tokens, full, first))
+    return rows
+
+
+def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, dict[str, Path]]:
+    """{model: {variant: checkpoint dir}}; written once under ``work``."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests" / "vllm_serving"))
+    from bench_quantize_memory import write_model
+    from checkpoints import make_checkpoint
+
+    dirs = {}
+    for name in models:
+        if name == "fixture":
+            source = FIXTURE
+        else:
+            source = work / f"{name}-{layers}l-bf16"
+            write_model(name, layers, source)
+        dirs[name] = {"bf16": source}
+        for variant, act_bits in VARIANTS.items():
+            if act_bits is None:
+                continue
+            out = work / f"{name}-{layers}l-{variant}" if name != "fixture" else work / f"fixture-{variant}"
+            if not (out / "config.json").is_file():
+                print(f"writing {out}", flush=True)
+                make_checkpoint(out, act_bits, source=source, group_size=None, dtype=torch.bfloat16)
+            dirs[name][variant] = out
+    return dirs
+
+
+def run_child(engine: str, model: Path, args) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", OMP_NUM_THREADS=str(args.threads))
+    command = [sys.executable, __file__, "--child", engine, "--model", str(model), "--threads", str(args.threads),
+               "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats),
+               "--concurrency", ",".join(map(str, args.concurrency))]
+    t0 = time.time()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        return {"error": f"exit status {proc.returncode}", "log_tail": tail, "wall_s": round(time.time() - t0, 1)}
+    return {"rows": json.loads(lines[-1].removeprefix("RESULT ")), "wall_s": round(time.time() - t0, 1),
+            "loadavg_after": os.getloadavg()}
+
+
+def ratios(results: dict) -> dict:
+    """CodeQuant / bf16 under vLLM, and vLLM / transformers for the same checkpoint, per concurrency."""
+    out = {}
+    vllm, hf = results["vllm"], results["transformers"]
+    for variant in VARIANTS:
+        for i, row in enumerate(vllm.get(variant, {}).get("rows", [])):
+            c = row["concurrency"]
+            base = vllm.get("bf16", {}).get("rows")
+            if variant != "bf16" and base:
+                for key in ("decode_tokens_per_s", "tokens_per_s"):
+                    out[f"vllm {variant} / vllm bf16, {key}, c={c}"] = round(row[key] / base[i][key], 3)
+            other = hf.get(variant, {}).get("rows")
+            if other:
+                out[f"vllm {variant} / transformers {variant}, tokens_per_s, c={c}"] = round(row["tokens_per_s"] / other[i]["tokens_per_s"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="results JSON")
+    ap.add_argument("--models", default="fixture,qwen3_30b_a3b", help="fixture and/or a shape of bench_quantize_memory.SHAPES")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the shaped model")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cq-bench-vllm"), help="where the checkpoints are written")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", default="vllm,transformers")
+    ap.add_argument("--contended", action="store_true", help="record that other work shared the CPUs during the run")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds one engine's child may run")
+    ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    if args.child:
+        rows = child_vllm(args) if args.child == "vllm" else child_transformers(args)
+        print("RESULT " + json.dumps(rows), flush=True)
+        return
+    if args.out is None:
+        ap.error("--out is required")
+    models = args.models.split(",")
+    engines = args.engines.split(",")
+    args.work.mkdir(parents=True, exist_ok=True)
+    dirs = make_checkpoints(args.work, args.layers, models)
+    report = {
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "contended": args.contended,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+        "threads": args.threads,
+        "env": {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}"},
+        "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "concurrency": args.concurrency, "dtype": "bfloat16 (activations, unquantized tensors)",
+                     "vllm": "LLM(enforce_eager=True), greedy, ignore_eos, prompts as token ids"},
+        "statistic": __doc__.split("Every engine runs")[1].strip(),
+        "models": {},
+    }
+    for name in models:
+        label = "models/codequant-moe-tiny" if name == "fixture" else f"{name} config, {args.layers} layers, random bf16 weights"
+        results = {"source": label, "vllm": {}, "transformers": {}}
+        for engine in engines:
+            for variant, path in dirs[name].items():
+                print(f"{name} {engine} {variant} ...", flush=True)
+                results[engine][variant] = run_child(engine, path, args)
+                print(json.dumps(results[engine][variant])[:600], flush=True)
+        results["ratios"] = ratios(results)
+        report["models"][name] = results
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({n: r["ratios"] for n, r in report["models"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
