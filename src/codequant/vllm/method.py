@@ -4,13 +4,12 @@ Importing this module registers :class:`CodeQuantVllmConfig` with vLLM. When vLL
 checkpoint (a local directory; a Hub name is refused), the config checks all of it
 (``codequant.io.verify_checkpoint``: truncation, checksums, format version, the specs bound into
 the weight files, dtypes, shapes, padding, row sums; no other ``*.safetensors`` file that
-vLLM would load as weights) and refuses checkpoints whose vLLM
-output is not verified against transformers (architectures other than
-:data:`VERIFIED_ARCHITECTURES`, index widths other than 4 bits). Each quantized linear (vLLM's
-merged ``qkv_proj`` / ``gate_up_proj`` too) and each router gets :class:`CodeQuantLinearMethod`;
-the routed experts get :class:`CodeQuantMoEMethod`, which runs the project's fused MoE kernel
-after vLLM's router. Both compute with :mod:`codequant.kernels`, the ops the transformers
-modules call.
+vLLM would load as weights) and refuses checkpoints whose vLLM output is not verified against
+transformers (architectures other than :data:`VERIFIED_ARCHITECTURES`, index widths other than
+4 bits). Each quantized linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too) and each
+router gets :class:`CodeQuantLinearMethod`; the routed experts get :class:`CodeQuantMoEMethod`,
+which runs the project's fused MoE kernel after vLLM's router. Both compute with
+:mod:`codequant.kernels`, the ops the transformers modules call.
 """
 
 from __future__ import annotations
@@ -79,8 +78,8 @@ def check_servable(qc: CodeQuantConfig, architectures: list[str]) -> None:
     bits = sorted({qc.bits} | {s["bits"] for s in qc.modules.values() if "bits" in s})
     if bits != [VERIFIED_BITS]:
         raise refusal(
-            f"its codebooks use {'/'.join(map(str, bits))}-bit indices, and only {VERIFIED_BITS}-bit checkpoints are verified under vLLM; "
-            f"{USE_TRANSFORMERS}, or quantize with --wbits {VERIFIED_BITS}"
+            f"its codebooks use {'/'.join(map(str, bits))}-bit indices, and only {VERIFIED_BITS}-bit checkpoints are "
+            f"verified under vLLM; {USE_TRANSFORMERS}, or quantize with --wbits {VERIFIED_BITS}"
         )
 
 
