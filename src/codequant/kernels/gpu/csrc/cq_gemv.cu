@@ -235,8 +235,8 @@ __device__ __forceinline__ void load8(const void* x, size_t base, int c, int K, 
 
 // Prologue threads per row: one unit of 8 pair words each (in registers) up to KP = 16 * 1024, so
 // that rows up to that length are read once with all loads in flight together; longer rows are read
-// a second time (the earlier kernel read every row twice, element by element, in a loop: latency-bound,
-// about 0.5 us per 1024 columns; benchmarks/notes-gpu.md).
+// a second time (the earlier kernel read every row twice, element by element, in a loop: H200, 3.9 us
+// at K = 768 plus 0.3 us per 1024 columns, against 3.6 plus 0.2 now; benchmarks/notes-gpu.md).
 constexpr int PREP_THREADS = 1024;
 
 // One block per output row r of xp [rows, KP/2]: source row src(r) of x (MoE, nslots > 0: the token
