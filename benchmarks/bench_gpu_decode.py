@@ -28,7 +28,8 @@ from codequant.kernels import reference  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops  # noqa: E402
 from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
 
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168)]
+# the five dense shapes of issue #17 and the Qwen3-30B-A3B expert shapes (down 2048x768, one half of gate_up 768x2048)
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048)]
 MS = [1, 4, 16]
 MODES = {"w4a16": ActQuantSpec(bits=16), "w4a4": ActQuantSpec(bits=4)}
 
@@ -41,6 +42,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sweep", action="store_true", help="also time (stages, R, W) launch configs")
+    p.add_argument("--sweep-ms", type=int, nargs="+", default=MS, help="M values of the sweep")
+    p.add_argument("--sweep-modes", nargs="+", default=list(MODES), help="modes of the sweep")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -68,7 +71,7 @@ def main():
                 gbps = recs[-1]["gbps"]
                 log(f"{mode} M={m:2d} {n:5d}x{k:5d}: cuda {t:7.2f} us {gbps:6.0f} GB/s ({100 * gbps / bw['read_gbps']:4.1f}%)  "
                     f"bf16 {t_bf16:7.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f} bf16  err {err:.1e}")
-                if not a.sweep:
+                if not a.sweep or m not in a.sweep_ms or mode not in a.sweep_modes:
                     continue
                 r0, w0 = cuda_gemv.config(-(-n // 16), k)
                 v0 = cuda_gemv.STAGES

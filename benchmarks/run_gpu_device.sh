@@ -2,7 +2,8 @@
 # One device call: build the CUDA kernels, test them at real sizes, benchmark. Results to $OUT,
 # every step's log appended to $OUT/run.log.
 # Usage (repository root, on the CUDA machine): OUT=/tmp/out bash benchmarks/run_gpu_device.sh [steps]
-# steps: any of build tests decode bench gputests probe e2e compile (default: all but compile, in that order)
+# steps: any of build tests decode bench gputests probe e2e compile w4a4 (default: all but compile and w4a4, in that order);
+# w4a4 compares with the build of the csrc directory in $BASELINE when set ($W4A4_ARGS: more probe options)
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 LOG=$OUT/run.log
@@ -21,6 +22,7 @@ print('ext', cuda_gemv.load(verbose=False), 'build s', round(time.time() - t, 1)
     gputests) timeout 400 python3 -m pytest -rf --tb=line tests/test_kernels_gpu.py 2>&1 | tail -20 | tee -a $LOG ;;
     compile) timeout 300 python3 -m pytest -rf --tb=short -p no:warnings tests/test_compile.py 2>&1 | tail -40 | tee -a $LOG ;;
     probe) timeout 200 python3 benchmarks/probe_gpu_read.py --out $OUT 2>&1 | tail -5 | tee -a $LOG ;;
+    w4a4) timeout 300 python3 benchmarks/probe_gpu_w4a4.py ${BASELINE:+--baseline $BASELINE} $W4A4_ARGS --out $OUT 2>&1 | tee -a $LOG ;;
     e2e) timeout ${E2E_S:-400} python3 benchmarks/bench_gpu_e2e.py --out $OUT 2>&1 | tail -20 | tee -a $LOG ;;
   esac
 done

@@ -126,6 +126,20 @@ def test_w4a4_matches_reference(n, k, m, dtype):
     assert rel_err(y, reference.linear(x.float(), w, W4A4)) < limit
 
 
+@pytest.mark.parametrize("k", [40008, 1416])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_w4a4_prologue_row_layouts(k, dtype):
+    """The prologue reads a row once into registers, a second time where the row is longer than
+    they hold (K > 32768), element by element where rows do not start 16-byte aligned: the same
+    codes as the reference in every case."""
+    n, m = 256, 3
+    w = random_packed(n, k, seed=k)
+    wide = (torch.randn(m, k + 3, device="cuda") * 2).to(dtype)
+    limit = LIMIT_EXACT if dtype == torch.float32 else 4e-3  # 16-bit output rounding
+    for x in (wide[:, :k].contiguous(), wide[:, 3:]):
+        assert rel_err(run_kernel(x, w, act=W4A4), reference.linear(x.float(), w, W4A4)) < limit
+
+
 def test_w4a4_clip_and_bits():
     w = random_packed(512, 1024, seed=5)
     x = torch.randn(4, 1024, device="cuda").to(torch.float32)

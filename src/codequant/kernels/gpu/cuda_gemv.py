@@ -222,8 +222,10 @@ def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
 
 
 def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None, y: torch.Tensor,
-           r: int | None = None, w: int | None = None, stages: int = STAGES, smem_lut: bool | None = None) -> bool:
-    """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply."""
+           r: int | None = None, w: int | None = None, stages: int = STAGES, smem_lut: bool | None = None,
+           pdl: bool | None = None) -> bool:
+    """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply.
+    ``r``, ``w``, ``stages``, ``smem_lut``, ``pdl`` override the launch heuristics (benchmarks)."""
     if not supported(x2, weight, act):
         return False
     ext = load()
@@ -249,7 +251,9 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     # 1-row-tile blocks filling half the SMs or more, unless a W4A4 prologue of M <= 4 rows comes
     # first (H200, 2048x4096 and 2048x7168: 0.84-0.93x for W4A16, 0.76-0.87x for W4A4 at M = 16,
     # 1.2-1.3x for W4A4 at M <= 4; the blocks placed early spread unevenly)
-    pdl = _pdl(x2.device) and (r == 2 or -(-n // 16) < sms // 2 or (not direct and m <= 4))
+    if pdl is None:
+        pdl = r == 2 or -(-n // 16) < sms // 2 or (not direct and m <= 4)
+    pdl = pdl and _pdl(x2.device)
     xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,

@@ -208,11 +208,44 @@ __device__ __forceinline__ uint32_t pack2(float a, float b, bool bf16) {
 
 // ---------------------------------------------------------------------------------------- prologue
 
+// 8 values of x row `base` from column c (c % 8 == 0), zeros from column K on: one 16-byte load
+// (two for fp32) when vec (row starts 16-byte aligned), else element by element.
+__device__ __forceinline__ void load8(const void* x, size_t base, int c, int K, int itype, bool vec, float* v) {
+  if (vec && c + 8 <= K) {
+    if (itype == 2) {
+      const float4* q = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(x) + base + c);
+      const float4 a = q[0], b = q[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+      const uint4 q = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(x) + base + c);
+      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = itype == 0 ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]))
+                                    : __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = c + j < K ? load_in(x, base + c + j, itype) : 0.f;
+  }
+}
+
+// Prologue threads per row: one unit of 8 pair words each (in registers) up to KP = 16 * 1024, so
+// that rows up to that length are read once with all loads in flight together; longer rows are read
+// a second time (the earlier kernel read every row twice, element by element, in a loop: H200, 3.9 us
+// at K = 768 plus 0.3 us per 1024 columns, against 3.6 plus 0.2 now; benchmarks/notes-gpu.md).
+constexpr int PREP_THREADS = 1024;
+
 // One block per output row r of xp [rows, KP/2]: source row src(r) of x (MoE, nslots > 0: the token
-// of slot rows[r], or of slot r without rows; none for padding slots), paired, in bf16 or fp16; with quant, the
-// row is quantized per token (bits, clip) and the pair words hold the exact codes q - z (fp16)
-// and xscale[r] = s.
-__global__ void prep_x_kernel(const PrepParams p) {
+// of slot rows[r], or of slot r without rows; none for padding slots), paired, in bf16 or fp16; with
+// quant, the row is quantized per token (bits, clip) and the pair words hold the exact codes q - z
+// (fp16) and xscale[r] = s. Thread unit u = pair words 8u..8u+7 = columns c0..c0+7 and c0+32..c0+39,
+// c0 = 64 (u / 4) + 8 (u % 4), thread i holding unit i: loaded, reduced to the row's min / max and
+// written from registers.
+__global__ void __launch_bounds__(PREP_THREADS) prep_x_kernel(const PrepParams p) {
   launch_dependents();
   grid_dependency_wait();  // (returns at once unless launched with PDL)
   const int r = blockIdx.x;
@@ -221,24 +254,45 @@ __global__ void prep_x_kernel(const PrepParams p) {
     const int slot = p.rows != nullptr ? p.rows[r] : r;
     src = slot < p.nslots ? (p.topk > 0 ? slot / p.topk : r) : -1;
   }
-  const int half = p.KP >> 1;
+  const int half = p.KP >> 1, units = p.KP >> 4, nth = blockDim.x;
   uint32_t* out = p.xp + (size_t)r * (p.i8 ? half / 2 : half);
   if (src < 0) {
-    for (int i = threadIdx.x; i < (p.i8 ? half / 2 : half); i += blockDim.x) out[i] = 0u;
+    for (int i = threadIdx.x; i < (p.i8 ? half / 2 : half); i += nth) out[i] = 0u;
     if (p.quant && threadIdx.x == 0) p.xscale[r] = 0.f;
     return;
   }
-  const void* x = p.x;
   const size_t base = (size_t)src * p.ldx;
+  const bool vec = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && p.ldx % (p.itype == 2 ? 4 : 8) == 0;
+  auto col0 = [](int u) { return ((u >> 2) << 6) + ((u & 3) << 3); };
+  auto load_unit = [&](int u, float* v) {
+    load8(p.x, base, col0(u), p.K, p.itype, vec, v);
+    load8(p.x, base, col0(u) + 32, p.K, p.itype, vec, v + 8);
+  };
+  float v[16];  // this thread's unit threadIdx.x
+  if (threadIdx.x < units) {
+    load_unit(threadIdx.x, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = 0.f;
+  }
   float scale = 1.f, zero = 0.f;
   const float qmax = (float)((1 << p.bits) - 1);
   if (p.quant) {
     __shared__ float smin[32], smax[32];
     float lo = 0.f, hi = 0.f;  // the clamps at 0 of the reference are the initial values
-    for (int i = threadIdx.x; i < p.K; i += blockDim.x) {
-      const float v = load_in(x, base + i, p.itype);
-      lo = fminf(lo, v);
-      hi = fmaxf(hi, v);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      lo = fminf(lo, v[i]);
+      hi = fmaxf(hi, v[i]);
+    }
+    for (int u = threadIdx.x + nth; u < units; u += nth) {
+      float t[16];
+      load_unit(u, t);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        lo = fminf(lo, t[i]);
+        hi = fmaxf(hi, t[i]);
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -252,7 +306,7 @@ __global__ void prep_x_kernel(const PrepParams p) {
     __syncthreads();
     lo = smin[0];
     hi = smax[0];
-    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
+    for (int w = 1; w < (nth >> 5); ++w) {
       lo = fminf(lo, smin[w]);
       hi = fmaxf(hi, smax[w]);
     }
@@ -262,19 +316,33 @@ __global__ void prep_x_kernel(const PrepParams p) {
     zero = rintf(__fdiv_rn(-lo, scale));
     if (threadIdx.x == 0) p.xscale[r] = scale;
   }
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const int c0 = ((i >> 5) << 6) + (i & 31), c1 = c0 + 32;
-    float v0 = c0 < p.K ? load_in(x, base + c0, p.itype) : 0.f;
-    float v1 = c1 < p.K ? load_in(x, base + c1, p.itype) : 0.f;
+  // unit u of the row -> xp: 8 pair words (two 16-byte stores) or 8 pairs of int8 codes (one)
+  auto store_unit = [&](int u, float* v) {
+    const int c0 = col0(u);
     if (p.quant) {
-      v0 = c0 < p.K ? fminf(fmaxf(rintf(__fdiv_rn(v0, scale)) + zero, 0.f), qmax) - zero : 0.f;
-      v1 = c1 < p.K ? fminf(fmaxf(rintf(__fdiv_rn(v1, scale)) + zero, 0.f), qmax) - zero : 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+        v[i] = c0 + (i & 7) + (i >> 3) * 32 < p.K ? fminf(fmaxf(rintf(__fdiv_rn(v[i], scale)) + zero, 0.f), qmax) - zero : 0.f;
     }
-    if (p.i8)
-      reinterpret_cast<uint16_t*>(p.xp)[(size_t)r * half + i] =
-          (uint16_t)(uint8_t)(int8_t)v0 | ((uint16_t)(uint8_t)(int8_t)v1 << 8);
-    else
-      out[i] = pack2(v0, v1, p.bf16);
+    uint32_t w[8];
+    if (p.i8) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] = (uint32_t)(uint8_t)(int8_t)v[j] | ((uint32_t)(uint8_t)(int8_t)v[8 + j] << 8);
+      *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.xp) + (size_t)r * half + 8 * u) =
+          make_uint4(w[0] | w[1] << 16, w[2] | w[3] << 16, w[4] | w[5] << 16, w[6] | w[7] << 16);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) w[j] = pack2(v[j], v[8 + j], p.bf16);
+      uint4* o = reinterpret_cast<uint4*>(out + 8 * u);
+      o[0] = make_uint4(w[0], w[1], w[2], w[3]);
+      o[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    }
+  };
+  if (threadIdx.x < units) store_unit(threadIdx.x, v);
+  for (int u = threadIdx.x + nth; u < units; u += nth) {
+    float t[16];
+    load_unit(u, t);
+    store_unit(u, t);
   }
 }
 
@@ -743,8 +811,9 @@ static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st) {
   if (rows_out <= 0) return 0;
-  // the W4A4 row pass (min / max, divide) is latency-bound: wide blocks
-  return (int)cq::launch_pdl(cq::prep_x_kernel, dim3(rows_out), dim3(1024), 0, st, p.pdl != 0, p);
+  // latency-bound: one unit of 8 pair words per thread where the row allows, at most PREP_THREADS
+  const int units = p.KP >> 4, threads = units < cq::PREP_THREADS ? (units + 31) / 32 * 32 : cq::PREP_THREADS;
+  return (int)cq::launch_pdl(cq::prep_x_kernel, dim3(rows_out), dim3(threads), 0, st, p.pdl != 0, p);
 }
 
 int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_blocks, int* sorted, int* bexp, cudaStream_t st) {
