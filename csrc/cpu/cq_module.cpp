@@ -66,7 +66,11 @@ const Isa* g_isa = nullptr;
 // split into one contiguous range per participating thread (the caller is participant 0);
 // each thread runs its own range front to back, so its rows form one sequential stream
 // through memory, and a thread that runs out takes items from the back of the others'
-// ranges, which balances load on a busy machine.
+// ranges, which balances load on a busy machine. The caller never waits for a worker that
+// has not joined the job yet: once no item is left it closes the job and waits only for the
+// workers inside it, so on a machine with more busy threads than cores (other processes,
+// torch's spinning OpenMP workers) a descheduled worker costs nothing, and 2 threads are
+// not slower than 1 by a scheduler time slice.
 
 class Pool {
  public:
@@ -86,14 +90,17 @@ class Pool {
     for (int p = 0; p <= workers; ++p)
       ranges_[p].v.store(pack(items * p / (workers + 1), items * (p + 1) / (workers + 1)), std::memory_order_relaxed);
     job_workers_ = workers;
-    pending_.store(workers, std::memory_order_relaxed);
+    open_.store(true);
     {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work(0);
-    while (pending_.load(std::memory_order_acquire) != 0) pause();
+    // Every item is taken: close the job and wait for the workers that joined it (sequentially
+    // consistent with join(): a worker either is counted in inside_ here or sees the job closed).
+    open_.store(false);
+    while (inside_.load() != 0) pause();
   }
 
   ~Pool() {
@@ -158,10 +165,9 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      if (id < job_workers_) {
-        work(id + 1);
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
+      inside_.fetch_add(1);  // join job `seen` if it is still open (else it was finished without us)
+      if (open_.load() && gen_.load() == seen && id < job_workers_) work(id + 1);
+      inside_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -173,7 +179,8 @@ class Pool {
     std::atomic<uint64_t> v{0};
   };
   Range ranges_[kMaxThreads];
-  std::atomic<int> pending_{0};
+  std::atomic<bool> open_{false};  // the current job still admits workers
+  std::atomic<int> inside_{0};     // workers inside a job
   Fn fn_ = nullptr;
   void* ctx_ = nullptr;
   int job_workers_ = 0;
