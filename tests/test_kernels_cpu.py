@@ -9,6 +9,10 @@ this machine runs (portable, avx2, avx512), with the tolerances documented in th
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -227,6 +231,50 @@ def test_time_run_computes_linear(act):
     times = _lut.time_run(plans, x.data_ptr(), 0, 2, y.data_ptr(), 2, 3)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert torch.equal(y, cpu.linear(x, weights[0], act, threads=2))  # reps 3: the last call ran plans[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+def test_decode_threads_runs_kernels_on_the_budget_and_torch_on_one():
+    """Inside decode_threads a kernel call uses torch's thread count (3: the pool starts 2
+    workers) while torch's ops get 1 thread; torch's count is restored after. A fresh process:
+    the pool's workers start at its first multi-threaded job."""
+    script = textwrap.dedent("""
+        import os, torch
+        import codequant.kernels.cpu as cpu
+        from codequant.format import pack
+        from codequant.quantizers.activations import ActQuantSpec
+        weight = pack(torch.randint(0, 16, (1024, 1024)), torch.randn(1024, 1, 16))
+        x = torch.randn(1, 1024)
+        torch.set_num_threads(3)
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        with cpu.decode_threads():
+            assert torch.get_num_threads() == 1
+            before = tasks()
+            cpu.linear(x, weight, ActQuantSpec(8))
+            torch.add(torch.ones(1 << 20), 1)  # a torch op starts no threads
+            print(tasks() - before, torch.get_num_threads())
+        print(torch.get_num_threads())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2", "1", "3"]
+
+
+def test_decode_threads_restores_on_error_and_nests():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="inside"):
+            with cpu.decode_threads(3):
+                with cpu.decode_threads(1):
+                    assert cpu._decode_threads[0] == 1
+                assert (torch.get_num_threads(), cpu._decode_threads[0]) == (1, 3)
+                raise RuntimeError("inside")
+        assert (torch.get_num_threads(), cpu._decode_threads[0]) == (2, 0)
+        with pytest.raises(ValueError, match="at least 1"):
+            with cpu.decode_threads(-1):
+                pass
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_modules_dispatch_to_cpu_backend():
