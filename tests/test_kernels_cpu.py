@@ -277,6 +277,49 @@ def test_decode_threads_restores_on_error_and_nests():
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_bf16_matches_torch(isa):
+    """The bf16 lm_head kernel: float32 sums (order only) against float64, row tails of every
+    width, bf16 in and out, and the same bits on any thread count."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k, m in ((1000, 2048, 1), (33, 100, 3), (7, 5, 2)):
+        w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(m, k, generator=gen)
+        ref = (x.double() @ w.double().T).float()
+        tol = FLOAT_RTOL * (x.abs() @ w.float().abs().T) + FLOAT_ATOL
+        with cpu.use_isa(isa):
+            y = cpu.linear_bf16(x, w, threads=2)
+            assert y.dtype == torch.float32 and bool(((y - ref).abs() <= tol).all())
+            assert torch.equal(y, cpu.linear_bf16(x, w, threads=1)) and torch.equal(y, cpu.linear_bf16(x, w, threads=3))
+            y16 = cpu.linear_bf16(x.bfloat16().unsqueeze(0), w)
+            ref16 = (x.bfloat16().double() @ w.double().T).float()
+        assert y16.dtype == torch.bfloat16 and y16.shape == (1, m, n)
+        assert bool(((y16[0].float() - ref16).abs() <= tol + 2 * BF16_EPS * ref16.abs()).all())
+
+
+def test_decode_threads_routes_the_bf16_head_and_restores_it(monkeypatch):
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(64, 300, bias=False, dtype=torch.bfloat16)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    toy, x = Toy(), torch.randn(1, 1, 64).bfloat16()
+    plain = torch.nn.functional.linear(x, toy.head.weight)
+    with torch.no_grad():
+        with cpu.decode_threads(model=toy):
+            assert torch.equal(toy.head(x), cpu.linear_bf16(x, toy.head.weight))
+        assert "forward" not in toy.head.__dict__ and torch.equal(toy.head(x), plain)
+    with cpu.decode_threads(model=toy):  # with gradients: torch's linear, differentiable
+        assert "forward" in toy.head.__dict__
+        toy.head(x.requires_grad_()).sum().backward()
+    assert x.grad is not None
+    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+    with cpu.decode_threads(model=toy):
+        assert "forward" not in toy.head.__dict__
+
+
 def test_modules_dispatch_to_cpu_backend():
     assert select_backend("linear", "cpu") is cpu.linear
     assert select_backend("moe", "cpu") is cpu.moe

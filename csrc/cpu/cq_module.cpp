@@ -666,6 +666,23 @@ static PyObject* py_moe(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_bf16_linear(PyObject*, PyObject* args) {
+  // bf16_linear(x, M, K, w, N, y, threads): y [M, N] float32 = x [M, K] float32 @ w^T, w [N, K]
+  // bf16 (a plain lm_head), rows split over the pool as linear() splits packed rows.
+  long long x, M, K, w, N, y;
+  int threads;
+  if (!PyArg_ParseTuple(args, "LLLLLLi", &x, &M, &K, &w, &N, &y, &threads)) return nullptr;
+  if (N * K * 2 < 65536) threads = 1;  // too small to be worth waking the pool
+  const int64_t R = N / (8 * (int64_t)std::max(threads, 1)) + 1, items = (N + R - 1) / R;
+  const Isa* isa = g_isa;
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(threads, items, [&](int64_t i) {
+    isa->bf16_rows((const uint16_t*)w, K, (const float*)x, K, M, (float*)y, N, i * R, std::min<int64_t>(N, (i + 1) * R));
+  });
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_quantize(PyObject*, PyObject* args) {
   // quantize(x_f32_ptr, M, K, bits, GA, clip, q_ptr, s_ptr, z_ptr[, interleave]) with the current
   // ISA's quantizer: q [M, K] in natural column order, or [M, KQ] in the kernels' 128-column
@@ -776,6 +793,7 @@ static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))py_run, METH_FASTCALL, "linear on a plan: run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads)."},
     {"time_run", py_time_run, METH_VARARGS, "time_run(plans, x, x_bf16, M, y, threads, reps) -> us per call of run() timed from C++."},
     {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
+    {"bf16_linear", py_bf16_linear, METH_VARARGS, "y = x @ w^T for a plain bf16 weight (float32 x and y; pointers)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},
