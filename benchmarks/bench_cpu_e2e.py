@@ -115,12 +115,13 @@ def decode_ms(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     return 1e3 * statistics.median(b - a for a, b in zip(steps.times, steps.times[1:]))
 
 
-def threads_mode(mode: str, threads: int):
-    """Threads of a generation: "decode-threads" (codequant.kernels.cpu.decode_threads, what
-    codequant generate does: the kernels on `threads`, torch's ops on 1) or "two-pools" (torch's
-    ops and the kernels each on `threads`: a plain model.generate)."""
+def threads_mode(mode: str, threads: int, model: nn.Module):
+    """Threads of a generation: "decode-threads" (codequant.kernels.cpu.decode_threads with the
+    model, what codequant generate does: the kernels and the bf16 lm_head on `threads`, torch's
+    other ops on 1) or "two-pools" (torch's ops and the kernels each on `threads`: a plain
+    model.generate)."""
     torch.set_num_threads(threads)
-    return cpu_kernels.decode_threads() if mode == "decode-threads" else contextlib.nullcontext()
+    return cpu_kernels.decode_threads(model=model) if mode == "decode-threads" else contextlib.nullcontext()
 
 
 def fit(layers: list[int], ms: list[float]) -> dict:
@@ -174,7 +175,7 @@ def main() -> None:
         with torch.inference_mode():
             for r in range(args.repeats + 1):
                 for v, m, t in settings:
-                    with threads_mode(m, t):
+                    with threads_mode(m, t, variants[v]):
                         ms = decode_ms(variants[v], prompt, args.new_tokens if r else 4)
                     if r:  # round 0 warms up
                         samples[(v, m, t)].append(ms)
