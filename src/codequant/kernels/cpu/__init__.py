@@ -1,8 +1,8 @@
 """CPU lookup-table kernels for packed CodeQuant weights (compiled extension ``_lut``).
 
 ``linear`` and ``moe`` have the signatures of :mod:`codequant.kernels.reference` (plus a
-``threads`` argument, default ``torch.get_num_threads()`` or :func:`decode_threads`'s) and register as the ``cpu``
-backend, which :func:`codequant.kernels.select_backend` picks for CPU tensors.
+``threads`` argument, default ``torch.get_num_threads()`` or :func:`decode_threads`'s) and
+register as the ``cpu`` backend, which :func:`codequant.kernels.select_backend` picks for CPU tensors.
 
 Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
 ``CODEQUANT_CPU_ISA=portable|avx2|avx512`` or :func:`use_isa`):
@@ -65,7 +65,10 @@ try:
 except ImportError as exc:  # the compiled extension is missing: no cpu backend
     raise ImportError(f"codequant CPU kernels are not built ({exc}); reinstall with `pip install .`") from exc
 
-__all__ = ["linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "int8_codebook", "interleaved_indices", "INT8_HALF_STEP"]
+__all__ = [
+    "linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "int8_codebook",
+    "interleaved_indices", "INT8_HALF_STEP",
+]
 
 INT8_HALF_STEP = 0.5  # tolerance unit: half an int8 codebook step (see module doc)
 
@@ -152,7 +155,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, threads: int | None = Non
     output in x's dtype (bf16: the float32 result rounded once)."""
     n, k = weight.shape
     if weight.dtype is not torch.bfloat16 or weight.device.type != "cpu" or x.device.type != "cpu" or x.shape[-1] != k:
-        raise ValueError(f"linear_bf16 needs a CPU bf16 weight [N, {x.shape[-1]}] and CPU input, got {weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(f"linear_bf16 needs a CPU bf16 weight [N, {x.shape[-1]}] and a CPU input, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
     w = weight.contiguous()
     xf = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
@@ -364,7 +368,8 @@ def linear(
         if len(_out_shapes) > 256:
             _out_shapes.clear()
     y = x.new_empty(out_shape)  # x is float32 or bf16 here: the output dtype
-    _lut.run(plan[6], x.data_ptr(), xb, x.numel() // k, bp, bb, y.data_ptr(), xb, threads or _decode_threads[0] or torch.get_num_threads())
+    threads = threads or _decode_threads[0] or torch.get_num_threads()
+    _lut.run(plan[6], x.data_ptr(), xb, x.numel() // k, bp, bb, y.data_ptr(), xb, threads)
     return y if y.dtype is dtype else y.to(dtype)
 
 
@@ -405,7 +410,8 @@ def moe(
     _lut.moe(
         x2.data_ptr(), bf16, t, h, idx.shape[1], e, idx.data_ptr(), wts.data_ptr(),
         *gp_plan[10], two_i, gp_plan[11], *dp_plan[10], dp_plan[11],
-        bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(), int(threads or _decode_threads[0] or torch.get_num_threads()),
+        bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(),
+        int(threads or _decode_threads[0] or torch.get_num_threads()),
     )
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
