@@ -6,17 +6,21 @@
 ``--model``: the bundled fixture (or any Qwen3-MoE checkpoint); its attention projections
 and routed experts are quantized data-free with CodeQuant's k-means codebooks (4-bit, one
 16-entry codebook per row); embeddings, norms, routers and lm_head stay bf16.
-``--random-layers L``: instead, a random-weight Qwen3-30B-A3B-shaped model with L layers
-(hidden 2048, 128 experts of 768, top-8) and random packed weights, where the weight
-bytes, not Python overhead, dominate a decode step.
-Greedy decoding of ``--new-tokens`` tokens after a short prompt, with the KV cache; tokens/s
-(median of 5 generations) for each thread count of ``--threads``, each block started on an
-idle machine (see bench_cpu.wait_until_idle).
+``--random-layers 2,8``: instead, random-weight Qwen3-30B-A3B-shaped models with 2 and 8
+layers (hidden 2048, 128 experts of 768, top-8, vocab 32000) and random packed weights,
+where the weight bytes, not Python overhead, dominate a decode step; with several layer
+counts the report fits ms/token = a + b x layers (a: fixed cost per token, b: per layer).
+Greedy decoding of ``--new-tokens`` tokens after a short prompt, with the KV cache. For each
+variant, threads mode (``--modes``, see threads_mode) and thread count (``--threads``) the time per decode
+step, from rounds that run every setting once (interleaved, so a slow period of a shared
+machine hits all alike); each model's block starts on an idle machine (see
+bench_cpu.wait_until_idle) unless ``--no-idle-wait``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, Qwen3MoeConfig
+
+import codequant.kernels.cpu as cpu_kernels
 
 from codequant.format import PackedWeight, pack, padded_columns
 from codequant.kernels import select_backend
@@ -35,6 +41,8 @@ from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.quantizers.activations import ActQuantSpec
 from codequant.quantizers.codebook import fit_codebooks
+
+ACTS = {"codequant-w4a16": ActQuantSpec(16), "codequant-w4a8": ActQuantSpec(8), "codequant-w4a4": ActQuantSpec(4)}
 
 
 def _packed(weight: torch.Tensor, random: bool) -> PackedWeight:
@@ -62,78 +70,148 @@ def codequant_model(model: nn.Module, act: ActQuantSpec, random: bool) -> nn.Mod
     return model
 
 
-def random_model(layers: int) -> nn.Module:
+def random_model(layers: int, dense: bool) -> nn.Module:
+    """The random-weight Qwen3-30B-A3B-shaped model; without ``dense`` its attention projections
+    and experts are left on the meta device (codequant_model replaces them), so 8 layers fit in
+    a few GB instead of ~10 GB of bf16 experts."""
     cfg = Qwen3MoeConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
         num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         max_position_embeddings=4096, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    if dense:
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    for name, p in model.named_parameters():
+        if ".experts." in name or any(f"{proj}.weight" in name for proj in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            continue
+        init = torch.ones(p.shape) if name.endswith("norm.weight") else 0.02 * torch.randn(p.shape)
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(init.to(torch.bfloat16), requires_grad=False))
+    return model
 
 
-def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, threads: int, repeats: int = 5) -> tuple[float, float]:
-    """(median, best) decode tokens/s over `repeats` generations (after a warm-up)."""
+class _StepTimes(LogitsProcessor):
+    """Records the time of each generation step (called once per new token)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decode_ms(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Median ms per decode step of one greedy generation (prefill excluded: the intervals
+    between consecutive steps)."""
+    steps = _StepTimes()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         logits_processor=LogitsProcessorList([steps]))
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return 1e3 * statistics.median(b - a for a, b in zip(steps.times, steps.times[1:]))
+
+
+def threads_mode(mode: str, threads: int, model: nn.Module):
+    """Threads of a generation: "decode-threads" (codequant.kernels.cpu.decode_threads with the
+    model, what codequant generate does: the kernels and the bf16 lm_head on `threads`, torch's
+    other ops on 1) or "two-pools" (torch's ops and the kernels each on `threads`: a plain
+    model.generate)."""
     torch.set_num_threads(threads)
-    rates = []
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            dt = time.perf_counter() - t0
-            assert out.shape[1] == prompt.shape[1] + new_tokens
-            rates.append(new_tokens / dt)
-    return statistics.median(rates), max(rates)
+    return cpu_kernels.decode_threads(model=model) if mode == "decode-threads" else contextlib.nullcontext()
+
+
+def fit(layers: list[int], ms: list[float]) -> dict:
+    """Least-squares ms/token = a + b * layers."""
+    mx, my = statistics.fmean(layers), statistics.fmean(ms)
+    b = sum((x - mx) * (y - my) for x, y in zip(layers, ms)) / sum((x - mx) ** 2 for x in layers)
+    return {"a_ms": round(my - b * mx, 2), "b_ms_per_layer": round(b, 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/codequant-moe-tiny")
-    ap.add_argument("--random-layers", type=int, default=0)
+    ap.add_argument("--random-layers", default="", help="comma-separated layer counts of the random Qwen3-shaped model")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--variants", default="bf16,codequant-w4a16,codequant-w4a8,codequant-w4a4")
+    ap.add_argument("--modes", default="decode-threads", help="comma-separated: decode-threads, two-pools (see threads_mode)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine (contended runs)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
-    random = args.random_layers > 0
-    if random:
-        base = random_model(args.random_layers)
-        source = f"random-weight Qwen3-30B-A3B-shaped model, {args.random_layers} layers"
-    else:
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
-        source = args.model
-    base.generation_config.pad_token_id = base.generation_config.eos_token_id = None
-    prompt = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    variants = {"bf16": base}
-    for name, act in (("codequant-w4a16", ActQuantSpec(16)), ("codequant-w4a8", ActQuantSpec(8)), ("codequant-w4a4", ActQuantSpec(4))):
-        variants[name] = codequant_model(base, act, random)
-    assert select_backend("moe", "cpu").__module__ == "codequant.kernels.cpu"
+    names = args.variants.split(",")
+    unknown = set(names) - {"bf16", *ACTS}
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}")
+    threads, modes = [int(t) for t in args.threads.split(",")], args.modes.split(",")
+    if set(modes) - {"decode-threads", "two-pools"}:
+        raise SystemExit(f"unknown modes {modes}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_cpu import wait_until_idle
 
-    results, idle_log = [], []
-    for threads in [int(t) for t in args.threads.split(",")]:
-        wait_until_idle(idle_log)
-        row = {"threads": threads}
-        best = {}
-        for name, model in variants.items():
-            med, top = decode_tokens_per_s(model, prompt, args.new_tokens, threads)
-            row[name], best[name] = round(med, 2), round(top, 2)
-        for name in variants:
-            if name != "bf16":
-                row[f"{name}_vs_bf16"] = round(row[name] / row["bf16"], 3)
-        row["best"] = best
-        print(json.dumps(row), flush=True)
-        results.append(row)
+    assert select_backend("moe", "cpu").__module__ == "codequant.kernels.cpu"
+    idle_log, rows = [], []
+    for layers in [int(n) for n in args.random_layers.split(",")] if args.random_layers else [0]:
+        if layers:
+            base = random_model(layers, dense="bf16" in names)
+            source = f"random-weight Qwen3-30B-A3B-shaped model, {layers} layers"
+        else:
+            base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+            source = args.model
+        base.generation_config.pad_token_id = base.generation_config.eos_token_id = None
+        prompt = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        variants = {name: base if name == "bf16" else codequant_model(base, ACTS[name], layers > 0) for name in names}
+        del base
+        if not args.no_idle_wait:
+            wait_until_idle(idle_log)
+        # Every (variant, mode, threads) once per round, rounds interleaved: a slow period of
+        # the machine hits all settings alike; the median over rounds is reported.
+        settings = [(v, m, t) for v in variants for m in modes for t in threads]
+        samples = {s: [] for s in settings}
+        with torch.inference_mode():
+            for r in range(args.repeats + 1):
+                for v, m, t in settings:
+                    with threads_mode(m, t, variants[v]):
+                        ms = decode_ms(variants[v], prompt, args.new_tokens if r else 4)
+                    if r:  # round 0 warms up
+                        samples[(v, m, t)].append(ms)
+        for v, m, t in settings:
+            ms = statistics.median(samples[(v, m, t)])
+            row = {"model": source, "layers": layers, "variant": v, "mode": m, "threads": t, "ms_per_token": round(ms, 2),
+                   "tokens_per_s": round(1e3 / ms, 2), "ms_samples": [round(x, 2) for x in samples[(v, m, t)]]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del variants
+    fits, side_by_side = [], []
+    for v in names:
+        for m in modes:
+            by_threads = {}
+            for t in threads:
+                pts = [(r["layers"], r["ms_per_token"]) for r in rows if (r["variant"], r["mode"], r["threads"]) == (v, m, t)]
+                by_threads[t] = dict(pts)
+                if len({n for n, _ in pts}) > 1:
+                    fits.append({"variant": v, "mode": m, "threads": t, **fit(*map(list, zip(*pts)))})
+                    print(json.dumps(fits[-1]), flush=True)
+            if 1 in by_threads:
+                for t in threads:
+                    if t != 1:
+                        side_by_side.append({"variant": v, "mode": m, "threads": t, "speedup_over_1_thread": {
+                            n: round(by_threads[1][n] / ms, 3) for n, ms in by_threads[t].items()}})
     report = {
-        "model": source,
-        "unit": "decode tokens/s (greedy, KV cache, batch 1)",
+        "command": "python " + " ".join(sys.argv),
+        "unit": "ms per decode step (greedy, KV cache, batch 1); tokens_per_s = 1000 / ms_per_token",
         "new_tokens": args.new_tokens,
         "quantized": "attention q/k/v/o and routed experts: 4-bit indices, one 16-entry codebook per row; rest bf16",
         "loadavg": os.getloadavg(),
-        "idle_checks": idle_log,
-        "statistic": "median of 5 generations after a warm-up (best of the 5 under 'best')",
-        "results": results,
+        "idle_checks": idle_log if not args.no_idle_wait else "not waited for (contended run)",
+        "statistic": f"per generation the median interval between decode steps; median over {args.repeats} interleaved rounds",
+        "results": rows,
+        "fit_ms_per_token_a_plus_b_x_layers": fits,
+        "speedup_over_1_thread_by_layers": side_by_side,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -109,6 +109,31 @@ def test_generate_compiled_gives_the_eager_text(checkpoint):
     assert got == want
 
 
+def test_generate_on_cpu_gives_kernels_the_threads_and_restores_torch(checkpoint, monkeypatch):
+    """generate() runs on one pool: every kernel call gets torch's thread count while torch's
+    ops run on 1 thread, and torch's count is restored afterwards."""
+    cpu = pytest.importorskip("codequant.kernels.cpu", reason="compiled CPU kernels not built")
+    monkeypatch.delenv("CODEQUANT_BACKEND")
+    calls = []
+    for name in ("run", "moe"):
+        kernel = getattr(cpu._lut, name)
+
+        def spy(*args, kernel=kernel):
+            calls.append((torch.get_num_threads(), args[-1]))
+            return kernel(*args)
+
+        monkeypatch.setattr(cpu._lut, name, spy)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        generate(model, "abc", max_new_tokens=3, stream=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert calls and set(calls) == {(1, 2)}
+
+
 def test_generate_needs_tokenizer_for_in_memory_model():
     model = quantize_tiny(tiny_model("olmoe"))
     with pytest.raises(ValueError, match="pass tokenizer="):

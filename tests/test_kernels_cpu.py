@@ -9,6 +9,10 @@ this machine runs (portable, avx2, avx512), with the tolerances documented in th
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -227,6 +231,93 @@ def test_time_run_computes_linear(act):
     times = _lut.time_run(plans, x.data_ptr(), 0, 2, y.data_ptr(), 2, 3)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert torch.equal(y, cpu.linear(x, weights[0], act, threads=2))  # reps 3: the last call ran plans[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+def test_decode_threads_runs_kernels_on_the_budget_and_torch_on_one():
+    """Inside decode_threads a kernel call uses torch's thread count (3: the pool starts 2
+    workers) while torch's ops get 1 thread; torch's count is restored after. A fresh process:
+    the pool's workers start at its first multi-threaded job."""
+    script = textwrap.dedent("""
+        import os, torch
+        import codequant.kernels.cpu as cpu
+        from codequant.format import pack
+        from codequant.quantizers.activations import ActQuantSpec
+        weight = pack(torch.randint(0, 16, (1024, 1024)), torch.randn(1024, 1, 16))
+        x = torch.randn(1, 1024)
+        torch.set_num_threads(3)
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        with cpu.decode_threads():
+            assert torch.get_num_threads() == 1
+            before = tasks()
+            cpu.linear(x, weight, ActQuantSpec(8))
+            torch.add(torch.ones(1 << 20), 1)  # a torch op starts no threads
+            print(tasks() - before, torch.get_num_threads())
+        print(torch.get_num_threads())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2", "1", "3"]
+
+
+def test_decode_threads_restores_on_error_and_nests():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="inside"):
+            with cpu.decode_threads(3):
+                with cpu.decode_threads(1):
+                    assert cpu._decode_threads[0] == 1
+                assert (torch.get_num_threads(), cpu._decode_threads[0]) == (1, 3)
+                raise RuntimeError("inside")
+        assert (torch.get_num_threads(), cpu._decode_threads[0]) == (2, 0)
+        with pytest.raises(ValueError, match="at least 1"):
+            with cpu.decode_threads(-1):
+                pass
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_bf16_matches_torch(isa):
+    """The bf16 lm_head kernel: float32 sums (order only) against float64, row tails of every
+    width, bf16 in and out, and the same bits on any thread count."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k, m in ((1000, 2048, 1), (33, 100, 3), (7, 5, 2)):
+        w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(m, k, generator=gen)
+        ref = (x.double() @ w.double().T).float()
+        tol = FLOAT_RTOL * (x.abs() @ w.float().abs().T) + FLOAT_ATOL
+        with cpu.use_isa(isa):
+            y = cpu.linear_bf16(x, w, threads=2)
+            assert y.dtype == torch.float32 and bool(((y - ref).abs() <= tol).all())
+            assert torch.equal(y, cpu.linear_bf16(x, w, threads=1)) and torch.equal(y, cpu.linear_bf16(x, w, threads=3))
+            y16 = cpu.linear_bf16(x.bfloat16().unsqueeze(0), w)
+            ref16 = (x.bfloat16().double() @ w.double().T).float()
+        assert y16.dtype == torch.bfloat16 and y16.shape == (1, m, n)
+        assert bool(((y16[0].float() - ref16).abs() <= tol + 2 * BF16_EPS * ref16.abs()).all())
+
+
+def test_decode_threads_routes_the_bf16_head_and_restores_it(monkeypatch):
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(64, 300, bias=False, dtype=torch.bfloat16)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    toy, x = Toy(), torch.randn(1, 1, 64).bfloat16()
+    plain = torch.nn.functional.linear(x, toy.head.weight)
+    with torch.no_grad():
+        with cpu.decode_threads(model=toy):
+            assert torch.equal(toy.head(x), cpu.linear_bf16(x, toy.head.weight))
+        assert "forward" not in toy.head.__dict__ and torch.equal(toy.head(x), plain)
+    with cpu.decode_threads(model=toy):  # with gradients: torch's linear, differentiable
+        assert "forward" in toy.head.__dict__
+        toy.head(x.requires_grad_()).sum().backward()
+    assert x.grad is not None
+    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+    with cpu.decode_threads(model=toy):
+        assert "forward" not in toy.head.__dict__
 
 
 def test_modules_dispatch_to_cpu_backend():

@@ -224,9 +224,37 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
   }
 }
 
+// 8 bf16 weights as float32 (bf16 is the high half of a float32).
+inline __m256 load_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// Two vectors of 8 weights per step (two accumulators), float32 FMA.
+void bf16_rows(const uint16_t* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(load_bf16(row + k), _mm256_loadu_ps(xm + k), a0);
+        a1 = _mm256_fmadd_ps(load_bf16(row + k + 8), _mm256_loadu_ps(xm + k + 8), a1);
+      }
+      const __m256 a = _mm256_add_ps(a0, a1);
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      float sum = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+      for (; k < K; ++k) sum += bf16_value(row[k]) * xm[k];
+      y[m * ldy + n] = sum;
+    }
+  }
+}
+
 }  // namespace
 
-const Isa isa_avx2 = {"avx2", f32_ok, i8_ok, f32_rows, i8_rows, false, quantize_row};
+const Isa isa_avx2 = {"avx2", f32_ok, i8_ok, f32_rows, i8_rows, false, quantize_row, bf16_rows};
 
 }  // namespace cq
 #endif

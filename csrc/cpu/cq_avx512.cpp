@@ -285,9 +285,35 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t GA, float clip, i
   if (interleave) interleave128(dst, KQ, q);
 }
 
+// 16 bf16 weights as float32 (bf16 is the high half of a float32).
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// Two vectors of 16 weights per step (two accumulators), float32 FMA.
+void bf16_rows(const uint16_t* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        a0 = _mm512_fmadd_ps(load_bf16(row + k), _mm512_loadu_ps(xm + k), a0);
+        a1 = _mm512_fmadd_ps(load_bf16(row + k + 16), _mm512_loadu_ps(xm + k + 16), a1);
+      }
+      const __m512 a = _mm512_add_ps(a0, a1);
+      float sum = _mm512_reduce_add_ps(a);
+      for (; k < K; ++k) sum += bf16_value(row[k]) * xm[k];
+      y[m * ldy + n] = sum;
+    }
+  }
+}
+
 }  // namespace
 
-const Isa isa_avx512 = {"avx512", f32_ok, i8_ok, f32_rows, i8_rows, true, quantize_row};
+const Isa isa_avx512 = {"avx512", f32_ok, i8_ok, f32_rows, i8_rows, true, quantize_row, bf16_rows};
 
 }  // namespace cq
 #endif

@@ -74,6 +74,10 @@ struct Isa {
   // gives codes, scales and zeros bit-identical to quantize_activations.
   void (*quantize_row)(const float* x, int64_t K, int bits, int64_t GA, float clip, int64_t KQ, bool interleave, uint8_t* q,
                        float* s, float* z);
+  // A plain bf16 weight w [N, K] (an unquantized lm_head): rows [n0, n1) for M tokens,
+  // y[m * ldy + n] = sum_k w[n * K + k] * x[m * ldx + k] in float32.
+  void (*bf16_rows)(const uint16_t* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n0,
+                    int64_t n1);
 };
 
 #define CQ_INF __builtin_inff()
@@ -147,6 +151,13 @@ static inline float half_to_float(uint16_t h) {
   } else {
     bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
   }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float bf16_value(uint16_t v) {
+  const uint32_t bits = (uint32_t)v << 16;
   float f;
   __builtin_memcpy(&f, &bits, 4);
   return f;

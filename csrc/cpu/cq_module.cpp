@@ -66,7 +66,11 @@ const Isa* g_isa = nullptr;
 // split into one contiguous range per participating thread (the caller is participant 0);
 // each thread runs its own range front to back, so its rows form one sequential stream
 // through memory, and a thread that runs out takes items from the back of the others'
-// ranges, which balances load on a busy machine.
+// ranges, which balances load on a busy machine. The caller never waits for a worker that
+// has not joined the job yet: once no item is left it closes the job and waits only for the
+// workers inside it, so on a machine with more busy threads than cores (other processes,
+// torch's spinning OpenMP workers) a descheduled worker costs nothing, and 2 threads are
+// not slower than 1 by a scheduler time slice.
 
 class Pool {
  public:
@@ -86,14 +90,17 @@ class Pool {
     for (int p = 0; p <= workers; ++p)
       ranges_[p].v.store(pack(items * p / (workers + 1), items * (p + 1) / (workers + 1)), std::memory_order_relaxed);
     job_workers_ = workers;
-    pending_.store(workers, std::memory_order_relaxed);
+    open_.store(true);
     {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work(0);
-    while (pending_.load(std::memory_order_acquire) != 0) pause();
+    // Every item is taken: close the job and wait for the workers that joined it (sequentially
+    // consistent with join(): a worker either is counted in inside_ here or sees the job closed).
+    open_.store(false);
+    while (inside_.load() != 0) pause();
   }
 
   ~Pool() {
@@ -158,10 +165,9 @@ class Pool {
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
-      if (id < job_workers_) {
-        work(id + 1);
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
+      inside_.fetch_add(1);  // join job `seen` if it is still open (else it was finished without us)
+      if (open_.load() && gen_.load() == seen && id < job_workers_) work(id + 1);
+      inside_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -173,7 +179,8 @@ class Pool {
     std::atomic<uint64_t> v{0};
   };
   Range ranges_[kMaxThreads];
-  std::atomic<int> pending_{0};
+  std::atomic<bool> open_{false};  // the current job still admits workers
+  std::atomic<int> inside_{0};     // workers inside a job
   Fn fn_ = nullptr;
   void* ctx_ = nullptr;
   int job_workers_ = 0;
@@ -659,6 +666,23 @@ static PyObject* py_moe(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_bf16_linear(PyObject*, PyObject* args) {
+  // bf16_linear(x, M, K, w, N, y, threads): y [M, N] float32 = x [M, K] float32 @ w^T, w [N, K]
+  // bf16 (a plain lm_head), rows split over the pool as linear() splits packed rows.
+  long long x, M, K, w, N, y;
+  int threads;
+  if (!PyArg_ParseTuple(args, "LLLLLLi", &x, &M, &K, &w, &N, &y, &threads)) return nullptr;
+  if (N * K * 2 < 65536) threads = 1;  // too small to be worth waking the pool
+  const int64_t R = N / (8 * (int64_t)std::max(threads, 1)) + 1, items = (N + R - 1) / R;
+  const Isa* isa = g_isa;
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(threads, items, [&](int64_t i) {
+    isa->bf16_rows((const uint16_t*)w, K, (const float*)x, K, M, (float*)y, N, i * R, std::min<int64_t>(N, (i + 1) * R));
+  });
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_quantize(PyObject*, PyObject* args) {
   // quantize(x_f32_ptr, M, K, bits, GA, clip, q_ptr, s_ptr, z_ptr[, interleave]) with the current
   // ISA's quantizer: q [M, K] in natural column order, or [M, KQ] in the kernels' 128-column
@@ -769,6 +793,7 @@ static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))py_run, METH_FASTCALL, "linear on a plan: run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads)."},
     {"time_run", py_time_run, METH_VARARGS, "time_run(plans, x, x_bf16, M, y, threads, reps) -> us per call of run() timed from C++."},
     {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
+    {"bf16_linear", py_bf16_linear, METH_VARARGS, "y = x @ w^T for a plain bf16 weight (float32 x and y; pointers)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},

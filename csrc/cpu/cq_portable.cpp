@@ -92,8 +92,24 @@ void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
   }
 }
 
+void bf16_rows(const uint16_t* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4)
+        for (int j = 0; j < 4; ++j) acc[j] += bf16_value(row[k + j]) * xm[k + j];
+      for (; k < K; ++k) acc[0] += bf16_value(row[k]) * xm[k];
+      y[m * ldy + n] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  }
+}
+
 }  // namespace
 
-const Isa isa_portable = {"portable", f32_ok, i8_ok, f32_rows, i8_rows, false, quantize_row_scalar};
+const Isa isa_portable = {"portable", f32_ok, i8_ok, f32_rows, i8_rows, false, quantize_row_scalar, bf16_rows};
 
 }  // namespace cq

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,20 @@ def compile_config():
     config = CompileConfig(fullgraph=True)
     config._compile_all_devices = True
     return config
+
+
+def _one_pool(model, compiled: bool):
+    """On the CPU, :func:`codequant.kernels.cpu.decode_threads` (the whole thread budget to the
+    kernels, torch's ops on 1 thread; eager, the bf16 lm_head on the kernels' threads too);
+    elsewhere, or without the CPU kernels, nothing."""
+    if next(model.parameters()).device.type == "cpu":
+        try:
+            from .kernels.cpu import decode_threads
+        except ImportError:
+            pass
+        else:
+            return decode_threads(model=None if compiled else model)
+    return contextlib.nullcontext()
 
 
 def generate(
@@ -39,7 +54,9 @@ def generate(
     tokenizer too) or a loaded model (then pass ``tokenizer``, or the model's
     ``config.name_or_path`` must hold one). With ``stream`` the new text is printed to stdout
     as it is produced (``TextStreamer``). Greedy by default; the KV cache is used. The rate
-    counts every new token over the whole ``generate`` call (prefill included).
+    counts every new token over the whole ``generate`` call (prefill included). On the CPU the
+    call runs inside :func:`codequant.kernels.cpu.decode_threads` (eager: with the bf16 lm_head
+    on the kernels' threads; torch's thread count is restored after it).
 
     ``compile`` (True or a transformers ``CompileConfig``): a static KV cache and the decode step
     under ``torch.compile`` (transformers' generation compile, CUDA graphs on a GPU: about 2x the
@@ -76,7 +93,7 @@ def generate(
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _one_pool(model, bool(compile)):
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True, streamer=streamer,
             pad_token_id=pad, **generate_kwargs,

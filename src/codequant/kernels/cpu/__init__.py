@@ -1,8 +1,8 @@
 """CPU lookup-table kernels for packed CodeQuant weights (compiled extension ``_lut``).
 
 ``linear`` and ``moe`` have the signatures of :mod:`codequant.kernels.reference` (plus a
-``threads`` argument, default ``torch.get_num_threads()``) and register as the ``cpu``
-backend, which :func:`codequant.kernels.select_backend` picks for CPU tensors.
+``threads`` argument, default ``torch.get_num_threads()`` or :func:`decode_threads`'s) and
+register as the ``cpu`` backend, which :func:`codequant.kernels.select_backend` picks for CPU tensors.
 
 Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
 ``CODEQUANT_CPU_ISA=portable|avx2|avx512`` or :func:`use_isa`):
@@ -34,6 +34,14 @@ at first use (:func:`interleaved_indices`; the saved format and the module's buf
 unchanged): 4 rows per sequential run, about twice the DRAM throughput of 4 separate
 rows of K/2 bytes. It costs one extra copy of the indices in memory.
 
+Threads: the kernels run on the extension's own pool, ``threads`` of them (default: torch's
+count). Torch's OpenMP workers spin-wait for a few ms after each torch op, so while a decode
+step alternates torch ops and kernel calls, both pools are busy and 2 threads share 2 cores
+with a third. :func:`decode_threads` gives the whole thread budget to the kernels for a block
+(torch's ops on 1 thread: at one token per step they gain little from threads), and with
+the model, its bf16 lm_head runs on the kernels' threads too (:func:`linear_bf16`, at the
+read bandwidth, where torch's bf16 matrix-vector product reaches about half of it).
+
 Configurations without a SIMD path (group sizes that are not multiples of 32) run the
 portable kernels, which handle every group size; training-mode calls (inputs that need
 gradients) and activation widths of 9-15 bits go to the reference path.
@@ -42,6 +50,8 @@ gradients) and activation widths of 9-15 bits go to the reference path.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import weakref
 
 import torch
@@ -55,7 +65,10 @@ try:
 except ImportError as exc:  # the compiled extension is missing: no cpu backend
     raise ImportError(f"codequant CPU kernels are not built ({exc}); reinstall with `pip install .`") from exc
 
-__all__ = ["linear", "moe", "isa", "available_isas", "use_isa", "int8_codebook", "interleaved_indices", "INT8_HALF_STEP"]
+__all__ = [
+    "linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "int8_codebook",
+    "interleaved_indices", "INT8_HALF_STEP",
+]
 
 INT8_HALF_STEP = 0.5  # tolerance unit: half an int8 codebook step (see module doc)
 
@@ -86,6 +99,70 @@ def use_isa(name: str):
         yield
     finally:
         _set_isa(old)
+
+
+# ---------------------------------------------------------------- threads
+
+_decode_threads = [0]  # the kernels' thread count inside decode_threads (0: torch's count)
+
+
+@contextlib.contextmanager
+def decode_threads(threads: int | None = None, model: torch.nn.Module | None = None):
+    """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
+    (default: torch's count on entry) and torch's own ops on 1; torch's count is restored on
+    exit. With ``model``, its bf16 lm_head (output embeddings, a CPU ``nn.Linear`` without
+    bias) runs through :func:`linear_bf16` on those threads in the block, where the cpu
+    backend is in use (not under ``CODEQUANT_BACKEND=reference``, nor with a replaced forward).
+
+    Chosen over ``OMP_WAIT_POLICY=PASSIVE`` (which works only when set before torch is
+    imported) and over running the kernels on torch's OpenMP threads (whose barriers spin on
+    descheduled threads: far slower on a shared machine): with torch on 1 thread its OpenMP
+    workers fall asleep, and the kernels, which do nearly all the work of a decode step, have
+    the cores. Prefill inside the block also runs torch's ops (attention) on 1 thread.
+    ``torch.set_num_threads`` is process-wide: other threads' torch ops see 1 thread too."""
+    n = threads or torch.get_num_threads()
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    head = model.get_output_embeddings() if model is not None else None
+    routed = (
+        isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype is torch.bfloat16
+        and head.weight.device.type == "cpu" and "forward" not in head.__dict__
+        and os.environ.get("CODEQUANT_BACKEND", "cpu") in ("", "cpu")
+    )
+    old_torch, old_kernels = torch.get_num_threads(), _decode_threads[0]
+    torch.set_num_threads(1)
+    _decode_threads[0] = n
+    if routed:
+        head.forward = functools.partial(_head_forward, head.weight)
+    try:
+        yield
+    finally:
+        if routed:
+            del head.forward
+        _decode_threads[0] = old_kernels
+        torch.set_num_threads(old_torch)
+
+
+def _head_forward(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return torch.nn.functional.linear(x, weight)
+    return linear_bf16(x, weight)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """x @ weight^T for a plain bf16 weight [N, K] (an unquantized lm_head) on the kernels'
+    threads: float32 products and sums (as torch's bf16 linear, up to summation order), the
+    output in x's dtype (bf16: the float32 result rounded once)."""
+    n, k = weight.shape
+    if weight.dtype is not torch.bfloat16 or weight.device.type != "cpu" or x.device.type != "cpu" or x.shape[-1] != k:
+        raise ValueError(f"linear_bf16 needs a CPU bf16 weight [N, {x.shape[-1]}] and a CPU input, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    w = weight.contiguous()
+    xf = x.reshape(-1, k).to(torch.float32).contiguous()
+    y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+    _lut.bf16_linear(xf.data_ptr(), xf.shape[0], k, w.data_ptr(), n, y.data_ptr(),
+                     threads or _decode_threads[0] or torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
 # ---------------------------------------------------------------- int8 codebooks (cached)
@@ -291,7 +368,8 @@ def linear(
         if len(_out_shapes) > 256:
             _out_shapes.clear()
     y = x.new_empty(out_shape)  # x is float32 or bf16 here: the output dtype
-    _lut.run(plan[6], x.data_ptr(), xb, x.numel() // k, bp, bb, y.data_ptr(), xb, threads or torch.get_num_threads())
+    threads = threads or _decode_threads[0] or torch.get_num_threads()
+    _lut.run(plan[6], x.data_ptr(), xb, x.numel() // k, bp, bb, y.data_ptr(), xb, threads)
     return y if y.dtype is dtype else y.to(dtype)
 
 
@@ -332,7 +410,8 @@ def moe(
     _lut.moe(
         x2.data_ptr(), bf16, t, h, idx.shape[1], e, idx.data_ptr(), wts.data_ptr(),
         *gp_plan[10], two_i, gp_plan[11], *dp_plan[10], dp_plan[11],
-        bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(), int(threads or torch.get_num_threads()),
+        bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(),
+        int(threads or _decode_threads[0] or torch.get_num_threads()),
     )
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
