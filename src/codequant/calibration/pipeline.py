@@ -318,7 +318,7 @@ class InMemoryLayers:
     def load(self, i: int) -> nn.Module:
         return self.adapter.layers(self.model)[i]
 
-    def release(self, i: int) -> None:
+    def release(self, i: int, reset: bool) -> None:
         pass
 
 
@@ -422,10 +422,11 @@ class Quantizer:
             self.prepared[i] = "rotated"
         return layer
 
-    def close_layer(self, i: int) -> None:
-        """Free a streamed layer (it is read and prepared again when opened next)."""
+    def close_layer(self, i: int, done: bool) -> None:
+        """Free a streamed layer: ``done`` (quantized and saved) keeps its modules on the meta
+        device for the checkpoint's specs, else it is read and prepared again when opened next."""
         if self.streamed:
-            self.layers.release(i)
+            self.layers.release(i, reset=not done)
             self.prepared.pop(i, None)
 
     @torch.no_grad()
@@ -451,7 +452,7 @@ class Quantizer:
                 x = run(i, layer, x)
                 for h in hooks:
                     h.remove()
-            self.close_layer(i)
+            self.close_layer(i, done=False)
         acts = torch.cat(samples).to(self.device)
         bar = tqdm(total=self.config.rotation_steps, desc="AOS: training R1", disable=not self.progress)
         bits = self.config.abits if self.config.abits < 16 else 4
@@ -492,7 +493,7 @@ class Quantizer:
                 self._set_backend(layer, None)
             if self.free_done:  # its tensors are in OUT.partial, the checkpoint reads them there
                 self.bits = max(self.bits, infer_bits(layer))
-                self.close_layer(i)
+                self.close_layer(i, done=True)
             elapsed = time.time() - start
             log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left", i + 1, len(layers), elapsed, elapsed / (i + 1) * (len(layers) - i - 1))
         self.stage_bar = None

@@ -13,6 +13,7 @@ Host memory: the skeleton, the global tensors and the layers in memory at the ti
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -82,6 +83,7 @@ class StreamedModel:
                     match = layer_of.match(target)
                     self.keys[int(match.group(1)) if match else None][f].append(key)
         self.loaded: set[int] = set()
+        self.pristine = [copy.deepcopy(layer) for layer in self.adapter.layers(self.model)]  # meta: no storage
 
     def _real_buffers(self) -> None:
         """Non-persistent buffers (rotary inv_freq) are computed, not stored: rebuild their module on the CPU."""
@@ -135,7 +137,13 @@ class StreamedModel:
             self.loaded.add(i)
         return self.adapter.layers(self.model)[i]
 
-    def release(self, i: int) -> None:
-        """Free decoder layer ``i`` (its parameters and buffers go back to the meta device)."""
-        self.adapter.layers(self.model)[i].to("meta")
+    def release(self, i: int, reset: bool) -> None:
+        """Free decoder layer ``i``. ``reset``: put back the layer as built (it will be read again;
+        modules a transform replaced, such as folded LayerNorms, must be the checkpoint's again);
+        else keep its modules (quantized ones included) with their tensors on the meta device."""
+        layers = self.adapter.layers(self.model)
+        if reset:
+            layers[i] = copy.deepcopy(self.pristine[i])
+        else:
+            layers[i].to("meta")
         self.loaded.discard(i)
