@@ -8,7 +8,11 @@ per-expert tensors fused into ``experts.gate_up_proj`` [E, 2I, H] / ``experts.do
 [E, H, I]), so a layer holds exactly what ``from_pretrained`` would give it. The embedding,
 final norm and lm_head (everything outside the decoder layers) load with :meth:`load_globals`.
 
-Host memory: the skeleton, the global tensors and the layers in memory at the time.
+Host memory: the skeleton, the global tensors and the layers in memory at the time. glibc
+raises its mmap threshold each time a large block is freed (up to 32 MiB), after which freed
+layers stay in the heap, fragment it and the resident set grows with depth; a streamed run
+therefore fixes the threshold at 1 MiB (:func:`return_freed_memory`), so every tensor larger
+than that goes back to the system when freed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ from ..adapters import ArchitectureAdapter, get_adapter
 from ..io.checkpoint import INDEX_FILE, SINGLE_FILE
 
 log = logging.getLogger("codequant")
+
+
+MMAP_THRESHOLD = 2**20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+
+
+def return_freed_memory() -> bool:
+    """Make glibc serve (and give back) every allocation above MMAP_THRESHOLD with its own
+    mapping; False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -62,6 +83,7 @@ class StreamedModel:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         self.directory, self.dtype = Path(directory), dtype
+        return_freed_memory()
         config = AutoConfig.from_pretrained(str(self.directory))
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
