@@ -84,7 +84,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "auto"
     max_gpu_memory: float | None = None  # GiB the device may use (None: no cap); refused up front when below one layer's need
-    stream: bool = True  # read each decoder layer from disk when its turn comes (directory / hub sources); False: load the whole model first
+    stream: bool = False  # read each decoder layer from disk when its turn comes (directory / hub sources); False: load the whole model first
     calibrate_all_experts: bool = True  # expert statistics (k-means weights, Hessians) from every token, not only routed ones
     # stage 1: AOS
     rotation_steps: int = 400

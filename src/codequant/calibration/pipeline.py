@@ -10,7 +10,7 @@
 Each layer is calibrated on the outputs of the already-quantized layers before it. A
 finished layer is saved under ``OUT.partial/``; rerunning the same command resumes there.
 
-A model given as a directory or hub id is streamed (:mod:`.streaming`): each decoder layer is
+With ``stream``, a model given as a directory or hub id is streamed (:mod:`.streaming`): each decoder layer is
 read from disk when its turn comes, folded and rotated on its own, and (with an output
 directory) freed once its packed tensors are saved; the learned R1 takes two passes over the
 layers (collect activations, then quantize). The result equals the in-memory path's.
