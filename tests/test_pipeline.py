@@ -90,8 +90,8 @@ def test_grouped_codebooks_use_pog_and_group_size(monkeypatch):
     result = quantize(copy.deepcopy(fp), QuantConfig(group_size=32, **FAST), progress=False, calibration=_calibration())
     q = result.model.model.layers[0].self_attn.q_proj
     assert q.group_size == 32 and q.codebook.shape[-2] == 64 // 32
-    # POG runs once with the group size and reorders 16 channel sets (experts and value heads of both layers)
-    assert permuted == [(32, 16)]
+    # POG runs once per layer with the group size and reorders 16 channel sets (experts and value heads of both layers)
+    assert permuted == [(32, 8), (32, 8)]
 
 
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def _config_from_args(args):
     flags = {
         "method": args.method, "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "seed": args.seed,
-        "max_gpu_memory": args.max_gpu_memory,
+        "max_gpu_memory": args.max_gpu_memory, "stream": True if args.stream else None,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.config:
@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")
     q.add_argument("--device", help="cuda, cpu or auto (default)")
     q.add_argument("--max-gpu-memory", type=float, metavar="GIB", help="cap on the device memory (GiB); fewer experts at a time, refused up front if one layer cannot fit")
+    q.add_argument("--stream", action="store_true", help="read each decoder layer from disk when its turn comes and free it once written (default: load the whole model into host memory first)")
     q.add_argument("--seed", type=int, help="random seed of sampling, k-means and rotations (default 0)")
     q.add_argument("--config", help="YAML or TOML file of QuantConfig options; flags override it")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -84,6 +84,8 @@ class QuantConfig:
     seed: int = 0
     device: str = "auto"
     max_gpu_memory: float | None = None  # GiB the device may use (None: no cap); refused up front when below one layer's need
+    stream: bool = False  # read each decoder layer from disk when its turn comes (directory / hub sources); False: load the whole model first
+    calibrate_all_experts: bool = True  # experts no calibration token is routed to take statistics (k-means weights, Hessians) from every token
     # stage 1: AOS
     rotation_steps: int = 400
     rotation_lr: float = 1e-2
@@ -170,4 +172,5 @@ class QuantConfig:
         d = self.to_dict()
         d.pop("device")
         d.pop("max_gpu_memory")  # changes batching, not the result
+        d.pop("stream")  # changes where the weights wait, not the result
         return json.dumps(d, sort_keys=True)

@@ -19,6 +19,7 @@ Dense MLPs (and shared experts) are SwiGLU with ``gate_proj``, ``up_proj``, ``do
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -298,31 +299,38 @@ class ArchitectureAdapter:
             out.append(StreamWeight(self._prefix(name, down), m, "weight", -2, _bias_name(m)))
         return out
 
-    def residual_readers(self, model: nn.Module) -> list[NormReaders]:
+    def residual_readers(self, model: nn.Module, layers: Collection[int] | None = None, head: bool = True) -> list[NormReaders]:
         """Every residual-stream norm (two per layer, then the final norm) with its readers;
-        names relative to the model."""
+        names relative to the model. ``layers``: only these decoder layers (None: all);
+        ``head``: include the final norm and lm_head."""
         out = []
         for i, layer in enumerate(self.layers(model)):
+            if layers is not None and i not in layers:
+                continue
             pre = self.layer_name(i)
             attn = [StreamWeight(f"{pre}.{n}", m, "weight", -1, _bias_name(m)) for n, m in self.attention_readers(layer)]
             mlp = [_renamed(w, f"{pre}.{w.name}") for w in self.mlp_readers(layer)]
             out.append(NormReaders(f"{pre}.{self.layout.input_norm}", self.input_norm(layer), attn))
             out.append(NormReaders(f"{pre}.{self.layout.post_attention_norm}", self.post_attention_norm(layer), mlp))
-        head = self.lm_head(model)
-        out.append(
-            NormReaders(
-                self._prefix(self.layout.decoder, self.layout.final_norm),
-                self.final_norm(model),
-                [StreamWeight(self.layout.lm_head, head, "weight", -1, _bias_name(head))],
+        if head:
+            lm_head = self.lm_head(model)
+            out.append(
+                NormReaders(
+                    self._prefix(self.layout.decoder, self.layout.final_norm),
+                    self.final_norm(model),
+                    [StreamWeight(self.layout.lm_head, lm_head, "weight", -1, _bias_name(lm_head))],
+                )
             )
-        )
         return out
 
-    def residual_writers(self, model: nn.Module) -> list[StreamWeight]:
-        """The embedding table (stream on its last dim) and every layer's writers."""
+    def residual_writers(self, model: nn.Module, layers: Collection[int] | None = None, embedding: bool = True) -> list[StreamWeight]:
+        """The embedding table (stream on its last dim; with ``embedding``) and the writers of
+        every layer (of ``layers`` only, when given)."""
         emb = StreamWeight(self._prefix(self.layout.decoder, self.layout.embed_tokens), self.embed_tokens(model), "weight", -1)
-        out = [emb]
+        out = [emb] if embedding else []
         for i, layer in enumerate(self.layers(model)):
+            if layers is not None and i not in layers:
+                continue
             out += [_renamed(w, f"{self.layer_name(i)}.{w.name}") for w in self.layer_writers(layer)]
         return out
 

@@ -9,6 +9,11 @@
 
 Each layer is calibrated on the outputs of the already-quantized layers before it. A
 finished layer is saved under ``OUT.partial/``; rerunning the same command resumes there.
+
+With ``stream``, a model given as a directory or hub id is streamed (:mod:`.streaming`): each decoder layer is
+read from disk when its turn comes, folded and rotated on its own, and (with an output
+directory) freed once its packed tensors are saved; the learned R1 takes two passes over the
+layers (collect activations, then quantize). The result equals the in-memory path's.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ log = logging.getLogger("codequant")
 
 @dataclass
 class QuantResult:
-    model: nn.Module
+    model: nn.Module | None  # None when a streamed run freed its layers into ``out_dir``: load the checkpoint
     tokenizer: object
     report: dict = field(default_factory=dict)
 
@@ -68,9 +73,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local Hugging Face directory or a hub id, on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_source(name_or_path: str) -> str:
+    """The local directory or hub id of a supported model (clear errors otherwise)."""
+    from transformers import AutoConfig
 
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -88,7 +93,15 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             f"unsupported architecture {config.model_type!r} ({', '.join(config.architectures or [])}); "
             f"CodeQuant supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    source = str(path) if looks_local else name_or_path
+    return str(path) if looks_local else name_or_path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local Hugging Face directory or a hub id, on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = check_source(name_or_path)
+    config = AutoConfig.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.eval()
     model.codequant_source_dtype = config.dtype or dtype  # the checkpoint's own dtype, for saving
@@ -97,8 +110,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
 
 
 # -- calibration data -------------------------------------------------------------------
-def calibration_tokens(model, tokenizer, config: QuantConfig, cache: Path | None, model_dir: str | None) -> tuple[torch.Tensor, str]:
-    """[nsamples, seqlen] tokens and a description of where they came from."""
+def calibration_tokens(full_model, tokenizer, config: QuantConfig, cache: Path | None, model_dir: str | None) -> tuple[torch.Tensor, str]:
+    """[nsamples, seqlen] tokens and a description of where they came from; ``full_model()``
+    gives the full-precision model to sample from when no data source is configured."""
     if cache is not None and cache.is_file():
         from safetensors import safe_open
 
@@ -111,7 +125,7 @@ def calibration_tokens(model, tokenizer, config: QuantConfig, cache: Path | None
         tokens, source = calibration_windows(tokenizer, texts, config.nsamples, config.seqlen, config.seed), config.calib
     else:
         log.info("no calibration data given: sampling %d x %d tokens from the full-precision model", config.nsamples, config.seqlen)
-        tokens = sample_from_model(model, tokenizer, config.nsamples, config.seqlen, config.seed)
+        tokens = sample_from_model(full_model(), tokenizer, config.nsamples, config.seqlen, config.seed)
         source = "text sampled from the full-precision model (data-free)"
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -174,15 +188,17 @@ class InputStats:
 
     @classmethod
     def of(cls, x: torch.Tensor, act: ActQuantSpec, hessian: bool, device: torch.device | None = None, transform=None, batch: int = 8192) -> "InputStats":
-        """Statistics of the rows of x [T, K] (after ``transform``), summed over batches of
-        ``batch`` rows moved to ``device`` (default: x's device)."""
+        """Statistics of the rows of x [T, K] (T > 0; after ``transform``), summed over batches
+        of ``batch`` rows moved to ``device`` (default: x's device)."""
         device = device or x.device
-        k = x.shape[-1]
-        a, b = torch.zeros(k, device=device), torch.zeros(k, device=device)
-        h = torch.zeros(k, k, device=device) if hessian else None
+        a = b = h = None
         for s in range(0, x.shape[0], batch):
             xb = x[s : s + batch].to(device)
             xb = transform(xb) if transform is not None else xb
+            if a is None:  # the transform may change the row length
+                k = xb.shape[-1]
+                a, b = torch.zeros(k, device=device), torch.zeros(k, device=device)
+                h = torch.zeros(k, k, device=device) if hessian else None
             xq = fake_quantize_activations(xb, act)
             a += (xb * xb).sum(0)
             b += (xb * xq).sum(0)
@@ -192,9 +208,27 @@ class InputStats:
         return cls(a / n, b / n, x.shape[0], 2 * h / n if hessian else None)
 
 
+def _expert_hidden(experts: nn.Module, e: int, x: torch.Tensor, hadamard: int) -> torch.Tensor:
+    """Expert e's down-projection input act(x G_e^T) * (x U_e^T) (times H_b with the online Hadamard)."""
+    gate, up = F.linear(x, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
+    h = experts.act_fn(gate) * up
+    return block_hadamard(h, hadamard) if hadamard else h
+
+
+def _all_token_experts_stats(experts: nn.Module, x: torch.Tensor, which: list[int], act: ActQuantSpec, down_act: ActQuantSpec,
+                             hadamard: int, hessian: bool, batch: int):
+    """(e, gate_up stats, down stats) for each expert e in ``which`` over every token of x [T, H]
+    (on the host; batches of ``batch`` tokens visit the experts' device), whatever the routing:
+    gate_up sees x itself (one InputStats shared by all), down sees :func:`_expert_hidden` of x.
+    For experts the routing never reached, so their codebooks are fit to data, not data-free."""
+    dev = experts.gate_up_proj.device
+    shared = InputStats.of(x, act, hessian, dev, batch=batch)
+    return [(e, shared, InputStats.of(x, down_act, hessian, dev, lambda v, e=e: _expert_hidden(experts, e, v, hadamard), batch)) for e in which]
+
+
 def _experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, act: ActQuantSpec, down_act: ActQuantSpec, hadamard: int, hessian: bool):
-    """Per-expert input statistics of gate_up and down, and token counts (x [T, H] and
-    top_k_index may live on the host; each expert's tokens visit the experts' device)."""
+    """Per-expert input statistics of gate_up and down over each expert's routed tokens (x [T, H]
+    and top_k_index may live on the host; each expert's tokens visit the experts' device)."""
     num, hidden, inter = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
     dev = experts.gate_up_proj.device
     gu = [InputStats(torch.ones(hidden, device=dev), torch.ones(hidden, device=dev), 0, torch.eye(hidden, device=dev) if hessian else None) for _ in range(num)]
@@ -202,11 +236,7 @@ def _experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tenso
     for e in torch.unique(top_k_index).tolist():
         tok = torch.nonzero((top_k_index == e).any(-1)).squeeze(-1)
         xe = x[tok].to(dev)
-        gate, up = F.linear(xe, experts.gate_up_proj[e].float()).chunk(2, dim=-1)
-        h = experts.act_fn(gate) * up
-        if hadamard:
-            h = block_hadamard(h, hadamard)
-        gu[e], dn[e] = InputStats.of(xe, act, hessian), InputStats.of(h, down_act, hessian)
+        gu[e], dn[e] = InputStats.of(xe, act, hessian), InputStats.of(_expert_hidden(experts, e, xe, hadamard), down_act, hessian)
     if hessian:
         _pool_expert_hessians(gu)
         _pool_expert_hessians(dn)
@@ -280,12 +310,34 @@ def _reassign(book: accf.Codebook, weight: torch.Tensor, stats: tuple, chunk: in
 
 
 # -- the driver ---------------------------------------------------------------------------
-class Quantizer:
-    """One quantization run (see the module doc). Use :func:`quantize`."""
+class InMemoryLayers:
+    """The decoder layers of a model already in memory: nothing to read or free."""
 
-    def __init__(self, model, config: QuantConfig, out_dir: Path | None, progress: bool, clock: StageClock | None = None):
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter):
+        self.model, self.adapter = model, adapter
+
+    def load(self, i: int) -> nn.Module:
+        return self.adapter.layers(self.model)[i]
+
+    def release(self, i: int, reset: bool) -> None:
+        pass
+
+
+class Quantizer:
+    """One quantization run (see the module doc). Use :func:`quantize`.
+
+    ``layers`` reads and frees decoder layers (:class:`InMemoryLayers` or a
+    :class:`~.streaming.StreamedModel`); a streamed run with ``out_dir`` frees each layer once saved.
+    """
+
+    def __init__(self, model, config: QuantConfig, out_dir: Path | None, progress: bool, clock: StageClock | None = None, layers=None):
         self.model, self.config, self.progress = model, config, progress
         self.adapter = get_adapter(model)
+        self.layers = layers or InMemoryLayers(model, self.adapter)
+        self.streamed = layers is not None
+        self.free_done = self.streamed and out_dir is not None
+        self.prepared: dict[int, str] = {}  # layer index -> "folded" | "rotated"
+        self.r1: torch.Tensor | None = None
         self.device = resolve_device(config.device)
         self.clock = clock or StageClock()
         self.plan = plan_memory(self.adapter.layers(model), self._routed_experts, max(config.accf_batch_tokens, 8 * config.seqlen), config.max_gpu_memory)
@@ -347,8 +399,10 @@ class Quantizer:
 
     # global transforms -----------------------------------------------------------------
     def transform(self, tokens: torch.Tensor) -> None:
+        """Norm folding and R1 for the embedding, final norm and lm_head; R1 chosen (random
+        Hadamard, AOS-trained or resumed). Each layer gets its part in :meth:`open_layer`."""
         recipe = self.config.recipe
-        fold_norms(self.model, self.adapter)
+        fold_norms(self.model, self.adapter, layers=(), outside=True)
         if recipe.rotation == "none":
             return
         hidden = self.adapter.hidden_size(self.model)
@@ -361,11 +415,32 @@ class Quantizer:
             r1 = self.learn_rotation(tokens)
         if saved is not None:
             atomic_save_tensors({"R1": r1.contiguous()}, saved)
-        rotate_residual(self.model, self.adapter, r1.to(torch.float64))
-        if self.config.value_rotation:
-            rotate_value_heads(self.model, self.adapter, self.config.seed)
-        if recipe.permute and self.config.group_size:
-            apply_pog(self.model, self.adapter, self.config.group_size)
+        self.r1 = r1.to(torch.float64)
+        rotate_residual(self.model, self.adapter, self.r1, layers=(), outside=True)
+
+    def open_layer(self, i: int, rotated: bool) -> nn.Module:
+        """Decoder layer ``i``, read if streamed, with its norms folded and (``rotated``) R1, R2
+        and POG applied: the same weights :meth:`transform` of the whole model would give."""
+        layer = self.layers.load(i)
+        if i not in self.prepared:
+            fold_norms(self.model, self.adapter, layers=(i,), outside=False)
+            self.prepared[i] = "folded"
+        if rotated and self.prepared[i] == "folded":
+            if self.r1 is not None:
+                rotate_residual(self.model, self.adapter, self.r1, layers=(i,), outside=False)
+                if self.config.value_rotation:
+                    rotate_value_heads(self.model, self.adapter, self.config.seed, layers=(i,))
+                if self.config.recipe.permute and self.config.group_size:
+                    apply_pog(self.model, self.adapter, self.config.group_size, layers=(i,))
+            self.prepared[i] = "rotated"
+        return layer
+
+    def close_layer(self, i: int, done: bool) -> None:
+        """Free a streamed layer: ``done`` (quantized and saved) keeps its modules on the meta
+        device for the checkpoint's specs, else it is read and prepared again when opened next."""
+        if self.streamed:
+            self.layers.release(i, reset=not done)
+            self.prepared.pop(i, None)
 
     @torch.no_grad()
     def learn_rotation(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -382,13 +457,15 @@ class Quantizer:
             samples.append(acts[pick.to(acts.device)].cpu())
 
         x = self.embed(tokens)
-        for i, layer in enumerate(tqdm(self.adapter.layers(self.model), desc="AOS: collecting activations", disable=not self.progress)):
+        for i in tqdm(range(len(self.adapter.layers(self.model))), desc="AOS: collecting activations", disable=not self.progress):
+            layer = self.open_layer(i, rotated=False)
             with on_device(layer, self.device):
                 norms = (self.adapter.input_norm(layer), self.adapter.post_attention_norm(layer))
                 hooks = [m.register_forward_hook(sample) for m in norms]
                 x = run(i, layer, x)
                 for h in hooks:
                     h.remove()
+            self.close_layer(i, done=False)
         acts = torch.cat(samples).to(self.device)
         bar = tqdm(total=self.config.rotation_steps, desc="AOS: training R1", disable=not self.progress)
         bits = self.config.abits if self.config.abits < 16 else 4
@@ -407,10 +484,12 @@ class Quantizer:
         x = self.embed(tokens)
         run = LayerRunner(self.model, self.adapter, self.device)
         layers = self.adapter.layers(self.model)
-        bar = tqdm(layers, desc="quantizing layers", unit="layer", disable=not self.progress)
+        bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not self.progress)
         start = time.time()
-        for i, layer in enumerate(bar):
+        for i in bar:
             self.stage_bar = bar
+            with self._stage("load"):
+                layer = self.open_layer(i, rotated=True)
             with on_device(layer, self.device):
                 saved = self.partial / f"layer_{i:04d}.safetensors" if self.partial else None
                 if saved is not None and saved.is_file():
@@ -425,6 +504,8 @@ class Quantizer:
                 with self._stage("propagate"):
                     x = run(i, layer, x)
                 self._set_backend(layer, None)
+            if self.free_done:  # its tensors are in OUT.partial, the checkpoint reads them there
+                self.close_layer(i, done=True)
             elapsed = time.time() - start
             log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left", i + 1, len(layers), elapsed, elapsed / (i + 1) * (len(layers) - i - 1))
         self.stage_bar = None
@@ -536,10 +617,15 @@ class Quantizer:
                 d_w = experts.down_proj.detach().float()
                 if hb:
                     d_w = block_hadamard(d_w, hb)
-                gu_stats, d_stats = _experts_stats(experts, x_experts, top_k_index, self.act, self.act, hb, hessian)
-                unreached = [e for e, s in enumerate(gu_stats) if s.count == 0]
+                reached = torch.bincount(top_k_index.flatten(), minlength=experts.gate_up_proj.shape[0])
+                unreached = [e for e in range(len(reached)) if reached[e] == 0]
                 if unreached:
                     self.report["unreached_experts"][full] = unreached
+                gu_stats, d_stats = _experts_stats(experts, x_experts, top_k_index, self.act, self.act, hb, hessian)
+                if unreached and self.config.calibrate_all_experts:  # statistics from every token
+                    for e, gu, dn in _all_token_experts_stats(experts, x_experts, unreached, self.act, self.act, hb, hessian, batch):
+                        gu_stats[e], d_stats[e] = gu, dn
+                else:
                     for e in unreached:  # data-free k-means for experts no token reached
                         gu_stats[e] = InputStats(torch.ones_like(gu_stats[e].a), torch.ones_like(gu_stats[e].b), 0, gu_stats[e].hessian)  # H: pooled
                 del x_experts, top_k_index
@@ -634,24 +720,36 @@ class Quantizer:
 
     # resume -----------------------------------------------------------------------------
     def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
-        """The layer's packed tensors, with its specs and its part of the report (unreached experts, ACCF losses)."""
-        tensors, specs = {}, {}
+        """The layer's checkpoint tensors (packed modules, biases, norms; not the weights of quantized
+        routers, rebuilt at load), with its specs, the names of its parameters and its part of the
+        report (unreached experts, ACCF losses)."""
+        specs = {}
         for name, module in layer.named_modules():
             if isinstance(module, CodeQuantLinear):
                 specs[name] = {"kind": "linear", "hadamard_block": module.hadamard_block}
-                if module.bias is not None:
-                    tensors[f"{name}.bias"] = module.bias.detach()
             elif isinstance(module, CodeQuantExperts):
                 specs[name] = {"kind": "experts", "hadamard_block": module.hadamard_block}
             elif hasattr(module, "codequant_act"):
                 specs[name] = {"kind": "router", "hadamard_block": 0}
-            else:
-                continue
-            for buf in ("indices", "codebook", "row_sum", "gate_up_indices", "gate_up_codebook", "gate_up_row_sum", "down_indices", "down_codebook", "down_row_sum"):
-                if hasattr(module, buf) and isinstance(getattr(module, buf), torch.Tensor):
-                    tensors[f"{name}.{buf}"] = getattr(module, buf).detach().contiguous().cpu()
+        skip = {f"{name}.weight" for name, spec in specs.items() if spec["kind"] == "router"}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items() if k not in skip}
+        params = sorted(k for k, _ in layer.named_parameters() if k not in skip)
         report = {key: {k: v for k, v in self.report[key].items() if k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf")}
-        atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "report": json.dumps(report)})
+        atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "params": json.dumps(params), "report": json.dumps(report)})
+
+    def saved_layer_tensors(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of freed layer ``i`` (names relative to the model) from its
+        ``OUT.partial`` file, float parameters cast to ``dtype`` as the in-memory path does."""
+        from safetensors import safe_open
+
+        prefix = self.adapter.layer_name(i) + "."
+        with safe_open(str(self.partial / f"layer_{i:04d}.safetensors"), "pt") as f:
+            params = set(json.loads(f.metadata()["params"]))
+            out = {}
+            for key in f.keys():
+                t = f.get_tensor(key)
+                out[prefix + key] = t.to(dtype) if key in params and t.is_floating_point() else t
+        return out
 
     def restore_layer(self, layer: nn.Module, path: Path) -> None:
         from safetensors import safe_open
@@ -750,11 +848,23 @@ def quantize(
         check_output(out_dir, source, overwrite)
         record = run_record(source, json.loads(config.fingerprint()), config.calib)
         start_or_resume(partial_dir(out_dir), record, create=False)
-    if isinstance(model, str):
+    dtype = torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16
+    streamed = None
+    if isinstance(model, str) and config.stream:
+        from transformers import AutoTokenizer
+
+        from .streaming import StreamedModel, resolve_model_dir
+
         with clock.stage("load"):
-            model, tokenizer = load_model(model, torch.float32 if resolve_device(config.device).type == "cpu" else torch.bfloat16)
+            directory = resolve_model_dir(check_source(model))
+            streamed = StreamedModel(directory, dtype)
+            streamed.load_globals()
+            model, tokenizer = streamed.model, AutoTokenizer.from_pretrained(str(directory))
+    elif isinstance(model, str):
+        with clock.stage("load"):
+            model, tokenizer = load_model(model, dtype)
     out = Path(out_dir) if out_dir is not None else None
-    q = Quantizer(model, config, out, progress, clock)
+    q = Quantizer(model, config, out, progress, clock, streamed)
     log.info("memory plan: %d experts per chunk, %d tokens per batch, about %.2f GiB of device memory per layer",
              q.plan.expert_chunk, q.plan.token_batch, q.plan.need_bytes / 2**30)
     cap_device_memory(q.device, config.max_gpu_memory)
@@ -763,12 +873,13 @@ def quantize(
     if q.partial is not None:
         start_or_resume(q.partial, record)
     cache = q.partial / "calibration_tokens.safetensors" if q.partial else None
-    model.to("cpu")
+    if streamed is None:
+        model.to("cpu")
     if calibration is not None:
         tokens, data_source = calibration, "calibration tokens given by the caller"
     else:
         with clock.stage("calibration data"):
-            tokens, data_source = calibration_tokens(model, tokenizer, config, cache, source)
+            tokens, data_source = calibration_tokens(lambda: _full_model(model, source, dtype, streamed), tokenizer, config, cache, source)
     log.info("calibration data: %s (%d x %d tokens)", data_source, *tokens.shape)
     rotary = q.adapter.rotary_emb(model).to(q.device)
     with clock.stage("transforms (norm folding, rotations)"):
@@ -790,16 +901,25 @@ def quantize(
 
         extra = {"method": config.method, "config": config.to_dict(), "calibration": data_source, "source_model": source,
                  "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": "down_proj" if q.use_online_hadamard else None}}
-        _cast_float_params(model, getattr(model, "codequant_source_dtype", None) or torch.float32)
+        save_dtype = getattr(model, "codequant_source_dtype", None) or torch.float32
+        _cast_float_params(model, save_dtype)
+        saved = {q.adapter.layer_name(i): (lambda i=i: q.saved_layer_tensors(i, save_dtype)) for i in range(len(q.adapter.layers(model)))} if q.free_done else None
         with clock.stage("save"):
-            save_quantized(model, out, tokenizer, extra, bits=config.wbits)
-        if cache is not None and cache.is_file():
-            os.replace(cache, out / "calibration_tokens.safetensors")
+            save_quantized(model, out, tokenizer, extra, bits=config.wbits, saved_elsewhere=saved)
         _remove_tree(q.partial)
         report["out_dir"] = str(out)
     report["seconds"] = round(time.time() - start, 1)
     report.update(clock.report())
-    return QuantResult(model, tokenizer, report)
+    return QuantResult(None if q.free_done else model, tokenizer, report)
+
+
+def _full_model(model: nn.Module, source: str | None, dtype: torch.dtype, streamed) -> nn.Module:
+    """The whole full-precision model (to sample calibration text from): ``model`` itself, or for a
+    streamed run a complete copy loaded for the purpose (freed after sampling)."""
+    if streamed is None:
+        return model
+    log.warning("sampling calibration text needs the whole model in host memory; give --calib to keep a streamed run within a few layers")
+    return load_model(source, dtype)[0]
 
 
 def _remove_tree(path: Path) -> None:

@@ -61,7 +61,7 @@ import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -327,9 +327,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 * 2**20) -> str:
     return h.hexdigest()
 
 
-def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: the state dict without quantized routers' weights and tied copies."""
-    state = model.state_dict()
+def checkpoint_state_dict(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict without quantized routers' weights and tied
+    copies (and without the modules named in ``exclude``)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{p}." for p in exclude))}
     skip = {f"{name}.weight" for name, (kind, _) in find_quantized_modules(model).items() if kind == "router"}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     out, seen = {}, {}
@@ -379,6 +380,7 @@ def save_quantized(
     *,
     bits: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    saved_elsewhere: dict[str, Callable[[], dict[str, torch.Tensor]]] | None = None,
 ) -> Path:
     """Write ``model`` (a transformers model with CodeQuant modules) as a deployable checkpoint.
 
@@ -386,9 +388,14 @@ def save_quantized(
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` once ``codequant`` is imported.
     ``bits`` defaults to the fewest bits holding every stored index; ``extra`` (JSON only)
     is recorded under ``quantization_config["extra"]``.
+
+    ``saved_elsewhere`` {module name: loader}: modules not in memory (on the meta device; give
+    ``bits``), whose checkpoint tensors (names relative to the model) each loader returns. Each
+    becomes one weight file of its own, read when its turn comes, so writing holds one at a time.
     """
+    saved_elsewhere = saved_elsewhere or {}
     qconfig = build_quantization_config(model, bits, extra)
-    state = stored_tensors(checkpoint_state_dict(model), qconfig["modules"])
+    state = stored_tensors(checkpoint_state_dict(model, tuple(saved_elsewhere)), qconfig["modules"])
     config = copy.deepcopy(model.config)
     config.quantization_config = qconfig
     config.codequant_rms_norms = qconfig["rms_norms"]
@@ -401,18 +408,21 @@ def save_quantized(
         config.tie_word_embeddings = False  # a packed lm_head is not tied to the float embeddings
         if hasattr(config, "get_text_config"):
             config.get_text_config().tie_word_embeddings = False
-    shards = _shards(state, max_shard_bytes)
+    shards = [lambda shard=shard: shard for shard in _shards(state, max_shard_bytes)]
+    shards += [lambda load=load: stored_tensors(load(), qconfig["modules"]) for load in saved_elsewhere.values()]
     with atomic_directory(out_dir) as tmp:
         if len(shards) == 1:
             names = [SINGLE_FILE]
         else:
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {}
-        for name, shard in zip(names, shards):
+        weight_map, total = {}, 0
+        for name, load in zip(names, shards):
+            shard = load()
             save_file(shard, str(tmp / name), metadata=bound_metadata(qconfig, shard))
             weight_map.update(dict.fromkeys(shard, name))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            del shard
         if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _write_remote_code_entry(tmp, config, type(model).__name__)

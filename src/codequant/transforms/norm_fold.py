@@ -23,6 +23,8 @@ Where the checkpoint code finds what changed (module names relative to the model
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -43,11 +45,12 @@ def untie_word_embeddings(model: nn.Module, adapter: ArchitectureAdapter) -> boo
     return tied
 
 
-def center_residual_writers(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+def center_residual_writers(model: nn.Module, adapter: ArchitectureAdapter, layers: Collection[int] | None = None, outside: bool = True) -> None:
     """Subtract from every stream writer (and the embedding table) its mean over the
-    hidden dim, so the residual stream has zero mean (in float64, cast back)."""
+    hidden dim, so the residual stream has zero mean (in float64, cast back); ``layers`` and
+    ``outside`` as in :func:`fold_norms`."""
     with torch.no_grad():
-        for w in adapter.residual_writers(model):
+        for w in adapter.residual_writers(model, layers, embedding=outside):
             t = w.tensor
             t.copy_(_centered(t.double(), w.stream_dim).to(t.dtype))
             if w.bias is not None:
@@ -55,15 +58,18 @@ def center_residual_writers(model: nn.Module, adapter: ArchitectureAdapter) -> N
                 b.copy_(_centered(b.double(), -1).to(b.dtype))
 
 
-def fold_norms(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+def fold_norms(model: nn.Module, adapter: ArchitectureAdapter, layers: Collection[int] | None = None, outside: bool = True) -> nn.Module:
     """Fold every residual norm's gamma (and LayerNorm beta) into its readers; in place.
 
     Ties between lm_head and the embedding are broken first (see module doc for LayerNorm).
+    ``layers``: fold only these decoder layers (None: all); ``outside``: also the embedding,
+    final norm and lm_head. Folding the parts one at a time gives the same weights as all at once.
     """
-    untie_word_embeddings(model, adapter)
-    groups = adapter.residual_readers(model)
+    if outside:
+        untie_word_embeddings(model, adapter)
+    groups = adapter.residual_readers(model, layers, head=outside)
     if any(isinstance(g.norm, nn.LayerNorm) for g in groups):
-        center_residual_writers(model, adapter)
+        center_residual_writers(model, adapter, layers, outside)
     replaced, with_bias, added_biases = [], [], []
     with torch.no_grad():
         for g in groups:
@@ -101,9 +107,10 @@ def fold_norms(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
     return model
 
 
-def residual_norms_are_folded(model: nn.Module, adapter: ArchitectureAdapter) -> bool:
-    """True when every residual norm is scale-free (gamma = 1, no LayerNorm left)."""
-    for g in adapter.residual_readers(model):
+def residual_norms_are_folded(model: nn.Module, adapter: ArchitectureAdapter, layers: Collection[int] | None = None, outside: bool = True) -> bool:
+    """True when every residual norm (of ``layers`` / outside them, as in :func:`fold_norms`)
+    is scale-free (gamma = 1, no LayerNorm left)."""
+    for g in adapter.residual_readers(model, layers, head=outside):
         if isinstance(g.norm, nn.LayerNorm):
             return False
         gamma = _norm_weight(g.norm)

@@ -61,6 +61,7 @@ def apply_pog(
     group_size: int,
     block_size: int = 2,
     exclude: Collection[str] = (),
+    layers: Collection[int] | None = None,
 ) -> int:
     """Permute every permutable channel set whose consumer is clustered in groups of
     ``group_size`` < its in_features; in place, the network is unchanged.
@@ -76,12 +77,15 @@ def apply_pog(
     (W H_b, input h H_b) must be excluded: H_b mixes the channels between the producer
     and the consumer, so permuting them would change the network. Run POG before
     fold_online_hadamard instead (it is legal then, though H_b mixes the grouping again).
+    ``layers``: only these decoder layers (None: all).
     """
     gate, up, down = adapter.layout.swiglu
     block_size = math.gcd(block_size, group_size)
     count = 0
     with torch.no_grad():
         for i, layer in enumerate(adapter.layers(model)):
+            if layers is not None and i not in layers:
+                continue
             prefix = adapter.layer_name(i)
             experts = adapter.experts(layer)
             excluded = f"{prefix}.{adapter.layout.mlp}.{adapter.layout.experts}" in exclude

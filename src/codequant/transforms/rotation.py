@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -30,27 +30,29 @@ from .norm_fold import residual_norms_are_folded, untie_word_embeddings
 
 
 # -- R1 -------------------------------------------------------------------------------
-def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, R1: torch.Tensor) -> nn.Module:
+def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, R1: torch.Tensor, layers: Collection[int] | None = None, outside: bool = True) -> nn.Module:
     """Fold the orthogonal ``R1`` [H, H] into every weight on the residual stream; in place.
 
     Needs :func:`~codequant.transforms.norm_fold.fold_norms` first (scale-free norms);
     a norm that keeps a bias (RMSNorm with bias) has it rotated too. Unties lm_head from the
-    embedding if they are tied.
+    embedding if they are tied. ``layers``: only these decoder layers (None: all);
+    ``outside``: also the embedding and lm_head (the parts may be rotated one at a time).
     """
     hidden = adapter.hidden_size(model)
     if tuple(R1.shape) != (hidden, hidden):
         raise ValueError(f"R1 must be [{hidden}, {hidden}], got {list(R1.shape)}")
-    if not residual_norms_are_folded(model, adapter):
+    if not residual_norms_are_folded(model, adapter, layers, outside):
         raise ValueError("fold_norms must run before rotate_residual: a residual norm still has a scale")
-    untie_word_embeddings(model, adapter)
+    if outside:
+        untie_word_embeddings(model, adapter)
     with torch.no_grad():
-        for group in adapter.residual_readers(model):
+        for group in adapter.residual_readers(model, layers, head=outside):
             for w in group.readers:
                 _rotate_stream(w.tensor, w.stream_dim, R1)
             bias = getattr(group.norm, "bias", None)
             if bias is not None:
                 _rotate_stream(bias, -1, R1)
-        for w in adapter.residual_writers(model):
+        for w in adapter.residual_writers(model, layers, embedding=outside):
             _rotate_stream(w.tensor, w.stream_dim, R1)
             if w.bias is not None:
                 _rotate_stream(w.bias_tensor, -1, R1)
@@ -69,25 +71,36 @@ def _rotate_stream(t: torch.Tensor, stream_dim: int, R: torch.Tensor) -> None:
 
 
 # -- R2 -------------------------------------------------------------------------------
-def rotate_value_heads(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0) -> int:
+def rotate_value_heads(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, layers: Collection[int] | None = None) -> int:
     """Apply a random Hadamard per KV head between v_proj and o_proj; in place.
 
-    Every layer and KV head gets its own sign pattern (deterministic in ``seed``). Layers
-    without per-head value pairs (latent attention) or where v is clipped elementwise
-    (OLMoE clip_qkv) are left alone. Returns the number of heads rotated.
+    Every layer and KV head gets its own sign pattern (deterministic in ``seed``, the same
+    whether the layers are rotated together or ``layers`` at a time). Layers without per-head
+    value pairs (latent attention) or where v is clipped elementwise (OLMoE clip_qkv) are left
+    alone. Returns the number of heads rotated.
     """
-    g = torch.Generator().manual_seed(seed)
     rotated = 0
     with torch.no_grad():
-        for layer in adapter.layers(model):
-            heads = adapter.value_heads(layer, model.config)
-            if heads is None or not heads.rotatable:
+        for i, seeds in value_head_seeds(model, adapter, seed).items():
+            if layers is not None and i not in layers:
                 continue
-            for j in range(heads.num_kv_heads):
-                R2 = random_hadamard(heads.head_dim, int(torch.randint(0, 2**31 - 1, (1,), generator=g)), torch.float64)
-                _rotate_value_head(heads, j, R2)
+            heads = adapter.value_heads(adapter.layers(model)[i], model.config)
+            for j, head_seed in enumerate(seeds):
+                _rotate_value_head(heads, j, random_hadamard(heads.head_dim, head_seed, torch.float64))
                 rotated += 1
     return rotated
+
+
+def value_head_seeds(model: nn.Module, adapter: ArchitectureAdapter, seed: int) -> dict[int, list[int]]:
+    """{layer index: the Hadamard seed of each KV head} for every layer with rotatable value
+    heads: one stream of draws from ``seed`` over the layers in order (reads no weights)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        heads = adapter.value_heads(layer, model.config)
+        if heads is not None and heads.rotatable:
+            out[i] = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for _ in range(heads.num_kv_heads)]
+    return out
 
 
 def _rotate_value_head(heads, j: int, R2: torch.Tensor) -> None:
