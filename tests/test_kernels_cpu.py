@@ -441,3 +441,27 @@ def test_moe_threads_do_not_change_results(act):
     assert torch.equal(one, cpu.moe(x, top_i, top_w, gate_up, down, act, act, threads=2))
     ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, act), act, act)
     assert float((one - ref).norm() / ref.norm()) < (1e-5 if not act.enabled else 5e-3)
+
+
+def test_missing_extension_is_logged_and_falls_back_to_the_reference():
+    """Without the compiled extension the cpu backend is absent, one warning says why and how to
+    fix it, the ops run on the reference, and asking for the cpu backend explicitly is an error."""
+    script = textwrap.dedent("""
+        import logging, sys
+        sys.modules["codequant.kernels.cpu._lut"] = None  # the extension failed to build
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        from codequant import kernels
+        print(kernels.available_backends())
+        print(kernels.select_backend("linear", "cpu") is kernels.reference.linear)
+        try:
+            kernels.select_backend("linear", "cpu", backend="cpu")
+        except ValueError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == ["WARNING codequant CPU kernels are not built (import of codequant.kernels.cpu._lut halted; None in sys.modules); "
+                        "reinstall with `pip install .`; until then cpu ops run on the reference implementation (slow)"]
+    lines = out.stdout.splitlines()
+    assert "'cpu'" not in lines[0] and lines[1] == "True"
+    assert lines[2] == "kernel backend 'cpu' has no 'linear' here; available: " + lines[0]

@@ -13,6 +13,7 @@ model code around them; in eager mode they call the backend directly (no op disp
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Optional
 
@@ -22,6 +23,7 @@ from ..format import PackedWeight
 from ..quantizers.activations import ActQuantSpec
 from . import reference
 
+logger = logging.getLogger(__name__)
 _BACKENDS: dict[str, dict[str, Callable]] = {"reference": {"linear": reference.linear, "moe": reference.moe}}
 _DEVICE_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("gpu", "reference")}
 
@@ -53,16 +55,21 @@ _loaded = False
 
 
 def _load_optional_backends() -> None:
-    """Import the compiled CPU and Triton GPU backends if they are present; they register themselves."""
+    """Import the compiled CPU and Triton GPU backends if they are present; they register themselves.
+
+    A backend this machine should have (the CPU kernels always, the GPU kernels when CUDA is
+    available) that fails to import is logged once with the reason: its ops then run on the
+    reference implementation. ``CODEQUANT_BACKEND=cpu|gpu`` makes that an error instead."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for module in ("codequant.kernels.cpu", "codequant.kernels.gpu"):
+    for module, expected in (("codequant.kernels.cpu", True), ("codequant.kernels.gpu", torch.cuda.is_available())):
         try:
             __import__(module)
-        except ImportError:
-            pass
+        except ImportError as exc:
+            if expected:
+                logger.warning("%s; until then %s ops run on the reference implementation (slow)", exc, module.rpartition(".")[2])
 
 
 # ---------------------------------------------------------------- the ops the modules call
