@@ -617,11 +617,10 @@ class Quantizer:
                 d_w = experts.down_proj.detach().float()
                 if hb:
                     d_w = block_hadamard(d_w, hb)
-                reached = torch.bincount(top_k_index.flatten(), minlength=experts.gate_up_proj.shape[0])
-                unreached = [e for e in range(len(reached)) if reached[e] == 0]
+                gu_stats, d_stats = _experts_stats(experts, x_experts, top_k_index, self.act, self.act, hb, hessian)
+                unreached = [e for e, s in enumerate(gu_stats) if s.count == 0]
                 if unreached:
                     self.report["unreached_experts"][full] = unreached
-                gu_stats, d_stats = _experts_stats(experts, x_experts, top_k_index, self.act, self.act, hb, hessian)
                 if unreached and self.config.calibrate_all_experts:  # statistics from every token
                     for e, gu, dn in _all_token_experts_stats(experts, x_experts, unreached, self.act, self.act, hb, hessian, batch):
                         gu_stats[e], d_stats[e] = gu, dn
