@@ -106,6 +106,11 @@ def use_isa(name: str):
 _decode_threads = [0]  # the kernels' thread count inside decode_threads (0: torch's count)
 
 
+def _kernel_threads(threads: int | None) -> int:
+    """A call's thread count: its own, else decode_threads', else torch's."""
+    return threads or _decode_threads[0] or torch.get_num_threads()
+
+
 @contextlib.contextmanager
 def decode_threads(threads: int | None = None, model: torch.nn.Module | None = None):
     """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
@@ -161,7 +166,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, threads: int | None = Non
     xf = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(xf.shape[0], n, dtype=torch.float32)
     _lut.bf16_linear(xf.data_ptr(), xf.shape[0], k, w.data_ptr(), n, y.data_ptr(),
-                     threads or _decode_threads[0] or torch.get_num_threads())
+                     _kernel_threads(threads))
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -368,7 +373,7 @@ def linear(
         if len(_out_shapes) > 256:
             _out_shapes.clear()
     y = x.new_empty(out_shape)  # x is float32 or bf16 here: the output dtype
-    threads = threads or _decode_threads[0] or torch.get_num_threads()
+    threads = _kernel_threads(threads)
     _lut.run(plan[6], x.data_ptr(), xb, x.numel() // k, bp, bb, y.data_ptr(), xb, threads)
     return y if y.dtype is dtype else y.to(dtype)
 
@@ -411,7 +416,7 @@ def moe(
         x2.data_ptr(), bf16, t, h, idx.shape[1], e, idx.data_ptr(), wts.data_ptr(),
         *gp_plan[10], two_i, gp_plan[11], *dp_plan[10], dp_plan[11],
         bits, ga, clip, dbits, dga, dclip, int(hadamard_block), y.data_ptr(),
-        int(threads or _decode_threads[0] or torch.get_num_threads()),
+        int(_kernel_threads(threads)),
     )
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
