@@ -18,7 +18,6 @@ than that goes back to the system when freed.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from collections import defaultdict
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter, get_adapter
-from ..io.checkpoint import INDEX_FILE, SINGLE_FILE
+from ..io.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, weight_files
 
 log = logging.getLogger("codequant")
 
@@ -62,15 +61,13 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    index = directory / INDEX_FILE
-    if index.is_file():
-        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
-    raise FileNotFoundError(
-        f"{directory} holds no {SINGLE_FILE} or {INDEX_FILE}: weights can be streamed only from safetensors; "
-        "convert the checkpoint to safetensors or pass --no-stream"
-    )
+    try:
+        return weight_files(directory)
+    except CheckpointError:
+        raise FileNotFoundError(
+            f"{directory} holds no {SINGLE_FILE} or {INDEX_FILE}: weights can be streamed only from safetensors; "
+            "convert the checkpoint to safetensors or leave out --stream"
+        ) from None
 
 
 class StreamedModel:
@@ -114,7 +111,7 @@ class StreamedModel:
         setattr(decoder, self.adapter.layout.rotary_emb, type(rotary)(config=self.model.config))
         left = [name for name, b in self.model.named_buffers() if b.is_meta]
         if left:
-            raise NotImplementedError(f"buffers {left} of {type(self.model).__name__} cannot be rebuilt for streaming; pass --no-stream")
+            raise NotImplementedError(f"buffers {left} of {type(self.model).__name__} cannot be rebuilt for streaming; leave out --stream")
 
     @property
     def num_layers(self) -> int:
