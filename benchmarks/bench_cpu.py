@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from codequant.format import PackedWeight, padded_columns
+from codequant.core.format import PackedWeight, padded_columns
 from codequant.kernels import cpu
 from codequant.kernels.cpu import _lut
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 
 HERE = Path(__file__).resolve().parent
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768), (1408, 2048)]

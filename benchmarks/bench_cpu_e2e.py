@@ -35,11 +35,11 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 import codequant.kernels.cpu as cpu_kernels
 
-from codequant.format import PackedWeight, pack, padded_columns
+from codequant.core.format import PackedWeight, pack, padded_columns
 from codequant.kernels import select_backend
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 from codequant.quantizers.codebook import fit_codebooks
 
 ACTS = {"codequant-w4a16": ActQuantSpec(16), "codequant-w4a8": ActQuantSpec(8), "codequant-w4a4": ActQuantSpec(4)}

@@ -30,10 +30,10 @@ import torch
 os.environ.setdefault("CODEQUANT_GPU_W4A4_PREFILL", "fp8")
 import torch.nn.functional as F
 
-from codequant.format import PackedWeight, pack
+from codequant.core.format import PackedWeight, pack
 from codequant.kernels import reference
 from codequant.kernels.gpu import ops
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 
 L2_BYTES = 50 * 2**20
 DENSE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168)]

@@ -26,7 +26,7 @@ from bench_gpu import baseline_us, linear_record, lut_bytes, measure_bandwidth, 
 
 from codequant.kernels import reference  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 # the five dense shapes of issue #17 and the Qwen3-30B-A3B expert shapes (down 2048x768, one half of gate_up 768x2048)
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048)]

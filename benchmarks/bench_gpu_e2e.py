@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from codequant.format import PackedWeight
+from codequant.core.format import PackedWeight
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 
 
 def qwen3_30b_a3b_config(layers: int):

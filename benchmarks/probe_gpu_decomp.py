@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_gpu as B  # noqa: E402
 
 from codequant.kernels.gpu import cuda_gemv  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 A16 = ActQuantSpec(bits=16)
 # (text in cq_gemv.cu, the same text with the experiment's early return in front)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import L2_BYTES, measure_bandwidth, random_packed, time_calls  # noqa: E402
 
 from codequant.kernels.gpu import cuda_gemv  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 CUDA_SRC = r"""
 #include <torch/extension.h>

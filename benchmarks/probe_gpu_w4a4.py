@@ -28,7 +28,7 @@ import bench_gpu as B  # noqa: E402
 
 from codequant.kernels import reference  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 A16, A4 = ActQuantSpec(bits=16), ActQuantSpec(bits=4)
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048), (2048, 2048), (2048, 4096)]

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Qwen3MoeForCausalLM, StaticCache
 
 import bench_gpu_e2e as E
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 
 # (substring of the kernel name, category), first match wins
 CATEGORIES = [

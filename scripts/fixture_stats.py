@@ -23,7 +23,7 @@ from codequant.calibration.data import eval_windows, load_texts
 from codequant.calibration.pipeline import load_model, quantize
 from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
-from codequant.quantizers.activations import ActQuantSpec, fake_quantize_activations
+from codequant.core.activations import ActQuantSpec, fake_quantize_activations
 
 
 def activation_only(model, bits: int = 4):

@@ -14,14 +14,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import codequant
-from codequant.format import FORMAT_VERSION, PackedWeight, bits_per_weight, pack
+from codequant.core.format import FORMAT_VERSION, PackedWeight, bits_per_weight, pack
 from codequant.io import CheckpointError, atomic_directory, checkpoint_summary, save_quantized, verify_checkpoint
 from codequant.io.checkpoint import sha256_file
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.norm import RMSNorm
 from codequant.modules.router import is_quantized_router, quantize_router
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 
 from tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from codequant.format import pack
+from codequant.core.format import pack
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
-from codequant.quantizers.activations import ActQuantSpec
+from codequant.core.activations import ActQuantSpec
 
 from test_checkpoint import quantize_tiny, uniform_codebook
 from tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model

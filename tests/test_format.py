@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import codequant.format as fmt
-from codequant.format import pack_for_disk, pack_indices, padded_columns, unpack_from_disk
+import codequant.core.format as fmt
+from codequant.core.format import pack_for_disk, pack_indices, padded_columns, unpack_from_disk
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 
 cpu = pytest.importorskip("codequant.kernels.cpu", reason="compiled CPU kernels not built")
 
-from codequant.format import PackedWeight, pack  # noqa: E402
+from codequant.core.format import PackedWeight, pack  # noqa: E402
 from codequant.kernels import reference, select_backend  # noqa: E402
 from codequant.kernels.cpu import _lut  # noqa: E402
 from codequant.modules.experts import CodeQuantExperts  # noqa: E402
 from codequant.modules.linear import CodeQuantLinear  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec, fake_quantize_activations, quantize_activations  # noqa: E402
+from codequant.core.activations import ActQuantSpec, fake_quantize_activations, quantize_activations  # noqa: E402
 
 ISAS = cpu.available_isas()
 FLOAT_RTOL, FLOAT_ATOL = 1e-4, 1e-5
@@ -241,8 +241,8 @@ def test_decode_threads_runs_kernels_on_the_budget_and_torch_on_one():
     script = textwrap.dedent("""
         import os, torch
         import codequant.kernels.cpu as cpu
-        from codequant.format import pack
-        from codequant.quantizers.activations import ActQuantSpec
+        from codequant.core.format import pack
+        from codequant.core.activations import ActQuantSpec
         weight = pack(torch.randint(0, 16, (1024, 1024)), torch.randn(1024, 1, 16))
         x = torch.randn(1, 1024)
         torch.set_num_threads(3)

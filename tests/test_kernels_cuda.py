@@ -11,10 +11,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from codequant.format import PackedWeight, pack  # noqa: E402
+from codequant.core.format import PackedWeight, pack  # noqa: E402
 from codequant.kernels import reference  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops, prefill  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec, quantize_activations  # noqa: E402
+from codequant.core.activations import ActQuantSpec, quantize_activations  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

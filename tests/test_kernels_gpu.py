@@ -13,10 +13,10 @@ import torch
 CUDA = torch.cuda.is_available()  # without CUDA, conftest.py has set TRITON_INTERPRET=1
 triton = pytest.importorskip("triton")
 
-from codequant.format import pack  # noqa: E402
+from codequant.core.format import pack  # noqa: E402
 from codequant.kernels import reference, select_backend  # noqa: E402
 from codequant.kernels.gpu import ops  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 W4A16 = ActQuantSpec(bits=16)
@@ -100,7 +100,7 @@ def test_w4a4_codes_match_reference_exactly():
     x = torch.randn(5, 192, generator=g).to(DEVICE) * 3
     x[0, :3] = torch.tensor([0.0, 1.5, -7.5])  # ties for the half-to-even rounding
     act = ActQuantSpec(bits=4, group_size=64)
-    from codequant.quantizers.activations import quantize_activations
+    from codequant.core.activations import quantize_activations
 
     q_ref, s_ref, z_ref = quantize_activations(x, act)
     q, s = ops.quantize_activations_int8(x, act)

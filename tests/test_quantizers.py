@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from codequant.format import pack
+from codequant.core.format import pack
 from codequant.quantizers.codebook import assign, fit_codebooks, reconstruct
 from codequant.quantizers.feedback import feedback_codebooks, output_error
 from codequant.quantizers.gptq import accumulate_hessian, gptq

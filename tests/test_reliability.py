@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from codequant.cli import FIXTURE, build_parser, main
-from codequant.format import FORMAT_VERSION
+from codequant.core.format import FORMAT_VERSION
 from codequant.io.checkpoint import sha256_file
 from codequant.io.output import partial_dir, run_record, start_or_resume
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from codequant.adapters import get_adapter
 from codequant.modules.norm import RMSNorm
-from codequant.transforms.hadamard import random_hadamard
+from codequant.core.hadamard import random_hadamard
 from codequant.transforms.norm_fold import fold_norms
 from codequant.transforms.permutation import apply_pog, pog_permutation
 from codequant.transforms.rotation import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codequant.format import pack
+from codequant.core.format import pack
 from codequant.vllm.sharding import column_shard_features, column_shard_part, row_slice, shard_row_sum
 
 

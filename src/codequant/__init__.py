@@ -10,10 +10,10 @@ __version__ = "0.1.0"
 from . import io  # noqa: E402  registers the "codequant" quantization config and quantizer with transformers
 from .calibration.pipeline import QuantResult, quantize
 from .config import METHODS, QuantConfig
-from .format import FORMAT_VERSION, PackedWeight, pack
+from .core.format import FORMAT_VERSION, PackedWeight, pack
 from .modules.experts import CodeQuantExperts
 from .modules.linear import CodeQuantLinear, quantize_linear
-from .quantizers.activations import ActQuantSpec
+from .core.activations import ActQuantSpec
 
 __all__ = [
     "FORMAT_VERSION", "METHODS", "ActQuantSpec", "CodeQuantExperts", "CodeQuantLinear", "PackedWeight",

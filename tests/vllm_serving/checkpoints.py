@@ -24,7 +24,7 @@ from codequant.io import save_quantized  # noqa: E402
 from codequant.modules.experts import CodeQuantExperts  # noqa: E402
 from codequant.modules.linear import CodeQuantLinear  # noqa: E402
 from codequant.modules.router import is_quantized_router  # noqa: E402
-from codequant.quantizers.activations import ActQuantSpec  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,

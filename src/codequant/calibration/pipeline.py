@@ -34,19 +34,19 @@ from tqdm.auto import tqdm
 
 from ..adapters import SUPPORTED_ARCHITECTURES, ArchitectureAdapter, QuantTarget, get_adapter
 from ..config import QuantConfig
-from ..format import PackedWeight, bits_per_weight, pack
+from ..core.format import PackedWeight, bits_per_weight, pack
 from ..io.checkpoint import find_quantized_modules, packed_weights
 from ..io.output import check_output, partial_dir, run_record, start_or_resume
 from ..modules.experts import CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.router import quantize_router
 from ..quantizers import accf
-from ..quantizers.activations import ActQuantSpec, fake_quantize_activations
+from ..core.activations import ActQuantSpec, fake_quantize_activations
 from ..quantizers.codebook import check_group_size, fit_codebooks
 from ..quantizers.feedback import feedback_codebooks
 from ..quantizers.gptq import gptq
 from ..quantizers.uniform import rtn
-from ..transforms.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
+from ..core.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
 from ..transforms.norm_fold import fold_norms
 from ..transforms.permutation import apply_pog
 from ..transforms.rotation import rotate_residual, rotate_value_heads, train_rotation
@@ -650,7 +650,7 @@ class Quantizer:
                 if key.endswith(".gate_up"):
                     down = books[f"{t.name}.down"][1]
                     module = CodeQuantExperts.from_packed(self._pack_experts(book), self._pack_experts(down), self.act, self.act, hb)
-                    _set_module(layer, t.name, module)
+                    layer.set_submodule(t.name, module)
             else:
                 self.install(layer, t, pack(book.idx, book.codebook.detach()), hb)
 
@@ -683,7 +683,7 @@ class Quantizer:
         if experts_target is not None:
             gu, dn = books[f"{experts_target.name}.gate_up"], books[f"{experts_target.name}.down"]
             sim_experts = accf.SimulatedExperts(gu[1], dn[1], experts.act_fn, accf.InputTransform(self.act), accf.InputTransform(self.act, dn[4]))
-            _set_module(layer, experts_target.name, sim_experts)
+            layer.set_submodule(experts_target.name, sim_experts)
         scale = y_ref.pow(2).mean().clamp(min=1e-12)
         router_book = next((b[1] for b in books.values() if b[0].kind == "router"), None)
 
@@ -708,14 +708,14 @@ class Quantizer:
         for sim in sims:
             sim.remove()
         if experts_target is not None:
-            _set_module(layer, experts_target.name, original_experts)
+            layer.set_submodule(experts_target.name, original_experts)
 
     def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int) -> None:
         if t.kind == "router":
             quantize_router(t.module, weight, self.act)
             return
         bias = None if t.module.bias is None else t.module.bias.detach().float()
-        _set_module(layer, t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
+        layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
 
     # resume -----------------------------------------------------------------------------
     def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
@@ -763,12 +763,12 @@ class Quantizer:
             pw = lambda prefix, k: PackedWeight(tensors[f"{name}.{prefix}indices"], tensors[f"{name}.{prefix}codebook"], tensors[f"{name}.{prefix}row_sum"], k)  # noqa: E731
             if spec["kind"] == "experts":
                 new = CodeQuantExperts.from_packed(pw("gate_up_", module.gate_up_proj.shape[-1]), pw("down_", module.down_proj.shape[-1]), self.act, self.act, spec["hadamard_block"])
-                _set_module(layer, name, new)
+                layer.set_submodule(name, new)
             elif spec["kind"] == "router":
                 quantize_router(module, pw("", module.weight.shape[-1]), self.act)
             else:
                 bias = tensors.get(f"{name}.bias")
-                _set_module(layer, name, CodeQuantLinear.from_packed(pw("", module.in_features), bias, self.act, spec["hadamard_block"]))
+                layer.set_submodule(name, CodeQuantLinear.from_packed(pw("", module.in_features), bias, self.act, spec["hadamard_block"]))
 
     @staticmethod
     def _set_backend(layer: nn.Module, backend: str | None) -> None:
@@ -795,10 +795,6 @@ def on_device(layer: nn.Module, device: torch.device):
         layer.to("cpu")
         _cast_float_params(layer, dtype)
 
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _cast_float_params(layer: nn.Module, dtype: torch.dtype) -> None:

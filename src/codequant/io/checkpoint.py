@@ -8,7 +8,7 @@ A checkpoint directory holds
 ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``)
     Every tensor of ``model.state_dict()`` except the ``weight`` of quantized routers (it is
     rebuilt from the router's codebook at load) and tied copies. Packed modules store the
-    packed tensors of :mod:`codequant.format` in their disk layout (at the module's index bit
+    packed tensors of :mod:`codequant.core.format` in their disk layout (at the module's index bit
     width): ``indices`` uint8, ``codebook`` float16, ``row_sum`` float32 (experts: ``gate_up_*``
     and ``down_*``).
 ``generation_config.json``, tokenizer files (when given).
@@ -16,7 +16,7 @@ A checkpoint directory holds
 ``quantization_config``::
 
     quant_method      "codequant"
-    format_version    int, codequant.format.FORMAT_VERSION of the writer
+    format_version    int, codequant.core.format.FORMAT_VERSION of the writer
     codequant_version str, the writer's codequant version (informative)
     bits              int, index bits of every codebook (2^bits centroids used per codebook)
     group_size        int, 0 when every codebook covers a whole row, else the (most common) group size
@@ -43,7 +43,7 @@ top-level fields ``bits``, ``group_size``, ``act_bits``, ``act_group_size``) and
 ``codequant_specs`` (the spec of every module with a tensor in that file), all covered by the
 file's checksum. :func:`verify_checkpoint_files` compares them with config.json at every load.
 Since format version 3 indices and codebooks are stored at the module's index bit width
-(:func:`codequant.format.pack_for_disk`); format 2 checkpoints are refused (re-quantize them).
+(:func:`codequant.core.format.pack_for_disk`); format 2 checkpoints are refused (re-quantize them).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..format import (
+from ..core.format import (
     CODEBOOK_DTYPE,
     FORMAT_VERSION,
     PackedWeight,
@@ -79,7 +79,7 @@ from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
 from ..modules.router import is_quantized_router
-from ..quantizers.activations import ActQuantSpec
+from ..core.activations import ActQuantSpec
 from ..utils import current_umask
 
 logger = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ def checkpoint_state_dict(model: nn.Module, exclude: tuple[str, ...] = ()) -> di
 
 def stored_tensors(state: dict[str, torch.Tensor], modules: dict[str, dict]) -> dict[str, torch.Tensor]:
     """The tensors as written: packed ones in their disk layout at their module's index bits
-    (:func:`codequant.format.pack_for_disk`), the rest as they are."""
+    (:func:`codequant.core.format.pack_for_disk`), the rest as they are."""
     out = {}
     for key, t in state.items():
         name = module_of(key, modules)
@@ -809,7 +809,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict:
     """Sizes of a checkpoint: file bytes and bits per weight (codebooks and row sums included).
 
     ``bits_per_weight`` is the bytes the packed tensors take in the weight files over the packed
-    weights (it equals :func:`codequant.format.bits_per_weight`);
+    weights (it equals :func:`codequant.core.format.bits_per_weight`);
     ``bits_per_parameter`` divides all weight-file bits by every stored or packed parameter.
     Reads only headers and config.json.
     """

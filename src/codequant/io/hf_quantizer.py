@@ -10,7 +10,7 @@ Importing this module (``import codequant`` does) registers
   and gives quantized routers their packed buffers, shaped as the tensors are stored; a tensor
   the model expects that the files lack (it would be randomly initialized), or one the files
   hold that the model has no place for, is refused. transformers then loads the tensors; after
-  loading it unpacks them to the in-memory layout (:func:`codequant.format.unpack_from_disk`),
+  loading it unpacks them to the in-memory layout (:func:`codequant.core.format.unpack_from_disk`),
   checks padding and row sums and finishes the routers (weight = W_hat, input quantization
   pre-hook), and
 * a check before transformers runs a ``trust_remote_code`` module file of a CodeQuant
@@ -42,7 +42,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..format import FORMAT_VERSION, PackedWeight, unpack_from_disk
+from ..core.format import FORMAT_VERSION, PackedWeight, unpack_from_disk
 from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.norm import RMSNorm
@@ -89,7 +89,7 @@ def _version_error(version) -> CheckpointError:
 class CodeQuantConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a CodeQuant checkpoint (schema: :mod:`codequant.io.checkpoint`).
 
-    Unknown keys are errors; a format version other than ``codequant.format.FORMAT_VERSION`` is refused.
+    Unknown keys are errors; a format version other than ``codequant.core.format.FORMAT_VERSION`` is refused.
     """
 
     def __init__(
@@ -177,11 +177,6 @@ class CodeQuantConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
 
-def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     emb = model.get_input_embeddings()
@@ -223,7 +218,7 @@ def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict
                 )
         else:
             current = build_empty_module(spec, dtype)
-            _set_module(model, name, current)
+            model.set_submodule(name, current)
         device = next(itertools.chain(current.buffers(), current.parameters())).device
         for suffix, (shape, st) in expected_packed_tensors(spec).items():
             current.register_buffer(suffix, torch.zeros(shape, dtype=torch_dtype(st), device=device))

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..format import PackedWeight
-from ..quantizers.activations import ActQuantSpec
+from ..core.format import PackedWeight
+from ..core.activations import ActQuantSpec
 from . import reference
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def moe(
 
 def _run_linear(x, weight, act, bias, hadamard_block, backend):
     if hadamard_block:
-        from ..transforms.hadamard import block_hadamard
+        from ..core.hadamard import block_hadamard
 
         x = block_hadamard(x, hadamard_block)
     return select_backend("linear", x.device.type, backend)(x, weight, act, bias)

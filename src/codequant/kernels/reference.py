@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..format import PackedWeight
-from ..quantizers.activations import ActQuantSpec, fake_quantize_activations
+from ..core.format import PackedWeight
+from ..core.activations import ActQuantSpec, fake_quantize_activations
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,7 +35,7 @@ def moe(
     where H_b is the online block Hadamard (hadamard_block = 0: none) whose inverse is
     already folded into Wd.
     """
-    from ..transforms.hadamard import block_hadamard
+    from ..core.hadamard import block_hadamard
 
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
+from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
 from .. import kernels
-from ..quantizers.activations import ActQuantSpec
+from ..core.activations import ActQuantSpec
 
 EXPERT_ACTIVATION = "silu"  # the only one the kernels compute: h = silu(x Wg^T) * (x Wu^T)
 

@@ -1,13 +1,13 @@
-"""CodeQuantLinear: a linear layer on packed CodeQuant weights (see :mod:`codequant.format`)."""
+"""CodeQuantLinear: a linear layer on packed CodeQuant weights (see :mod:`codequant.core.format`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, pack, padded_columns
+from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, pack, padded_columns
 from .. import kernels
-from ..quantizers.activations import ActQuantSpec
+from ..core.activations import ActQuantSpec
 
 
 class CodeQuantLinear(nn.Module):

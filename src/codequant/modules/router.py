@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format import PackedWeight
-from ..quantizers.activations import ActQuantSpec, fake_quantize_activations
+from ..core.format import PackedWeight
+from ..core.activations import ActQuantSpec, fake_quantize_activations
 
 
 def _quantize_input(module: nn.Module, args):

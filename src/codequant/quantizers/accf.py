@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..transforms.hadamard import block_hadamard
-from .activations import ActQuantSpec, fake_quantize_activations
+from ..core.hadamard import block_hadamard
+from ..core.activations import ActQuantSpec, fake_quantize_activations
 from .codebook import assign
 
 

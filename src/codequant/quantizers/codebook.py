@@ -6,7 +6,7 @@ group gets 2^b centroids c_0 <= ... <= c_{2^b - 1} minimising the importance-wei
     sum_k  h_k (W[n, k] - c_{idx[n, k]})^2,     h_k = E[x_k^2]  (SqueezeLLM; None: h = 1),
 
 and every weight stores the index of its centroid. ``reconstruct`` gives W_hat[n, k] =
-codebook[n, k // G, idx[n, k]]; :func:`codequant.format.pack` stores the same pair.
+codebook[n, k // G, idx[n, k]]; :func:`codequant.core.format.pack` stores the same pair.
 
 How it runs (all groups at once, rows in chunks to bound memory; no Python loop over rows):
 the values of each group are binned into ``_BINS`` ordered bins (uniform in the compressed

@@ -5,7 +5,7 @@ Per row or group of G columns, with b bits and L = 2^b - 1:
     q = clamp(round(w / scale) + zero, 0, L),   w_hat = scale * (q - zero),
 so the group's codebook is the grid {scale * (c - zero) : c = 0..L} and idx = q. A constant
 group (max = min) uses scale = |min| (1 if min = 0), which represents it exactly. Stored in
-float16 (:mod:`codequant.format`) each level moves by at most 2^-11 |level|, i.e. well under
+float16 (:mod:`codequant.core.format`) each level moves by at most 2^-11 |level|, i.e. well under
 1% of a step whenever |zero| stays within a few steps of the grid, as it does for weights.
 """
 

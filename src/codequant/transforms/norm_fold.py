@@ -94,7 +94,7 @@ def fold_norms(model: nn.Module, adapter: ArchitectureAdapter, layers: Collectio
                         raise ValueError(f"{g.name}: a zero LayerNorm scale with a bias cannot be folded into fused experts")
                     beta = (beta.double() / gamma.double()).to(beta.dtype)
                 new = _rms_from_layer_norm(g.norm, beta if keep_bias else None)
-                _set_module(model, g.name, new)
+                model.set_submodule(g.name, new)
                 replaced.append(g.name)
                 if keep_bias:
                     with_bias.append(g.name)
@@ -134,8 +134,3 @@ def _rms_from_layer_norm(norm: nn.LayerNorm, bias: torch.Tensor | None) -> RMSNo
     if bias is not None:
         new.bias.data.copy_(bias)
     return new
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter
-from ..quantizers.activations import ActQuantSpec, dequantize_activations, quantize_activations
-from .hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
+from ..core.activations import ActQuantSpec, dequantize_activations, quantize_activations
+from ..core.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
 from .norm_fold import residual_norms_are_folded, untie_word_embeddings
 
 

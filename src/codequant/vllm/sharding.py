@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import BLOCK, PackedWeight
+from ..core.format import BLOCK, PackedWeight
 
 
 def row_slice(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:

@@ -11,7 +11,7 @@ Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
   (vpermps on AVX-512) and multiplied-added in float32. Matches the reference up to
   float32 summation order.
 * W4A8 / W4A4 (``act.bits <= 8``): the activations are quantized per token (or per
-  group) in C exactly as :func:`~codequant.quantizers.activations.quantize_activations`
+  group) in C exactly as :func:`~codequant.core.activations.quantize_activations`
   does (bit-identical codes, scales, zeros), the codebooks are held as int8 with one
   scale per row and group (``sc = max|C| / 127``), and the dot products are integer
   (vpshufb or, with VBMI, vpermb lookups + vpdpbusd on AVX-512; vpmaddubsw on AVX2). The one approximation is
@@ -56,8 +56,8 @@ import weakref
 
 import torch
 
-from ...format import PackedWeight
-from ...quantizers.activations import ActQuantSpec
+from ...core.format import PackedWeight
+from ...core.activations import ActQuantSpec
 from .. import reference, register_backend
 
 try:

@@ -12,7 +12,7 @@ caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels off.
   kernel; matches the reference up to fp32 summation order and, for bf16 x, the bf16
   rounding of the codebook) and activations quantized with one scale per token: the
   prologue quantizes each row exactly as
-  :func:`~codequant.quantizers.activations.quantize_activations` (same IEEE divisions), the
+  :func:`~codequant.core.activations.quantize_activations` (same IEEE divisions), the
   codes q - z (exact in fp16) meet the fp16 codebook on tensor cores and the scale is applied
   after the exact fp32 accumulation. Opt-in ``CODEQUANT_CUDA_W4A4_INT8=1``: for up to 7 bits,
   int8 codes on integer tensor cores against an int8 copy of the codebook
@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from ...format import PackedWeight
-from ...quantizers.activations import ActQuantSpec
-from ...transforms.hadamard import block_hadamard
+from ...core.format import PackedWeight
+from ...core.activations import ActQuantSpec
+from ...core.hadamard import block_hadamard
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Triton lookup-table kernels on the packed CodeQuant format (see :mod:`codequant.format`).
+"""Triton lookup-table kernels on the packed CodeQuant format (see :mod:`codequant.core.format`).
 
 Every kernel reads the saved layout as it is: ``indices`` uint8 [E, N, KP/2] (per 64-column
 block, byte j holds column j in its low nibble and column j+32 in its high nibble),

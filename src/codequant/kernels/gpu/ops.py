@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference
-from ...format import PackedWeight
-from ...quantizers.activations import ActQuantSpec, fake_quantize_activations
+from ...core.format import PackedWeight
+from ...core.activations import ActQuantSpec, fake_quantize_activations
 from . import kernels as K_
 
 FUSED_QUANT_MAX_M = 64
@@ -441,7 +441,7 @@ def moe(
     h = torch.empty(max_blocks * cfg.block_m, i_dim, dtype=torch.float32, device=x.device)
     run(x2, act, gate_up, h, i_dim, h_dim, 1, t)
     if hadamard_block:
-        from ...transforms.hadamard import block_hadamard
+        from ...core.hadamard import block_hadamard
 
         h = block_hadamard(h, hadamard_block)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...format import PackedWeight
-from ...quantizers.activations import ActQuantSpec
+from ...core.format import PackedWeight
+from ...core.activations import ActQuantSpec
 from . import kernels as K_
 from .ops import _derived, codebook_as, quantize_activations_int8
 

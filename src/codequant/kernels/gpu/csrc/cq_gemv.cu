@@ -1,7 +1,7 @@
 // CodeQuant decode kernels (M = 1..16 rows of x per weight) on the packed format v1, for sm_80+
 // (built for sm_90 on an H200): dense W4A16 / W4A4 GEMV and the per-expert GEMVs of a fused MoE.
 //
-// Layout read (src/codequant/format.py): indices uint8 [E?, N, KP/2], per 64-column block 32 bytes,
+// Layout read (src/codequant/core/format.py): indices uint8 [E?, N, KP/2], per 64-column block 32 bytes,
 // byte j = column 64b+j (low nibble) | column 64b+32+j (high nibble); codebook fp16 [E?, N, NG, 16].
 //
 // Design (one warp = R 16-row tiles over a K range; the warps of a block split K):
@@ -41,7 +41,7 @@
 // x enters either straight from a 16-bit [M, K] tensor (paired in registers; for a MoE, the token
 // of each slot) or as pair words xp [rows, KP/2] (word 32b+j = (x[64b+j], x[64b+32+j])) written
 // by prep_x_kernel, which also gathers the tokens of MoE slots and quantizes per row (W4A4)
-// exactly like codequant.quantizers.activations.quantize_activations.
+// exactly like codequant.core.activations.quantize_activations.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,0 +1,8 @@
+"""The runtime core: what kernels, modules, checkpoints and calibration all need.
+
+``format``       the packed weight format (indices at the bit width, per-row codebooks, row sums)
+``activations``  per-token integer activation quantization (``ActQuantSpec``)
+``hadamard``     block Hadamard rotations
+
+Everything else in the package may import from here; nothing here imports from the rest.
+"""
