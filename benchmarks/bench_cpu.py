@@ -146,11 +146,16 @@ def random_packed(n: int, k: int, gen: torch.Generator) -> PackedWeight:
     return PackedWeight(idx, cb, torch.zeros(n), k)
 
 
+def packed_bytes(w: PackedWeight) -> int:
+    """Bytes of a packed weight as the CPU kernels read it: indices, codebooks and row sums."""
+    return sum(t.numel() * t.element_size() for t in (w.indices, w.codebook, w.row_sum))
+
+
 def bench_codequant(n, k, ms, threads_list, cache, reps, gen):
     """{(op, M, threads): (native us, weight bytes, Python-call us)}: the call path first
     (time_calls), then as many native calls (_lut.time_run) on the same prepared plans."""
     probe = random_packed(n, k, gen)
-    weights = [probe] + [random_packed(n, k, gen) for _ in range(copies_for(probe.nbytes(), cache) - 1)]
+    weights = [probe] + [random_packed(n, k, gen) for _ in range(copies_for(packed_bytes(probe), cache) - 1)]
     out = {}
     for m in ms:
         x = torch.randn(m, k, generator=gen)
@@ -161,7 +166,7 @@ def bench_codequant(n, k, ms, threads_list, cache, reps, gen):
                 us_call = time_calls(lambda i: cpu.linear(x, weights[i], act, threads=t), len(weights), reps)
                 n_calls = max(reps, min(2000, int(MIN_SECONDS * 1e6 / us_call)))
                 us = statistics.median(_lut.time_run(plans, x.data_ptr(), 0, m, y.data_ptr(), t, n_calls))
-                out[(name, m, t)] = (us, probe.nbytes(), us_call)
+                out[(name, m, t)] = (us, packed_bytes(probe), us_call)
     return out
 
 
