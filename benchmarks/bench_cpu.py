@@ -1,7 +1,7 @@
 """CPU kernel benchmark: CodeQuant LUT kernels against torch F.linear (bf16, fp32) and
 llama.cpp's ggml_mul_mat (bf16, IQ4_NL and Q4_0, plain and repacked), side by side in one run.
 
-    python benchmarks/bench_cpu.py --out benchmarks/results/cpu-<name>.json
+    python -m benchmarks cpu --out benchmarks/results/cpu-<name>.json
 
 Builds ggml from the llama-cpp-python sdist (benchmarks/llamacpp/build.sh, into
 benchmarks/_build/), measures the streaming read bandwidth for 1 and 2 threads, then times
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -46,16 +45,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from codequant.core.format import PackedWeight, padded_columns
+from benchmarks.common import (ACT_BITS, LLC_BYTES, MAX_OTHER_CPU, MIN_SECONDS, command_line, copies_beyond, cpu_median_us, cpu_read_bandwidth,
+                               cpu_seconds, random_packed, wait_until_idle)
+from codequant.core.activations import ActQuantSpec
+from codequant.core.format import PackedWeight
 from codequant.kernels import cpu
 from codequant.kernels.cpu import _lut
-from codequant.core.activations import ActQuantSpec
 
 HERE = Path(__file__).resolve().parent
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768), (1408, 2048)]
 RECORD_KEYS = ("op", "M", "N", "K", "threads", "cache", "us", "gbps", "vs_bf16", "vs_fp32", "vs_ggml_bf16", "vs_iq4_nl", "vs_q4_0", "pct_bw",
                "us_call", "vs_iq4_nl_call")
-CQ_OPS = {"codequant-w4a16": ActQuantSpec(16), "codequant-w4a8": ActQuantSpec(8), "codequant-w4a4": ActQuantSpec(4)}
+CQ_OPS = {f"codequant-{mode}": ActQuantSpec(bits) for mode, bits in ACT_BITS.items()}
 GGML_OPS = {  # op name: (ggml type, repack)
     "ggml-bf16": ("bf16", 0),
     "ggml-iq4_nl": ("iq4_nl", 0),
@@ -63,87 +64,10 @@ GGML_OPS = {  # op name: (ggml type, repack)
     "ggml-q4_0": ("q4_0", 0),
     "ggml-q4_0-repack": ("q4_0", 1),
 }
-LLC_BYTES = 32 << 20
 
 
 def copies_for(nbytes: int, cache: str) -> int:
-    return 1 if cache == "hot" else max(2, math.ceil(4 * LLC_BYTES / nbytes))
-
-
-MIN_SECONDS = 0.25  # each timing runs at least reps calls and at least this long (at most 2000 calls)
-
-
-def time_calls(fn, copies: int, reps: int) -> float:
-    """Median microseconds of fn(i) over at least reps calls (more for short calls, see
-    MIN_SECONDS), cycling i through the copies."""
-    for i in range(copies):
-        fn(i)
-    out = []
-    start = time.perf_counter()
-    r = 0
-    while r < reps or (time.perf_counter() - start < MIN_SECONDS and r < 2000):
-        t0 = time.perf_counter()
-        fn(r % copies)
-        out.append(time.perf_counter() - t0)
-        r += 1
-    return statistics.median(out) * 1e6
-
-
-def cpu_busy_fraction(seconds: float = 1.0) -> float:
-    """Fraction of all CPUs busy over `seconds` (from /proc/stat) while this process sleeps."""
-    def sample():
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
-    i0, t0 = sample()
-    time.sleep(seconds)
-    i1, t1 = sample()
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-def _cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes used, CPU seconds this process and its finished children used)."""
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    t = os.times()
-    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
-
-
-MAX_OTHER_CPU = 0.05  # a block is repeated when other processes used more than this share of one CPU during it
-
-
-def wait_until_idle(log: list, max_busy: float = 0.1, max_wait_s: float = 1800) -> None:
-    """Before each timed block: wait (60 s steps) while other processes keep the CPUs busy;
-    what was seen goes into the meta file."""
-    waited = 0.0
-    while True:
-        busy = cpu_busy_fraction()
-        if busy <= max_busy or waited >= max_wait_s:
-            log.append({"time": time.strftime("%H:%M:%S"), "busy": round(busy, 3), "waited_s": waited})
-            return
-        print(f"machine busy ({busy:.0%} of the CPUs): waiting 60 s", flush=True)
-        time.sleep(60)
-        waited += 60
-
-
-def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """GB/s of a streaming read of a buffer far beyond the LLC (the kernels' own pool)."""
-    buf = torch.ones(nbytes // 8, dtype=torch.int64)
-    _lut.read_bytes(buf.data_ptr(), buf.numel() * 8, threads)
-    best = min(_timed(lambda: _lut.read_bytes(buf.data_ptr(), buf.numel() * 8, threads)) for _ in range(reps))
-    return nbytes / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def random_packed(n: int, k: int, gen: torch.Generator) -> PackedWeight:
-    idx = torch.randint(0, 256, (n, padded_columns(k) // 2), dtype=torch.uint8, generator=gen)
-    cb = (torch.randn(n, 1, 16, generator=gen) * 0.02).half()
-    return PackedWeight(idx, cb, torch.zeros(n), k)
+    return 1 if cache == "hot" else copies_beyond(LLC_BYTES, nbytes)
 
 
 def packed_bytes(w: PackedWeight) -> int:
@@ -153,9 +77,9 @@ def packed_bytes(w: PackedWeight) -> int:
 
 def bench_codequant(n, k, ms, threads_list, cache, reps, gen):
     """{(op, M, threads): (native us, weight bytes, Python-call us)}: the call path first
-    (time_calls), then as many native calls (_lut.time_run) on the same prepared plans."""
-    probe = random_packed(n, k, gen)
-    weights = [probe] + [random_packed(n, k, gen) for _ in range(copies_for(packed_bytes(probe), cache) - 1)]
+    (cpu_median_us), then as many native calls (_lut.time_run) on the same prepared plans."""
+    probe = random_packed((), n, k, "cpu", gen)
+    weights = [probe] + [random_packed((), n, k, "cpu", gen) for _ in range(copies_for(packed_bytes(probe), cache) - 1)]
     out = {}
     for m in ms:
         x = torch.randn(m, k, generator=gen)
@@ -163,7 +87,7 @@ def bench_codequant(n, k, ms, threads_list, cache, reps, gen):
         for name, act in CQ_OPS.items():
             plans = [cpu._cached_plan(w, act)[6] for w in weights]  # load-time preparation, not timed
             for t in threads_list:
-                us_call = time_calls(lambda i: cpu.linear(x, weights[i], act, threads=t), len(weights), reps)
+                us_call = cpu_median_us(lambda i: cpu.linear(x, weights[i], act, threads=t), len(weights), reps)
                 n_calls = max(reps, min(2000, int(MIN_SECONDS * 1e6 / us_call)))
                 us = statistics.median(_lut.time_run(plans, x.data_ptr(), 0, m, y.data_ptr(), t, n_calls))
                 out[(name, m, t)] = (us, packed_bytes(probe), us_call)
@@ -180,7 +104,7 @@ def bench_torch(n, k, ms, threads_list, cache, reps, gen):
             for t in threads_list:
                 torch.set_num_threads(t)
                 with torch.inference_mode():
-                    us = time_calls(lambda i: F.linear(x, weights[i]), len(weights), reps)
+                    us = cpu_median_us(lambda i: F.linear(x, weights[i]), len(weights), reps)
                 out[(name, m, t)] = (us, probe.numel() * probe.element_size(), None)
         del weights, probe
     return out
@@ -192,7 +116,7 @@ def bench_ggml(exe, n, k, ms, threads_list, cache, reps):
         bytes_per = {"bf16": 2.0, "iq4_nl": 18 / 32, "q4_0": 18 / 32}[typ]
         nbytes = int(n * k * bytes_per)
         copies = copies_for(nbytes, cache)
-        # as many calls as time_calls makes for a call of this size (at ~20 GB/s, M = 1)
+        # as many calls as cpu_median_us makes for a call of this size (at ~20 GB/s, M = 1)
         n_reps = max(reps, min(2000, int(MIN_SECONDS / (nbytes / 20e9))))
         cmd = [str(exe), typ, str(repack), str(n), str(k), str(copies), str(n_reps), ",".join(map(str, ms)), ",".join(map(str, threads_list))]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -263,7 +187,7 @@ def plot(records, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -273,7 +197,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=2, help="rounds of every DRAM block (fresh weight copies each)")
     ap.add_argument("--skip-llamacpp", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     threads_list = [int(v) for v in args.threads.split(",")]
@@ -281,7 +205,7 @@ def main() -> None:
     idle_log: list = []
     wait_until_idle(idle_log)
     load_before = os.getloadavg()
-    bandwidth = {t: read_bandwidth(t) for t in threads_list}
+    bandwidth = {t: cpu_read_bandwidth(t) for t in threads_list}
     print("read bandwidth GB/s:", {t: round(b, 1) for t, b in bandwidth.items()}, flush=True)
     gen = torch.Generator().manual_seed(0)
     records = []
@@ -289,14 +213,14 @@ def main() -> None:
         for cache in args.caches.split(","):
             for attempt in range(3):  # repeated when other processes ran during it (they distort 2-thread times)
                 wait_until_idle(idle_log)
-                all0, own0, wall0 = *_cpu_seconds(), time.time()
+                all0, own0, wall0 = *cpu_seconds(), time.time()
                 times = {}
                 for _ in range(args.rounds if cache == "dram" else 1):
                     merge_min(times, bench_codequant(n, k, ms, threads_list, cache, args.reps, gen))
                     merge_min(times, bench_torch(n, k, ms, threads_list, cache, args.reps, gen))
                     if exe:
                         merge_min(times, bench_ggml(exe, n, k, ms, threads_list, cache, args.reps))
-                all1, own1 = _cpu_seconds()
+                all1, own1 = cpu_seconds()
                 other = max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
                 idle_log.append({"block": f"{n}x{k} {cache}", "attempt": attempt, "other_cpu": round(other, 3)})
                 if other <= MAX_OTHER_CPU:
@@ -309,9 +233,9 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(records, indent=1))
-    bandwidth_after = {t: read_bandwidth(t) for t in threads_list}
+    bandwidth_after = {t: cpu_read_bandwidth(t) for t in threads_list}
     meta = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": command_line("cpu", argv),
         "machine": platform.processor() or platform.machine(),
         "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
@@ -344,7 +268,3 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-if __name__ == "__main__":
-    main()

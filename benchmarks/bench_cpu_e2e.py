@@ -1,20 +1,21 @@
 """End-to-end CPU decode speed: a Qwen3-MoE model with CodeQuant-packed attention and experts
 (running on the CPU LUT kernels) against the same model in bf16.
 
-    python benchmarks/bench_cpu_e2e.py --model models/codequant-moe-tiny --out benchmarks/results/e2e-cpu-<name>.json
+    python -m benchmarks cpu-e2e --model models/codequant-moe-tiny --out benchmarks/results/e2e-cpu-<name>.json
 
 ``--model``: the bundled fixture (or any Qwen3-MoE checkpoint); its attention projections
 and routed experts are quantized data-free with CodeQuant's k-means codebooks (4-bit, one
 16-entry codebook per row); embeddings, norms, routers and lm_head stay bf16.
 ``--random-layers 2,8``: instead, random-weight Qwen3-30B-A3B-shaped models with 2 and 8
-layers (hidden 2048, 128 experts of 768, top-8, vocab 32000) and random packed weights,
+layers (the published config, benchmarks.common.SHAPES: hidden 2048, 128 experts of 768,
+top-8, vocab 151936) and random packed weights,
 where the weight bytes, not Python overhead, dominate a decode step; with several layer
 counts the report fits ms/token = a + b x layers (a: fixed cost per token, b: per layer).
 Greedy decoding of ``--new-tokens`` tokens after a short prompt, with the KV cache. For each
 variant, threads mode (``--modes``, see threads_mode) and thread count (``--threads``) the time per decode
 step, from rounds that run every setting once (interleaved, so a slow period of a shared
 machine hits all alike); each model's block starts on an idle machine (see
-bench_cpu.wait_until_idle) unless ``--no-idle-wait``.
+benchmarks.common.wait_until_idle) unless ``--no-idle-wait``.
 """
 
 from __future__ import annotations
@@ -25,72 +26,35 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import codequant.kernels.cpu as cpu_kernels
-
-from codequant.core.format import PackedWeight, pack, padded_columns
-from codequant.kernels import select_backend
-from codequant.modules.experts import CodeQuantExperts
-from codequant.modules.linear import CodeQuantLinear
+from benchmarks.common import (ACT_BITS, QWEN3_30B_A3B, command_line, install_codequant, model_config, random_model,
+                               random_packed_on, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
+from codequant.core.format import PackedWeight, pack
+from codequant.kernels import select_backend
 from codequant.quantizers.codebook import fit_codebooks
 
-ACTS = {"codequant-w4a16": ActQuantSpec(16), "codequant-w4a8": ActQuantSpec(8), "codequant-w4a4": ActQuantSpec(4)}
+ACTS = {f"codequant-{mode}": ActQuantSpec(bits) for mode, bits in ACT_BITS.items()}
 
 
-def _packed(weight: torch.Tensor, random: bool) -> PackedWeight:
-    if random:  # speed only: random index bytes and codebooks (row sums unused by W4A16 and recomputed for W4A4/W4A8)
-        *lead, n, k = weight.shape
-        gen = torch.Generator().manual_seed(n * 31 + k)
-        idx = torch.randint(0, 256, (*lead, n, padded_columns(k) // 2), dtype=torch.uint8, generator=gen)
-        codebook = (0.02 * torch.randn(*lead, n, 1, 16, generator=gen)).half()
-        return PackedWeight(idx, codebook, torch.zeros(*lead, n), k)
+def fitted_packed(weight: torch.Tensor) -> PackedWeight:
+    """Data-free CodeQuant weight: k-means codebooks, one 16-entry codebook per row."""
     idx, codebook = fit_codebooks(weight.float(), bits=4, group_size=weight.shape[-1])
     return pack(idx, codebook)
 
 
 def codequant_model(model: nn.Module, act: ActQuantSpec, random: bool) -> nn.Module:
+    """A copy of ``model`` with its attention linears and experts on CodeQuant modules (random
+    packed weights when ``random``: speed only)."""
     model = copy.deepcopy(model)
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(attn, name)
-            q = CodeQuantLinear.from_packed(_packed(lin.weight.data, random), None if lin.bias is None else lin.bias.data, act=act)
-            setattr(attn, name, q)
-        experts = layer.mlp.experts
-        gate_up, down = _packed(experts.gate_up_proj.data, random), _packed(experts.down_proj.data, random)
-        layer.mlp.experts = CodeQuantExperts.from_packed(gate_up, down, act)
-    return model
-
-
-def random_model(layers: int, dense: bool) -> nn.Module:
-    """The random-weight Qwen3-30B-A3B-shaped model; without ``dense`` its attention projections
-    and experts are left on the meta device (codequant_model replaces them), so 8 layers fit in
-    a few GB instead of ~10 GB of bf16 experts."""
-    cfg = Qwen3MoeConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-        num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        max_position_embeddings=4096, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    if dense:
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
-    for name, p in model.named_parameters():
-        if ".experts." in name or any(f"{proj}.weight" in name for proj in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            continue
-        init = torch.ones(p.shape) if name.endswith("norm.weight") else 0.02 * torch.randn(p.shape)
-        module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(init.to(torch.bfloat16), requires_grad=False))
+    install_codequant(model, act, random_packed_on("cpu") if random else fitted_packed)
     return model
 
 
@@ -131,7 +95,7 @@ def fit(layers: list[int], ms: list[float]) -> dict:
     return {"a_ms": round(my - b * mx, 2), "b_ms_per_layer": round(b, 3)}
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/codequant-moe-tiny")
     ap.add_argument("--random-layers", default="", help="comma-separated layer counts of the random Qwen3-shaped model")
@@ -142,7 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine (contended runs)")
     ap.add_argument("--out", required=True, type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = args.variants.split(",")
     unknown = set(names) - {"bf16", *ACTS}
     if unknown:
@@ -150,14 +114,11 @@ def main() -> None:
     threads, modes = [int(t) for t in args.threads.split(",")], args.modes.split(",")
     if set(modes) - {"decode-threads", "two-pools"}:
         raise SystemExit(f"unknown modes {modes}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_cpu import wait_until_idle
-
     assert select_backend("moe", "cpu").__module__ == "codequant.kernels.cpu"
     idle_log, rows = [], []
     for layers in [int(n) for n in args.random_layers.split(",")] if args.random_layers else [0]:
         if layers:
-            base = random_model(layers, dense="bf16" in names)
+            base = random_model(model_config(QWEN3_30B_A3B, layers), targets_on_meta="bf16" not in names)
             source = f"random-weight Qwen3-30B-A3B-shaped model, {layers} layers"
         else:
             base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
@@ -202,7 +163,7 @@ def main() -> None:
                         side_by_side.append({"variant": v, "mode": m, "threads": t, "speedup_over_1_thread": {
                             n: round(by_threads[1][n] / ms, 3) for n, ms in by_threads[t].items()}})
     report = {
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line("cpu-e2e", argv),
         "unit": "ms per decode step (greedy, KV cache, batch 1); tokens_per_s = 1000 / ms_per_token",
         "new_tokens": args.new_tokens,
         "quantized": "attention q/k/v/o and routed experts: 4-bit indices, one 16-entry codebook per row; rest bf16",
@@ -215,7 +176,3 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-
-
-if __name__ == "__main__":
-    main()

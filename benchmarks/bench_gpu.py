@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root:
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu.py --out benchmarks/results
+    PYTHONPATH=src python3 -m benchmarks gpu --out benchmarks/results
 
 Every timing is a CUDA-graph replay of a batch of calls that rotate through weight copies
 (and, for MoE, random routings) whose bytes exceed the 50 MB L2 several times over; the
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -30,79 +29,21 @@ import torch
 os.environ.setdefault("CODEQUANT_GPU_W4A4_PREFILL", "fp8")
 import torch.nn.functional as F
 
+from benchmarks.common import ACT_BITS, L2_BYTES, command_line, copies_beyond, cuda_graph_us, gpu_bandwidth, moe_dims, random_packed
+from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
 from codequant.kernels import reference
 from codequant.kernels.gpu import ops
-from codequant.core.activations import ActQuantSpec
 
-L2_BYTES = 50 * 2**20
 DENSE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168)]
 DENSE_MS = [1, 4, 16, 64, 512, 2048]
-MOE_MODELS = {
-    # name: (routed experts, top-k, hidden, expert width, shared experts)
-    "qwen3-30b-a3b": (128, 8, 2048, 768, 0),
-    "mixtral-8x7b": (8, 2, 4096, 14336, 0),
-    "deepseek-v2-lite": (64, 6, 2048, 1408, 2),
-}
+MOE_MODELS = {name: moe_dims(name) for name in ("qwen3_30b_a3b", "mixtral_8x7b", "deepseek_v2_lite")}
 MOE_TOKENS = [1, 4, 16, 64, 512]
-MODES = {"w4a16": ActQuantSpec(bits=16), "w4a4": ActQuantSpec(bits=4)}
+MODES = {mode: ActQuantSpec(bits=ACT_BITS[mode]) for mode in ("w4a16", "w4a4")}
 
 
 def log(*a):
     print(*a, flush=True)
-
-
-# ---------------------------------------------------------------- timing
-
-def time_calls(fns, reps: int = 20) -> float:
-    """Median microseconds per call of a CUDA graph that runs every fn once."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    del g
-    return statistics.median(times)
-
-
-def measure_bandwidth() -> dict:
-    n = 2**31  # 4 GiB of bf16
-    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16).repeat(2)
-    dst = torch.empty_like(src)
-    copy_us = time_calls([lambda: dst.copy_(src)], reps=10)
-    out = torch.empty((), device="cuda", dtype=torch.bfloat16)
-    read_us = time_calls([lambda: torch.amax(src, out=out)], reps=10)
-    nbytes = src.numel() * 2
-    res = {"copy_gbps": 2 * nbytes / copy_us / 1e3, "read_gbps": nbytes / read_us / 1e3}
-    del src, dst
-    torch.cuda.empty_cache()
-    return res
-
-
-# ---------------------------------------------------------------- weights
-
-def random_packed(lead, n, k, device="cuda") -> PackedWeight:
-    kp = -(-k // 64) * 64
-    idx = torch.randint(0, 256, (*lead, n, kp // 2), dtype=torch.uint8, device=device)
-    cb = (torch.randn(*lead, n, 1, 16, device=device) * 0.02).to(torch.float16)
-    return PackedWeight(idx, cb, cb.float().sum((-1, -2)) * (k / 16), k)
 
 
 def lut_bytes(w: PackedWeight, experts: int | None = None) -> int:
@@ -126,10 +67,10 @@ def int4_weight(n, k):
 def weight_sets(n: int, k: int):
     """(packed, bf16, int4 or None) weight copies for an N x K linear, each set together
     more than 4x the L2, so that cycling through them times DRAM, not the cache."""
-    pw = random_packed((), n, k)
-    c_lut = max(2, math.ceil(4 * L2_BYTES / lut_bytes(pw)))
-    c_bf16 = max(2, math.ceil(4 * L2_BYTES / (n * k * 2)))
-    lut_w = [pw] + [random_packed((), n, k) for _ in range(c_lut - 1)]
+    pw = random_packed((), n, k, "cuda")
+    c_lut = copies_beyond(L2_BYTES, lut_bytes(pw))
+    c_bf16 = copies_beyond(L2_BYTES, n * k * 2)
+    lut_w = [pw] + [random_packed((), n, k, "cuda") for _ in range(c_lut - 1)]
     bf16_w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(c_bf16)]
     try:
         int4_w = [int4_weight(n, k) for _ in range(c_lut)]
@@ -141,11 +82,11 @@ def weight_sets(n: int, k: int):
 
 def baseline_us(x, bf16_w, int4_w):
     """(cuBLAS bf16 F.linear, torch int4 or None) microseconds per call for x over the weight copies."""
-    t_bf16 = time_calls([lambda w=w: F.linear(x, w) for w in bf16_w])
+    t_bf16 = cuda_graph_us([lambda w=w: F.linear(x, w) for w in bf16_w])
     t_int4 = None
     if int4_w is not None:
         try:
-            t_int4 = time_calls([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
+            t_int4 = cuda_graph_us([lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], 128, w[1]) for w in int4_w])
         except Exception as e:  # noqa: BLE001
             log("int4 mm failed:", repr(e))
     return t_bf16, t_int4
@@ -159,7 +100,7 @@ def linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, read_gbps) -> dict:
                 vs_int4=None if t_int4 is None else round(t_int4 / t, 3), vs_grouped_mm=None)
 
 
-def bench_linear(shapes, ms, modes):
+def bench_linear(shapes, ms, modes, read_gbps: float):
     recs = []
     for n, k in shapes:
         lut_w, bf16_w, int4_w = weight_sets(n, k)
@@ -170,8 +111,8 @@ def bench_linear(shapes, ms, modes):
             t_bf16, t_int4 = baseline_us(x, bf16_w, int4_w)
             for mode in modes:
                 act = MODES[mode]
-                t = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
-                recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, BW["read_gbps"]))
+                t = cuda_graph_us([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, read_gbps))
                 gbps = recs[-1]["gbps"]
                 log(f"linear {mode} M={m:5d} N={n:6d} K={k:6d}: {t:9.2f} us {gbps:7.0f} GB/s  bf16 {t_bf16:9.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f}")
         del lut_w, bf16_w, int4_w
@@ -208,17 +149,17 @@ def routing(t, e, k, shared, gen_device="cuda"):
     return w.to(torch.bfloat16), idx
 
 
-def bench_moe(models, tokens, modes):
+def bench_moe(models, tokens, modes, read_gbps: float):
     recs = []
     for name, (e, k, h, i, shared) in models.items():
         et, kt = e + shared, k + shared
-        gu = random_packed((et,), 2 * i, h)
-        dn = random_packed((et,), h, i)
+        gu = random_packed((et,), 2 * i, h, "cuda")
+        dn = random_packed((et,), h, i, "cuda")
         per_expert = lut_bytes(gu, 1) + lut_bytes(dn, 1)
         bf16_bytes = et * 3 * h * i * 2
         c = max(2, min(4, math.ceil(8 * L2_BYTES / (per_expert * min(et, 8)))))
         c_bf = max(2, min(3, math.ceil(8 * L2_BYTES / bf16_bytes)))
-        lut_w = [(gu, dn)] + [(random_packed((et,), 2 * i, h), random_packed((et,), h, i)) for _ in range(c - 1)]
+        lut_w = [(gu, dn)] + [(random_packed((et,), 2 * i, h, "cuda"), random_packed((et,), h, i, "cuda")) for _ in range(c - 1)]
         bf_w = [(torch.randn(et, 2 * i, h, device="cuda", dtype=torch.bfloat16) * 0.02,
                  torch.randn(et, h, i, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(c_bf)]
         for t in tokens:
@@ -226,14 +167,14 @@ def bench_moe(models, tokens, modes):
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
             routes = [routing(t, e, k, shared) for _ in range(calls)]
             active = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
-            t_gmm = time_calls([lambda j=j: grouped_mm_moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
-            t_fbf = time_calls([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
+            t_gmm = cuda_graph_us([lambda j=j: grouped_mm_moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
+            t_fbf = cuda_graph_us([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
             for mode in modes:
                 act = MODES[mode]
-                tq = time_calls([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *lut_w[j % c], act, act) for j in range(calls)], reps=10)
+                tq = cuda_graph_us([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *lut_w[j % c], act, act) for j in range(calls)], reps=10)
                 gbps = active * per_expert / tq / 1e3
                 recs.append(dict(op="moe", mode=mode, M=t, N=h, K=i, experts=et, topk=kt, us=round(tq, 3), gbps=round(gbps, 1),
-                                 pct_bw=round(100 * gbps / BW["read_gbps"], 1), vs_bf16=round(t_fbf / tq, 3), vs_int4=None,
+                                 pct_bw=round(100 * gbps / read_gbps, 1), vs_bf16=round(t_fbf / tq, 3), vs_int4=None,
                                  vs_grouped_mm=round(t_gmm / tq, 3)))
                 log(f"moe {name} {mode} T={t:4d}: {tq:9.2f} us  {gbps:6.0f} GB/s ({active:.1f} experts)  fused-bf16 {t_fbf:9.2f}  grouped_mm {t_gmm:9.2f}")
         del lut_w, bf_w
@@ -269,7 +210,7 @@ def accuracy():
 def sweep():
     out = []
     for (n, k, m) in [(4096, 14336, 1), (14336, 4096, 1), (4096, 14336, 16), (4096, 14336, 64), (4096, 14336, 2048)]:
-        ws = [random_packed((), n, k) for _ in range(8)]
+        ws = [random_packed((), n, k, "cuda") for _ in range(8)]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         cfgs = []
         if m <= 4:
@@ -290,7 +231,7 @@ def sweep():
         for cfg in cfgs:
             for mode in ("w4a16",) if m > 1 else ("w4a16", "w4a4"):
                 try:
-                    t = time_calls([lambda w=w: ops.linear(x, w, MODES[mode], config=cfg) for w in ws], reps=10)
+                    t = cuda_graph_us([lambda w=w: ops.linear(x, w, MODES[mode], config=cfg) for w in ws], reps=10)
                 except Exception as e:  # noqa: BLE001
                     log("sweep fail", cfg, repr(e)[:200])
                     continue
@@ -328,21 +269,18 @@ def plot(recs, path):
     fig.savefig(path, dpi=110)
 
 
-BW: dict = {}
-
-
-def main():
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--only", choices=["linear", "moe", "sweep", "all"], default="all")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sweep", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    BW.update(measure_bandwidth())
-    log("bandwidth", BW, torch.cuda.get_device_name())
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), **BW}
+    bw = gpu_bandwidth()
+    log("bandwidth", bw, torch.cuda.get_device_name())
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": command_line("gpu", argv), **bw}
     if a.sweep or a.only == "sweep":
         meta["sweep"] = sweep()
         json.dump(meta, open(os.path.join(a.out, "gpu-sweep.json"), "w"), indent=1)
@@ -351,18 +289,14 @@ def main():
     recs = []
     if a.only in ("linear", "all"):
         shapes = DENSE_SHAPES[:3] if a.quick else DENSE_SHAPES
-        recs += bench_linear(shapes, DENSE_MS, list(MODES))
+        recs += bench_linear(shapes, DENSE_MS, list(MODES), bw["read_gbps"])
         json.dump(recs, open(os.path.join(a.out, "gpu-linear.json"), "w"), indent=1)
         meta["accuracy"] = accuracy()
         log("accuracy", meta["accuracy"])
     if a.only in ("moe", "all"):
-        moe_recs = bench_moe(MOE_MODELS, MOE_TOKENS, list(MODES))
+        moe_recs = bench_moe(MOE_MODELS, MOE_TOKENS, list(MODES), bw["read_gbps"])
         json.dump(moe_recs, open(os.path.join(a.out, "gpu-moe.json"), "w"), indent=1)
         recs += moe_recs
     meta["seconds"] = round(time.time() - t0)
     json.dump(meta, open(os.path.join(a.out, "gpu-meta.json"), "w"), indent=1)
     plot(recs, os.path.join(a.out, "gpu-speedup.png"))
-
-
-if __name__ == "__main__":
-    main()

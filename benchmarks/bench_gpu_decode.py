@@ -1,9 +1,9 @@
 """Decode (M = 1, 4, 16), W4A16 and W4A4, on the CUDA C++ kernels vs cuBLAS bf16 and torch
 int4 (tinygemm, group 128). Run on a CUDA machine from the repository root:
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu_decode.py --out benchmarks/results
+    PYTHONPATH=src python3 -m benchmarks gpu-decode --out benchmarks/results
 
-Timing as in bench_gpu.py: CUDA-graph replay of a batch of calls rotating through weight copies
+Timing as in bench_gpu (benchmarks.common.cuda_graph_us): CUDA-graph replay of a batch of calls rotating through weight copies
 larger than the 50 MB L2 (4x), median over replays; read bandwidth (4 GiB torch.amax) measured
 in the same run. ``us`` times ops.linear (the whole call: output allocation, the kernel).
 Writes gpu-decode-cuda.json (records), gpu-decode-cuda-meta.json (bandwidth, config sweep,
@@ -15,42 +15,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import baseline_us, linear_record, lut_bytes, measure_bandwidth, time_calls, weight_sets  # noqa: E402
-
-from codequant.kernels import reference  # noqa: E402
-from codequant.kernels.gpu import cuda_gemv, ops  # noqa: E402
-from codequant.core.activations import ActQuantSpec  # noqa: E402
+from benchmarks.bench_gpu import MODES, baseline_us, linear_record, log, lut_bytes, weight_sets
+from benchmarks.common import command_line, cuda_graph_us, gpu_bandwidth
+from codequant.kernels import reference
+from codequant.kernels.gpu import cuda_gemv, ops
 
 # the five dense shapes of issue #17 and the Qwen3-30B-A3B expert shapes (down 2048x768, one half of gate_up 768x2048)
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048)]
 MS = [1, 4, 16]
-MODES = {"w4a16": ActQuantSpec(bits=16), "w4a4": ActQuantSpec(bits=4)}
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-def main():
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sweep", action="store_true", help="also time (stages, R, W) launch configs")
     p.add_argument("--sweep-ms", type=int, nargs="+", default=MS, help="M values of the sweep")
     p.add_argument("--sweep-modes", nargs="+", default=list(MODES), help="modes of the sweep")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    bw = measure_bandwidth()
+    bw = gpu_bandwidth()
     log("bandwidth", bw, torch.cuda.get_device_name())
     assert cuda_gemv.load() is not None, "CUDA kernel did not build"
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), **bw,
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": command_line("gpu-decode", argv), **bw,
             "sweep": [], "accuracy": []}
     recs = []
     for n, k in SHAPES:
@@ -61,12 +52,12 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16, t_int4 = baseline_us(x, bf16_w, int4_w)
             for mode, act in MODES.items():
-                # accuracy on this shape (random weights / codebooks of bench_gpu.random_packed)
+                # accuracy on this shape (random weights / codebooks of benchmarks.common.random_packed)
                 y = ops.linear(x, pw, act)
                 ref = reference.linear(x.float(), pw, act).double()
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 meta["accuracy"].append(dict(mode=mode, M=m, N=n, K=k, rel_err=err))
-                t = time_calls([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                t = cuda_graph_us([lambda w=w: ops.linear(x, w, act) for w in lut_w])
                 recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, bw["read_gbps"]))
                 gbps = recs[-1]["gbps"]
                 log(f"{mode} M={m:2d} {n:5d}x{k:5d}: cuda {t:7.2f} us {gbps:6.0f} GB/s ({100 * gbps / bw['read_gbps']:4.1f}%)  "
@@ -82,7 +73,7 @@ def main():
                                 continue
                             ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in lut_w]
                             try:
-                                ts = time_calls([lambda w=w, yy=yy, r=r, wn=wn, v=v: cuda_gemv.linear(x, w, act, None, yy, r=r, w=wn, stages=v)
+                                ts = cuda_graph_us([lambda w=w, yy=yy, r=r, wn=wn, v=v: cuda_gemv.linear(x, w, act, None, yy, r=r, w=wn, stages=v)
                                                  for w, yy in zip(lut_w, ys)], reps=10)
                             except Exception as e:  # noqa: BLE001
                                 log("sweep fail", r, wn, v, repr(e)[:200])
@@ -127,7 +118,3 @@ def plot(recs, meta, path):
     axes[0].axhline(1.0, color="gray", lw=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-    main()

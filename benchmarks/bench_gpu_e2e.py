@@ -1,12 +1,12 @@
 """End-to-end decode speed of a full-size Qwen3-30B-A3B-shaped model: bf16 vs CodeQuant.
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu_e2e.py --out benchmarks/results
+    PYTHONPATH=src python3 -m benchmarks gpu-e2e --out benchmarks/results
 
-The model is transformers' Qwen3MoeForCausalLM built from the real config in code
-(hidden 2048, 48 layers, 128 experts top-8, expert width 768, 32 heads / 4 KV heads,
+The model is transformers' Qwen3MoeForCausalLM of the published config (benchmarks.common.SHAPES:
+hidden 2048, 48 layers, 128 experts top-8, expert width 768, 32 heads / 4 KV heads,
 head_dim 128, vocab 151936), bf16, initialized on the GPU. The bf16 experts run through
-transformers' ``grouped_mm`` experts implementation. The CodeQuant model replaces every
-attention nn.Linear by CodeQuantLinear and every experts module by CodeQuantExperts with
+transformers' ``grouped_mm`` experts implementation. The CodeQuant model replaces (through the
+architecture adapter) every attention linear by CodeQuantLinear and every experts module by CodeQuantExperts with
 RANDOM packed indices and codebooks (speed does not depend on the values); routers, norms,
 embeddings and lm_head stay bf16. Greedy decode of --new tokens after a --prompt token
 prompt, batch 1, timed without and with CUDA graphs (StaticCache, one decode step per
@@ -26,45 +26,23 @@ import time
 
 import torch
 
-from codequant.core.format import PackedWeight
+from benchmarks.common import QWEN3_30B_A3B, cuda_graph, install_codequant, model_config, random_model, random_packed_on
+from codequant.adapters import get_adapter
+from codequant.core.activations import ActQuantSpec
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
-from codequant.core.activations import ActQuantSpec
 
 
-def qwen3_30b_a3b_config(layers: int):
-    from transformers import Qwen3MoeConfig
-
-    cfg = Qwen3MoeConfig(
-        hidden_size=2048, num_hidden_layers=layers, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-        intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
-        max_position_embeddings=4096, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-    )
-    cfg._experts_implementation = "grouped_mm"
-    return cfg
-
-
-def random_packed(lead, n, k, device) -> PackedWeight:
-    kp = -(-k // 64) * 64
-    idx = torch.randint(0, 256, (*lead, n, kp // 2), dtype=torch.uint8, device=device)
-    cb = (torch.randn(*lead, n, 1, 16, device=device) * 0.02).to(torch.float16)
-    return PackedWeight(idx, cb, cb.float().sum((-1, -2)) * (k / 16), k)
+def gpu_model(layers: int):
+    """The bf16 Qwen3-30B-A3B-shaped model on the GPU, its bf16 experts on transformers' grouped_mm."""
+    config = model_config(QWEN3_30B_A3B, layers)
+    config._experts_implementation = "grouped_mm"
+    return random_model(config, "cuda")
 
 
 def quantize_randomly(model, act: ActQuantSpec):
     """Swap attention linears and experts for CodeQuant modules with random packed weights."""
-    dev = model.device
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(attn, name)
-            pw = random_packed((), lin.out_features, lin.in_features, dev)
-            setattr(attn, name, CodeQuantLinear.from_packed(pw, None if lin.bias is None else lin.bias.data, act=act))
-        ex = layer.mlp.experts
-        e, two_i, h = ex.gate_up_proj.shape
-        i = two_i // 2
-        layer.mlp.experts = CodeQuantExperts.from_packed(random_packed((e,), two_i, h, dev), random_packed((e,), h, i, dev), act, act)
-        del ex
+    install_codequant(model, act, random_packed_on("cuda"))
     torch.cuda.empty_cache()
 
 
@@ -104,22 +82,13 @@ def decode_graph(model, prompt, new_tokens, compiled: bool = False):
     out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device=prompt.device), use_cache=True)
     tok_buf = out.logits[:, -1:].argmax(-1).clone()
     pos_buf = torch.tensor([p], device=prompt.device)
-    logits_buf = None
     if compiled:
         compile_layers(model, True)
 
     def step():
         return model(input_ids=tok_buf, past_key_values=cache, cache_position=pos_buf, use_cache=True).logits
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up (writes cache slot p, rewritten by the timed steps)
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        logits_buf = step()
+    g, logits_buf = cuda_graph(step)  # the warm-up steps write cache slot p, rewritten by the timed steps
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     toks = []
@@ -138,9 +107,10 @@ def compile_layers(model, on: bool):
     import torch._dynamo
 
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = 2 * len(model.model.layers)
+    layers = get_adapter(model).layers(model)
+    torch._dynamo.config.recompile_limit = 2 * len(layers)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    for layer in model.model.layers:
+    for layer in layers:
         if on:
             layer.compile(dynamic=False)
         else:
@@ -174,26 +144,18 @@ def run_all(model, prompt, new_tokens, label, results, compiled: bool):
     results.append(rec)
 
 
-def main():
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    a = ap.parse_args()
-    from transformers import Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = qwen3_30b_a3b_config(a.layers)
+    a = ap.parse_args(argv)
     t0 = time.time()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = Qwen3MoeForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.eval()
+    model = gpu_model(a.layers)
     print(f"built in {time.time() - t0:.0f} s; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
-    prompt = torch.randint(0, cfg.vocab_size, (1, a.prompt), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size, (1, a.prompt), device="cuda")
     results = []
     run_all(model, prompt, a.new, "bf16 (transformers grouped_mm experts)", results, not a.no_compile)
     quantize_randomly(model, ActQuantSpec(bits=16))
@@ -207,7 +169,3 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     json.dump(meta, open(os.path.join(a.out, "gpu-e2e.json"), "w"), indent=1)
     print(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -9,8 +9,8 @@ depth (total seconds x full layers / layers). ``--no-stream`` loads the whole mo
 path before streamed weights). Run it with PYTHONPATH pointing at the code to measure (one
 checkout per side of a before/after comparison):
 
-    PYTHONPATH=src python3 benchmarks/bench_quantize_memory.py --shape qwen3_30b_a3b --layers 4 --json out.json
-    PYTHONPATH=src python3 benchmarks/bench_quantize_memory.py --device cpu --shape qwen3_moe_small --layers 8 --nsamples 8 --seqlen 128 --json out.json
+    PYTHONPATH=src python3 -m benchmarks quantize-memory --shape qwen3_30b_a3b --layers 4 --json out.json
+    PYTHONPATH=src python3 -m benchmarks quantize-memory --device cpu --shape qwen3_moe_small --layers 8 --nsamples 8 --seqlen 128 --json out.json
 """
 
 from __future__ import annotations
@@ -25,55 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # the published configs, fields that set tensor shapes and routing
-    "qwen3_30b_a3b": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                          num_hidden_layers=48, norm_topk_prob=True, tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960),
-    "mixtral_8x7b": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                         num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
-                         tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768),
-    "deepseek_v2_lite": dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                             moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, num_attention_heads=16,
-                             num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                             first_k_dense_replace=1, num_hidden_layers=27, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
-                             tie_word_embeddings=False, max_position_embeddings=32768),
-    "qwen3_moe_small": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=32000, hidden_size=1024, intermediate_size=3072,
-                            moe_intermediate_size=384, num_experts=32, num_experts_per_tok=4, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-                            num_hidden_layers=48, norm_topk_prob=True, tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960),
-}
-
-
-def write_model(shape: str, layers: int, path: Path) -> int:
-    """A random bf16 model of ``shape`` with ``layers`` decoder layers saved at ``path``; returns the full depth."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(SHAPES[shape])
-    full = fields.pop("num_hidden_layers")
-    config = AutoConfig.for_model(fields.pop("model_type"), num_hidden_layers=layers, **fields)
-    if (path / "config.json").is_file():
-        return full
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    for p in model.parameters():
-        if p.dim() == 1:  # norm scales: random around 1
-            p.data.uniform_(0.5, 1.5)
-        else:
-            p.data.normal_(0, 0.02)
-    model.to("cpu").save_pretrained(path)
-    fixture = Path(__file__).resolve().parents[1] / "models" / "codequant-moe-tiny"
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # loading asks for a tokenizer; calibration tokens are random
-        shutil.copy(fixture / name, path / name)
-    return full
-
+from benchmarks.common import SHAPES, full_layers, write_random_model
 
 def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: str, options: dict) -> dict:
     """Quantize ``path`` into ``out`` in this process and return its report plus measured peaks."""
     import torch
 
-    from codequant.calibration.pipeline import quantize
-    from codequant.config import QuantConfig
+    from codequant import QuantConfig, quantize
 
     tokens = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     start = time.time()
@@ -84,7 +42,7 @@ def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: s
     return report
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3_30b_a3b")
     ap.add_argument("--layers", type=int, default=4)
@@ -98,7 +56,7 @@ def main() -> None:
     ap.add_argument("--json", required=True, help="results file (rows are appended)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds the quantization may run before it is stopped and recorded as such")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     options = {"method": args.method, "stream": not args.no_stream}
     if args.child:
         out = f"{args.models}/out-{Path(args.child).name}"
@@ -107,9 +65,10 @@ def main() -> None:
         return
     path = Path(args.models) / f"{args.shape}-{args.layers}L"
     start = time.time()
-    full = write_model(args.shape, args.layers, path)
+    write_random_model(args.shape, args.layers, path)
+    full = full_layers(args.shape)
     written = time.time() - start
-    cmd = [sys.executable, __file__, "--shape", args.shape, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--json", "-", "--child", str(path),
+    cmd = [sys.executable, "-m", "benchmarks", "quantize-memory", "--shape", args.shape, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--json", "-", "--child", str(path),
            "--models", args.models, "--device", args.device, "--method", args.method] + (["--no-stream"] if args.no_stream else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=args.timeout)
@@ -128,7 +87,3 @@ def main() -> None:
     out = Path(args.json)
     rows = json.loads(out.read_text()) if out.is_file() else []
     out.write_text(json.dumps(rows + [row], indent=1))
-
-
-if __name__ == "__main__":
-    main()

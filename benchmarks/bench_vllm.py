@@ -1,11 +1,11 @@
 """vLLM serving speed on the CPU: CodeQuant W4A16 and W4A4 against the same model in bf16, side by side,
 and transformers + CodeQuant end to end on the same checkpoints.
 
-    .venv-vllm/bin/python benchmarks/bench_vllm.py --out benchmarks/results/vllm-cpu-zen4-2c.json
+    .venv-vllm/bin/python -m benchmarks vllm --out benchmarks/results/vllm-cpu-zen4-2c.json
 
 Models: the bundled fixture (models/codequant-moe-tiny) and a Qwen3-30B-A3B-shaped model cut to
 ``--layers`` decoder layers (the published config, random bf16 weights; written once under
-``--work`` by bench_quantize_memory.write_model). The CodeQuant checkpoints are made data-free
+``--work`` by benchmarks.common.write_random_model). The CodeQuant checkpoints are made data-free
 (tests/vllm_serving/checkpoints.py: min-max grids of 16 centroids, one codebook per row, online
 Hadamard blocks, quantized attention, routers and routed experts; embeddings, norms and lm_head
 stay bf16): speed depends on the packed format, not on how the centroids were found.
@@ -33,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "models" / "codequant-moe-tiny"
-VARIANTS = {"bf16": None, "codequant-w4a16": 16, "codequant-w4a4": 4}  # name: activation bits
+from benchmarks.common import ACT_BITS, FIXTURE, ROOT, command_line, write_random_model
+
+VARIANTS = {"bf16": None, **{f"codequant-{mode}": ACT_BITS[mode] for mode in ("w4a16", "w4a4")}}  # name: activation bits
 
 
 def prompts(concurrency: int, length: int, vocab: int) -> list[list[int]]:
@@ -115,9 +115,7 @@ def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, di
     """{model: {variant: checkpoint dir}}; written once under ``work``."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    sys.path.insert(0, str(ROOT / "tests" / "vllm_serving"))
-    from bench_quantize_memory import write_model
+    sys.path.insert(0, str(ROOT / "tests" / "vllm_serving"))  # the serving tests' checkpoint writer
     from checkpoints import make_checkpoint
 
     dirs = {}
@@ -126,7 +124,7 @@ def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, di
             source = FIXTURE
         else:
             source = work / f"{name}-{layers}l-bf16"
-            write_model(name, layers, source)
+            write_random_model(name, layers, source)
         dirs[name] = {"bf16": source}
         for variant, act_bits in VARIANTS.items():
             if act_bits is None:
@@ -142,7 +140,7 @@ def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, di
 def run_child(engine: str, model: Path, args) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", OMP_NUM_THREADS=str(args.threads))
-    command = [sys.executable, __file__, "--child", engine, "--model", str(model), "--threads", str(args.threads),
+    command = [sys.executable, "-m", "benchmarks", "vllm", "--child", engine, "--model", str(model), "--threads", str(args.threads),
                "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats),
                "--concurrency", ",".join(map(str, args.concurrency))]
     t0 = time.time()
@@ -172,10 +170,10 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="results JSON")
-    ap.add_argument("--models", default="fixture,qwen3_30b_a3b", help="fixture and/or a shape of bench_quantize_memory.SHAPES")
+    ap.add_argument("--models", default="fixture,qwen3_30b_a3b", help="fixture and/or a shape of benchmarks.common.SHAPES")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the shaped model")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cq-bench-vllm"), help="where the checkpoints are written")
     ap.add_argument("--threads", type=int, default=2)
@@ -188,7 +186,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one engine's child may run")
     ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     if args.child:
         rows = child_vllm(args) if args.child == "vllm" else child_transformers(args)
@@ -201,7 +199,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     dirs = make_checkpoints(args.work, args.layers, models)
     report = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "command": command_line("vllm", argv),
         "contended": args.contended,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
         "threads": args.threads,
@@ -225,7 +223,3 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({n: r["ratios"] for n, r in report["models"].items()}, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ Quantizes models/codequant-moe-tiny with ``codequant quantize --method rtn --wbi
 records per bit width the bytes of the weight file, of the packed indices and codebooks, and the
 bits per weight read back from the file (``codequant.io.checkpoint_summary``):
 
-    .venv/bin/python benchmarks/checkpoint_sizes.py --json benchmarks/results/checkpoint-sizes-fixture.json
+    .venv/bin/python -m benchmarks checkpoint-sizes --json benchmarks/results/checkpoint-sizes-fixture.json
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from codequant.cli import FIXTURE, REPO_ROOT, main
+from benchmarks.common import command_line
+from codequant.cli import FIXTURE, REPO_ROOT
+from codequant.cli import main as codequant_main
 from codequant.io import checkpoint_summary
 from codequant.io.checkpoint import read_safetensors_header, weight_files
 
@@ -32,33 +34,29 @@ def stored_bytes(directory: Path, suffix: str) -> int:
     return total
 
 
-def main_sizes() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--bits", default="4,3,2", help="comma-separated weight bit widths (default 4,3,2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for bits in (int(b) for b in args.bits.split(",")):
             out = Path(tmp) / f"w{bits}"
-            argv = ["quantize", str(FIXTURE), "--out", str(out), "--method", "rtn", "--wbits", str(bits), "--abits", "16",
+            quantize_argv = ["quantize", str(FIXTURE), "--out", str(out), "--method", "rtn", "--wbits", str(bits), "--abits", "16",
                     "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--no-progress"]
-            if main(argv) != 0:
-                sys.exit(f"codequant {' '.join(argv)} failed")
+            if codequant_main(quantize_argv) != 0:
+                sys.exit(f"codequant {' '.join(quantize_argv)} failed")
             s = checkpoint_summary(out)
             rows.append({
                 "wbits": bits, "format_version": s["format_version"], "weight_file_bytes": s["weight_file_bytes"],
                 "index_bytes": stored_bytes(out, "indices"), "codebook_bytes": stored_bytes(out, "codebook"),
                 "packed_weights": s["packed_weights"], "other_parameters": s["other_parameters"],
                 "bits_per_weight": round(s["bits_per_weight"], 4), "bits_per_parameter": round(s["bits_per_parameter"], 4),
-                "quantize_command": "codequant " + shlex.join(a.replace(tmp, "TMP").replace(str(REPO_ROOT) + "/", "") for a in argv),
+                "quantize_command": "codequant " + shlex.join(a.replace(tmp, "TMP").replace(str(REPO_ROOT) + "/", "") for a in quantize_argv),
             })
-    record = {"command": shlex.join(["python", *sys.argv]), "model": FIXTURE.name, "checkpoints": rows}
+    record = {"command": command_line("checkpoint-sizes", argv), "model": FIXTURE.name, "checkpoints": rows}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     for r in rows:
         print(f"W{r['wbits']}: {r['weight_file_bytes']} bytes, indices {r['index_bytes']}, codebooks {r['codebook_bytes']}, "
               f"{r['bits_per_weight']:.3f} bits per weight")
-
-
-if __name__ == "__main__":
-    main_sizes()

@@ -1,6 +1,6 @@
 """CodeQuant against AutoRound and GPTQModel on the same calibration and held-out tokens.
 
-    python benchmarks/compare_peers.py [MODEL] --out benchmarks/results/peers-fixture-cpu.json
+    python -m benchmarks compare-peers [MODEL] --out benchmarks/results/peers-fixture-cpu.json
 
 MODEL defaults to the bundled fixture. Every row quantizes a fresh copy of the full-precision
 model on the same calibration windows (C4 sample) and is scored on the same held-out windows
@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 from codequant.calibration.data import calibration_windows, eval_windows, load_texts
-from codequant.calibration.pipeline import load_model, quantize
-from codequant.config import QuantConfig
+from benchmarks.common import FIXTURE, ROOT, command_line
+from codequant import QuantConfig, quantize
+from codequant.calibration.pipeline import load_model
 from codequant.evaluation.perplexity import evaluate
 from codequant.utils import atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS = ["codequant:w4a16:nearest", "codequant:w4a16:feedback", "autoround:w4a16", "gptqmodel:w4a16",
                 "codequant:w4a4:nearest", "codequant:w4a4:feedback", "rtn:w4a4"]
 ABITS = {"w4a16": 16, "w4a4": 4}
@@ -99,9 +99,9 @@ def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Modul
     return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", nargs="?", default=str(ROOT / "models/codequant-moe-tiny"))
+    p.add_argument("model", nargs="?", default=str(FIXTURE))
     p.add_argument("--out", required=True, help="results JSON (written atomically after every row)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see the module doc)")
     p.add_argument("--calib", default=str(ROOT.parent / "shared/data/c4/c4_train_sample.jsonl"))
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.is_file() else {}
     rows = record.get("rows", []) if record.get("settings") == settings else []
-    record = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]), "settings": settings, "rows": rows}
+    record = {"command": command_line("compare-peers", argv), "settings": settings, "rows": rows}
     if not any(r["row"] == "full precision" for r in rows):
         fp = evaluate(fp_model, windows, progress=False)
         rows.append({"row": "full precision", "ppl": fp["perplexity"]})
@@ -160,7 +160,3 @@ def format_table(rows: list[dict]) -> str:
         cell = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
         lines.append(f"| {r['row']} | {r['ppl']:.3f} | {cell('kl', '.4f')} | {cell('top1', '.3f')} | {cell('bits_per_weight', '.3f')} | {cell('quantized_share', '.2f')} | {cell('quantize_seconds', '.1f')} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,30 +1,26 @@
 """Where the decode kernel's time goes (register lookup, smem_lut=False): the same kernel built three
 more times from a patched copy of src/codequant/kernels/gpu/csrc/cq_gemv.cu (in /tmp), with the mma replaced by an xor of
 its operands ("nomma"), the codebook lookup replaced by an xor of the index word ("nolut"), or both
-("neither": the data movement alone), timed like bench_gpu (CUDA graph over weight copies > 4x L2)
+("neither": the data movement alone), timed like bench_gpu (benchmarks.common.cuda_graph_us: CUDA graph over weight copies > 4x L2)
 next to the real kernel ("base").
 Run on a CUDA machine from the repository root:
 
-    PYTHONPATH=src python3 benchmarks/probe_gpu_decomp.py --out benchmarks/results
+    PYTHONPATH=src python3 -m benchmarks gpu-probe-decomp --out benchmarks/results
 
 Writes gpu-decode-decomp.json. The patched builds compute wrong values on purpose: timing only.
 """
 
 import argparse
 import json
-import math
 import os
 import shutil
-import sys
 
 import torch
 from torch.utils.cpp_extension import load
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_gpu as B  # noqa: E402
-
-from codequant.kernels.gpu import cuda_gemv  # noqa: E402
-from codequant.core.activations import ActQuantSpec  # noqa: E402
+from benchmarks.common import L2_BYTES, copies_beyond, cuda_graph_us, random_packed
+from codequant.core.activations import ActQuantSpec
+from codequant.kernels.gpu import cuda_gemv
 
 A16 = ActQuantSpec(bits=16)
 # (text in cq_gemv.cu, the same text with the experiment's early return in front)
@@ -45,19 +41,19 @@ def run(tag, weights, recs):
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            t = B.time_calls([lambda w=w: cuda_gemv.linear(x, w, A16, None, y, smem_lut=False) for w in ws])
+            t = cuda_graph_us([lambda w=w: cuda_gemv.linear(x, w, A16, None, y, smem_lut=False) for w in ws])
             gbps = ws[0].indices.numel() / t / 1e3
             recs.append(dict(build=tag, M=m, N=n, K=k, us=round(t, 3), index_gbps=round(gbps, 1)))
             print(f"{tag:8s} M={m:2d} {n}x{k}: {t:7.2f} us {gbps:6.0f} GB/s", flush=True)
 
 
-def main():
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     src = open("src/codequant/kernels/gpu/csrc/cq_gemv.cu").read()
     assert NO_MMA[0] in src and NO_LUT[0] in src, "src/codequant/kernels/gpu/csrc/cq_gemv.cu changed: update the patches"
-    weights = {s: [B.random_packed((), *s) for _ in range(max(2, math.ceil(4 * B.L2_BYTES / (s[0] * s[1] // 2))))] for s in SHAPES}
+    weights = {s: [random_packed((), *s, "cuda") for _ in range(copies_beyond(L2_BYTES, s[0] * s[1] // 2))] for s in SHAPES}
     recs = []
     cuda_gemv.load()
     run("base", weights, recs)
@@ -73,7 +69,3 @@ def main():
         run(name, weights, recs)
     os.makedirs(a.out, exist_ok=True)
     json.dump({"device": torch.cuda.get_device_name(), "records": recs}, open(os.path.join(a.out, "gpu-decode-decomp.json"), "w"), indent=1)
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@ packed indices of one weight (no lookup, no math: xor of the loaded words), in t
 patterns a GEMV could use, next to the real decode kernel, torch.amax and cuBLAS bf16 on the
 same bytes. Run on a CUDA machine from the repository root:
 
-    PYTHONPATH=src python3 benchmarks/probe_gpu_read.py --out benchmarks/results
+    PYTHONPATH=src python3 -m benchmarks gpu-probe-read --out benchmarks/results
 
 Patterns (a block = 16 rows, W warps split each row's K range; a "chunk" = 16 rows x 64*S bytes,
 one warp-load instruction = 512 B):
@@ -13,7 +13,7 @@ one warp-load instruction = 512 B):
   tiled:  the [N/16][chunks][16][64] copy, 1 KB contiguous per chunk;
   flat:   each warp reads a contiguous range of the buffer, 512 B per load.
 Load flavours: nc (ld.global.nc.L1::no_allocate, the kernel's), l2_256 (same with the
-L2::256B prefetch hint), cs (ld.global.cs), plain (ld.global). Timing as bench_gpu.time_calls
+L2::256B prefetch hint), cs (ld.global.cs), plain (ld.global). Timing as benchmarks.common.cuda_graph_us
 (CUDA graph over weight copies > 4x L2). Writes gpu-read-probe.json.
 """
 
@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import L2_BYTES, measure_bandwidth, random_packed, time_calls  # noqa: E402
-
-from codequant.kernels.gpu import cuda_gemv  # noqa: E402
-from codequant.core.activations import ActQuantSpec  # noqa: E402
+from benchmarks.common import L2_BYTES, copies_beyond, cuda_graph_us, gpu_bandwidth, random_packed
+from codequant.core.activations import ActQuantSpec
+from codequant.kernels.gpu import cuda_gemv
 
 CUDA_SRC = r"""
 #include <torch/extension.h>
@@ -123,15 +120,15 @@ LOADS = {0: "nc", 1: "l2_256", 2: "cs", 3: "plain"}
 SHAPES = [(4096, 14336), (14336, 4096), (2048, 7168)]
 
 
-def main():
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from torch.utils.cpp_extension import load_inline
 
     ext = load_inline("cq_read_probe", CPP_SRC, cuda_sources=CUDA_SRC, functions=["probe_read", "set_l2_fetch", "get_l2_fetch"],
                       extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"])
-    bw = measure_bandwidth()
+    bw = gpu_bandwidth()
     print("bandwidth", bw, "L2 fetch granularity", ext.get_l2_fetch(), flush=True)
     recs = []
 
@@ -144,7 +141,7 @@ def main():
     for n, k in SHAPES:
         ldi = k // 2
         nbytes = n * ldi
-        copies = max(2, -(-4 * L2_BYTES // nbytes))
+        copies = copies_beyond(L2_BYTES, nbytes)
         ws = [torch.randint(0, 256, (n, ldi), dtype=torch.uint8, device="cuda") for _ in range(copies)]
         out = torch.empty(n // 16 * 16, dtype=torch.int32, device="cuda")
         for warps in (8, 16):
@@ -152,35 +149,31 @@ def main():
                 if warps == 16 and (pat, s, d, il, ldk) not in ((0, 1, 4, False, 0), (0, 1, 4, True, 0), (0, 1, 4, True, 1)):
                     continue
                 nch = (ldi // 64) // s if pat != 2 else nbytes // (1024 * s) // (n // 16)
-                t = time_calls([lambda w=w: ext.probe_read(w, ldi, nch, n // 16, warps, out, pat, s, d, il, ldk) for w in ws])
+                t = cuda_graph_us([lambda w=w: ext.probe_read(w, ldi, nch, n // 16, warps, out, pat, s, d, il, ldk) for w in ws])
                 rec(probe="read", N=n, K=k, pattern=PATTERNS[pat], S=s, D=d, interleaved=il, load=LOADS[ldk], warps=warps,
                     bytes=nbytes, us=round(t, 3))
         for gran in (32, 128):  # the current pattern under other L2 fetch granularities
             ext.set_l2_fetch(gran)
-            t = time_calls([lambda w=w: ext.probe_read(w, ldi, ldi // 64, n // 16, 8, out, 0, 1, 4, False, 0) for w in ws])
+            t = cuda_graph_us([lambda w=w: ext.probe_read(w, ldi, ldi // 64, n // 16, 8, out, 0, 1, 4, False, 0) for w in ws])
             rec(probe="read", N=n, K=k, pattern="rows", S=1, D=4, interleaved=False, load="nc", warps=8, bytes=nbytes,
                 us=round(t, 3), l2_fetch=gran)
         ext.set_l2_fetch(64)
         flat16 = [w.view(torch.bfloat16) for w in ws]
         amax_out = torch.empty((), device="cuda", dtype=torch.bfloat16)
-        rec(probe="torch.amax", N=n, K=k, bytes=nbytes, us=round(time_calls([lambda w=w: torch.amax(w, out=amax_out) for w in flat16]), 3))
+        rec(probe="torch.amax", N=n, K=k, bytes=nbytes, us=round(cuda_graph_us([lambda w=w: torch.amax(w, out=amax_out) for w in flat16]), 3))
         x = torch.randn(1, ldi // 2, device="cuda", dtype=torch.bfloat16)
         rec(probe="cublas_bf16_same_bytes", N=n, K=k, bytes=nbytes,
-            us=round(time_calls([lambda w=w: F.linear(x, w.view(torch.bfloat16)) for w in ws]), 3))
+            us=round(cuda_graph_us([lambda w=w: F.linear(x, w.view(torch.bfloat16)) for w in ws]), 3))
         del ws, flat16
-        lut_w = [random_packed((), n, k) for _ in range(copies)]
+        lut_w = [random_packed((), n, k, "cuda") for _ in range(copies)]
         xk = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         wbytes = lut_w[0].indices.numel() + lut_w[0].codebook.numel() * 2
         for st in (2, 4):
-            t = time_calls([lambda w=w: cuda_gemv.linear(xk, w, ActQuantSpec(bits=16), None, y, stages=st) for w in lut_w])
+            t = cuda_graph_us([lambda w=w: cuda_gemv.linear(xk, w, ActQuantSpec(bits=16), None, y, stages=st) for w in lut_w])
             rec(probe="decode_kernel", N=n, K=k, stages=st, bytes=wbytes, us=round(t, 3))
         del lut_w
         torch.cuda.empty_cache()
     os.makedirs(a.out, exist_ok=True)
     json.dump({"bandwidth": bw, "device": torch.cuda.get_device_name(), "records": recs},
               open(os.path.join(a.out, "gpu-read-probe.json"), "w"), indent=1)
-
-
-if __name__ == "__main__":
-    main()

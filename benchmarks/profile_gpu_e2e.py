@@ -1,6 +1,6 @@
 """Where a compiled decode step of the Qwen3-30B-A3B-shaped model spends its GPU time.
 
-    PYTHONPATH=src python3 benchmarks/profile_gpu_e2e.py
+    PYTHONPATH=src python3 -m benchmarks gpu-profile-e2e
 
 The model of bench_gpu_e2e.py (bf16, then CodeQuant W4A16 with random packed weights), every
 decoder layer under torch.compile; five decode steps under torch.profiler (no CUDA graph:
@@ -15,9 +15,9 @@ import collections
 import torch
 
 from torch.profiler import ProfilerActivity, profile
-from transformers import Qwen3MoeForCausalLM, StaticCache
+from transformers import StaticCache
 
-import bench_gpu_e2e as E
+from benchmarks.bench_gpu_e2e import compile_layers, gpu_model, quantize_randomly
 from codequant.core.activations import ActQuantSpec
 
 # (substring of the kernel name, category), first match wins
@@ -42,7 +42,7 @@ def prof(model, label: str, layers: int, steps: int = 5):
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
         out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p, device="cuda"))
-        E.compile_layers(model, True)
+        compile_layers(model, True)
         tok = out.logits[:, -1:].argmax(-1)
         pos = torch.tensor([p], device="cuda")
         for _ in range(3):
@@ -52,7 +52,7 @@ def prof(model, label: str, layers: int, steps: int = 5):
             for _ in range(steps):
                 model(input_ids=tok, past_key_values=cache, cache_position=pos)
             torch.cuda.synchronize()
-    E.compile_layers(model, False)
+    compile_layers(model, False)
     sums, counts, names = collections.Counter(), collections.Counter(), collections.Counter()
     for ev in pr.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -68,19 +68,11 @@ def prof(model, label: str, layers: int, steps: int = 5):
         print(f"      {v:8.0f} us  {n}")
 
 
-def main():
-    torch.manual_seed(0)
+def main(argv: list[str]) -> None:
+    if argv:
+        raise SystemExit("gpu-profile-e2e takes no arguments")
     layers = 48
-    cfg = E.qwen3_30b_a3b_config(layers)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = Qwen3MoeForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.eval()
+    model = gpu_model(layers)
     prof(model, "bf16", layers)
-    E.quantize_randomly(model, ActQuantSpec(bits=16))
+    quantize_randomly(model, ActQuantSpec(bits=16))
     prof(model, "W4A16", layers)
-
-
-if __name__ == "__main__":
-    main()
