@@ -33,8 +33,9 @@ def main() -> int | None:
         width = max(map(len, BENCHMARKS))
         listing = "\n".join(f"  {name:{width}}  {what}" for name, (_, what) in BENCHMARKS.items())
         sys.exit(f"usage: python -m benchmarks <name> [args]\n\nnames:\n{listing}")
-    module, _ = BENCHMARKS[sys.argv[1]]
-    return importlib.import_module(f"benchmarks.{module}").main(sys.argv[2:])
+    name, argv = sys.argv[1], sys.argv[2:]
+    sys.argv = [f"python -m benchmarks {name}", *argv]  # the program name in the benchmark's usage and help
+    return importlib.import_module(f"benchmarks.{BENCHMARKS[name][0]}").main(argv)
 
 
 if __name__ == "__main__":
