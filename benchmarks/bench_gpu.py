@@ -140,12 +140,13 @@ def grouped_mm_moe(x, idx, w, gu, dn):
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-def routing(t, e, k, shared, gen_device="cuda"):
-    scores = torch.randn(t, e, device=gen_device)
+def routing(t, e, k, shared):
+    """Random (weights, expert indices) of t tokens over e experts, top-k plus every shared expert."""
+    scores = torch.randn(t, e, device="cuda")
     w, idx = scores.softmax(-1).topk(k, -1)
     if shared:
-        idx = torch.cat([idx, torch.arange(e, e + shared, device=gen_device).expand(t, shared)], 1)
-        w = torch.cat([w, torch.ones(t, shared, device=gen_device)], 1)
+        idx = torch.cat([idx, torch.arange(e, e + shared, device="cuda").expand(t, shared)], 1)
+        w = torch.cat([w, torch.ones(t, shared, device="cuda")], 1)
     return w.to(torch.bfloat16), idx
 
 

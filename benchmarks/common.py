@@ -134,18 +134,18 @@ def random_packed(lead: tuple, n: int, k: int, device, generator=None):
 
 
 def codequant_targets(model):
-    """(decoder layer, adapter QuantTarget) of every weight the benchmarks run on CodeQuant
-    kernels: the attention linears and the routed experts (routers, dense MLPs, embeddings,
-    norms and lm_head stay as they are)."""
+    """Yields (decoder layer, adapter QuantTarget) of every weight the benchmarks run on
+    CodeQuant kernels: the attention linears and the routed experts (routers, dense MLPs,
+    embeddings, norms and lm_head stay as they are). Layer by layer, so that a caller
+    replacing them holds the replaced modules of one layer at a time."""
     from codequant.adapters import get_adapter
 
     adapter = get_adapter(model)
-    out = []
     for layer in adapter.layers(model):
         attention = {id(m) for m in adapter.attention(layer).modules()}
-        out += [(layer, t) for t in adapter.quant_targets(layer)
-                if t.kind == "experts" or (t.kind == "linear" and id(t.module) in attention)]
-    return out
+        for t in adapter.quant_targets(layer):
+            if t.kind == "experts" or (t.kind == "linear" and id(t.module) in attention):
+                yield layer, t
 
 
 def install_codequant(model, act, packed) -> None:
