@@ -169,6 +169,8 @@ def plot(records, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sel = [r for r in records if r["cache"] == "dram" and r["M"] == 1]
+    if not sel:  # the plot shows M = 1 from DRAM only
+        return
     shapes = sorted({(r["N"], r["K"]) for r in sel})
     threads = sorted({r["threads"] for r in sel})
     ops = ["codequant-w4a16", "codequant-w4a8", "codequant-w4a4", "ggml-iq4_nl-repack", "ggml-q4_0-repack",
