@@ -14,6 +14,7 @@ from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
+from codequant.modules.router import CodeQuantRouter
 from tiny_models import tiny_input_ids, tiny_model
 
 FAST = dict(nsamples=8, seqlen=32, rotation_steps=30, accf_epochs=2, accf_batch_tokens=64, kmeans_iters=8, device="cpu")
@@ -36,7 +37,7 @@ def test_codequant_w4a4_beats_rtn_w4a4_on_tiny_moe():
     assert cq["kl"] < rtn["kl"]
     layer = result.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, CodeQuantLinear) and isinstance(layer.mlp.experts, CodeQuantExperts)
-    assert hasattr(layer.mlp.gate, "codequant_act")  # router quantized too
+    assert isinstance(layer.mlp.gate, CodeQuantRouter)  # router quantized too
     # every tiny row has K = 64: 4-bit indices + 16 fp16 centroids + one fp32 row sum per row
     assert result.report["bits_per_weight"] == pytest.approx(4 + (16 * 16 + 32) / 64)
 

@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 from ..adapters import SUPPORTED_ARCHITECTURES, ArchitectureAdapter, QuantTarget, get_adapter
 from ..config import QuantConfig
 from ..core.format import PackedWeight, bits_per_weight, pack
-from ..io.checkpoint import find_quantized_modules, packed_weights
 from ..io.output import check_output, partial_dir, run_record, start_or_resume
 from ..modules.experts import CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
-from ..modules.router import quantize_router
+from ..modules.registry import quantized_modules
+from ..modules.router import CodeQuantRouter, quantize_router
 from ..quantizers import accf
 from ..core.activations import ActQuantSpec, fake_quantize_activations
 from ..quantizers.codebook import check_group_size, fit_codebooks
@@ -728,7 +728,7 @@ class Quantizer:
                 specs[name] = {"kind": "linear", "hadamard_block": module.hadamard_block}
             elif isinstance(module, CodeQuantExperts):
                 specs[name] = {"kind": "experts", "hadamard_block": module.hadamard_block}
-            elif hasattr(module, "codequant_act"):
+            elif isinstance(module, CodeQuantRouter):
                 specs[name] = {"kind": "router", "hadamard_block": 0}
         skip = {f"{name}.weight" for name, spec in specs.items() if spec["kind"] == "router"}
         tensors = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items() if k not in skip}
@@ -807,8 +807,8 @@ def model_bits_per_weight(model: nn.Module, bits: int) -> float:
     """Bits per quantized weight on disk at ``bits``-bit indices, over every packed module
     (codebooks and row constants included; what :func:`codequant.io.checkpoint_summary` reads back)."""
     total, count = 0.0, 0
-    for kind, module in find_quantized_modules(model).values():
-        for w in packed_weights(kind, module).values():
+    for module in quantized_modules(model).values():
+        for w in module.packed_weights().values():
             n = w.indices.shape[:-1].numel() * w.in_features
             total, count = total + bits_per_weight(w, bits) * n, count + n
     return total / max(count, 1)
