@@ -34,7 +34,9 @@ A checkpoint directory holds
                       the weight files, the weight index and codequant_remote.py
     extra             free-form JSON from the pipeline (method, rotations in effect, calibration data)
 
-The per-module specs are authoritative; the top-level numbers summarize them. Nothing is
+The per-module specs are authoritative; the top-level numbers summarize them. The schema is
+checked by :mod:`codequant.io.schema`; each kind's spec is written and read by its module class
+(:mod:`codequant.modules.registry`). Nothing is
 pickled: tensors live in safetensors, everything else in JSON.
 
 Since format version 2 the meaning of the packed tensors is bound to them: the header metadata

@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from ..core.activations import ActQuantSpec
-from ..core.format import CODEBOOK_DTYPE, FORMAT_VERSION, stored_index_bytes
+from ..core.format import CODEBOOK_DTYPE, FORMAT_VERSION, check_group_size, stored_index_bytes
 from ..modules import registry
 
 QUANT_METHOD = "codequant"
@@ -127,8 +127,12 @@ def check_module_spec(name: str, spec: dict) -> None:
     if "bits" in spec and not 1 <= spec["bits"] <= 4:
         raise CheckpointError(f"codequant checkpoint: module {name} has bits {spec['bits']}, expected 1..4")
     for _, k, g in packed_layout(spec).values():
-        if not (isinstance(g, int) and 0 < g <= k and k % g == 0):
-            raise CheckpointError(f"codequant checkpoint: module {name} has group size {g}, which does not divide {k}")
+        try:
+            if not isinstance(g, int) or g == 0:  # module specs spell a whole row G = K, never 0
+                raise ValueError
+            check_group_size(g, k)
+        except ValueError:
+            raise CheckpointError(f"codequant checkpoint: module {name} has group size {g}, which does not divide {k}") from None
     hb = spec.get("hadamard_block", 0)
     if hb and (hb & (hb - 1)):
         raise CheckpointError(f"codequant checkpoint: module {name} has hadamard_block {hb}, not a power of two")

@@ -93,7 +93,7 @@ class CodeQuantLinear(QuantizedModule):
 
     @property
     def group_size(self) -> int:
-        return self.in_features // self.codebook.shape[-2]
+        return self.packed.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.packed, self.act, self.bias, self.hadamard_block, self.backend)
