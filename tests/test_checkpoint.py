@@ -79,10 +79,7 @@ def quantize_tiny(model: nn.Module, bits: int = 4, group_size: int | None = 32, 
     return model
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    """These tests are about storage: run every module on the plain reference path."""
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # these tests are about storage: every module on the reference path
 
 
 def load(path) -> nn.Module:

@@ -208,11 +208,10 @@ def test_quantize_then_eval_from_the_command_line(capsys, tmp_path, tiny_dir):
     assert record["tokens"] > 0 and record["kl"] >= 0 and 0 <= record["top1_agreement"] <= 1
 
 
-def test_phimoe_checkpoint_round_trip_keeps_folded_layernorm_biases(tmp_path, monkeypatch):
+def test_phimoe_checkpoint_round_trip_keeps_folded_layernorm_biases(tmp_path, reference_kernels):
     """PhiMoE's LayerNorm betas end in RMSNorm biases and new linear biases; both survive save/load."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
     fp = tiny_model("phimoe")
     result = quantize(copy.deepcopy(fp), QuantConfig(**{**FAST, "accf_epochs": 1}), tmp_path / "q", progress=False, calibration=_calibration())
     assert any(getattr(m, "bias", None) is not None for n, m in result.model.named_modules() if n.endswith("post_attention_layernorm"))
