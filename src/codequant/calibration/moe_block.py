@@ -5,7 +5,7 @@ block MSE + router KL, install the deployable modules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from ..quantizers.weight_quantizer import WeightStats
 from .layers import block_output
 from .statistics import InputStats, all_token_experts_stats, capture_inputs, concat, experts_stats, stacked
 from .weights import experts_codebook, initial_codebook, needs_hessian, reassign
+
+if TYPE_CHECKING:
+    from .driver import Quantizer
 
 
 class Routing(NamedTuple):
@@ -53,7 +56,7 @@ class WeightBook:
 class MoEBlockCalibrator:
     """Quantizes the MoE block ``block`` of decoder layer ``layer`` for the driver ``q``."""
 
-    def __init__(self, q, layer: nn.Module, block: nn.Module, targets: list[QuantTarget], name: str):
+    def __init__(self, q: Quantizer, layer: nn.Module, block: nn.Module, targets: list[QuantTarget], name: str):
         self.q, self.layer, self.block, self.targets, self.name = q, layer, block, targets, name
         self.router, self.experts = q.adapter.router(layer), q.adapter.experts(layer)
         self.router_w = self.router.weight.detach().float().clone()

@@ -5,7 +5,7 @@ function plus one line in :data:`R1_ROTATIONS`."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -14,14 +14,17 @@ from ..core.hadamard import random_hadamard
 from ..transforms.rotation import train_rotation
 from .layers import LayerRunner, on_device
 
+if TYPE_CHECKING:
+    from .driver import Quantizer
 
-def hadamard_r1(q, tokens: torch.Tensor) -> torch.Tensor:
+
+def hadamard_r1(q: Quantizer, tokens: torch.Tensor) -> torch.Tensor:
     """QuaRot's R1: a random Hadamard matrix (seeded by the config)."""
     return random_hadamard(q.adapter.hidden_size(q.model), q.config.seed)
 
 
 @torch.no_grad()
-def learned_r1(q, tokens: torch.Tensor) -> torch.Tensor:
+def learned_r1(q: Quantizer, tokens: torch.Tensor) -> torch.Tensor:
     """AOS: sample normalized stream activations of every layer, train R1 on them."""
     g = torch.Generator().manual_seed(q.config.seed)
     samples: list[torch.Tensor] = []

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -16,6 +18,9 @@ from ..quantizers.feedback import feedback_codebooks
 from ..quantizers.registry import weight_quantizer
 from ..quantizers.weight_quantizer import WeightStats
 from .statistics import InputStats
+
+if TYPE_CHECKING:
+    from .driver import Quantizer
 
 
 def needs_hessian(config: QuantConfig) -> bool:
@@ -57,7 +62,7 @@ def reassign(book: accf.Codebook, weight: torch.Tensor, stats: WeightStats, chun
             book.idx[part] = idx
 
 
-def calibrate_linear(q, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> None:
+def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> None:
     """A linear (or router) of driver ``q``'s layer fitted on its own inputs x [T, K]: codebooks,
     then ACCF on the output MSE ||Q(x) W_hat^T - x W^T||^2 / ||x W^T||^2; installed packed."""
     config = q.config
