@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from codequant.calibration.data import calibration_windows, eval_windows, load_texts
-from codequant.calibration.pipeline import load_model, quantize
+from codequant.calibration.loading import load_model
+from codequant.calibration.pipeline import quantize
 from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
 from codequant.utils import atomic_write_text

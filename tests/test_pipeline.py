@@ -82,11 +82,11 @@ def test_feedback_assignment_keeps_the_packed_format(group_size):
 
 
 def test_grouped_codebooks_use_pog_and_group_size(monkeypatch):
-    from codequant.calibration import pipeline
+    from codequant.calibration import driver
 
     permuted = []
-    real_pog = pipeline.apply_pog
-    monkeypatch.setattr(pipeline, "apply_pog", lambda model, adapter, g, *a, **k: permuted.append((g, real_pog(model, adapter, g, *a, **k))))
+    real_pog = driver.apply_pog
+    monkeypatch.setattr(driver, "apply_pog", lambda model, adapter, g, *a, **k: permuted.append((g, real_pog(model, adapter, g, *a, **k))))
     fp = tiny_model("qwen3_moe")
     result = quantize(copy.deepcopy(fp), QuantConfig(group_size=32, **FAST), progress=False, calibration=_calibration())
     q = result.model.model.layers[0].self_attn.q_proj
@@ -96,13 +96,13 @@ def test_grouped_codebooks_use_pog_and_group_size(monkeypatch):
 
 
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
-    from codequant.calibration import pipeline
+    from codequant.calibration import driver
 
     config = QuantConfig(**FAST)
     full = quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "full", progress=False, calibration=_calibration())
 
     calls = {"n": 0}
-    original = pipeline.Quantizer.quantize_layer
+    original = driver.Quantizer.quantize_layer
 
     def crash_on_second_layer(self, i, *args):
         if i == 1:
@@ -110,11 +110,11 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
         calls["n"] += 1
         return original(self, i, *args)
 
-    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", crash_on_second_layer)
+    monkeypatch.setattr(driver.Quantizer, "quantize_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "resumed", progress=False, calibration=_calibration())
     assert (tmp_path / "resumed.partial" / "layer_0000.safetensors").is_file()
-    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", original)
+    monkeypatch.setattr(driver.Quantizer, "quantize_layer", original)
     resumed = quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "resumed", progress=False, calibration=_calibration())
     assert not (tmp_path / "resumed.partial").exists()
     ids = tiny_input_ids(2, 16, seed=3)
