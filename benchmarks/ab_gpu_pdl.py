@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.bench_gpu import DENSE_SHAPES, MODES, routing
 from benchmarks.common import L2_BYTES, QWEN3_30B_A3B, copies_beyond, cuda_graph_us, moe_dims, random_packed
-from codequant.kernels.gpu import cuda_gemv, ops
+from codequant import kernels
 
 SHAPES = DENSE_SHAPES + [(4096, 2048), (2048, 4096), (512, 2048)]
 
@@ -22,9 +22,8 @@ def pdl_and_plain(fns) -> tuple[float, float]:
     res = {True: [], False: []}
     for _ in range(2):
         for on in (True, False):
-            cuda_gemv.PDL = on
-            res[on].append(cuda_graph_us(fns))
-    cuda_gemv.PDL = True
+            with kernels.kernel_options(cuda_pdl=on):
+                res[on].append(cuda_graph_us(fns))
     return min(res[True]), min(res[False])
 
 
@@ -37,7 +36,7 @@ def main(argv: list[str]) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for mode in ("w4a16", "w4a4"):
                 act = MODES[mode]
-                on, off = pdl_and_plain([lambda w=w: ops.linear(x, w, act) for w in pw])
+                on, off = pdl_and_plain([lambda w=w: kernels.linear(x, w, act) for w in pw])
                 print(f"dense {n}x{k} M={m:2d} {mode}: PDL {on:7.2f} us  plain {off:7.2f} us  x{off / on:.3f}", flush=True)
         del pw
         torch.cuda.empty_cache()
@@ -48,5 +47,5 @@ def main(argv: list[str]) -> None:
         routes = [routing(t, e, topk, 0) for _ in range(8)]
         for mode in ("w4a16", "w4a4"):
             act = MODES[mode]
-            on, off = pdl_and_plain([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *lut[j % 4], act, act) for j in range(8)])
+            on, off = pdl_and_plain([lambda j=j: kernels.moe(x, routes[j][1], routes[j][0], *lut[j % 4], act, act) for j in range(8)])
             print(f"moe qwen3 T={t:2d} {mode}: PDL {on:7.2f} us  plain {off:7.2f} us  x{off / on:.3f}", flush=True)

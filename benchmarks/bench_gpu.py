@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from benchmarks.common import ACT_BITS, L2_BYTES, command_line, copies_beyond, cuda_graph_us, gpu_bandwidth, moe_dims, random_packed
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
+from codequant import kernels
 from codequant.kernels import reference
 from codequant.kernels.gpu import ops
 
@@ -111,7 +112,7 @@ def bench_linear(shapes, ms, modes, read_gbps: float):
             t_bf16, t_int4 = baseline_us(x, bf16_w, int4_w)
             for mode in modes:
                 act = MODES[mode]
-                t = cuda_graph_us([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                t = cuda_graph_us([lambda w=w: kernels.linear(x, w, act) for w in lut_w])
                 recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, read_gbps))
                 gbps = recs[-1]["gbps"]
                 log(f"linear {mode} M={m:5d} N={n:6d} K={k:6d}: {t:9.2f} us {gbps:7.0f} GB/s  bf16 {t_bf16:9.2f}  int4 {t_int4 and round(t_int4, 2)}  x{t_bf16 / t:.2f}")
@@ -169,10 +170,10 @@ def bench_moe(models, tokens, modes, read_gbps: float):
             routes = [routing(t, e, k, shared) for _ in range(calls)]
             active = statistics.mean(int(torch.unique(r[1]).numel()) for r in routes)
             t_gmm = cuda_graph_us([lambda j=j: grouped_mm_moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
-            t_fbf = cuda_graph_us([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf]) for j in range(calls)], reps=10)
+            t_fbf = cuda_graph_us([lambda j=j: kernels.moe(x, routes[j][1], routes[j][0], *bf_w[j % c_bf], MODES["w4a16"], MODES["w4a16"]) for j in range(calls)], reps=10)
             for mode in modes:
                 act = MODES[mode]
-                tq = cuda_graph_us([lambda j=j: ops.moe(x, routes[j][1], routes[j][0], *lut_w[j % c], act, act) for j in range(calls)], reps=10)
+                tq = cuda_graph_us([lambda j=j: kernels.moe(x, routes[j][1], routes[j][0], *lut_w[j % c], act, act) for j in range(calls)], reps=10)
                 gbps = active * per_expert / tq / 1e3
                 recs.append(dict(op="moe", mode=mode, M=t, N=h, K=i, experts=et, topk=kt, us=round(tq, 3), gbps=round(gbps, 1),
                                  pct_bw=round(100 * gbps / read_gbps, 1), vs_bf16=round(t_fbf / tq, 3), vs_int4=None,
@@ -203,7 +204,7 @@ def accuracy():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for mode in ("w4a16", "w4a4"):
             ref = reference.linear(x.float(), pw, MODES[mode]).double()
-            y = ops.linear(x, pw, MODES[mode]).double()
+            y = kernels.linear(x, pw, MODES[mode]).double()
             res[f"{mode}_M{m}_rel_err"] = ((y - ref).norm() / ref.norm()).item()
     return res
 

@@ -5,7 +5,7 @@ int4 (tinygemm, group 128). Run on a CUDA machine from the repository root:
 
 Timing as in bench_gpu (benchmarks.common.cuda_graph_us): CUDA-graph replay of a batch of calls rotating through weight copies
 larger than the 50 MB L2 (4x), median over replays; read bandwidth (4 GiB torch.amax) measured
-in the same run. ``us`` times ops.linear (the whole call: output allocation, the kernel).
+in the same run. ``us`` times codequant.kernels.linear (the whole call: dispatch, output allocation, the kernel).
 Writes gpu-decode-cuda.json (records), gpu-decode-cuda-meta.json (bandwidth, config sweep,
 accuracy) and gpu-decode-cuda.png.
 """
@@ -21,8 +21,9 @@ import torch
 
 from benchmarks.bench_gpu import MODES, baseline_us, linear_record, log, lut_bytes, weight_sets
 from benchmarks.common import command_line, cuda_graph_us, gpu_bandwidth
+from codequant import kernels
 from codequant.kernels import reference
-from codequant.kernels.gpu import cuda_gemv, ops
+from codequant.kernels.gpu import cuda_gemv
 
 # the five dense shapes of issue #17 and the Qwen3-30B-A3B expert shapes (down 2048x768, one half of gate_up 768x2048)
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048)]
@@ -53,11 +54,11 @@ def main(argv: list[str]) -> None:
             t_bf16, t_int4 = baseline_us(x, bf16_w, int4_w)
             for mode, act in MODES.items():
                 # accuracy on this shape (random weights / codebooks of benchmarks.common.random_packed)
-                y = ops.linear(x, pw, act)
+                y = kernels.linear(x, pw, act)
                 ref = reference.linear(x.float(), pw, act).double()
                 err = ((y.double() - ref).norm() / ref.norm()).item()
                 meta["accuracy"].append(dict(mode=mode, M=m, N=n, K=k, rel_err=err))
-                t = cuda_graph_us([lambda w=w: ops.linear(x, w, act) for w in lut_w])
+                t = cuda_graph_us([lambda w=w: kernels.linear(x, w, act) for w in lut_w])
                 recs.append(linear_record(mode, m, n, k, t, wbytes, t_bf16, t_int4, bw["read_gbps"]))
                 gbps = recs[-1]["gbps"]
                 log(f"{mode} M={m:2d} {n:5d}x{k:5d}: cuda {t:7.2f} us {gbps:6.0f} GB/s ({100 * gbps / bw['read_gbps']:4.1f}%)  "

@@ -36,7 +36,7 @@ import torch
 from codequant.calibration.data import calibration_windows, eval_windows, load_texts
 from benchmarks.common import FIXTURE, ROOT, command_line
 from codequant import QuantConfig, quantize
-from codequant.calibration.pipeline import load_model
+from codequant.calibration.loading import load_model
 from codequant.evaluation.perplexity import evaluate
 from codequant.utils import atomic_write_text
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from codequant.adapters import get_adapter
 from codequant.calibration.data import eval_windows, load_texts
-from codequant.calibration.pipeline import load_model, quantize
+from codequant.calibration.loading import load_model
+from codequant.calibration.pipeline import quantize
 from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
 from codequant.core.activations import ActQuantSpec, fake_quantize_activations

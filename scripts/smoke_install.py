@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import codequant
-from codequant.kernels import reference, select_backend
+from codequant.kernels import Case, Op, reference, select
 from codequant.kernels.cpu import _lut
 from codequant.kernels.gpu import cuda_gemv
 from codequant.modules.linear import quantize_linear
@@ -17,14 +17,13 @@ where = Path(codequant.__file__).resolve()
 assert "site-packages" in where.parts, f"codequant imported from {where}, not from the installed package"
 missing = [s for s in cuda_gemv._SOURCES if not (cuda_gemv.SOURCE_DIR / s).is_file()]
 assert not missing, f"CUDA sources {missing} missing from {cuda_gemv.SOURCE_DIR}"
-backend = select_backend("linear", "cpu")
-assert backend.__module__ == "codequant.kernels.cpu", f"CPU linear runs {backend.__module__}, not the C++ kernels"
-
 torch.manual_seed(0)
 layer = quantize_linear(torch.randn(96, 256), torch.randn(96), act_bits=4)
 x = torch.randn(5, 256)
+kernel = select(Case(Op.LINEAR, x, layer.packed, layer.act))
+assert kernel.backend == "cpu", f"CPU linear runs {kernel.name}, not the C++ kernels"
 y = layer(x)
-assert torch.equal(y, backend(x, layer.packed, layer.act, layer.bias)), "the layer did not run the C++ kernels"
+assert torch.equal(y, kernel.fn(x, layer.packed, layer.act, layer.bias)), "the layer did not run the C++ kernels"
 y_ref = reference.linear(x, layer.packed, layer.act, layer.bias)
 err = (y - y_ref).abs().max().item() / y_ref.abs().max().item()
 assert err < 2e-2, f"C++ kernel output differs from the reference by {err:.3g} (relative)"

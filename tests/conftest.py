@@ -4,7 +4,17 @@ Triton kernels must run in the interpreter from the start of the session."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def reference_kernels():
+    """Run every quantized module on the reference implementation (KernelOptions.backend)."""
+    from codequant.kernels import kernel_options
+
+    with kernel_options(backend="reference"):
+        yield

@@ -20,7 +20,7 @@ from codequant.io.checkpoint import sha256_file
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.norm import RMSNorm
-from codequant.modules.router import is_quantized_router, quantize_router
+from codequant.modules.router import CodeQuantRouter, quantize_router
 from codequant.core.activations import ActQuantSpec
 
 from tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
@@ -79,10 +79,7 @@ def quantize_tiny(model: nn.Module, bits: int = 4, group_size: int | None = 32, 
     return model
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    """These tests are about storage: run every module on the plain reference path."""
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # these tests are about storage: every module on the reference path
 
 
 def load(path) -> nn.Module:
@@ -134,9 +131,9 @@ def test_round_trip_logits_equal(arch, tmp_path):
     for name, m in model.named_modules():
         if isinstance(m, (CodeQuantLinear, CodeQuantExperts, RMSNorm)):
             assert kinds[name] is type(m), name
-        if is_quantized_router(m):
+        if isinstance(m, CodeQuantRouter):
             r = loaded.get_submodule(name)
-            assert is_quantized_router(r) and r.codequant_act == m.codequant_act
+            assert isinstance(r, CodeQuantRouter) and r.act == m.act
             assert torch.equal(r.weight, m.weight)
     for name, m in loaded.named_modules():
         if isinstance(m, CodeQuantLinear):
@@ -187,8 +184,8 @@ def test_summary_bits_per_weight(saved):
     for m in model.modules():
         if isinstance(m, CodeQuantExperts):
             weights += [m.gate_up, m.down]
-        if is_quantized_router(m):
-            weights.append(PackedWeight(m.indices, m.codebook, m.row_sum, m.weight.shape[-1]))
+        if isinstance(m, CodeQuantRouter):
+            weights.append(m.packed)
     n = [w.indices.shape[:-1].numel() * w.in_features for w in weights]
     expected = sum(bits_per_weight(w, 4) * k for w, k in zip(weights, n)) / sum(n)
     assert summary["packed_weights"] == sum(n)
@@ -307,7 +304,7 @@ def test_low_bit_indices_and_codebooks_are_stored_at_their_width(bits, tmp_path)
     assert summary["weight_file_bytes"] < summary4["weight_file_bytes"]
     weights = [w for m in model.modules() if isinstance(m, CodeQuantExperts) for w in (m.gate_up, m.down)]
     weights += [m.packed for m in model.modules() if isinstance(m, CodeQuantLinear)]
-    weights += [PackedWeight(m.indices, m.codebook, m.row_sum, m.weight.shape[-1]) for m in model.modules() if is_quantized_router(m)]
+    weights += [m.packed for m in model.modules() if isinstance(m, CodeQuantRouter)]
     n = [w.indices.shape[:-1].numel() * w.in_features for w in weights]
     for s, b in ((summary, bits), (summary4, 4)):
         assert math.isclose(s["bits_per_weight"], sum(bits_per_weight(w, b) * k for w, k in zip(weights, n)) / sum(n), rel_tol=1e-12)

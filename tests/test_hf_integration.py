@@ -11,6 +11,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 import codequant
 from codequant.generate import generate
 from codequant.io import CodeQuantConfig, CodeQuantHfQuantizer, read_quantization_config, save_quantized
+from codequant.kernels import set_options
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 
@@ -29,9 +30,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # every module on the reference path
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,7 @@ def test_generate_on_cpu_gives_kernels_the_threads_and_restores_torch(checkpoint
     """generate() runs on one pool: every kernel call gets torch's thread count while torch's
     ops run on 1 thread, and torch's count is restored afterwards."""
     cpu = pytest.importorskip("codequant.kernels.cpu", reason="compiled CPU kernels not built")
-    monkeypatch.delenv("CODEQUANT_BACKEND")
+    set_options(backend=None)  # the cpu kernels (the reference_kernels fixture restores the options)
     calls = []
     for name in ("run", "moe"):
         kernel = getattr(cpu._lut, name)

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 cpu = pytest.importorskip("codequant.kernels.cpu", reason="compiled CPU kernels not built")
 
+from codequant import kernels  # noqa: E402
 from codequant.core.format import PackedWeight, pack  # noqa: E402
-from codequant.kernels import reference, select_backend  # noqa: E402
+from codequant.kernels import Case, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.cpu import _lut  # noqa: E402
 from codequant.modules.experts import CodeQuantExperts  # noqa: E402
 from codequant.modules.linear import CodeQuantLinear  # noqa: E402
@@ -296,7 +297,7 @@ def test_linear_bf16_matches_torch(isa):
         assert bool(((y16[0].float() - ref16).abs() <= tol + 2 * BF16_EPS * ref16.abs()).all())
 
 
-def test_decode_threads_routes_the_bf16_head_and_restores_it(monkeypatch):
+def test_decode_threads_routes_the_bf16_head_and_restores_it():
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -315,29 +316,30 @@ def test_decode_threads_routes_the_bf16_head_and_restores_it(monkeypatch):
         assert "forward" in toy.head.__dict__
         toy.head(x.requires_grad_()).sum().backward()
     assert x.grad is not None
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
-    with cpu.decode_threads(model=toy):
+    with kernel_options(backend="reference"), cpu.decode_threads(model=toy):
         assert "forward" not in toy.head.__dict__
 
 
 def test_modules_dispatch_to_cpu_backend():
-    assert select_backend("linear", "cpu") is cpu.linear
-    assert select_backend("moe", "cpu") is cpu.moe
     weight = random_weight(33, 256, 64, seed=4)
     act = ActQuantSpec(4)
+    assert select(Case(Op.LINEAR, torch.randn(2, 256), weight, act)).fn is cpu.linear
     layer = CodeQuantLinear.from_packed(weight, torch.randn(33), act=act)
     x = torch.randn(2, 3, 256)
     assert torch.equal(layer(x), cpu.linear(x, weight, act, layer.bias))
     gate_up, down = random_weight(64, 128, 128, 7, (3,)), random_weight(128, 32, 32, 8, (3,))
     experts = CodeQuantExperts.from_packed(gate_up, down, act)
     xe, ti, tw = torch.randn(4, 128), torch.tensor([[0, 2], [1, 2], [2, 0], [1, 0]]), torch.rand(4, 2)
+    assert select(Case(Op.MOE, xe, gate_up, act, down, act, ti, tw)).fn is cpu.moe
     assert torch.equal(experts(xe, ti, tw), cpu.moe(xe, ti, tw, gate_up, down, act, act))
 
 
 def test_training_calls_fall_back_to_reference():
     weight = random_weight(16, 128, 128, seed=11)
     x = torch.randn(2, 128, requires_grad=True)
-    y = cpu.linear(x, weight, ActQuantSpec(4))
+    assert not cpu.supports_linear(Case(Op.LINEAR, x, weight, ActQuantSpec(4)))
+    assert select(Case(Op.LINEAR, x, weight, ActQuantSpec(4))).name == "reference"
+    y = kernels.linear(x, weight, ActQuantSpec(4))
     y.sum().backward()  # the reference path's straight-through gradient
     assert x.grad is not None
     torch.testing.assert_close(y, reference.linear(x, weight, ActQuantSpec(4)))
@@ -445,23 +447,32 @@ def test_moe_threads_do_not_change_results(act):
 
 def test_missing_extension_is_logged_and_falls_back_to_the_reference():
     """Without the compiled extension the cpu backend is absent, one warning says why and how to
-    fix it, the ops run on the reference, and asking for the cpu backend explicitly is an error."""
+    fix it, the ops run on the reference (one more warning, naming the op and the missing
+    backend), and asking for the cpu backend explicitly is an error."""
     script = textwrap.dedent("""
-        import logging, sys
+        import logging, sys, torch
         sys.modules["codequant.kernels.cpu._lut"] = None  # the extension failed to build
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         from codequant import kernels
-        print(kernels.available_backends())
-        print(kernels.select_backend("linear", "cpu") is kernels.reference.linear)
+        from codequant.core.activations import ActQuantSpec
+        from codequant.core.format import pack
+        w, x = pack(torch.randint(0, 16, (8, 64)), torch.randn(8, 1, 16)), torch.randn(2, 64)
+        print(sorted({k.backend for k in kernels.implementations(kernels.Op.LINEAR)}))
+        for _ in range(2):
+            print(torch.equal(kernels.linear(x, w, ActQuantSpec(4)), kernels.reference.linear(x, w, ActQuantSpec(4))))
         try:
-            kernels.select_backend("linear", "cpu", backend="cpu")
+            kernels.linear(x, w, ActQuantSpec(4), backend="cpu")
         except ValueError as e:
             print(e)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     warnings = [line for line in out.stderr.splitlines() if line.startswith("WARNING")]
-    assert warnings == ["WARNING codequant CPU kernels are not built (import of codequant.kernels.cpu._lut halted; None in sys.modules); "
-                        "reinstall with `pip install .`; until then cpu ops run on the reference implementation (slow)"]
+    missing = "codequant CPU kernels are not built (import of codequant.kernels.cpu._lut halted; None in sys.modules); " \
+              "reinstall with `pip install .`"
+    assert warnings[0] == f"WARNING {missing}; until then cpu ops run on the reference implementation (slow)"
+    assert warnings[1:] == [f"WARNING linear: no kernel for cpu tensors is available (not loaded: cpu: {missing}), for x (2, 64) "
+                            "torch.float32 on cpu, weight packed [8, 64] in 1 codebook group(s), act ActQuantSpec(bits=4, "
+                            "group_size=0, clip=1.0); running the reference implementation (slow)"]
     lines = out.stdout.splitlines()
-    assert "'cpu'" not in lines[0] and lines[1] == "True"
-    assert lines[2] == "kernel backend 'cpu' has no 'linear' here; available: " + lines[0]
+    assert "'cpu'" not in lines[0] and lines[1] == lines[2] == "True"
+    assert lines[3] == "kernel backend 'cpu' has no 'linear' here; available: " + lines[0]

@@ -12,14 +12,16 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from codequant.core.format import PackedWeight, pack  # noqa: E402
-from codequant.kernels import reference  # noqa: E402
+from codequant import kernels  # noqa: E402
+from codequant.kernels import Case, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops, prefill  # noqa: E402
 from codequant.core.activations import ActQuantSpec, quantize_activations  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _fp8_prefill_on(monkeypatch):
-    monkeypatch.setattr(ops, "W4A4_PREFILL", "fp8")
+def _fp8_prefill_on():
+    with kernel_options(gpu_w4a4_prefill="fp8"):
+        yield
 
 
 W4A16 = ActQuantSpec(bits=16)
@@ -147,35 +149,43 @@ def test_w4a4_clip_and_bits():
         assert rel_err(run_kernel(x, w, act=act), reference.linear(x, w, act)) < LIMIT_EXACT
 
 
-def test_ops_linear_dispatch(monkeypatch):
-    calls = []
-    real = cuda_gemv.linear
+def linear_on(name, x, w, act, bias=None):
+    """kernels.linear, asserting that the table chose the implementation ``name`` (no fallback)."""
+    assert select(Case(Op.LINEAR, x, w, act)).name == name
+    with kernel_options(strict=True):
+        return kernels.linear(x, w, act, bias)
 
-    def spy(*a, **kw):
-        ok = real(*a, **kw)
-        calls.append(ok)
-        return ok
 
-    monkeypatch.setattr(cuda_gemv, "linear", spy)
+def moe_on(name, x, idx, w, gu, dn, act, hb=0):
+    """kernels.moe, asserting that the table chose the implementation ``name`` (no fallback)."""
+    assert select(Case(Op.MOE, x, gu, act, dn, act, idx, w)).name == name
+    with kernel_options(strict=True):
+        return kernels.moe(x, idx, w, gu, dn, act, act, hb)
+
+
+def test_linear_dispatch():
     w = random_packed(512, 1024, seed=3)
     x = torch.randn(2, 3, 1024, device="cuda").to(torch.bfloat16)  # [..., K] leading dims, M = 6
-    y = ops.linear(x, w, W4A16)
-    assert calls == [True]
+    y = linear_on("cuda_gemv", x, w, W4A16)
     assert y.shape == (2, 3, 512)
     assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
     # groups that are not multiples of 64: not this kernel
     w2 = random_packed(256, 960, groups=30, seed=4)  # G = 32
     x2 = torch.randn(3, 960, device="cuda").to(torch.bfloat16)
-    y2 = ops.linear(x2, w2, W4A16)
-    assert calls[-1] is False
+    y2 = linear_on("triton", x2, w2, W4A16)
     assert rel_err(y2, reference.linear(x2.float(), w2, W4A16)) < 1.5e-2
+    # W4A4 with activation groups: no kernel, the reference (an error when strict)
+    grouped = ActQuantSpec(bits=4, group_size=512)
+    assert select(Case(Op.LINEAR, x, w, grouped)).name == "reference"
+    with kernel_options(strict=True), pytest.raises(kernels.KernelFallbackError, match="linear: no kernel supports it"):
+        kernels.linear(x, w, grouped)
 
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 64), (14336, 4096, 512), (1000, 1416, 17), (256, 960, 40)])
 def test_prefill_w4a16(n, k, m):
     w = random_packed(n, k, groups=1 if k != 960 else 30, seed=n + m)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    y = ops.linear(x, w, W4A16)
+    y = linear_on("prefill", x, w, W4A16)
     assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
 
 
@@ -191,7 +201,7 @@ def test_prefill_w4a4_fp8(n, k, m):
     w = random_packed(n, k, seed=n + k)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16) * 2
     bias = torch.randn(n, device="cuda")
-    y = ops.linear(x, w, W4A4, bias)
+    y = linear_on("prefill_fp8", x, w, W4A4, bias)
     ref = reference.linear(x.float(), w, W4A4, bias)
     err = rel_err(y, ref)
     assert err < LIMIT_FP8
@@ -276,29 +286,24 @@ def test_ops_moe_w4a4_beyond_cuda_slots_runs_triton():
     """More (token, k) slots than the CUDA kernels take: the Triton W4A4 MoE, not the reference loop."""
     x, idx, w, gu, dn = moe_case(16, 4, 512, 384, cuda_gemv.MOE_MAX_SLOTS // 4 + 9, seed=31)
     assert cuda_gemv.moe(x, idx, w, gu, dn, W4A4, W4A4, 64) is None
-    y = ops.moe(x, idx, w, gu, dn, W4A4, W4A4, 64)
+    y = moe_on("triton", x, idx, w, gu, dn, W4A4, 64)
     assert rel_err(y, reference.moe(x.float(), idx, w, gu, dn, W4A4, W4A4, 64)) < 8e-3
 
 
-def test_ops_moe_uses_cuda_kernel(monkeypatch):
-    calls = []
-    real = cuda_gemv.moe
-
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(cuda_gemv, "moe", spy)
+def test_moe_dispatch_uses_cuda_kernel():
     x, idx, w, gu, dn = moe_case(16, 4, 512, 384, 3, seed=9)
-    y = ops.moe(x, idx, w, gu, dn, W4A4, W4A4)
-    assert calls == [True]
+    y = moe_on("cuda_moe", x, idx, w, gu, dn, W4A4)
     assert rel_err(y, reference.moe(x.float(), idx, w, gu, dn, W4A4, W4A4)) < 8e-3
 
 
-def test_w4a4_int8_opt_in(monkeypatch):
-    """CODEQUANT_CUDA_W4A4_INT8: int8 codes on integer tensor cores against int8 codebook copies."""
-    monkeypatch.setattr(cuda_gemv, "W4A4_INT8", True)
+@pytest.fixture
+def int8_w4a4():
+    with kernel_options(cuda_w4a4_int8=True):
+        yield
+
+
+def test_w4a4_int8_opt_in(int8_w4a4):
+    """KernelOptions(cuda_w4a4_int8=True): int8 codes on integer tensor cores against int8 codebook copies."""
     w = random_packed(2048, 4096, seed=23)
     x = torch.randn(3, 4096, device="cuda")
     y = run_kernel(x, w, act=W4A4)
@@ -329,7 +334,7 @@ def test_w4a4_bf16_activations_m16():
 
 
 @pytest.mark.parametrize("case", ["dense-w4a16", "dense-w4a4", "moe-slots", "moe-grouped", "moe-w4a4"])
-def test_pdl_launches_give_the_same_outputs(monkeypatch, case):
+def test_pdl_launches_give_the_same_outputs(case):
     """Every launch with programmatic dependent launch, x written by the kernel just before the
     call, gives the outputs of plain launches bit for bit (sm_90; elsewhere both are plain)."""
     if case.startswith("dense"):
@@ -350,6 +355,6 @@ def test_pdl_launches_give_the_same_outputs(monkeypatch, case):
         return [call(x0 * (1 + s)) for s in range(4)]  # x from an elementwise kernel right before
 
     with_pdl = run()
-    monkeypatch.setattr(cuda_gemv, "PDL", False)
-    plain = run()
+    with kernel_options(cuda_pdl=False):
+        plain = run()
     assert all(torch.equal(a, b) for a, b in zip(with_pdl, plain))

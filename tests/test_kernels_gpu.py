@@ -1,8 +1,9 @@
-"""The Triton GPU backend against the reference path.
+"""The GPU backend against the reference path.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors and small shapes;
-with CUDA the same checks run on the GPU at real sizes. Error limits are relative
-Frobenius errors ||y - y_ref|| / ||y_ref||.
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors and small shapes;
+with CUDA the same checks run on the GPU at real sizes, through the kernel table's GPU
+implementations in strict mode (a fallback to the reference fails the test). Error limits
+are relative Frobenius errors ||y - y_ref|| / ||y_ref||.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ CUDA = torch.cuda.is_available()  # without CUDA, conftest.py has set TRITON_INT
 triton = pytest.importorskip("triton")
 
 from codequant.core.format import pack  # noqa: E402
-from codequant.kernels import reference, select_backend  # noqa: E402
+from codequant import kernels  # noqa: E402
+from codequant.kernels import Case, KernelFallbackError, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.gpu import ops  # noqa: E402
 from codequant.core.activations import ActQuantSpec  # noqa: E402
 
@@ -32,6 +34,22 @@ def rel_err(y, ref):
     y, ref = y.double(), ref.double()
     assert torch.isfinite(y).all(), "non-finite output"
     return ((y - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def gpu_linear(x, w, act):
+    """On CUDA the table's choice among the GPU kernels (strict), else the Triton kernel itself."""
+    if not CUDA:
+        return ops.linear(x, w, act)
+    with kernel_options(strict=True):
+        return kernels.linear(x, w, act, backend="gpu")
+
+
+def gpu_moe(x, idx, w, gate_up, down, act, hb):
+    """On CUDA the table's choice among the GPU kernels (strict), else the Triton kernel itself."""
+    if not CUDA:
+        return ops.moe(x, idx, w, gate_up, down, act, act, hb)
+    with kernel_options(strict=True):
+        return kernels.moe(x, idx, w, gate_up, down, act, act, hb, backend="gpu")
 
 
 def random_packed(lead, n, k, groups=1, gen=None, device=DEVICE):
@@ -58,7 +76,7 @@ def test_linear_matches_reference(n, k, m, mode):
     dtype = torch.bfloat16
     x = (torch.randn(m, k, generator=g) * 2).to(DEVICE, dtype)
     act = W4A16 if mode == "w4a16" else W4A4
-    y = ops.linear(x, w, act)
+    y = gpu_linear(x, w, act)
     ref = reference.linear(x.float(), w, act)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, ref) < (LIMIT_BF16 if mode == "w4a16" else LIMIT_EXACT + 4e-3)
@@ -90,9 +108,15 @@ def test_linear_grouped_codebooks_and_activation_groups():
     w = random_packed((), n, k, groups=4, gen=g)
     x = torch.randn(6, k, generator=g).to(DEVICE, torch.float16)
     for act in (W4A16, W4A4, ActQuantSpec(bits=4, group_size=128), ActQuantSpec(bits=4, clip=0.9)):
-        y = ops.linear(x, w, act)
+        y = ops.linear(x, w, act)  # the Triton kernel itself, on either device
         ref = reference.linear(x.float(), w, act)
         assert rel_err(y, ref) < 5e-3, act
+        if CUDA:  # the table: the CUDA decode kernel, except for activation groups (no GPU kernel: the reference)
+            expected = "reference" if act.group_size else "cuda_gemv"
+            assert select(Case(Op.LINEAR, x, w, act)).name == expected, act
+    if CUDA:
+        with kernel_options(strict=True), pytest.raises(KernelFallbackError, match="linear: no kernel supports it"):
+            kernels.linear(x, w, ActQuantSpec(bits=4, group_size=128))
 
 
 def test_w4a4_codes_match_reference_exactly():
@@ -163,7 +187,7 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     w, idx = w.to(DEVICE, torch.bfloat16), idx.to(DEVICE)
     act = W4A16 if mode == "w4a16" else W4A4
     hb = 8 if mode == "w4a4" else 0
-    y = ops.moe(x, idx, w, gate_up, down, act, act, hb)
+    y = gpu_moe(x, idx, w, gate_up, down, act, hb)
     ref = reference.moe(x.float(), idx, w, gate_up, down, act, act, hb)
     assert y.shape == (t, h) and y.dtype == torch.bfloat16
     assert rel_err(y, ref) < (LIMIT_BF16 if mode == "w4a16" else 1e-2)
@@ -190,16 +214,15 @@ def test_moe_dense_variant_matches_torch():
 def test_modules_use_gpu_backend():
     from codequant.modules.experts import CodeQuantExperts
     from codequant.modules.linear import CodeQuantLinear
-    from codequant.kernels import gpu
 
-    assert select_backend("linear", "cuda") is gpu.linear
-    assert select_backend("moe", "cuda") is gpu.moe
     g = _gen(1)
     lin = CodeQuantLinear.from_packed(random_packed((), 256, 512, gen=g), act=W4A4)
     x = torch.randn(3, 512, generator=g).to(DEVICE, torch.bfloat16)
+    assert select(Case(Op.LINEAR, x, lin.packed, W4A4)).backend == "gpu"
     assert rel_err(lin(x), reference.linear(x.float(), lin.packed, W4A4)) < 1e-2
     ex = CodeQuantExperts.from_packed(random_packed((8,), 128, 256, gen=g), random_packed((8,), 256, 64, gen=g), W4A16)
     w, idx = torch.randn(3, 8, generator=g).softmax(-1).topk(2, -1)
+    assert select(Case(Op.MOE, x[:, :256], ex.gate_up, W4A16, ex.down, W4A16, idx.to(DEVICE), w.to(DEVICE))).backend == "gpu"
     y = ex(x[:, :256], idx.to(DEVICE), w.to(DEVICE, torch.bfloat16))
     ref = reference.moe(x[:, :256].float(), idx.to(DEVICE), w.to(DEVICE), ex.gate_up, ex.down, W4A16, W4A16)
     assert rel_err(y, ref) < LIMIT_BF16

@@ -14,6 +14,7 @@ from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
+from codequant.modules.router import CodeQuantRouter
 from tiny_models import tiny_input_ids, tiny_model
 
 FAST = dict(nsamples=8, seqlen=32, rotation_steps=30, accf_epochs=2, accf_batch_tokens=64, kmeans_iters=8, device="cpu")
@@ -36,7 +37,7 @@ def test_codequant_w4a4_beats_rtn_w4a4_on_tiny_moe():
     assert cq["kl"] < rtn["kl"]
     layer = result.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, CodeQuantLinear) and isinstance(layer.mlp.experts, CodeQuantExperts)
-    assert hasattr(layer.mlp.gate, "codequant_act")  # router quantized too
+    assert isinstance(layer.mlp.gate, CodeQuantRouter)  # router quantized too
     # every tiny row has K = 64: 4-bit indices + 16 fp16 centroids + one fp32 row sum per row
     assert result.report["bits_per_weight"] == pytest.approx(4 + (16 * 16 + 32) / 64)
 
@@ -81,11 +82,11 @@ def test_feedback_assignment_keeps_the_packed_format(group_size):
 
 
 def test_grouped_codebooks_use_pog_and_group_size(monkeypatch):
-    from codequant.calibration import pipeline
+    from codequant.calibration import driver
 
     permuted = []
-    real_pog = pipeline.apply_pog
-    monkeypatch.setattr(pipeline, "apply_pog", lambda model, adapter, g, *a, **k: permuted.append((g, real_pog(model, adapter, g, *a, **k))))
+    real_pog = driver.apply_pog
+    monkeypatch.setattr(driver, "apply_pog", lambda model, adapter, g, *a, **k: permuted.append((g, real_pog(model, adapter, g, *a, **k))))
     fp = tiny_model("qwen3_moe")
     result = quantize(copy.deepcopy(fp), QuantConfig(group_size=32, **FAST), progress=False, calibration=_calibration())
     q = result.model.model.layers[0].self_attn.q_proj
@@ -95,13 +96,13 @@ def test_grouped_codebooks_use_pog_and_group_size(monkeypatch):
 
 
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
-    from codequant.calibration import pipeline
+    from codequant.calibration import driver
 
     config = QuantConfig(**FAST)
     full = quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "full", progress=False, calibration=_calibration())
 
     calls = {"n": 0}
-    original = pipeline.Quantizer.quantize_layer
+    original = driver.Quantizer.quantize_layer
 
     def crash_on_second_layer(self, i, *args):
         if i == 1:
@@ -109,11 +110,11 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
         calls["n"] += 1
         return original(self, i, *args)
 
-    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", crash_on_second_layer)
+    monkeypatch.setattr(driver.Quantizer, "quantize_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "resumed", progress=False, calibration=_calibration())
     assert (tmp_path / "resumed.partial" / "layer_0000.safetensors").is_file()
-    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", original)
+    monkeypatch.setattr(driver.Quantizer, "quantize_layer", original)
     resumed = quantize(copy.deepcopy(tiny_model("qwen3_moe")), config, tmp_path / "resumed", progress=False, calibration=_calibration())
     assert not (tmp_path / "resumed.partial").exists()
     ids = tiny_input_ids(2, 16, seed=3)
@@ -207,11 +208,10 @@ def test_quantize_then_eval_from_the_command_line(capsys, tmp_path, tiny_dir):
     assert record["tokens"] > 0 and record["kl"] >= 0 and 0 <= record["top1_agreement"] <= 1
 
 
-def test_phimoe_checkpoint_round_trip_keeps_folded_layernorm_biases(tmp_path, monkeypatch):
+def test_phimoe_checkpoint_round_trip_keeps_folded_layernorm_biases(tmp_path, reference_kernels):
     """PhiMoE's LayerNorm betas end in RMSNorm biases and new linear biases; both survive save/load."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
     fp = tiny_model("phimoe")
     result = quantize(copy.deepcopy(fp), QuantConfig(**{**FAST, "accf_epochs": 1}), tmp_path / "q", progress=False, calibration=_calibration())
     assert any(getattr(m, "bias", None) is not None for n, m in result.model.named_modules() if n.endswith("post_attention_layernorm"))

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import codequant  # noqa: F401  (registers the checkpoint loader)
-from codequant.calibration import pipeline
+from codequant.calibration import driver
 from codequant.calibration.pipeline import quantize
 from codequant.config import QuantConfig
 from codequant.io.checkpoint import read_quantization_config, weight_files
+from codequant.quantizers import kmeans
 from tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "models" / "codequant-moe-tiny"
@@ -70,18 +71,18 @@ def test_streamed_run_resumes_after_interruption_and_equals_the_in_memory_run(tm
     calib = tiny_input_ids(4, 16, 1)
     config = _stream(CODEQUANT)
     quantize(source, _no_stream(config), tmp_path / "full", progress=False, calibration=calib)
-    original = pipeline.Quantizer.quantize_layer
+    original = driver.Quantizer.quantize_layer
 
     def crash_on_second_layer(self, i, *args):
         if i == 1:
             raise KeyboardInterrupt
         return original(self, i, *args)
 
-    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", crash_on_second_layer)
+    monkeypatch.setattr(driver.Quantizer, "quantize_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         quantize(source, config, tmp_path / "resumed", progress=False, calibration=calib)
     assert (tmp_path / "resumed.partial" / "layer_0000.safetensors").is_file()
-    monkeypatch.setattr(pipeline.Quantizer, "quantize_layer", original)
+    monkeypatch.setattr(driver.Quantizer, "quantize_layer", original)
     quantize(source, config, tmp_path / "resumed", progress=False, calibration=calib)
     assert not (tmp_path / "resumed.partial").exists()
     ids = tiny_input_ids(2, 16, seed=3)
@@ -110,14 +111,14 @@ def test_unreached_expert_gets_its_codebook_from_calibration_statistics(all_expe
     calibration token by default, the data-free all-ones fallback only without it; reached
     experts keep the statistics of their routed tokens."""
     seen = []
-    fit = pipeline.fit_codebooks
+    fit = kmeans.fit_codebooks
 
     def record(weight, bits, group, importance, *args):
         if weight.dim() == 3 and weight.shape[-1] == 64 and weight.shape[-2] == 128:  # experts' gate_up [E, 2I, H]
             seen.append(importance.clone())
         return fit(weight, bits, group, importance, *args)
 
-    monkeypatch.setattr(pipeline, "fit_codebooks", record)
+    monkeypatch.setattr(kmeans, "fit_codebooks", record)
     model = _never_route_to_expert_0(tiny_model("qwen3_moe"))
     config = QuantConfig(method="kmeans", calibrate_all_experts=all_experts, **FAST)
     result = quantize(model, config, progress=False, calibration=tiny_input_ids(4, 16, 1))

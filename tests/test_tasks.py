@@ -39,9 +39,7 @@ WINO = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("CODEQUANT_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # every module on the reference path
 
 
 def write_tasks(directory: Path) -> Path:

@@ -67,7 +67,7 @@ def load_any(path: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .calibration.pipeline import load_model, resolve_device
+    from .calibration.loading import load_model, resolve_device
     from .io.checkpoint import refuse_packed_without_config
 
     refuse_packed_without_config(path)

@@ -44,8 +44,8 @@ def _type_name(expected) -> str:
 class Recipe:
     """Which stages a method runs."""
 
-    rotation: str  # "none" | "hadamard" (random Hadamard R1) | "learned" (AOS)
-    weights: str  # "codebook" (k-means) | "rtn" (uniform grid) | "gptq"
+    rotation: str  # R1, a key of calibration.rotations.R1_ROTATIONS: "none" | "hadamard" (random Hadamard) | "learned" (AOS)
+    weights: str  # a key of quantizers.registry.WEIGHT_QUANTIZERS: "codebook" (k-means) | "rtn" (uniform grid) | "gptq"
     finetune: bool  # ACCF centroid fine-tuning
     permute: bool  # POG (only matters when group_size < row length)
 

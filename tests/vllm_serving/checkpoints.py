@@ -23,7 +23,7 @@ from test_checkpoint import quantize_tiny  # noqa: E402
 from codequant.io import save_quantized  # noqa: E402
 from codequant.modules.experts import CodeQuantExperts  # noqa: E402
 from codequant.modules.linear import CodeQuantLinear  # noqa: E402
-from codequant.modules.router import is_quantized_router  # noqa: E402
+from codequant.modules.router import CodeQuantRouter  # noqa: E402
 from codequant.core.activations import ActQuantSpec  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int 
                 module.act = none
             elif isinstance(module, CodeQuantExperts):
                 module.act = module.down_act = none
-            elif is_quantized_router(module):
-                module.codequant_act = none
+            elif isinstance(module, CodeQuantRouter):
+                module.act = none
     save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": f"W4A{act_bits}"})
     return out

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import QuantConfig
+from ..utils import atomic_save_tensors
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
@@ -142,3 +145,26 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int = 
         )
         out.append(seq[:, 1 : seqlen + 1].cpu())
     return torch.cat(out)
+
+
+def calibration_tokens(full_model, tokenizer, config: QuantConfig, cache: Path | None, model_dir: str | None) -> tuple[torch.Tensor, str]:
+    """[nsamples, seqlen] tokens and a description of where they came from; ``full_model()``
+    gives the full-precision model to sample from when no data source is configured."""
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            tokens, source = f.get_tensor("tokens"), (f.metadata() or {}).get("source", f"cached {cache}")
+        if tokens.shape == (config.nsamples, config.seqlen):
+            return tokens, source
+    if config.calib:
+        texts = load_texts(config.calib, model_dir)
+        tokens, source = calibration_windows(tokenizer, texts, config.nsamples, config.seqlen, config.seed), config.calib
+    else:
+        log.info("no calibration data given: sampling %d x %d tokens from the full-precision model", config.nsamples, config.seqlen)
+        tokens = sample_from_model(full_model(), tokenizer, config.nsamples, config.seqlen, config.seed)
+        source = "text sampled from the full-precision model (data-free)"
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"tokens": tokens.contiguous()}, cache, {"source": source})
+    return tokens, source

@@ -118,3 +118,11 @@ class StageClock:
             out["peak_gpu_gib"] = round(self.peak_gpu_total / GIB, 3)
             out["peak_gpu_gib_per_stage"] = {k: round(v / GIB, 3) for k, v in self.peak_gpu.items()}
         return out
+
+
+def peak_memory() -> dict:
+    """Peak host RSS and torch's peak GPU allocation since the last reset of its statistics."""
+    out = {"peak_host_rss_gib": round(host_rss_peak_gib(), 3)}
+    if torch.cuda.is_available():
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out

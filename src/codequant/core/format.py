@@ -48,6 +48,14 @@ def padded_columns(k: int) -> int:
     return -(-k // BLOCK) * BLOCK
 
 
+def check_group_size(group_size: int | None, k: int) -> int:
+    """The group size G of a row of K columns (None or 0: the whole row, G = K), checked to divide K."""
+    g = group_size or k
+    if g <= 0 or k % g:
+        raise ValueError(f"group size {g} does not divide the row length {k}")
+    return g
+
+
 def pack_indices(idx: torch.Tensor) -> torch.Tensor:
     """Pack integer indices [..., N, K] in 0..15 into uint8 [..., N, KP // 2] (see module doc)."""
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > 15):

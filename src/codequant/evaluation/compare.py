@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ..calibration.data import eval_windows, load_texts, sample_from_model
-from ..calibration.pipeline import load_model, peak_memory, quantize, resolve_device
+from ..calibration.loading import load_model, resolve_device
+from ..calibration.pipeline import quantize
+from ..calibration.resources import peak_memory
 from ..config import QuantConfig
 from ..utils import atomic_write_text
 from .perplexity import evaluate

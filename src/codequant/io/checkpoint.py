@@ -34,7 +34,9 @@ A checkpoint directory holds
                       the weight files, the weight index and codequant_remote.py
     extra             free-form JSON from the pipeline (method, rotations in effect, calibration data)
 
-The per-module specs are authoritative; the top-level numbers summarize them. Nothing is
+The per-module specs are authoritative; the top-level numbers summarize them. The schema is
+checked by :mod:`codequant.io.schema`; each kind's spec is written and read by its module class
+(:mod:`codequant.modules.registry`). Nothing is
 pickled: tensors live in safetensors, everything else in JSON.
 
 Since format version 2 the meaning of the packed tensors is bound to them: the header metadata
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -67,141 +68,36 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.format import (
-    CODEBOOK_DTYPE,
-    FORMAT_VERSION,
-    PackedWeight,
-    pack_for_disk,
-    stored_index_bytes,
-    unpack_from_disk,
-)
-from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
+from ..core.format import FORMAT_VERSION, PackedWeight, pack_for_disk, unpack_from_disk
 from ..modules.linear import CodeQuantLinear
-from ..modules.norm import RMSNorm
-from ..modules.router import is_quantized_router
-from ..core.activations import ActQuantSpec
+from ..modules.registry import module_kind, quantized_modules
 from ..utils import current_umask
+from .schema import (
+    FLOAT_DTYPES,
+    PACKED_PARTS,
+    QUANT_METHOD,
+    SUMMARY_KEYS,
+    CheckpointError,
+    check_quantization_config,
+    expected_packed_tensors,
+    packed_layout,
+    packed_suffixes,
+    summary,
+)
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "codequant"
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PACKED_PARTS = ("indices", "codebook", "row_sum")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
-# safetensors dtype names
-_ST_DTYPES = {
-    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64", torch.bool: "BOOL",
-}
 _ST_SIZES = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8,
              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-# the exact dtype of each packed tensor
-PACKED_DTYPES = {"indices": _ST_DTYPES[torch.uint8], "codebook": _ST_DTYPES[CODEBOOK_DTYPE], "row_sum": "F32"}
-
-
-class CheckpointError(ValueError):
-    """A CodeQuant checkpoint is malformed, corrupted, or from an unsupported format version."""
-
-
-def st_dtype(dtype: torch.dtype) -> str:
-    return _ST_DTYPES[dtype]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
-    return next(dtype for dtype, st in _ST_DTYPES.items() if st == name)
 
 
 # ----------------------------------------------------------------------------------------------
 # walking a quantized model
-
-
-def find_quantized_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """{name: (kind, module)} for every packed linear, experts module, quantized router and RMSNorm replacement."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, CodeQuantLinear):
-            found[name] = ("linear", module)
-        elif isinstance(module, CodeQuantExperts):
-            found[name] = ("experts", module)
-        elif is_quantized_router(module):
-            found[name] = ("router", module)
-        elif isinstance(module, RMSNorm):
-            found[name] = ("rms_norm", module)
-    return found
-
-
-def _act_dict(spec: ActQuantSpec) -> dict:
-    return {k: v for k, v in dataclasses.asdict(spec).items()}
-
-
-def act_from_dict(d: dict) -> ActQuantSpec:
-    unknown = set(d) - {f.name for f in dataclasses.fields(ActQuantSpec)}
-    if unknown:
-        raise CheckpointError(f"codequant checkpoint: unknown activation spec keys {sorted(unknown)}")
-    return ActQuantSpec(**d)
-
-
-def _group(codebook: torch.Tensor, k: int) -> int:
-    return k // codebook.shape[-2]
-
-
-def module_spec(kind: str, module: nn.Module, bits: int) -> dict:
-    """The JSON description of one quantized module (see the module doc)."""
-    if kind == "linear":
-        return {"kind": kind, "in_features": module.in_features, "out_features": module.out_features,
-                "group_size": module.group_size, "bits": bits, "act": _act_dict(module.act),
-                "hadamard_block": int(module.hadamard_block), "bias": module.bias is not None}
-    if kind == "experts":
-        return {"kind": kind, "num_experts": module.num_experts, "hidden_dim": module.hidden_dim,
-                "intermediate_dim": module.intermediate_dim,
-                "group_size": _group(module.gate_up_codebook, module.hidden_dim),
-                "down_group_size": _group(module.down_codebook, module.intermediate_dim), "bits": bits,
-                "act": _act_dict(module.act), "down_act": _act_dict(module.down_act),
-                "hadamard_block": int(module.hadamard_block), "activation": EXPERT_ACTIVATION}
-    if kind == "router":
-        out_features, in_features = module.weight.shape
-        return {"kind": kind, "in_features": in_features, "out_features": out_features,
-                "group_size": _group(module.codebook, in_features), "bits": bits, "act": _act_dict(module.codequant_act)}
-    if kind == "rms_norm":
-        return {"kind": kind, "hidden_size": module.weight.shape[0], "eps": float(module.variance_epsilon), "bias": module.bias is not None}
-    raise ValueError(f"unknown quantized module kind {kind!r}")
-
-
-def packed_weights(kind: str, module: nn.Module) -> dict[str, PackedWeight]:
-    """{tensor prefix: PackedWeight} of a quantized module ('' for linear and router)."""
-    if kind == "linear":
-        return {"": module.packed}
-    if kind == "experts":
-        return {"gate_up_": module.gate_up, "down_": module.down}
-    if kind == "router":
-        return {"": PackedWeight(module.indices, module.codebook, module.row_sum, module.weight.shape[-1])}
-    return {}
-
-
-def packed_layout(spec: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """{tensor prefix: (leading dims + (N,), K, G)} of the packed weights a module spec describes."""
-    kind = spec["kind"]
-    if kind in ("linear", "router"):
-        return {"": ((spec["out_features"],), spec["in_features"], spec["group_size"])}
-    if kind == "experts":
-        e, h, i = spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"]
-        return {"gate_up_": ((e, 2 * i), h, spec["group_size"]), "down_": ((e, h), i, spec["down_group_size"])}
-    return {}
-
-
-def expected_packed_tensors(spec: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{tensor suffix: (shape, safetensors dtype)} of the packed tensors of one module spec, as stored on disk."""
-    out = {}
-    for prefix, (rows, k, g) in packed_layout(spec).items():
-        out[prefix + "indices"] = (rows + (stored_index_bytes(k, spec["bits"]),), PACKED_DTYPES["indices"])
-        out[prefix + "codebook"] = (rows + (k // g, 2 ** spec["bits"]), PACKED_DTYPES["codebook"])
-        out[prefix + "row_sum"] = (rows, PACKED_DTYPES["row_sum"])
-    return out
 
 
 def _max_index(packed: torch.Tensor) -> int:
@@ -213,8 +109,8 @@ def _max_index(packed: torch.Tensor) -> int:
 def infer_bits(model: nn.Module) -> int:
     """The fewest bits that hold every stored index (at least 1)."""
     top = 0
-    for kind, module in find_quantized_modules(model).values():
-        for w in packed_weights(kind, module).values():
+    for module in quantized_modules(model).values():
+        for w in module.packed_weights().values():
             top = max(top, _max_index(w.indices))
     return max(1, math.ceil(math.log2(top + 1)))
 
@@ -223,21 +119,13 @@ def build_quantization_config(model: nn.Module, bits: int | None = None, extra: 
     """The ``quantization_config`` dict of a quantized model (checksums left empty)."""
     from .. import __version__
 
-    modules = find_quantized_modules(model)
-    if not any(kind != "rms_norm" for kind, _ in modules.values()):
-        raise ValueError("the model has no CodeQuant modules (CodeQuantLinear, CodeQuantExperts or quantized routers)")
+    modules = quantized_modules(model)
+    if not any(module.packed_parts for module in modules.values()):
+        raise ValueError("the model has no CodeQuant modules (CodeQuantLinear, CodeQuantExperts or CodeQuantRouter)")
     bits = infer_bits(model) if bits is None else int(bits)
     if not 1 <= bits <= 4:
         raise ValueError(f"bits must be 1..4 for format v{FORMAT_VERSION}, got {bits}")
-    specs = {name: module_spec(kind, m, bits) for name, (kind, m) in modules.items()}
-    groups, acts = Counter(), []
-    for spec in specs.values():
-        for _, k, g in packed_layout(spec).values():
-            if g < k:
-                groups[g] += 1
-        acts += [spec[key] for key in ("act", "down_act") if key in spec]
-    act_bits = min((a["bits"] for a in acts), default=16)
-    act_groups = Counter(a["group_size"] for a in acts if a["bits"] == act_bits)
+    specs = {name: module.spec(bits) for name, module in modules.items()}
     if extra is not None:
         try:
             extra = json.loads(json.dumps(extra))
@@ -248,9 +136,7 @@ def build_quantization_config(model: nn.Module, bits: int | None = None, extra: 
         "format_version": FORMAT_VERSION,
         "codequant_version": __version__,
         "bits": bits,
-        "group_size": groups.most_common(1)[0][0] if groups else 0,
-        "act_bits": act_bits,
-        "act_group_size": act_groups.most_common(1)[0][0] if act_groups else 0,
+        **summary(specs),
         "modules": specs,
         "rms_norms": sorted(n for n, s in specs.items() if s["kind"] == "rms_norm"),
         "checksums": {},
@@ -328,10 +214,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 * 2**20) -> str:
 
 
 def checkpoint_state_dict(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: the state dict without quantized routers' weights and tied
-    copies (and without the modules named in ``exclude``)."""
+    """The tensors a checkpoint stores: the state dict without the tensors quantized modules rebuild
+    at load (routers' weights) and tied copies (and without the modules named in ``exclude``)."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{p}." for p in exclude))}
-    skip = {f"{name}.weight" for name, (kind, _) in find_quantized_modules(model).items() if kind == "router"}
+    skip = {f"{name}.{t}" for name, module in quantized_modules(model).items() for t in module.rebuilt_tensors}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     out, seen = {}, {}
     for key, t in state.items():
@@ -355,7 +241,7 @@ def stored_tensors(state: dict[str, torch.Tensor], modules: dict[str, dict]) -> 
     out = {}
     for key, t in state.items():
         name = module_of(key, modules)
-        packed = name is not None and key.rpartition(".")[2] in PACKED_SUFFIXES
+        packed = name is not None and key.rpartition(".")[2] in packed_suffixes()
         out[key] = pack_for_disk(key, t, modules[name]["bits"]) if packed else t
     return out
 
@@ -439,7 +325,6 @@ def save_quantized(
 
 
 REMOTE_CODE_FILE = "codequant_remote.py"
-SUMMARY_KEYS = ("bits", "group_size", "act_bits", "act_group_size")
 
 
 def module_of(key: str, modules: dict) -> str | None:
@@ -575,13 +460,8 @@ def check_file_tensors(
     shape is checked too.
     """
     for name, spec in modules.items():
-        wanted = {k: (shape, dtype) for k, (shape, dtype) in expected_packed_tensors(spec).items()}
-        if spec["kind"] == "linear" and spec.get("bias"):
-            wanted["bias"] = ((spec["out_features"],), None)
-        if spec["kind"] == "rms_norm":
-            wanted["weight"] = ((spec["hidden_size"],), None)
-            if spec["bias"]:
-                wanted["bias"] = ((spec["hidden_size"],), None)
+        wanted = expected_packed_tensors(spec)
+        wanted.update((suffix, (shape, None)) for suffix, shape in module_kind(spec["kind"]).float_tensors(spec).items())
         for suffix, (shape, dtype) in wanted.items():
             key = f"{name}.{suffix}" if name else suffix
             if key not in headers:
@@ -605,9 +485,6 @@ def check_file_tensors(
                 raise CheckpointError(
                     f"codequant checkpoint {path}: tensor {key} has shape {list(entry['shape'])}, the model expects {list(shape)}"
                 )
-
-
-PACKED_SUFFIXES = tuple(prefix + part for prefix in ("", "gate_up_", "down_") for part in PACKED_PARTS)
 
 
 def _flat(spec: dict, prefix: str = "") -> dict:
@@ -684,7 +561,7 @@ def verify_checkpoint_files(
         verify_checksums(files + others, qc["checksums"])
     check_bound_specs(bound, qc)
     for key, (f, _) in headers.items():
-        if key.rpartition(".")[2] in PACKED_SUFFIXES and module_of(key, qc["modules"]) is None:
+        if key.rpartition(".")[2] in packed_suffixes() and module_of(key, qc["modules"]) is None:
             raise CheckpointError(
                 f"codequant checkpoint {f}: tensor {key} is packed CodeQuant data that no module spec in config.json claims; "
                 "restore config.json from the exported checkpoint"
@@ -738,15 +615,13 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
 
 def read_quantization_config(directory: str | os.PathLike) -> dict:
     """The validated ``quantization_config`` dict of a checkpoint directory."""
-    from .hf_quantizer import CodeQuantConfig
-
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise CheckpointError(f"codequant checkpoint {directory}: no {CONFIG_NAME}")
     qc = json.loads(path.read_text()).get("quantization_config")
     if not qc or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"codequant checkpoint {directory}: config.json has no codequant quantization_config")
-    return CodeQuantConfig.from_dict(qc).to_dict()
+    return check_quantization_config(qc)
 
 
 def refuse_packed_without_config(directory: str | os.PathLike) -> None:

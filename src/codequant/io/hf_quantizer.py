@@ -5,14 +5,13 @@ Importing this module (``import codequant`` does) registers
 * :class:`CodeQuantConfig` for ``quantization_config.quant_method == "codequant"``,
 * :class:`CodeQuantHfQuantizer`, which, before the weights are read, checks the checkpoint's
   files (:func:`codequant.io.checkpoint.verify_checkpoint_files`: truncation, checksums, the
-  specs bound into the weight files against config.json, dtypes and shapes) and swaps the
-  modules listed in the config for empty CodeQuantLinear / CodeQuantExperts / RMSNorm modules
-  and gives quantized routers their packed buffers, shaped as the tensors are stored; a tensor
+  specs bound into the weight files against config.json, dtypes and shapes) and puts an empty
+  module of each listed spec's kind in place (:mod:`codequant.modules.registry`; a router keeps
+  its routing logic), its packed buffers shaped as the tensors are stored; a tensor
   the model expects that the files lack (it would be randomly initialized), or one the files
   hold that the model has no place for, is refused. transformers then loads the tensors; after
   loading it unpacks them to the in-memory layout (:func:`codequant.core.format.unpack_from_disk`),
-  checks padding and row sums and finishes the routers (weight = W_hat, input quantization
-  pre-hook), and
+  checks padding and row sums and finishes the routers (weight = W_hat), and
 * a check before transformers runs a ``trust_remote_code`` module file of a CodeQuant
   checkpoint (``codequant_remote.py``): its sha256 must match config.json's checksum. A process
   that has not imported codequant yet runs the file once before any codequant code can check
@@ -24,6 +23,7 @@ loaded CodeQuant model is refused (the packed modules and checksums need the Cod
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -43,54 +43,28 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.format import FORMAT_VERSION, PackedWeight, unpack_from_disk
-from ..modules.experts import EXPERT_ACTIVATION, CodeQuantExperts
-from ..modules.linear import CodeQuantLinear
-from ..modules.norm import RMSNorm
-from ..modules.router import quantize_router
-from .checkpoint import (
+from ..modules.registry import module_kind
+from .checkpoint import check_file_tensors, check_packed_values, verify_checkpoint_files, verify_remote_code
+from .schema import (
+    FIELDS,
     PACKED_PARTS,
     QUANT_METHOD,
     CheckpointError,
-    act_from_dict,
-    check_file_tensors,
-    check_packed_values,
+    check_quantization_config,
     expected_packed_tensors,
     packed_layout,
     torch_dtype,
-    verify_checkpoint_files,
-    verify_remote_code,
 )
 
 logger = logging.getLogger(__name__)
 
-MODULE_KINDS = ("linear", "experts", "router", "rms_norm")
-_MODULE_KEYS = {
-    "linear": {"kind", "in_features", "out_features", "group_size", "bits", "act", "hadamard_block", "bias"},
-    "experts": {"kind", "num_experts", "hidden_dim", "intermediate_dim", "group_size", "down_group_size", "bits", "act",
-                "down_act", "hadamard_block", "activation"},
-    "router": {"kind", "in_features", "out_features", "group_size", "bits", "act"},
-    "rms_norm": {"kind", "hidden_size", "eps", "bias"},
-}
 # CODEQUANT_VERIFY_CHECKSUMS=0 skips hashing the weight files at load (the other checks still run)
 VERIFY_ENV = "CODEQUANT_VERIFY_CHECKSUMS"
 
 
-def _version_error(version) -> CheckpointError:
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        advice = "upgrade codequant"
-    else:
-        advice = "quantize the model again with this codequant"
-    return CheckpointError(
-        f"codequant checkpoint: format version {version} is not supported by this codequant "
-        f"(supports {FORMAT_VERSION}); {advice}"
-    )
-
-
 class CodeQuantConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a CodeQuant checkpoint (schema: :mod:`codequant.io.checkpoint`).
-
-    Unknown keys are errors; a format version other than ``codequant.core.format.FORMAT_VERSION`` is refused.
-    """
+    """The ``quantization_config`` of a CodeQuant checkpoint (schema: :mod:`codequant.io.checkpoint`,
+    checked by :func:`codequant.io.schema.check_quantization_config`)."""
 
     def __init__(
         self,
@@ -107,75 +81,17 @@ class CodeQuantConfig(QuantizationConfigMixin):
         codequant_version: str | None = None,
         **unknown,
     ):
-        if not isinstance(format_version, int) or isinstance(format_version, bool):
-            raise CheckpointError(
-                f"codequant checkpoint: quantization_config.format_version must be an integer, got "
-                f"{type(format_version).__name__} {format_version!r}; write it as a number, without quotes"
-            )
-        if format_version != FORMAT_VERSION:
-            raise _version_error(format_version)
-        if quant_method != QUANT_METHOD:
-            raise CheckpointError(f"codequant checkpoint: quant_method is {quant_method!r}, expected {QUANT_METHOD!r}")
-        if unknown:
-            raise CheckpointError(f"codequant checkpoint: unknown quantization_config keys {sorted(unknown)}")
-        self.quant_method = quant_method
-        self.format_version = format_version
-        self.codequant_version = codequant_version
-        self.bits, self.group_size = int(bits), int(group_size)
-        self.act_bits, self.act_group_size = int(act_bits), int(act_group_size)
-        self.modules = dict(modules or {})
-        self.rms_norms = list(rms_norms or [])
-        self.checksums = dict(checksums or {})
-        self.extra = dict(extra or {})
-        self._validate()
-
-    def _validate(self) -> None:
-        if not 1 <= self.bits <= 4:
-            raise CheckpointError(f"codequant checkpoint: bits must be 1..4, got {self.bits}")
-        for name, spec in self.modules.items():
-            kind = spec.get("kind")
-            if kind not in MODULE_KINDS:
-                raise CheckpointError(f"codequant checkpoint: module {name} has unknown kind {kind!r} (known: {list(MODULE_KINDS)})")
-            if set(spec) != _MODULE_KEYS[kind]:
-                missing, unknown = _MODULE_KEYS[kind] - set(spec), set(spec) - _MODULE_KEYS[kind]
-                raise CheckpointError(
-                    f"codequant checkpoint: module {name} ({kind}) has missing keys {sorted(missing)} / unknown keys {sorted(unknown)}"
-                )
-            if "bits" in spec and not 1 <= spec["bits"] <= 4:
-                raise CheckpointError(f"codequant checkpoint: module {name} has bits {spec['bits']}, expected 1..4")
-            for _, k, g in packed_layout(spec).values():
-                if not (isinstance(g, int) and 0 < g <= k and k % g == 0):
-                    raise CheckpointError(f"codequant checkpoint: module {name} has group size {g}, which does not divide {k}")
-            hb = spec.get("hadamard_block", 0)
-            if hb and (hb & (hb - 1)):
-                raise CheckpointError(f"codequant checkpoint: module {name} has hadamard_block {hb}, not a power of two")
-            if kind == "experts" and spec["activation"] != EXPERT_ACTIVATION:
-                raise CheckpointError(
-                    f"codequant checkpoint: module {name} has expert activation {spec['activation']!r}, but the "
-                    f"kernels compute {EXPERT_ACTIVATION!r} only; re-export the model with this codequant"
-                )
-            for key in ("act", "down_act"):
-                if key in spec:
-                    act_from_dict(spec[key])
+        given = dict(quant_method=quant_method, format_version=format_version, codequant_version=codequant_version,
+                     bits=bits, group_size=group_size, act_bits=act_bits, act_group_size=act_group_size, modules=modules,
+                     rms_norms=rms_norms, checksums=checksums, extra=extra)
+        for key, value in check_quantization_config(given | unknown).items():
+            setattr(self, key, value)
 
     def to_dict(self) -> dict:
-        return {
-            "quant_method": self.quant_method,
-            "format_version": self.format_version,
-            "codequant_version": self.codequant_version,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "act_bits": self.act_bits,
-            "act_group_size": self.act_group_size,
-            "modules": {k: dict(v) for k, v in self.modules.items()},
-            "rms_norms": list(self.rms_norms),
-            "checksums": dict(self.checksums),
-            "extra": dict(self.extra),
-        }
+        return copy.deepcopy({key: getattr(self, key) for key in FIELDS})
 
     def __iter__(self):
         yield from self.to_dict().items()
-
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -183,24 +99,9 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     return emb.weight.dtype if emb is not None else torch.get_default_dtype()
 
 
-def build_empty_module(spec: dict, dtype: torch.dtype, device=None) -> torch.nn.Module:
-    """An uninitialized module of the spec's kind and shapes (linear, experts, rms_norm)."""
-    kind = spec["kind"]
-    if kind == "linear":
-        return CodeQuantLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["group_size"],
-                               act_from_dict(spec["act"]), spec["hadamard_block"], dtype, device)
-    if kind == "experts":
-        return CodeQuantExperts(spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"], spec["group_size"],
-                                spec["down_group_size"], act_from_dict(spec["act"]), act_from_dict(spec["down_act"]),
-                                spec["hadamard_block"], device)
-    if kind == "rms_norm":
-        return RMSNorm(spec["hidden_size"], spec["eps"], dtype, device, bias=spec["bias"])
-    raise ValueError(f"no empty module for kind {kind!r}")
-
-
 def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict]) -> None:
-    """Swap in empty CodeQuant modules (and give routers packed buffers) as the specs describe; their
-    packed buffers take the disk layout that transformers loads into (see :func:`finish_loaded_model`)."""
+    """Put empty modules of the specs' kinds in place (:meth:`QuantizedModule.from_spec`); their packed
+    buffers take the disk layout that transformers loads into (see :func:`finish_loaded_model`)."""
     dtype = _float_dtype(model)
     arch = type(model).__name__
     for name, spec in modules.items():
@@ -208,20 +109,15 @@ def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict
             current = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"codequant checkpoint: module {name} listed in quantization_config is not in the {arch} model") from None
-        if spec["kind"] == "router":
-            weight = getattr(current, "weight", None)
-            if weight is None or tuple(weight.shape) != (spec["out_features"], spec["in_features"]):
-                shape = None if weight is None else list(weight.shape)
-                raise CheckpointError(
-                    f"codequant checkpoint: router {name} of the {arch} model has weight shape {shape}, "
-                    f"the checkpoint has [{spec['out_features']}, {spec['in_features']}]"
-                )
-        else:
-            current = build_empty_module(spec, dtype)
-            model.set_submodule(name, current)
-        device = next(itertools.chain(current.buffers(), current.parameters())).device
+        try:
+            module = module_kind(spec["kind"]).from_spec(spec, dtype, replaced=current)
+        except ValueError as err:
+            raise CheckpointError(f"codequant checkpoint: {spec['kind']} {name} of the {arch} model: {err}") from None
+        if module is not current:
+            model.set_submodule(name, module)
+        device = next(itertools.chain(module.buffers(), module.parameters())).device
         for suffix, (shape, st) in expected_packed_tensors(spec).items():
-            current.register_buffer(suffix, torch.zeros(shape, dtype=torch_dtype(st), device=device))
+            module.register_buffer(suffix, torch.zeros(shape, dtype=torch_dtype(st), device=device))
 
 
 def add_folded_biases(model: torch.nn.Module, names: list[str]) -> None:
@@ -237,7 +133,7 @@ def check_state_keys(model: torch.nn.Module, headers: dict, modules: dict[str, d
     in the weight files (except quantized routers' weights, rebuilt from their codebooks, and tied
     copies), and every stored tensor must have a place in the model."""
     expected = set(model.state_dict())
-    rebuilt = {f"{name}.weight" for name, spec in modules.items() if spec["kind"] == "router"}
+    rebuilt = {f"{name}.{t}" for name, spec in modules.items() for t in module_kind(spec["kind"]).rebuilt_tensors}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = sorted(expected - set(headers) - rebuilt - tied)
     unexpected = sorted(set(headers) - expected)
@@ -255,8 +151,8 @@ def check_state_keys(model: torch.nn.Module, headers: dict, modules: dict[str, d
 
 
 def finish_loaded_model(model: torch.nn.Module, modules: dict[str, dict]) -> None:
-    """Bring the loaded packed tensors to the in-memory layout, check them, and turn routers'
-    buffers into working quantized routers."""
+    """Bring the loaded packed tensors to the in-memory layout, check them, and let each module
+    finish loading (routers compute W_hat)."""
     for name, spec in modules.items():
         module = model.get_submodule(name)
         for prefix, (_, k, _) in packed_layout(spec).items():
@@ -265,9 +161,7 @@ def finish_loaded_model(model: torch.nn.Module, modules: dict[str, dict]) -> Non
                 module.register_buffer(prefix + p, unpack_from_disk(prefix + p, getattr(module, prefix + p), spec["bits"]))
                 parts.append(getattr(module, prefix + p))
             check_packed_values(f"{name}.{prefix}", PackedWeight(*parts, k))
-        if spec["kind"] == "router":
-            weight = PackedWeight(*(module._buffers.pop(p) for p in PACKED_PARTS), spec["in_features"])
-            quantize_router(module, weight, act_from_dict(spec["act"]))
+        module.finish_loading()
 
 
 def _verifying(get_cached_module_file):
@@ -319,8 +213,8 @@ class CodeQuantHfQuantizer(HfQuantizer):
         skeleton = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
         check_file_tensors(headers, qc.modules, skeleton)
         check_state_keys(model, headers, qc.modules)
-        # quantized routers' weights are rebuilt from their codebooks, not stored
-        ignore = {re.escape(f"{name}.weight") + "$" for name, s in qc.modules.items() if s["kind"] == "router"}
+        # tensors rebuilt from the packed ones (quantized routers' weights), not stored
+        ignore = {re.escape(f"{name}.{t}") + "$" for name, s in qc.modules.items() for t in module_kind(s["kind"]).rebuilt_tensors}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | ignore
         model.config.codequant_rms_norms = list(qc.rms_norms)
         return model

@@ -1,9 +1,12 @@
-"""Kernel dispatch: every op has a reference implementation and optional fast backends.
+"""The ops the quantized modules call, dispatched through one table (:mod:`.dispatch`).
 
-A backend registers ``linear`` and/or ``moe`` with the same signatures as
-:mod:`codequant.kernels.reference`. ``select_backend`` picks the fastest available one
-for a tensor's device; ``CODEQUANT_BACKEND=reference|cpu|gpu`` or the ``backend``
-argument overrides it.
+Each implementation (the CUDA decode kernels, the prefill paths, the Triton kernels, the CPU
+kernels, the reference) registers itself with :func:`register`: its :class:`Op`, a
+``supports(case)`` predicate and a function with :mod:`codequant.kernels.reference`'s
+signature. :func:`select` runs the first one that supports a call and falls back to the
+reference, logged once per reason (an error under ``KernelOptions(strict=True)``).
+``KernelOptions.backend`` (seeded from ``CODEQUANT_BACKEND=reference|cpu|gpu``) or the
+``backend`` argument restricts the choice to one backend family.
 
 :func:`linear` and :func:`moe` are what the quantized modules call. Under ``torch.compile``
 they are the opaque custom ops ``codequant::linear`` and ``codequant::moe`` (shape-only fake
@@ -13,63 +16,20 @@ model code around them; in eager mode they call the backend directly (no op disp
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..core.format import PackedWeight
 from ..core.activations import ActQuantSpec
 from . import reference
+from .dispatch import (  # noqa: F401  (the public names of the table)
+    Case, Kernel, KernelFallbackError, KernelOptions, Op, implementations, kernel_options, options, register, select,
+    set_options, unregister,
+)
 
-logger = logging.getLogger(__name__)
-_BACKENDS: dict[str, dict[str, Callable]] = {"reference": {"linear": reference.linear, "moe": reference.moe}}
-_DEVICE_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("gpu", "reference")}
-
-
-def register_backend(name: str, **ops: Callable) -> None:
-    _BACKENDS.setdefault(name, {}).update(ops)
-
-
-def available_backends() -> list[str]:
-    _load_optional_backends()
-    return sorted(_BACKENDS)
-
-
-def select_backend(op: str, device_type: str, backend: str | None = None) -> Callable:
-    """The implementation of ``op`` to run on ``device_type``."""
-    _load_optional_backends()
-    wanted = backend or os.environ.get("CODEQUANT_BACKEND") or None
-    if wanted:
-        if wanted not in _BACKENDS or op not in _BACKENDS[wanted]:
-            raise ValueError(f"kernel backend {wanted!r} has no {op!r} here; available: {available_backends()}")
-        return _BACKENDS[wanted][op]
-    for name in _DEVICE_PREFERENCE.get(device_type, ("reference",)):
-        if op in _BACKENDS.get(name, {}):
-            return _BACKENDS[name][op]
-    return _BACKENDS["reference"][op]
-
-
-_loaded = False
-
-
-def _load_optional_backends() -> None:
-    """Import the compiled CPU and Triton GPU backends if they are present; they register themselves.
-
-    A backend this machine should have (the CPU kernels always, the GPU kernels when CUDA is
-    available) that fails to import is logged once with the reason: its ops then run on the
-    reference implementation. ``CODEQUANT_BACKEND=cpu|gpu`` makes that an error instead."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module, expected in (("codequant.kernels.cpu", True), ("codequant.kernels.gpu", torch.cuda.is_available())):
-        try:
-            __import__(module)
-        except ImportError as exc:
-            if expected:
-                logger.warning("%s; until then %s ops run on the reference implementation (slow)", exc, module.rpartition(".")[2])
+register(Op.LINEAR, "reference", reference.linear, lambda case: True, backend="reference", device=None, priority=-1000)
+register(Op.MOE, "reference", reference.moe, lambda case: True, backend="reference", device=None, priority=-1000)
 
 
 # ---------------------------------------------------------------- the ops the modules call
@@ -114,11 +74,12 @@ def _run_linear(x, weight, act, bias, hadamard_block, backend):
         from ..core.hadamard import block_hadamard
 
         x = block_hadamard(x, hadamard_block)
-    return select_backend("linear", x.device.type, backend)(x, weight, act, bias)
+    return select(Case(Op.LINEAR, x, weight, act), backend).fn(x, weight, act, bias)
 
 
 def _run_moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block, backend):
-    return select_backend("moe", x.device.type, backend)(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
+    case = Case(Op.MOE, x, gate_up, act, down, down_act, top_k_index, top_k_weights)
+    return select(case, backend).fn(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
 
 
 @torch.library.custom_op("codequant::linear", mutates_args=())

@@ -7,17 +7,21 @@ gate_up [E, 2I, H] (gate rows first) and down [E, H, I], SwiGLU in between.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
+from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, check_group_size, padded_columns
 from .. import kernels
 from ..core.activations import ActQuantSpec
+from .registry import QuantizedModule, register_module_kind
 
 EXPERT_ACTIVATION = "silu"  # the only one the kernels compute: h = silu(x Wg^T) * (x Wu^T)
 
 
-class CodeQuantExperts(nn.Module):
+@register_module_kind
+class CodeQuantExperts(QuantizedModule):
     def __init__(
         self,
         num_experts: int,
@@ -35,11 +39,10 @@ class CodeQuantExperts(nn.Module):
         self.act, self.down_act = act, down_act or act
         self.hadamard_block, self.backend = hadamard_block, None
         for name, n, k, g in (
-            ("gate_up", 2 * intermediate_dim, hidden_dim, group_size or hidden_dim),
-            ("down", hidden_dim, intermediate_dim, down_group_size or group_size or intermediate_dim),
+            ("gate_up", 2 * intermediate_dim, hidden_dim, group_size),
+            ("down", hidden_dim, intermediate_dim, down_group_size or group_size),
         ):
-            if k % g:
-                raise ValueError(f"group size {g} does not divide {name} in_features {k}")
+            g = check_group_size(g, k)
             self.register_buffer(f"{name}_indices", torch.zeros(num_experts, n, padded_columns(k) // 2, dtype=torch.uint8, device=device))
             self.register_buffer(f"{name}_codebook", torch.zeros(num_experts, n, k // g, CODEBOOK_SIZE, dtype=CODEBOOK_DTYPE, device=device))
             self.register_buffer(f"{name}_row_sum", torch.zeros(num_experts, n, dtype=torch.float32, device=device))
@@ -53,6 +56,43 @@ class CodeQuantExperts(nn.Module):
             getattr(module, f"{name}_codebook").copy_(w.codebook)
             getattr(module, f"{name}_row_sum").copy_(w.row_sum)
         return module
+
+    kind = "experts"
+    spec_keys = frozenset({"kind", "num_experts", "hidden_dim", "intermediate_dim", "group_size", "down_group_size", "bits",
+                           "act", "down_act", "hadamard_block", "activation"})
+    packed_parts = ("gate_up_", "down_")
+
+    def spec(self, bits: int) -> dict:
+        return {"kind": self.kind, "num_experts": self.num_experts, "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim, "group_size": self.gate_up.group_size,
+                "down_group_size": self.down.group_size, "bits": bits, "act": dataclasses.asdict(self.act),
+                "down_act": dataclasses.asdict(self.down_act), "hadamard_block": int(self.hadamard_block),
+                "activation": EXPERT_ACTIVATION}
+
+    @classmethod
+    def spec_problem(cls, spec: dict) -> str | None:
+        if spec["activation"] != EXPERT_ACTIVATION:
+            return (f"expert activation {spec['activation']!r}, but the kernels compute {EXPERT_ACTIVATION!r} only; "
+                    "re-export the model with this codequant")
+        return None
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype, device=None, replaced: nn.Module | None = None) -> "CodeQuantExperts":
+        """Packed experts hold no float tensors: ``dtype`` is unused. Refuses an activation the kernels do not compute."""
+        problem = cls.spec_problem(spec)
+        if problem:
+            raise ValueError(f"experts spec has {problem}")
+        return cls(spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"], spec["group_size"],
+                   spec["down_group_size"], ActQuantSpec(**spec["act"]), ActQuantSpec(**spec["down_act"]),
+                   spec["hadamard_block"], device)
+
+    @classmethod
+    def packed_layout(cls, spec: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
+        e, h, i = spec["num_experts"], spec["hidden_dim"], spec["intermediate_dim"]
+        return {"gate_up_": ((e, 2 * i), h, spec["group_size"]), "down_": ((e, h), i, spec["down_group_size"])}
+
+    def packed_weights(self) -> dict[str, PackedWeight]:
+        return {"gate_up_": self.gate_up, "down_": self.down}
 
     @property
     def gate_up(self) -> PackedWeight:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, pack, padded_columns
+from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, check_group_size, pack, padded_columns
 from .. import kernels
 from ..core.activations import ActQuantSpec
+from .registry import QuantizedModule, register_module_kind
 
 
-class CodeQuantLinear(nn.Module):
+@register_module_kind
+class CodeQuantLinear(QuantizedModule):
     """y = Q_act(x H) W_hat^T + b, W_hat from 4-bit indices into per-row/group codebooks.
 
     ``hadamard_block`` > 0 applies the online block Hadamard H to the input first (its
@@ -29,9 +33,7 @@ class CodeQuantLinear(nn.Module):
         device=None,
     ):
         super().__init__()
-        group_size = group_size or in_features
-        if in_features % group_size:
-            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+        group_size = check_group_size(group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
         self.act, self.hadamard_block, self.backend = act, hadamard_block, None
         kp = padded_columns(in_features)
@@ -60,13 +62,38 @@ class CodeQuantLinear(nn.Module):
             module.bias.data.copy_(bias)
         return module
 
+    kind = "linear"
+    spec_keys = frozenset({"kind", "in_features", "out_features", "group_size", "bits", "act", "hadamard_block", "bias"})
+    packed_parts = ("",)
+
+    def spec(self, bits: int) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "group_size": self.group_size, "bits": bits, "act": dataclasses.asdict(self.act),
+                "hadamard_block": int(self.hadamard_block), "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype, device=None, replaced: nn.Module | None = None) -> "CodeQuantLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec["group_size"],
+                   ActQuantSpec(**spec["act"]), spec["hadamard_block"], dtype, device)
+
+    @classmethod
+    def packed_layout(cls, spec: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
+        return {"": ((spec["out_features"],), spec["in_features"], spec["group_size"])}
+
+    @classmethod
+    def float_tensors(cls, spec: dict) -> dict[str, tuple[int, ...]]:
+        return {"bias": (spec["out_features"],)} if spec["bias"] else {}
+
+    def packed_weights(self) -> dict[str, PackedWeight]:
+        return {"": self.packed}
+
     @property
     def packed(self) -> PackedWeight:
         return PackedWeight(self.indices, self.codebook, self.row_sum, self.in_features)
 
     @property
     def group_size(self) -> int:
-        return self.in_features // self.codebook.shape[-2]
+        return self.packed.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.packed, self.act, self.bias, self.hadamard_block, self.backend)

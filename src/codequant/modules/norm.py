@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import QuantizedModule, register_module_kind
 
-class RMSNorm(nn.Module):
+
+@register_module_kind
+class RMSNorm(QuantizedModule):
     """y = x / sqrt(mean(x^2) + eps) * weight [+ bias] (computed in float32).
 
     With a bias it is a LayerNorm on a zero-mean stream whose beta could not be folded
@@ -17,6 +20,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) if bias else None
         self.variance_epsilon = eps
+
+    kind = "rms_norm"
+    spec_keys = frozenset({"kind", "hidden_size", "eps", "bias"})
+
+    def spec(self, bits: int) -> dict:
+        return {"kind": self.kind, "hidden_size": self.weight.shape[0], "eps": float(self.variance_epsilon), "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype, device=None, replaced: nn.Module | None = None) -> "RMSNorm":
+        return cls(spec["hidden_size"], spec["eps"], dtype, device, bias=spec["bias"])
+
+    @classmethod
+    def float_tensors(cls, spec: dict) -> dict[str, tuple[int, ...]]:
+        shape = (spec["hidden_size"],)
+        return {"weight": shape, "bias": shape} if spec["bias"] else {"weight": shape}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -15,6 +15,7 @@ import torch
 
 from .codebook import check_bits, check_group_size
 from .uniform import grid_codebook, quantize_to_grid, uniform_grid
+from .weight_quantizer import WeightQuantizer
 
 
 def accumulate_hessian(hessian: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
@@ -109,3 +110,9 @@ def gptq(
         q = q.gather(-1, perm.argsort(-1)[:, None, :].expand(e, n, k))
     idx = q.long().reshape(weight.shape)
     return idx, grid_codebook(scale, zero, bits).reshape(*lead, n, k // g, 2**bits)
+
+
+GPTQ = WeightQuantizer(
+    fit=lambda weight, stats, config, group_size: gptq(weight, stats.hessian, config.wbits, group_size),
+    statistics=lambda config: frozenset({"hessian"}),
+)

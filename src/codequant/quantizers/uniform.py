@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .codebook import check_bits, check_group_size
+from .weight_quantizer import WeightQuantizer
 
 
 def uniform_grid(weight: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,3 +48,9 @@ def rtn(weight: torch.Tensor, bits: int = 4, group_size: int | None = None) -> t
     scale, zero = uniform_grid(groups, bits)
     q = quantize_to_grid(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return q.long().reshape(weight.shape), grid_codebook(scale, zero, bits)
+
+
+RTN = WeightQuantizer(
+    fit=lambda weight, stats, config, group_size: rtn(weight, config.wbits, group_size),
+    statistics=lambda config: frozenset(),
+)

@@ -34,7 +34,8 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .. import kernels
 from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
-from ..io.checkpoint import INDEX_FILE, QUANT_METHOD, CheckpointError, act_from_dict, verify_checkpoint, weight_files
+from ..io.checkpoint import INDEX_FILE, verify_checkpoint, weight_files
+from ..io.schema import QUANT_METHOD, CheckpointError, act_from_dict
 from ..io.hf_quantizer import CodeQuantConfig
 from .sharding import column_shard_features, column_shard_part, row_slice, shard_row_sum
 

@@ -2,7 +2,8 @@
 
 ``linear`` and ``moe`` have the signatures of :mod:`codequant.kernels.reference` (plus a
 ``threads`` argument, default ``torch.get_num_threads()`` or :func:`decode_threads`'s) and
-register as the ``cpu`` backend, which :func:`codequant.kernels.select_backend` picks for CPU tensors.
+register in the kernel table (:mod:`codequant.kernels.dispatch`) as the ``cpu`` backend, for
+the CPU calls :func:`supports_linear` / :func:`supports_moe` accept.
 
 Paths (C++ in ``csrc/cpu``, chosen at run time by CPU features; force one with
 ``CODEQUANT_CPU_ISA=portable|avx2|avx512`` or :func:`use_isa`):
@@ -44,21 +45,20 @@ read bandwidth, where torch's bf16 matrix-vector product reaches about half of i
 
 Configurations without a SIMD path (group sizes that are not multiples of 32) run the
 portable kernels, which handle every group size; training-mode calls (inputs that need
-gradients) and activation widths of 9-15 bits go to the reference path.
+gradients) and activation widths of 9-15 bits are not supported (the table runs the reference).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import weakref
 
 import torch
 
 from ...core.format import PackedWeight
 from ...core.activations import ActQuantSpec
-from .. import reference, register_backend
+from ..dispatch import Case, Op, options, register
 
 try:
     from . import _lut
@@ -117,7 +117,7 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     (default: torch's count on entry) and torch's own ops on 1; torch's count is restored on
     exit. With ``model``, its bf16 lm_head (output embeddings, a CPU ``nn.Linear`` without
     bias) runs through :func:`linear_bf16` on those threads in the block, where the cpu
-    backend is in use (not under ``CODEQUANT_BACKEND=reference``, nor with a replaced forward).
+    backend is in use (not under ``KernelOptions(backend="reference")``, nor with a replaced forward).
 
     Chosen over ``OMP_WAIT_POLICY=PASSIVE`` (which works only when set before torch is
     imported) and over running the kernels on torch's OpenMP threads (whose barriers spin on
@@ -132,7 +132,7 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     routed = (
         isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype is torch.bfloat16
         and head.weight.device.type == "cpu" and "forward" not in head.__dict__
-        and os.environ.get("CODEQUANT_BACKEND", "cpu") in ("", "cpu")
+        and options().backend in (None, "cpu")
     )
     old_torch, old_kernels = torch.get_num_threads(), _decode_threads[0]
     torch.set_num_threads(1)
@@ -243,10 +243,18 @@ def interleaved_indices(indices: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- ops
 
 
-def _usable(x: torch.Tensor, *specs: ActQuantSpec) -> bool:
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
-        return False
-    return all((not s.enabled) or 1 <= s.bits <= 8 for s in specs)
+def _usable(x: torch.Tensor, act: ActQuantSpec) -> bool:
+    """A CPU tensor without gradients, activations unquantized or of 1-8 bits."""
+    return x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()) and (act.bits >= 16 or 1 <= act.bits <= 8)
+
+
+def supports_linear(case: Case) -> bool:
+    return _usable(case.x, case.act) and isinstance(case.weight, PackedWeight)
+
+
+def supports_moe(case: Case) -> bool:
+    return (_usable(case.x, case.act) and _usable(case.x, case.down_act) and isinstance(case.weight, PackedWeight)
+            and not (case.top_k_weights.requires_grad and torch.is_grad_enabled()))
 
 
 def _act_args(spec: ActQuantSpec, k: int) -> tuple[int, int, float]:
@@ -342,8 +350,6 @@ def linear(
 
     Float32 and bf16 inputs (and biases) go to the kernels as they are; the output has the
     input's dtype (bf16: the float32 result rounded once, in the kernel)."""
-    if not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()) or (act.bits < 16 and not 1 <= act.bits <= 8):
-        return reference.linear(x, weight, act, bias)
     plan = _cached_plan(weight, act)
     n, k = plan[7], plan[8]
     shape = x.shape
@@ -393,8 +399,6 @@ def moe(
     threads: int | None = None,
 ) -> torch.Tensor:
     """Routed SwiGLU experts, all active experts of all tokens in one call (reference.moe semantics)."""
-    if not _usable(x, act, down_act) or (top_k_weights.requires_grad and torch.is_grad_enabled()):
-        return reference.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
     t, h = x.shape
     e, two_i = gate_up.indices.shape[0], gate_up.out_features
     inter = two_i // 2
@@ -421,4 +425,5 @@ def moe(
     return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
-register_backend("cpu", linear=linear, moe=moe)
+register(Op.LINEAR, "cpu", linear, supports_linear, backend="cpu", device="cpu")
+register(Op.MOE, "cpu", moe, supports_moe, backend="cpu", device="cpu")

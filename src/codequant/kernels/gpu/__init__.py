@@ -1,34 +1,31 @@
-"""Triton lookup-table kernels for CUDA GPUs (the ``gpu`` kernel backend).
+"""Kernels for CUDA GPUs (the ``gpu`` backend family of the kernel table).
 
-Importing this package registers ``linear`` and ``moe`` with
-:func:`codequant.kernels.register_backend`; ``select_backend`` then uses them for CUDA
-tensors. It raises ImportError only when Triton is not importable. The kernels also run
-under ``TRITON_INTERPRET=1`` on CPU tensors (how CI checks them without a GPU); the
-kernel module is imported on first use, so the interpreter switch may be set late.
+Importing this package registers, in the order the table tries them:
 
-Which kernel runs for which call (CUDA C++ decode kernels, dequantize + cuBLAS / FP8
-prefill, Triton) is described in :mod:`.ops`.
+* linear: ``cuda_gemv`` (CUDA C++ decode kernels, M <= 16 rows, built on first use),
+  ``prefill_fp8`` (more rows, W4A4 on FP8 tensor cores, under
+  ``KernelOptions(gpu_w4a4_prefill="fp8")``), ``prefill`` (more rows: dequantize + cuBLAS,
+  W4A16 and per-token W4A4), ``triton`` (W4A16 the others did not take);
+* moe: ``cuda_moe`` (CUDA C++ fused MoE, up to ``cuda_gemv.MOE_MAX_SLOTS`` slots),
+  ``triton`` (the fused Triton MoE).
+
+Calls none of them supports (a W4A4 linear without the CUDA extension or with grouped
+activations, activation widths other than 4 bits for Triton) run on the reference, logged.
+It raises ImportError only when Triton is not importable. The Triton kernels also run under
+``TRITON_INTERPRET=1`` on CPU tensors (how CI checks them, calling :mod:`.ops` directly);
+importing this package defines them, so that switch must be set before (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import triton  # noqa: F401  (ImportError here: no Triton, no GPU backend)
 
-from .. import register_backend
+from ..dispatch import Op, register
+from . import cuda_gemv, ops, prefill
 
-
-def linear(x, weight, act, bias=None):
-    from .ops import linear as _linear
-
-    return _linear(x, weight, act, bias)
-
-
-def moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block=0):
-    from .ops import moe as _moe
-
-    return _moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
-
-
-register_backend("gpu", linear=linear, moe=moe)
-
-__all__ = ["linear", "moe"]
+register(Op.LINEAR, "cuda_gemv", cuda_gemv.run_linear, cuda_gemv.supports_linear, backend="gpu", device="cuda", priority=30)
+register(Op.LINEAR, "prefill_fp8", prefill.linear_fp8, prefill.supports_fp8, backend="gpu", device="cuda", priority=20)
+register(Op.LINEAR, "prefill", prefill.linear, prefill.supports_linear, backend="gpu", device="cuda", priority=10)
+register(Op.LINEAR, "triton", ops.linear, ops.supports_linear, backend="gpu", device="cuda")
+register(Op.MOE, "cuda_moe", cuda_gemv.moe, cuda_gemv.supports_moe, backend="gpu", device="cuda", priority=10)
+register(Op.MOE, "triton", ops.moe, ops.supports_moe, backend="gpu", device="cuda")

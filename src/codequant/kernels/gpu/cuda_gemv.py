@@ -6,7 +6,9 @@ CUDA and a CUDA toolkit at build time), else built on first use from the package
 ``torch.utils.cpp_extension.load`` for the device's architecture (sm_90 on an H200) and cached
 by PyTorch's extension builder. When neither works (no nvcc, failed build, GPU older than
 sm_80), the entry points return None / False, one warning gives the reason and the fix, and the
-caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels off.
+caller keeps the Triton path. ``KernelOptions(cuda_gemv=False)`` (``CODEQUANT_CUDA_GEMV=0``)
+turns the kernels off. :func:`supports_linear` / :func:`supports_moe` are their conditions in
+the kernel table (:mod:`codequant.kernels.gpu`).
 
 * :func:`linear`: W4A16 (x straight from its bf16 / fp16 tensor, or paired by a prologue
   kernel; matches the reference up to fp32 summation order and, for bf16 x, the bf16
@@ -14,7 +16,7 @@ caller keeps the Triton path. ``CODEQUANT_CUDA_GEMV=0`` turns the kernels off.
   prologue quantizes each row exactly as
   :func:`~codequant.core.activations.quantize_activations` (same IEEE divisions), the
   codes q - z (exact in fp16) meet the fp16 codebook on tensor cores and the scale is applied
-  after the exact fp32 accumulation. Opt-in ``CODEQUANT_CUDA_W4A4_INT8=1``: for up to 7 bits,
+  after the exact fp32 accumulation. Opt-in ``KernelOptions(cuda_w4a4_int8=True)``: for up to 7 bits,
   int8 codes on integer tensor cores against an int8 copy of the codebook
   (``ops.int8_codebook``: per-row scale max|C| / 127, each weight off by at most half an int8
   step, the CPU kernels' tolerance).
@@ -33,8 +35,9 @@ Kernel design in the .cu file and benchmarks/notes-gpu.md.
 
 from __future__ import annotations
 
+import enum
 import logging
-import os
+import math
 from pathlib import Path
 
 import torch
@@ -42,12 +45,22 @@ import torch
 from ...core.format import PackedWeight
 from ...core.activations import ActQuantSpec
 from ...core.hadamard import block_hadamard
+from ..dispatch import Case, options
 
 log = logging.getLogger(__name__)
 
 MAX_M = 16
 MOE_MAX_SLOTS = 8192
-EPI_PLAIN, EPI_SWIGLU, EPI_SCATTER = 0, 1, 2
+
+
+class Epilogue(enum.IntEnum):
+    """What the GEMV kernel does with its sums."""
+
+    PLAIN = 0  # y = sums (+ bias)
+    SWIGLU = 1  # MoE gate_up: h = silu(gate) * up
+    SCATTER = 2  # MoE down: scaled by the routing weight, written to the slots
+
+
 _EXT = None
 _FAILED = False
 _SOURCES = ("cq_gemv_binding.cpp", "cq_gemv.cu", "cq_gemv.h")
@@ -73,7 +86,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 
 
 def enabled() -> bool:
-    return os.environ.get("CODEQUANT_CUDA_GEMV", "1") != "0"
+    return options().cuda_gemv
 
 
 def load(verbose: bool = False):
@@ -179,18 +192,37 @@ def _packed_ok(w: PackedWeight, experts: bool) -> bool:
     return idx.shape[-1] * 2 == -(-k // 64) * 64
 
 
-def supported(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec = ActQuantSpec(bits=16)) -> bool:
-    if not (x2.is_cuda and enabled() and 1 <= x2.shape[0] <= MAX_M):
+def supported(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec = ActQuantSpec(bits=16)) -> bool:
+    """Whether :func:`linear` takes x [..., K] as its M rows (the extension aside)."""
+    if not (x.is_cuda and enabled() and 1 <= math.prod(x.shape[:-1]) <= MAX_M):
         return False
-    if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     return _act_ok(act, weight.in_features) and _packed_ok(weight, experts=False)
 
 
+def supports_linear(case: Case) -> bool:
+    """The table's condition: :func:`supported` on x's rows, the GPU kernels' activations, the extension built."""
+    from .ops import supports_packed
+
+    return supports_packed(case) and supported(case.x, case.weight, case.act) and load() is not None
+
+
+def run_linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear` on x [..., K] (a call :func:`supports_linear` accepts), y in x's dtype."""
+    from .ops import rows_of
+
+    x2 = rows_of(x, weight.in_features)
+    y = torch.empty(x2.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
+    if not linear(x2, weight, act, bias, y):
+        raise RuntimeError("the CUDA decode kernel declined a call its predicate accepted")
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
 def _int8_path(act: ActQuantSpec) -> bool:
-    """Int8 codes and codebooks on integer tensor cores (opt-in, ``CODEQUANT_CUDA_W4A4_INT8=1``:
+    """Int8 codes and codebooks on integer tensor cores (opt-in, ``KernelOptions(cuda_w4a4_int8=True)``:
     the int8 rounding of codebooks with an outlier centroid costs accuracy, see the module doc)."""
-    return W4A4_INT8 and act.enabled and act.bits <= 7
+    return options().cuda_w4a4_int8 and act.enabled and act.bits <= 7
 
 
 def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantSpec, rows=None, nslots=0, topk=0,
@@ -204,10 +236,6 @@ def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantS
     ext.prep_x(x, xp, xs, rows if rows is not None else none, nslots, topk, bf16, act.bits if act.enabled else 16,
                float(act.clip), i8, pdl)
     return xp, xs
-
-
-W4A4_INT8 = os.environ.get("CODEQUANT_CUDA_W4A4_INT8", "0") == "1"
-PDL = os.environ.get("CODEQUANT_CUDA_PDL", "1") != "0"
 
 
 def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
@@ -256,7 +284,7 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     pdl = pdl and _pdl(x2.device)
     xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
-    ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, EPI_PLAIN, 0,
+    ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, int(Epilogue.PLAIN), 0,
              bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut, 0,
              int(pdl))
     if out is not y:
@@ -264,32 +292,50 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     return True
 
 
+def moe_supported(x: torch.Tensor, top_k_index: torch.Tensor, gate_up, down, act: ActQuantSpec, down_act: ActQuantSpec) -> bool:
+    """Whether :func:`moe` takes the call (the extension aside)."""
+    s = top_k_index.numel()
+    h_dim = x.shape[-1]
+    if not (x.is_cuda and enabled() and 0 < s <= MOE_MAX_SLOTS and x.dim() == 2):
+        return False
+    if isinstance(gate_up, torch.Tensor):
+        if gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16 or h_dim % 64 or act.enabled or down_act.enabled:
+            return False
+        i_dim = gate_up.shape[1] // 2
+        if i_dim % 64:
+            return False
+    else:
+        if not (_packed_ok(gate_up, True) and _packed_ok(down, True)):
+            return False
+        i_dim = gate_up.out_features // 2
+    return _act_ok(act, h_dim) and _act_ok(down_act, i_dim)
+
+
+def supports_moe(case: Case) -> bool:
+    """The table's condition: :func:`moe_supported`, the extension built."""
+    return moe_supported(case.x, case.top_k_index, case.weight, case.down, case.act, case.down_act) and load() is not None
+
+
 def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up, down,
         act: ActQuantSpec, down_act: ActQuantSpec, hadamard_block: int = 0) -> torch.Tensor | None:
     """Routed SwiGLU experts (reference.moe's contract) for up to MOE_MAX_SLOTS (token, k)
     slots; ``gate_up`` / ``down`` packed [E, 2I, H] / [E, H, I] or dense bf16 tensors.
     None when this path does not apply."""
-    dense = isinstance(gate_up, torch.Tensor)
-    t, topk = top_k_index.shape
-    s = t * topk
-    h_dim = x.shape[-1]
-    if not (x.is_cuda and enabled() and 0 < s <= MOE_MAX_SLOTS and x.dim() == 2):
-        return None
-    if dense:
-        if gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16 or h_dim % 64 or act.enabled or down_act.enabled:
-            return None
-        n_exp, two_i = gate_up.shape[0], gate_up.shape[1]
-        gate_up, down = gate_up.contiguous(), down.contiguous()
-    else:
-        if not (_packed_ok(gate_up, True) and _packed_ok(down, True)):
-            return None
-        n_exp, two_i = gate_up.indices.shape[0], gate_up.out_features
-    i_dim = two_i // 2
-    if not (_act_ok(act, h_dim) and _act_ok(down_act, i_dim)) or (dense and i_dim % 64):
+    if not moe_supported(x, top_k_index, gate_up, down, act, down_act):
         return None
     ext = load()
     if ext is None:
         return None
+    dense = isinstance(gate_up, torch.Tensor)
+    t, topk = top_k_index.shape
+    s = t * topk
+    h_dim = x.shape[-1]
+    if dense:
+        n_exp, two_i = gate_up.shape[0], gate_up.shape[1]
+        gate_up, down = gate_up.contiguous(), down.contiguous()
+    else:
+        n_exp, two_i = gate_up.indices.shape[0], gate_up.out_features
+    i_dim = two_i // 2
     from .ops import expert_ids, moe_route, topk_sum
 
     none = _none(x.device)
@@ -321,7 +367,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     h_dtype = torch.bfloat16 if dense or x2.dtype != torch.float16 else torch.float16
     h = torch.empty(n_rows, i_dim, dtype=h_dtype if h_direct else torch.float32, device=x.device)
     _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
-    ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, EPI_SWIGLU,
+    ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, int(Epilogue.SWIGLU),
              i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0)
     if hadamard_block:
         h = block_hadamard(h, hadamard_block)
@@ -335,13 +381,13 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
     # PDL: the down GEMV fetches its first weights and tables while the launch writing h finishes
     ext.gemv(hin, h_direct, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
-             EPI_SCATTER, 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl))
+             int(Epilogue.SCATTER), 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl))
     return topk_sum(y_slots, torch.empty(t, h_dim, dtype=x.dtype, device=x.device), topk, pdl)
 
 
 def _pdl(device) -> bool:
-    """Programmatic dependent launch of our kernels (sm_90+, ``CODEQUANT_CUDA_PDL=0`` turns it off)."""
-    return PDL and _device_props(device)[1] >= 9
+    """Programmatic dependent launch of our kernels (sm_90+, ``KernelOptions(cuda_pdl=False)`` turns it off)."""
+    return options().cuda_pdl and _device_props(device)[1] >= 9
 
 
 def _raw_ok(x2: torch.Tensor, act: ActQuantSpec, dense: bool) -> bool:

@@ -1,43 +1,57 @@
-"""The GPU backend's ops (signatures of :mod:`codequant.kernels.reference`).
+"""The Triton kernels' ops (signatures of :mod:`codequant.kernels.reference`, plus ``config``).
 
-Paths on a CUDA device, by activation mode and number of rows M:
+:func:`linear` and :func:`moe` launch the Triton kernels, ``lut_gemv_kernel`` (M <= 4) and
+``lut_mm_kernel`` (tensor cores); the kernel table (:mod:`codequant.kernels.gpu`) runs them on
+CUDA tensors where :func:`supports_linear` / :func:`supports_moe` accept the call and the
+CUDA decode kernels and the prefill paths, tried first, do not. For W4A4 that is the fused
+MoE beyond the CUDA kernels' slots (checked on an H200 at real sizes: rel. err. 1.6-1.9e-3
+against the reference, Qwen3, Mixtral and DeepSeek shapes, 16-2048 tokens); a W4A4 dense
+linear that neither the CUDA decode kernel nor the prefill paths take runs on the reference.
 
-* M <= 16 (decode), W4A16: the CUDA C++ kernels (``cuda_gemv``, built on first use); fused
-  MoE up to ``cuda_gemv.MOE_MAX_SLOTS`` slots too; W4A4 with the activations quantized per
-  token in the kernels' prologue.
-* M > 16 (prefill): :mod:`.prefill`: dequantize through the codebook, then cuBLAS (W4A16);
-  W4A4 (``W4A4_PREFILL``): ``"bf16"`` (default) runs the fake-quantized activations through
-  the W4A16 path, ``"fp8"`` uses FP8 tensor cores (e4m3-rounded codebooks: 2.3% error on
-  codebooks with an outlier centroid, benchmarks/README.md).
-* Otherwise (no CUDA extension, larger MoE batches): the Triton kernels below,
-  ``lut_gemv_kernel`` (M <= 4) and ``lut_mm_kernel`` (tensor cores); for W4A4 the fused MoE
-  (checked on an H200 at real sizes: rel. err. 1.6-1.9e-3 against the reference, Qwen3,
-  Mixtral and DeepSeek shapes, 16-2048 tokens), while a dense W4A4 linear without the CUDA
-  extension still takes the reference path.
-
-Under ``TRITON_INTERPRET=1`` (CPU tensors) every call takes the Triton kernels, which is
-how CI checks them. The saved format is read as it is; derived copies (bf16 / fp8
-codebooks) are cached, keyed by the codebook tensor's storage and version. Anything the
-kernels do not cover (activation bits other than 4, activation groups that are not
-multiples of 64) goes to the reference path.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI checks them
+(tests call :func:`linear` / :func:`moe` directly). The saved format is read as it is;
+derived copies (bf16 / fp8 codebooks) are cached, keyed by the codebook tensor's storage and
+version. The kernels cover activations of 4 bits in groups of multiples of 64 (or per token).
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from .. import reference
 from ...core.format import PackedWeight
-from ...core.activations import ActQuantSpec, fake_quantize_activations
+from ...core.activations import ActQuantSpec
+from ..dispatch import Case
 from . import kernels as K_
 
 FUSED_QUANT_MAX_M = 64
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-W4A4_PREFILL = os.environ.get("CODEQUANT_GPU_W4A4_PREFILL", "bf16")
+
+
+class XMode(enum.IntEnum):
+    """How ``lut_mm_kernel`` / ``lut_gemv_kernel`` read x (their ``X_MODE``)."""
+
+    FLOAT = 0  # float x, dot in the codebook copy's dtype
+    FUSED_QUANT = 1  # x quantized per token in the kernel, fp16 dot of the codes
+    INT8_CODES = 2  # int8 codes q - z and group scales from quantize_activations_int8
+
+
+class MoeStage(enum.IntEnum):
+    """Which rows ``lut_mm_kernel`` computes (its ``MOE``)."""
+
+    DENSE = 0  # a plain linear
+    GATE_UP = 1  # expert gate_up with SwiGLU, rows gathered by the sorted routing
+    DOWN = 2  # expert down, scaled by the routing weight, scattered to the slots
+
+
+@functools.cache
+def interpreting() -> bool:
+    """Whether Triton runs in its interpreter (``TRITON_INTERPRET=1``, Triton's own setting)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -103,22 +117,24 @@ def lut_tables(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------- configuration
 
-_DEFAULT_LUT = 0 if _INTERPRET else 2
+def _default_lut() -> int:
+    return 0 if interpreting() else 2
+
 
 def _pow2_at_least(v: int, lo: int) -> int:
     return max(lo, 1 << (max(v, 1) - 1).bit_length())
 
 
-def linear_config(m: int, n: int, k: int, x_mode: int) -> Config:
+def linear_config(m: int, n: int, k: int, x_mode: XMode) -> Config:
     """Heuristic launch configuration (tuned on an H200, see benchmarks/notes-gpu.md)."""
     kp = -(-k // 64) * 64
-    if m <= 4 and x_mode in (0, 1):
+    if m <= 4 and x_mode in (XMode.FLOAT, XMode.FUSED_QUANT):
         block_n = 16
         tiles = -(-n // block_n)
         split = 1
         while tiles * split < 264 and kp // (split * 2) >= 512:
             split *= 2
-        return Config("gemv", block_m=_pow2_at_least(m, 1), block_n=block_n, block_k=256, split=split, num_warps=4, num_stages=3, lut=_DEFAULT_LUT)
+        return Config("gemv", block_m=_pow2_at_least(m, 1), block_n=block_n, block_k=256, split=split, num_warps=4, num_stages=3, lut=_default_lut())
     if m <= 64:
         block_m = _pow2_at_least(m, 16)
         block_n = 64
@@ -126,14 +142,14 @@ def linear_config(m: int, n: int, k: int, x_mode: int) -> Config:
         split = 1
         while tiles * split < 264 and kp // (split * 2) >= 512:
             split *= 2
-        return Config("mm", block_m=block_m, block_n=block_n, block_k=128, split=split, num_warps=4, num_stages=3, lut=_DEFAULT_LUT)
-    return Config("mm", block_m=128, block_n=128, block_k=128, split=1, num_warps=8, num_stages=3, lut=_DEFAULT_LUT)
+        return Config("mm", block_m=block_m, block_n=block_n, block_k=128, split=split, num_warps=4, num_stages=3, lut=_default_lut())
+    return Config("mm", block_m=128, block_n=128, block_k=128, split=1, num_warps=8, num_stages=3, lut=_default_lut())
 
 
 def moe_config(slots: int) -> Config:
     if slots <= 256:
-        return Config("mm", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3, lut=_DEFAULT_LUT)
-    return Config("mm", block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, lut=_DEFAULT_LUT)
+        return Config("mm", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3, lut=_default_lut())
+    return Config("mm", block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, lut=_default_lut())
 
 
 # ---------------------------------------------------------------- helpers
@@ -159,11 +175,25 @@ def quantize_activations_int8(x2: torch.Tensor, act: ActQuantSpec) -> tuple[torc
     return q, s
 
 
+@dataclass(frozen=True)
+class Routing:
+    """The MoE side of a ``lut_mm_kernel`` launch: the slot ids sorted by expert (padded to
+    blocks), each block's expert, the routing weights, the slot count, k and the block count."""
+
+    stage: MoeStage
+    rows: torch.Tensor
+    block_expert: torch.Tensor
+    weights: torch.Tensor
+    slots: int
+    topk: int
+    blocks: int
+
+
 def _mm(
-    x, xs, w: PackedWeight | torch.Tensor, y, m, n_out, k, cfg: Config, x_mode: int, dot_dtype,
-    bias=None, ga=None, clip=1.0, moe: int = 0, rows=None, bexp=None, rw=None, num_valid=0, topk=1, grid_m=None,
+    x, xs, w: PackedWeight | torch.Tensor, y, m, n_out, k, cfg: Config, x_mode: XMode, dot_dtype,
+    bias=None, ga=None, clip=1.0, routing: Routing | None = None,
 ):
-    """Launch lut_mm_kernel (packed ``PackedWeight`` or a dense [E, N, K] tensor)."""
+    """Launch lut_mm_kernel (packed ``PackedWeight`` or a dense [E, N, K] tensor); ``routing``: a MoE stage."""
     dense = isinstance(w, torch.Tensor)
     lut = cfg.lut
     if dense or w.codebook.shape[-2] != 1 or (xs is not None and xs.shape[1] > 1) or (lut == 2 and cfg.block_k < 128):
@@ -200,23 +230,23 @@ def _mm(
         if ng != 1:
             lut = 0
     block_k = cfg.block_k
-    if x_mode == 2 and xs.shape[1] > 1:
+    if x_mode == XMode.INT8_CODES and xs.shape[1] > 1:
         while ga % block_k:
             block_k //= 2
-    split, k_per_split, mask_k, out, stride_ym, stride_ys = _split_k(kp2 * 2, k, block_k, cfg.split if moe == 0 else 1, y, m, n_out)
-    gm = grid_m if grid_m is not None else -(-m // cfg.block_m)
+    split, k_per_split, mask_k, out, stride_ym, stride_ys = _split_k(kp2 * 2, k, block_k, cfg.split if routing is None else 1, y, m, n_out)
+    gm = routing.blocks if routing is not None else -(-m // cfg.block_m)
     grid = (-(-n_out // cfg.block_n), gm, split)
     dummy = out
     K_.lut_mm_kernel[grid](
         x, x.stride(0), xs if xs is not None else dummy, xs.stride(0) if xs is not None else 0,
         wt, stride_we, stride_wn, cb, stride_ce, stride_cn,
         bias if bias is not None else dummy, out, stride_ym, stride_ys,
-        rows if rows is not None else dummy, bexp if bexp is not None else dummy, rw if rw is not None else dummy,
-        m, n_out, num_valid, n_out, float(clip),
-        K=k, KP2=kp2, G=g, NG=ng, GA=ga or k, TOPK=topk, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        X_MODE=x_mode, W_MODE=1 if dense else 0, LUT=lut, NG1=ng == 1,
-        NGA1=xs is None or xs.shape[1] == 1, MOE=moe, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
-        UPCAST_DOT=_INTERPRET and (dense and wt.dtype == torch.bfloat16 or not dense and cb.dtype == torch.bfloat16),
+        *((routing.rows, routing.block_expert, routing.weights) if routing is not None else (dummy, dummy, dummy)),
+        m, n_out, routing.slots if routing is not None else 0, n_out, float(clip),
+        K=k, KP2=kp2, G=g, NG=ng, GA=ga or k, TOPK=routing.topk if routing is not None else 1, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        X_MODE=int(x_mode), W_MODE=1 if dense else 0, LUT=lut, NG1=ng == 1,
+        NGA1=xs is None or xs.shape[1] == 1, MOE=int(routing.stage if routing is not None else MoeStage.DENSE), SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k,
+        UPCAST_DOT=interpreting() and (dense and wt.dtype == torch.bfloat16 or not dense and cb.dtype == torch.bfloat16),
         TAB_BF16=tab_bf16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -246,12 +276,12 @@ def _reduce(part, bias, y):
     )
 
 
-def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, clip):
+def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: XMode, dot_dtype, clip):
     m, k = x2.shape
     n = w.out_features
-    tdt = torch.float16 if x_mode == 1 else dot_dtype
+    tdt = torch.float16 if x_mode == XMode.FUSED_QUANT else dot_dtype
     lut = cfg.lut if w.codebook.shape[-2] == 1 else 0
-    if lut == 2 and (tdt == torch.float32 or (x_mode == 1 and k % 64)):
+    if lut == 2 and (tdt == torch.float32 or (x_mode == XMode.FUSED_QUANT and k % 64)):
         lut = 0  # W4A4 register-table GEMV failed the H200 check at K % 64 != 0 (see notes-gpu.md)
     wt = w.indices
     if lut == 2:
@@ -265,7 +295,7 @@ def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, cli
     K_.lut_gemv_kernel[(-(-n // cfg.block_n), split, -(-m // cfg.block_m))](
         x2, x2.stride(0), wt, wt.stride(0), cb, cb.stride(0), bias if bias is not None else out, out, stride_ym, stride_ys,
         m, n, float(clip),
-        K=k, KP2=kp2, G=k // ng, NG=ng, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, X_MODE=x_mode, LUT=lut,
+        K=k, KP2=kp2, G=k // ng, NG=ng, K_PER_SPLIT=k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, X_MODE=int(x_mode), LUT=lut,
         NG1=ng == 1, SPLIT=split, HAS_BIAS=bias is not None, MASK_K=mask_k, TAB_BF16=tdt == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -275,67 +305,72 @@ def _gemv(x2, w: PackedWeight, y, bias, cfg: Config, x_mode: int, dot_dtype, cli
 
 def _dot_dtype(x: torch.Tensor) -> torch.dtype:
     """fp16 for fp16 x, else bf16 (the bf16 codebook copy); fp32 x keeps fp32 only when interpreting."""
-    if x.dtype == torch.float32 and not _INTERPRET:
+    if x.dtype == torch.float32 and not interpreting():
         return torch.bfloat16
     return {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}.get(x.dtype, torch.float32)
 
 
 # ---------------------------------------------------------------- ops
 
-def _linear_cuda(x2, weight: PackedWeight, act: ActQuantSpec, bias, y):
-    """The CUDA-device paths (module doc): y, or None to continue with Triton / reference."""
-    from . import cuda_gemv, prefill
+def _supported_weight(w: PackedWeight | torch.Tensor, experts: bool) -> bool:
+    return isinstance(w, torch.Tensor) or w.indices.dim() == (3 if experts else 2)
 
-    m = x2.shape[0]
-    if m <= cuda_gemv.MAX_M:
-        if cuda_gemv.linear(x2, weight, act, bias, y):
-            return y
-    elif not act.enabled:
-        return prefill.linear_w4a16(x2, weight, bias)
-    elif W4A4_PREFILL == "fp8" and prefill.fp8_supported(x2, weight, act):
-        return prefill.linear_w4a4_fp8(x2, weight, act, bias)
-    elif (act.group_size or weight.in_features) == weight.in_features:
-        x_hat = fake_quantize_activations(x2, act).to(torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype)
-        return prefill.linear_w4a16(x_hat, weight, bias).to(x2.dtype)
-    if act.enabled:
-        return reference.linear(x2, weight, act, bias)
-    return None
+
+def supports_packed(case: Case) -> bool:
+    """A packed [N, K] weight and activations the GPU kernels cover (every GPU linear's condition)."""
+    return (isinstance(case.weight, PackedWeight) and _supported_weight(case.weight, False)
+            and _supported_act(case.act, case.weight.in_features))
+
+
+def supports_linear(case: Case) -> bool:
+    """CUDA tensors, :func:`supports_packed`; quantized activations only for empty x (the CUDA
+    decode kernel and the prefill paths take the others they can)."""
+    return case.x.is_cuda and supports_packed(case) and (not case.act.enabled or case.rows == 0)
+
+
+def supports_moe(case: Case) -> bool:
+    """CUDA tensors, packed [E, N, K] experts with activations the kernels cover, or dense experts."""
+    gate_up, down = case.weight, case.down
+    if not case.x.is_cuda or not (_supported_weight(gate_up, True) and _supported_weight(down, True)):
+        return False
+    return isinstance(gate_up, torch.Tensor) or (
+        _supported_act(case.act, case.x.shape[-1]) and _supported_act(case.down_act, down.in_features))
+
+
+def rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] as a [M, K] view with unit column stride (a copy where needed)."""
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """y = Q_act(x) @ W_hat^T + bias on the LUT kernels (reference.linear's contract)."""
+    """y = Q_act(x) @ W_hat^T + bias on the Triton kernels (reference.linear's contract; any
+    device under ``TRITON_INTERPRET=1``); ``config`` overrides the launch heuristics."""
     k = weight.in_features
-    if weight.indices.dim() != 2 or not _supported_act(act, k):
-        return reference.linear(x, weight, act, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows_of(x, k)
     m, n = x2.shape[0], weight.out_features
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
-    if x2.is_cuda and config is None:
-        done = _linear_cuda(x2, weight, act, bias, y)
-        if done is not None:
-            return done.reshape(*lead, n)
     one_group = not act.enabled or (act.group_size or k) == k
     if not act.enabled:
-        x_mode = 0
+        x_mode = XMode.FLOAT
     elif one_group and m <= FUSED_QUANT_MAX_M:
-        x_mode = 1
+        x_mode = XMode.FUSED_QUANT
     else:
-        x_mode = 2
+        x_mode = XMode.INT8_CODES
     cfg = config or linear_config(m, n, k, x_mode)
     dot_dtype = _dot_dtype(x)
-    if cfg.kind == "gemv" and x_mode in (0, 1):
+    if cfg.kind == "gemv" and x_mode in (XMode.FLOAT, XMode.FUSED_QUANT):
         _gemv(x2, weight, y, bias, cfg, x_mode, dot_dtype, act.clip)
         return y.reshape(*lead, n)
-    if x_mode == 2:
+    if x_mode == XMode.INT8_CODES:
         xq, xs = quantize_activations_int8(x2, act)
-        _mm(xq, xs, weight, y, m, n, k, cfg, 2, torch.float16, bias=bias, ga=act.group_size or k)
+        _mm(xq, xs, weight, y, m, n, k, cfg, x_mode, torch.float16, bias=bias, ga=act.group_size or k)
     else:
-        _mm(x2, None, weight, y, m, n, k, cfg, x_mode, torch.float16 if x_mode == 1 else dot_dtype, bias=bias, clip=act.clip)
+        _mm(x2, None, weight, y, m, n, k, cfg, x_mode, torch.float16 if x_mode == XMode.FUSED_QUANT else dot_dtype,
+            bias=bias, clip=act.clip)
     return y.reshape(*lead, n)
 
 
@@ -396,24 +431,16 @@ def moe(
     hadamard_block: int = 0,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """Fused routed SwiGLU experts (reference.moe's contract): one routing launch, one
-    gate_up + SwiGLU launch over all active experts, one down launch, one top-k sum.
+    """Fused routed SwiGLU experts on the Triton kernels (reference.moe's contract): one routing
+    launch, one gate_up + SwiGLU launch over all active experts, one down launch, one top-k sum.
 
     ``gate_up`` / ``down`` may also be dense [E, 2I, H] / [E, H, I] tensors: the same
     kernels then read those weights instead of looking them up (the bf16 comparison).
     """
     dense = isinstance(gate_up, torch.Tensor)
-    if x.is_cuda and config is None:
-        from . import cuda_gemv
-
-        out = cuda_gemv.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
-        if out is not None:
-            return out
     h_dim = x.shape[-1]
     i_dim = (gate_up.shape[1] if dense else gate_up.out_features) // 2
     n_experts = gate_up.shape[0] if dense else gate_up.indices.shape[0]
-    if not dense and (gate_up.indices.dim() != 3 or not _supported_act(act, h_dim) or not _supported_act(down_act, i_dim)):
-        return reference.moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block)
     t, topk = top_k_index.shape
     s = t * topk
     out = torch.empty(t, h_dim, dtype=x.dtype, device=x.device)
@@ -426,24 +453,23 @@ def moe(
     if dense:
         dot_dtype = gate_up.dtype
 
-    def run(inp, in_act, w, y, n_out, k, moe_kind, valid_rows):
+    def run(inp, in_act, w, y, n_out, k, stage, valid_rows):
+        routing = Routing(stage, rows, bexp, top_k_weights.reshape(-1), s, topk, max_blocks)
         if dense or not in_act.enabled:
-            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 0, dot_dtype, moe=moe_kind, rows=rows, bexp=bexp,
-                rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
+            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, XMode.FLOAT, dot_dtype, routing=routing)
         elif (in_act.group_size or k) == k and s <= FUSED_QUANT_MAX_M * 4:
-            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, 1, torch.float16, clip=in_act.clip, moe=moe_kind, rows=rows,
-                bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
+            _mm(inp, None, w, y, valid_rows, n_out, k, cfg, XMode.FUSED_QUANT, torch.float16, clip=in_act.clip, routing=routing)
         else:
             xq, xs = quantize_activations_int8(inp, in_act)
-            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, 2, torch.float16, ga=in_act.group_size or k, moe=moe_kind,
-                rows=rows, bexp=bexp, rw=top_k_weights.reshape(-1), num_valid=s, topk=topk, grid_m=max_blocks)
+            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, XMode.INT8_CODES, torch.float16, ga=in_act.group_size or k,
+                routing=routing)
 
     h = torch.empty(max_blocks * cfg.block_m, i_dim, dtype=torch.float32, device=x.device)
-    run(x2, act, gate_up, h, i_dim, h_dim, 1, t)
+    run(x2, act, gate_up, h, i_dim, h_dim, MoeStage.GATE_UP, t)
     if hadamard_block:
         from ...core.hadamard import block_hadamard
 
         h = block_hadamard(h, hadamard_block)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
-    run(h, down_act, down, y_slots, h_dim, i_dim, 2, max_blocks * cfg.block_m)
+    run(h, down_act, down, y_slots, h_dim, i_dim, MoeStage.DOWN, max_blocks * cfg.block_m)
     return topk_sum(y_slots, out, topk)

@@ -12,6 +12,11 @@ writing 1-2 bytes per weight), then
   codebook entries divided by a per-row scale max|C| / 448 and rounded to e4m3 (3 mantissa
   bits): that rounding is the accuracy cost, documented in benchmarks/README.md.
 
+:func:`linear` (W4A16, and W4A4 with one activation scale per token as its fake-quantized
+activations through the W4A16 GEMM) and :func:`linear_fp8` are the kernel table's entries for
+CUDA calls of more than ``cuda_gemv.MAX_M`` rows; the FP8 one only where
+``KernelOptions.gpu_w4a4_prefill`` is ``"fp8"``.
+
 Nothing is cached beyond the per-row codebook copies (a few bytes per row): W_hat is a
 temporary of the call.
 """
@@ -22,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ...core.format import PackedWeight
-from ...core.activations import ActQuantSpec
-from . import kernels as K_
-from .ops import _derived, codebook_as, quantize_activations_int8
+from ...core.activations import ActQuantSpec, fake_quantize_activations
+from ..dispatch import Case, options
+from . import cuda_gemv, kernels as K_
+from .ops import _derived, codebook_as, quantize_activations_int8, rows_of, supports_packed
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -57,10 +63,40 @@ def fp8_codebook(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _derived(codebook, "cb-fp8", make)
 
 
-def fp8_supported(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec) -> bool:
-    k, n = weight.in_features, weight.out_features
-    per_token = (act.group_size or k) == k
-    return act.enabled and act.bits <= 4 and per_token and k % 16 == 0 and n % 16 == 0 and weight.indices.dim() == 2
+def _per_token(act: ActQuantSpec, k: int) -> bool:
+    return (act.group_size or k) == k
+
+
+def supports_linear(case: Case) -> bool:
+    """CUDA prefill (more than ``cuda_gemv.MAX_M`` rows), unquantized or per-token activations."""
+    return (case.x.is_cuda and case.rows > cuda_gemv.MAX_M and supports_packed(case)
+            and (not case.act.enabled or _per_token(case.act, case.weight.in_features)))
+
+
+def supports_fp8(case: Case) -> bool:
+    """As :func:`supports_linear`, quantized activations of at most 4 bits, N and K multiples of 16,
+    under ``KernelOptions(gpu_w4a4_prefill="fp8")``."""
+    weight, act = case.weight, case.act
+    return (options().gpu_w4a4_prefill == "fp8" and supports_linear(case) and act.enabled and act.bits <= 4
+            and weight.in_features % 16 == 0 and weight.out_features % 16 == 0)
+
+
+def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Q_act(x) @ W_hat^T (+ bias) through :func:`linear_w4a16`: quantized activations (one scale
+    per token) as their fake-quantized values in x's 16-bit dtype (bf16 for float32 x)."""
+    x2 = rows_of(x, weight.in_features)
+    if act.enabled:
+        x_hat = fake_quantize_activations(x2, act).to(torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype)
+        y = linear_w4a16(x_hat, weight, bias).to(x2.dtype)
+    else:
+        y = linear_w4a16(x2, weight, bias)
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def linear_fp8(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_w4a4_fp8` on x [..., K]."""
+    y = linear_w4a4_fp8(rows_of(x, weight.in_features), weight, act, bias)
+    return y.reshape(*x.shape[:-1], weight.out_features)
 
 
 def linear_w4a16(x2: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
