@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -29,9 +30,13 @@ from benchmarks.common import SHAPES, full_layers, write_random_model
 
 def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: str, options: dict) -> dict:
     """Quantize ``path`` into ``out`` in this process and return its report plus measured peaks."""
+    import logging
+
     import torch
 
     from codequant import QuantConfig, quantize
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # per-layer progress on stderr, read back by a stopped run
 
     tokens = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     start = time.time()
@@ -40,6 +45,20 @@ def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: s
     report["wall_seconds"] = round(time.time() - start, 1)
     report["child_peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return report
+
+
+LAYER_DONE = re.compile(r"layer (\d+) of \d+ done: (\d+) s elapsed.*peak GPU ([\d.]+) GiB, peak host RSS ([\d.]+) GiB")
+
+
+def finished_layers(log: str, full: int) -> dict:
+    """What a stopped run's progress lines say: layers done, seconds, peaks, and the time
+    extrapolated from the layers that finished."""
+    done = LAYER_DONE.findall(log)
+    if not done:
+        return {}
+    layers, seconds, gpu, rss = done[-1]
+    return {"layers_done": int(layers), "seconds_layers_done": int(seconds), "peak_gpu_gib_so_far": float(gpu), "peak_host_rss_gib_so_far": float(rss),
+            "extrapolated_full_model_minutes": round(int(seconds) * full / int(layers) / 60, 1)}
 
 
 def main(argv: list[str]) -> None:
@@ -70,15 +89,19 @@ def main(argv: list[str]) -> None:
     written = time.time() - start
     cmd = [sys.executable, "-m", "benchmarks", "quantize-memory", "--shape", args.shape, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--json", "-", "--child", str(path),
            "--models", args.models, "--device", args.device, "--method", args.method] + (["--no-stream"] if args.no_stream else [])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc = subprocess.CompletedProcess(cmd, -1, "", f"stopped after the --timeout of {args.timeout:g} s")
+    log = path.parent / f"{path.name}.log"
+    with open(log, "w") as err:
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess(cmd, -1, "", f"stopped after the --timeout of {args.timeout:g} s")
+    stderr = log.read_text()
     row = {"label": args.label, "shape": args.shape, "layers": args.layers, "full_layers": full, "nsamples": args.nsamples, "seqlen": args.seqlen,
            "device": args.device, "method": args.method, "stream": not args.no_stream,
            "model_gib_bf16": round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30, 3), "write_seconds": round(written, 1)}
     if proc.returncode:
-        row["error"] = proc.stderr[-3000:]
+        row["error"] = (proc.stderr or stderr[-3000:])
+        row.update(finished_layers(stderr, full))
     else:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         row.update(report)

@@ -30,7 +30,7 @@ from .layer_store import LayerStore
 from .layers import InMemoryLayers, LayerRunner, on_device
 from .loading import resolve_device
 from .moe_block import MoEBlockCalibrator
-from .resources import StageClock, plan_memory
+from .resources import StageClock, host_rss_peak_gib, plan_memory
 from .rotations import R1_ROTATIONS
 from .statistics import collect_inputs
 from .weights import calibrate_linear
@@ -186,7 +186,8 @@ class Quantizer:
             if self.free_done:  # its tensors are in OUT.partial, the checkpoint reads them there
                 self.close_layer(i, done=True)
             elapsed = time.time() - start
-            log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left", i + 1, len(layers), elapsed, elapsed / (i + 1) * (len(layers) - i - 1))
+            log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left, peak GPU %.2f GiB, peak host RSS %.2f GiB", i + 1, len(layers), elapsed,
+                     elapsed / (i + 1) * (len(layers) - i - 1), self.clock.peak_gpu_total / 2**30, host_rss_peak_gib())
         self.stage_bar = None
 
     stage_bar = None
