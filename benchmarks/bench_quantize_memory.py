@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,6 @@ def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: s
     result = quantize(path, QuantConfig(device=device, nsamples=nsamples, seqlen=seqlen, **options), out, progress=False, calibration=tokens, overwrite=True)
     report = {k: v for k, v in result.report.items() if k not in ("accf_loss_per_epoch",)}
     report["wall_seconds"] = round(time.time() - start, 1)
-    report["child_peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return report
 
 

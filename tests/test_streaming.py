@@ -89,6 +89,46 @@ def test_streamed_run_resumes_after_interruption_and_equals_the_in_memory_run(tm
     assert torch.equal(_logits(tmp_path / "resumed", ids), _logits(tmp_path / "full", ids))
 
 
+# -- host memory bounded by a layer, not the model -----------------------------------------------
+PEAK_RSS = """
+import sys, torch
+from codequant import QuantConfig, quantize
+from codequant.calibration.resources import host_rss_peak_gib
+tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+quantize(sys.argv[1], QuantConfig(method="rtn", device="cpu", nsamples=2, seqlen=32, stream=True), sys.argv[2], progress=False, calibration=tokens)
+print(host_rss_peak_gib() * 2**30)
+"""
+
+
+def _wide_qwen3_moe(layers: int, path: Path) -> int:
+    """A Qwen3-MoE of ``layers`` layers whose experts dominate (about 56 MB of bf16 a layer),
+    saved in bf16; returns the bytes of one decoder layer."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=256, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=2048, intermediate_size=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    _save(model, path)
+    return sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+
+
+def test_streamed_peak_host_memory_grows_by_less_than_a_layer_with_depth(tmp_path):
+    """Peak RSS (VmHWM of a child process) of a streamed 8-layer quantization exceeds the
+    2-layer one by less than one decoder layer: layers are read, quantized, written and freed."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for layers in (2, 8):
+        layer_bytes = _wide_qwen3_moe(layers, tmp_path / f"src{layers}")
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / f"src{layers}"), str(tmp_path / f"out{layers}")],
+                             capture_output=True, text=True, check=True)
+        peaks[layers] = float(run.stdout.split()[-1])
+        assert len(weight_files(tmp_path / f"out{layers}")) == layers + 1
+    assert peaks[8] - peaks[2] < layer_bytes, (peaks, layer_bytes)
+
+
 # -- every expert calibrated ------------------------------------------------------------------
 def _never_route_to_expert_0(model):
     """A router hook that takes expert 0 out of every token's top-k (as a router that never picks it)."""

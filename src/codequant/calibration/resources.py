@@ -84,8 +84,13 @@ def cap_device_memory(device: torch.device, max_gpu_gib: float | None) -> None:
 
 
 def host_rss_peak_gib() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident set size of this process so far: Linux's VmHWM, which starts afresh at exec
+    (ru_maxrss keeps the parent's peak across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except OSError:  # no procfs (macOS): ru_maxrss, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30
 
 
 @dataclass
