@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ACT_BITS, FIXTURE, ROOT, command_line, write_random_model
+from benchmarks.common import ACT_BITS, FIXTURE, command_line, write_random_model
 
 VARIANTS = {"bf16": None, **{f"codequant-{mode}": ACT_BITS[mode] for mode in ("w4a16", "w4a4")}}  # name: activation bits
 
@@ -115,8 +115,7 @@ def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, di
     """{model: {variant: checkpoint dir}}; written once under ``work``."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests" / "vllm_serving"))  # the serving tests' checkpoint writer
-    from checkpoints import make_checkpoint
+    from tests.vllm_serving.checkpoints import make_checkpoint  # the serving tests' checkpoint writer
 
     dirs = {}
     for name in models:

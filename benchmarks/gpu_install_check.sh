@@ -15,7 +15,7 @@ LOG=$OUT/gpu-install.log
   CODEQUANT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")" \
     MAX_JOBS=8 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/cqsite . 2>&1 | grep -iv "deprecat\|license\|^ *$\|\*\*\*\|!!" | tail -25
   echo "pip install . took $(( $(date +%s) - t0 )) s"
-  cp -r tests /tmp/cqtests
+  mkdir /tmp/cqtests && cp -r tests /tmp/cqtests/  # the package tests/ (its files import tests.helpers)
   cd /tmp/cqtests
   export PYTHONPATH=/tmp/cqsite
   python3 -c "
@@ -24,5 +24,5 @@ from codequant.kernels.gpu import cuda_gemv, _cq_gemv
 assert codequant.__file__.startswith('/tmp/cqsite/'), codequant.__file__
 assert cuda_gemv.load() is _cq_gemv, 'not the extension built at install'
 print('installed:', codequant.__file__); print('CUDA extension built at install:', _cq_gemv.__file__)"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=line test_kernels_cuda.py test_kernels_gpu.py 2>&1 | tail -15
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_cuda.py tests/kernels/test_gpu.py 2>&1 | tail -15
 } 2>&1 | tee $LOG

@@ -16,11 +16,11 @@ for s in $STEPS; do
 import time, torch; t = time.time()
 from codequant.kernels.gpu import cuda_gemv
 print('ext', cuda_gemv.load(verbose=False), 'build s', round(time.time() - t, 1))" 2>&1 | tail -5 | tee -a $LOG ;;
-    tests) timeout 240 python3 -m pytest -rf --tb=line tests/test_kernels_cuda.py 2>&1 | tail -60 | tee -a $LOG ;;
+    tests) timeout 240 python3 -m pytest -rf --tb=line tests/kernels/test_cuda.py 2>&1 | tail -60 | tee -a $LOG ;;
     decode) timeout 200 python3 -m benchmarks gpu-decode --out $OUT $SWEEP 2>&1 | tee -a $LOG ;;
     bench) timeout ${BENCH_S:-300} python3 -m benchmarks gpu --out $OUT 2>&1 | tee -a $LOG ;;
-    gputests) timeout 400 python3 -m pytest -rf --tb=line tests/test_kernels_gpu.py 2>&1 | tail -20 | tee -a $LOG ;;
-    compile) timeout 300 python3 -m pytest -rf --tb=short -p no:warnings tests/test_compile.py 2>&1 | tail -40 | tee -a $LOG ;;
+    gputests) timeout 400 python3 -m pytest -rf --tb=line tests/kernels/test_gpu.py 2>&1 | tail -20 | tee -a $LOG ;;
+    compile) timeout 300 python3 -m pytest -rf --tb=short -p no:warnings tests/integration/test_compile.py 2>&1 | tail -40 | tee -a $LOG ;;
     probe) timeout 200 python3 -m benchmarks gpu-probe-read --out $OUT 2>&1 | tail -5 | tee -a $LOG ;;
     w4a4) timeout 300 python3 -m benchmarks gpu-probe-w4a4 ${BASELINE:+--baseline $BASELINE} $W4A4_ARGS --out $OUT 2>&1 | tee -a $LOG ;;
     e2e) timeout ${E2E_S:-400} python3 -m benchmarks gpu-e2e --out $OUT 2>&1 | tail -20 | tee -a $LOG ;;

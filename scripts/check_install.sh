@@ -9,7 +9,7 @@ if command -v clang++-16 >/dev/null; then
   echo "== CPU extension with clang-16"
   CC=clang-16 CXX=clang++-16 LDSHARED="clang-16 -shared" $PY setup.py -q build_ext --inplace --force 2>&1 | grep -v Warning || true
   readelf -p .comment src/codequant/kernels/cpu/_lut*.so | grep -q clang || { echo "_lut was not built by clang"; exit 1; }
-  $PY -m pytest -q tests/test_kernels_cpu.py
+  $PY -m pytest -q tests/kernels/test_cpu.py
   $PY setup.py -q build_ext --inplace --force 2>&1 | grep -v Warning || true  # back to the default compiler
 else
   echo "== clang++-16 not installed: skipping the clang build (apt-get install clang-16)"

@@ -7,24 +7,19 @@ activations in 4 bits (W4A4) or unquantized (W4A16).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-TESTS = Path(__file__).resolve().parents[1]
-FIXTURE = TESTS.parent / "models" / "codequant-moe-tiny"
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+from codequant.core.activations import ActQuantSpec
+from codequant.io import save_quantized
+from codequant.modules.experts import CodeQuantExperts
+from codequant.modules.linear import CodeQuantLinear
+from codequant.modules.router import CodeQuantRouter
+from tests.io.test_checkpoint import quantize_tiny
 
-from test_checkpoint import quantize_tiny  # noqa: E402
-
-from codequant.io import save_quantized  # noqa: E402
-from codequant.modules.experts import CodeQuantExperts  # noqa: E402
-from codequant.modules.linear import CodeQuantLinear  # noqa: E402
-from codequant.modules.router import CodeQuantRouter  # noqa: E402
-from codequant.core.activations import ActQuantSpec  # noqa: E402
+FIXTURE = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
 
 
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,

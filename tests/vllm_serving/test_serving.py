@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed (make test-vllm)")
 
-from checkpoints import make_checkpoint  # noqa: E402  (tests/vllm_serving is on sys.path)
+from tests.vllm_serving.checkpoints import make_checkpoint  # noqa: E402
 
 from codequant.io import load_quantized  # noqa: E402
 

@@ -15,7 +15,7 @@ from codequant.evaluation.perplexity import evaluate
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.router import CodeQuantRouter
-from tiny_models import tiny_input_ids, tiny_model
+from tests.helpers.tiny_models import tiny_input_ids, tiny_model
 
 FAST = dict(nsamples=8, seqlen=32, rotation_steps=30, accf_epochs=2, accf_batch_tokens=64, kmeans_iters=8, device="cpu")
 

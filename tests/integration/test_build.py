@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import setuptools
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_DIR = ROOT / "csrc" / "cpu"
 # The only external symbols each instruction-set file may define (C++ mangled names).
 EXPORTS = {

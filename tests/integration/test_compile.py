@@ -12,8 +12,8 @@ from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.core.activations import ActQuantSpec
 
-from test_checkpoint import quantize_tiny, uniform_codebook
-from tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
+from tests.io.test_checkpoint import quantize_tiny, uniform_codebook
+from tests.helpers.tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
 
 A4 = ActQuantSpec(bits=4, group_size=32, clip=0.9)
 A16 = ActQuantSpec(bits=16)

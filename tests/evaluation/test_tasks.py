@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM
 from codequant.evaluation import tasks as T
 from codequant.io import save_quantized
 
-from test_checkpoint import quantize_tiny
-from test_hf_integration import char_tokenizer
-from tiny_models import tiny_model
+from tests.io.test_checkpoint import quantize_tiny
+from tests.integration.test_hf_integration import char_tokenizer
+from tests.helpers.tiny_models import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_TASKS = REPO.parent / "shared" / "data" / "tasks"
 
 ARC = [

@@ -12,7 +12,7 @@ from codequant.config import METHODS, QuantConfig, Recipe
 from codequant.modules.linear import CodeQuantLinear
 from codequant.quantizers.registry import WEIGHT_QUANTIZERS
 from codequant.quantizers.weight_quantizer import WeightQuantizer
-from tiny_models import tiny_input_ids, tiny_model
+from tests.helpers.tiny_models import tiny_input_ids, tiny_model
 
 FAST = dict(nsamples=4, seqlen=16, rotation_steps=2, accf_epochs=1, accf_batch_tokens=32, kmeans_iters=2, device="cpu")
 

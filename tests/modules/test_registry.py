@@ -16,8 +16,8 @@ from codequant.modules.norm import RMSNorm
 from codequant.modules.registry import module_kind, module_kinds, quantized_modules
 from codequant.modules.router import CodeQuantRouter, quantize_router
 
-from test_checkpoint import quantize_tiny, uniform_codebook
-from tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
+from tests.io.test_checkpoint import quantize_tiny, uniform_codebook
+from tests.helpers.tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
 
 ACT = ActQuantSpec(bits=4, group_size=32, clip=0.9)
 MOE_TINY = [arch for arch in SUPPORTED_TINY if arch not in ("llama", "qwen3")]

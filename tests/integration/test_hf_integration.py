@@ -15,8 +15,8 @@ from codequant.kernels import set_options
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 
-from test_checkpoint import quantize_tiny
-from tiny_models import tiny_model
+from tests.io.test_checkpoint import quantize_tiny
+from tests.helpers.tiny_models import tiny_model
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from codequant.adapters import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, get_adapter
-from tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
+from tests.helpers.tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
 
 ALL_TINY = SUPPORTED_TINY + TINY_VARIANTS
 MOE = {"deepseek_v2", "deepseek_v2_q_lora", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"}

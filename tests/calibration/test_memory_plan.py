@@ -11,7 +11,7 @@ from codequant.calibration.pipeline import quantize
 from codequant.calibration.resources import GIB, plan_memory
 from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
-from tiny_models import tiny_input_ids, tiny_model
+from tests.helpers.tiny_models import tiny_input_ids, tiny_model
 
 FAST = dict(nsamples=8, seqlen=32, rotation_steps=10, accf_epochs=1, accf_batch_tokens=64, kmeans_iters=8, device="cpu")
 

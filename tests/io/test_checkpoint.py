@@ -23,7 +23,7 @@ from codequant.modules.norm import RMSNorm
 from codequant.modules.router import CodeQuantRouter, quantize_router
 from codequant.core.activations import ActQuantSpec
 
-from tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
+from tests.helpers.tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
 
 ACT = ActQuantSpec(bits=4, group_size=32, clip=0.9)
 DOWN_ACT = ActQuantSpec(bits=4, group_size=0, clip=1.0)

@@ -8,7 +8,7 @@ import pytest
 
 from codequant.evaluation import compare as C
 
-FIXTURE = Path(__file__).resolve().parents[1] / "models" / "codequant-moe-tiny"
+FIXTURE = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
 SMALL = dict(seqlen=32, max_windows=2, nsamples=4, calib_seqlen=32, device="cpu", progress=False)
 
 

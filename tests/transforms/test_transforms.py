@@ -21,7 +21,7 @@ from codequant.transforms.rotation import (
     rotate_value_heads,
     train_rotation,
 )
-from tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
+from tests.helpers.tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
 
 ALL_TINY = SUPPORTED_TINY + TINY_VARIANTS
 LOGITS_REL_TOL = 1e-4  # max |logits - logits_ref| / max |logits_ref|, float32

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from codequant.calibration.data import calibration_windows, eval_windows, load_texts, tokenize_joined
 
-FIXTURE = Path(__file__).resolve().parents[1] / "models" / "codequant-moe-tiny"
+FIXTURE = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
 
 
 @pytest.fixture(scope="module")
