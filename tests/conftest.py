@@ -10,6 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+pytest.register_assert_rewrite("tests.helpers")  # their asserts report values, as the tests' own do
+
 
 @pytest.fixture
 def reference_kernels():

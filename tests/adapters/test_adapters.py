@@ -8,15 +8,12 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from codequant.adapters import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, get_adapter
+from tests.helpers.errors import max_rel_err
+from tests.helpers.limits import LOGITS_SAME_COMPUTATION
 from tests.helpers.tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
 
 ALL_TINY = SUPPORTED_TINY + TINY_VARIANTS
 MOE = {"deepseek_v2", "deepseek_v2_q_lora", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"}
-REL_TOL = 1e-5  # running layers one by one is the same float computation
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).abs().max() / ref.abs().max())
 
 
 def test_supported_architectures_listed():
@@ -47,7 +44,7 @@ def test_layers_run_standalone(arch):
         for i, layer in enumerate(adapter.layers(model)):
             h = layer(h, **adapter.layer_kwargs(model, h, position_ids, layer_idx=i))
         logits = adapter.lm_head(model)(adapter.final_norm(model)(h))
-    assert rel_err(logits, ref) <= REL_TOL
+    assert max_rel_err(logits, ref) <= LOGITS_SAME_COMPUTATION  # layers run one by one
 
 
 @pytest.mark.parametrize("arch", ALL_TINY)

@@ -9,8 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from codequant.calibration.data import calibration_windows, eval_windows, load_texts, tokenize_joined
-
-FIXTURE = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
+from tests.helpers.paths import FIXTURE
 
 
 @pytest.fixture(scope="module")

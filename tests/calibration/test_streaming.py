@@ -16,9 +16,9 @@ from codequant.calibration.pipeline import quantize
 from codequant.config import QuantConfig
 from codequant.io.checkpoint import read_quantization_config, weight_files
 from codequant.quantizers import kmeans
+from tests.helpers.paths import FIXTURE
 from tests.helpers.tiny_models import SUPPORTED_TINY, TINY_VARIANTS, tiny_input_ids, tiny_model
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
 FAST = dict(nsamples=4, seqlen=16, rotation_steps=2, accf_epochs=1, accf_batch_tokens=32, kmeans_iters=2, device="cpu", value_rotation=True)
 # the global stages that streaming splits per layer: learned R1 (two passes over the layers), R2
 ROTATIONS = QuantConfig(method="spinquant", **FAST)
@@ -28,7 +28,7 @@ CODEQUANT = QuantConfig(group_size=32, **FAST)
 
 def _save(model, path):
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(FIXTURE_DIR).save_pretrained(path)
+    AutoTokenizer.from_pretrained(FIXTURE).save_pretrained(path)
     return str(path)
 
 

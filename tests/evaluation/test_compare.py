@@ -2,13 +2,12 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from codequant.evaluation import compare as C
+from tests.helpers.paths import FIXTURE
 
-FIXTURE = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
 SMALL = dict(seqlen=32, max_windows=2, nsamples=4, calib_seqlen=32, device="cpu", progress=False)
 
 

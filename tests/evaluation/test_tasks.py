@@ -16,11 +16,10 @@ from transformers import AutoModelForCausalLM
 from codequant.evaluation import tasks as T
 from codequant.io import save_quantized
 
-from tests.io.test_checkpoint import quantize_tiny
-from tests.integration.test_hf_integration import char_tokenizer
-from tests.helpers.tiny_models import tiny_model
+from tests.helpers.packed import quantize_tiny
+from tests.helpers.paths import REPO
+from tests.helpers.tiny_models import char_tokenizer, tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
 SHARED_TASKS = REPO.parent / "shared" / "data" / "tasks"
 
 ARC = [

@@ -8,12 +8,14 @@ the router scale is large enough that tokens spread over many experts.
 
 ``SUPPORTED_TINY`` lists one key per supported architecture (a ``config.model_type``);
 ``TINY_VARIANTS`` adds layouts of the same architectures that are worth testing too
-(DeepSeek-V2 with a low-rank query, ``q_lora_rank``).
+(DeepSeek-V2 with a low-rank query, ``q_lora_rank``). ``char_tokenizer()`` is a tokenizer for
+their vocabulary, for tests that save a checkpoint with one or generate text.
 """
 
 from __future__ import annotations
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
@@ -21,6 +23,7 @@ from transformers import (
     MixtralConfig,
     OlmoeConfig,
     PhimoeConfig,
+    PreTrainedTokenizerFast,
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
@@ -127,3 +130,14 @@ def tiny_model(arch: str, seed: int = 0):
 def tiny_input_ids(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 2..96), newline 97, <unk> 0, <eos> 1, and
+    placeholder words <t98>..<t127> (never produced by encoding): every id of vocab 128 decodes."""
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}, "\n": 97}
+    vocab.update({f"<t{i}>": i for i in range(98, 128)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import setuptools
 
-ROOT = Path(__file__).resolve().parents[2]
-CPU_DIR = ROOT / "csrc" / "cpu"
+from tests.helpers.paths import REPO
+
+CPU_DIR = REPO / "csrc" / "cpu"
 # The only external symbols each instruction-set file may define (C++ mangled names).
 EXPORTS = {
     "cq_avx2.cpp": {"_ZN2cq8isa_avx2E"},
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.whi
 @pytest.fixture(scope="module")
 def setup_py(tmp_path_factory):
     """setup.py as a module, without running the build."""
-    spec = importlib.util.spec_from_file_location("codequant_setup", ROOT / "setup.py")
+    spec = importlib.util.spec_from_file_location("codequant_setup", REPO / "setup.py")
     module = importlib.util.module_from_spec(spec)
     real = setuptools.setup
     setuptools.setup = lambda **kw: None

@@ -12,16 +12,12 @@ from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.core.activations import ActQuantSpec
 
-from tests.io.test_checkpoint import quantize_tiny, uniform_codebook
+from tests.helpers.errors import rel_err
+from tests.helpers.packed import quantize_tiny, random_uniform_packed
 from tests.helpers.tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
 
 A4 = ActQuantSpec(bits=4, group_size=32, clip=0.9)
 A16 = ActQuantSpec(bits=16)
-
-
-def packed(shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return uniform_codebook(torch.randn(*shape, generator=g), 4, 32)
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +30,11 @@ def fresh_dynamo():
 @pytest.mark.parametrize("act", [A16, A4], ids=["w4a16", "w4a4"])
 def test_ops_pass_opcheck(act):
     """Schema, fake (meta) implementation and AOT dispatch of both ops agree with the real kernels."""
-    w = packed((48, 64), 0)
+    w = random_uniform_packed((48, 64), 0)
     x = torch.randn(3, 5, 64)
     torch.library.opcheck(torch.ops.codequant.linear.default,
                           (x, w.indices, w.codebook, w.row_sum, 64, torch.randn(48), act.bits, act.group_size, act.clip, 16, None))
-    gu, dn = packed((4, 64, 64), 1), packed((4, 64, 32), 2)
+    gu, dn = random_uniform_packed((4, 64, 64), 1), random_uniform_packed((4, 64, 32), 2)
     idx = torch.randint(0, 4, (5, 2))
     torch.library.opcheck(torch.ops.codequant.moe.default,
                           (torch.randn(5, 64), idx, torch.rand(5, 2), gu.indices, gu.codebook, gu.row_sum, 64, dn.indices,
@@ -50,8 +46,9 @@ def test_compiled_modules_with_inductor_match_eager(device):
     """Inductor fuses the code around the ops; the ops themselves run the same kernels (the
     softmax fused by Inductor may round differently: float32 tolerance)."""
     torch.manual_seed(0)
-    lin = CodeQuantLinear.from_packed(packed((64, 64), 3), torch.randn(64), act=A4, hadamard_block=16).to(device)
-    experts = CodeQuantExperts.from_packed(packed((4, 128, 64), 4), packed((4, 64, 64), 5), A4, A16, hadamard_block=32).to(device)
+    lin = CodeQuantLinear.from_packed(random_uniform_packed((64, 64), 3), torch.randn(64), act=A4, hadamard_block=16).to(device)
+    gate_up, down = random_uniform_packed((4, 128, 64), 4), random_uniform_packed((4, 64, 64), 5)
+    experts = CodeQuantExperts.from_packed(gate_up, down, A4, A16, hadamard_block=32).to(device)
 
     def block(x, idx, p):
         # x * 2 + 1 rounds the same fused or not: the W4A4 codes of both ops cannot flip
@@ -78,7 +75,7 @@ def test_quantized_model_compiles_fullgraph_and_matches_eager(arch):
 
 def test_eager_call_does_not_go_through_the_op(monkeypatch):
     """Eager decode pays no custom-op dispatch: the op is only what torch.compile sees."""
-    lin = CodeQuantLinear.from_packed(packed((32, 64), 6))
+    lin = CodeQuantLinear.from_packed(random_uniform_packed((32, 64), 6))
     x = torch.randn(2, 64)
     want = lin(x)
     monkeypatch.setattr(torch.ops.codequant, "linear", None)
@@ -121,4 +118,4 @@ def test_transformers_compiles_the_decode_step_on_cuda(tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1
     assert torch.equal(got.sequences[:, :ids.shape[1] + 2], want.sequences[:, :ids.shape[1] + 2])
     a, b = got.scores[1].double(), want.scores[1].double()
-    assert ((a - b).norm() / b.norm()).item() < 2e-2
+    assert rel_err(a, b) < 2e-2

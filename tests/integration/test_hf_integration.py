@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 import codequant
@@ -15,20 +14,8 @@ from codequant.kernels import set_options
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 
-from tests.io.test_checkpoint import quantize_tiny
-from tests.helpers.tiny_models import tiny_model
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (ids 2..96), newline 97, <unk> 0, <eos> 1, and
-    placeholder words <t98>..<t127> (never produced by encoding): every id of vocab 128 decodes."""
-    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}, "\n": 97}
-    vocab.update({f"<t{i}>": i for i in range(98, 128)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-
+from tests.helpers.packed import quantize_tiny
+from tests.helpers.tiny_models import char_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")  # every module on the reference path
 

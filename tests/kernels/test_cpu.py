@@ -21,23 +21,19 @@ from hypothesis import strategies as st
 cpu = pytest.importorskip("codequant.kernels.cpu", reason="compiled CPU kernels not built")
 
 from codequant import kernels  # noqa: E402
-from codequant.core.format import PackedWeight, pack  # noqa: E402
+from codequant.core.format import PackedWeight  # noqa: E402
 from codequant.kernels import Case, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.cpu import _lut  # noqa: E402
 from codequant.modules.experts import CodeQuantExperts  # noqa: E402
 from codequant.modules.linear import CodeQuantLinear  # noqa: E402
 from codequant.core.activations import ActQuantSpec, fake_quantize_activations, quantize_activations  # noqa: E402
+from tests.helpers.errors import rel_err  # noqa: E402
+from tests.helpers.limits import CPU_FLOAT32, CPU_INT8  # noqa: E402
+from tests.helpers.packed import random_packed  # noqa: E402
 
 ISAS = cpu.available_isas()
 FLOAT_RTOL, FLOAT_ATOL = 1e-4, 1e-5
 BF16_EPS = 2.0**-8
-
-
-def random_weight(n: int, k: int, g: int, seed: int, lead=()) -> PackedWeight:
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 16, (*lead, n, k), generator=gen)
-    codebook = torch.randn(*lead, n, k // g, 16, generator=gen) * 0.05
-    return pack(idx, codebook)
 
 
 def tolerance(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec) -> torch.Tensor:
@@ -87,7 +83,7 @@ def linear_case(draw):
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=linear_case())
 def test_linear_matches_reference(case):
-    weight = random_weight(case["n"], case["k"], case["g"], case["seed"])
+    weight = random_packed(case["n"], case["k"], group_size=case["g"], seed=case["seed"])
     gen = torch.Generator().manual_seed(case["seed"] + 1)
     x = (torch.randn(case["m"], case["k"], generator=gen) * 2).to(case["dtype"])
     bias = torch.randn(case["n"], generator=gen).to(case["dtype"]) if case["bias"] else None
@@ -98,7 +94,7 @@ def test_linear_matches_reference(case):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k,g", [(768, 2048, 2048), (64, 2048, 128), (48, 768, 64), (40, 1408, 32)])
 def test_linear_expert_shapes(isa, n, k, g):
-    weight = random_weight(n, k, g, seed=n + k + g)
+    weight = random_packed(n, k, group_size=g, seed=n + k + g)
     x = torch.randn(5, k)
     x[:, 3] *= 40  # an outlier channel
     for act in (ActQuantSpec(16), ActQuantSpec(8), ActQuantSpec(4)):
@@ -107,7 +103,7 @@ def test_linear_expert_shapes(isa, n, k, g):
 
 def test_int8_bound_is_not_vacuous():
     """The W4A4 tolerance is tight: the kernel's error reaches a good part of it."""
-    weight = random_weight(64, 1024, 1024, seed=3)
+    weight = random_packed(64, 1024, group_size=1024, seed=3)
     x = torch.randn(8, 1024)
     act = ActQuantSpec(4)
     err = (cpu.linear(x, weight, act) - reference.linear(x, weight, act)).abs()
@@ -177,8 +173,8 @@ def int8_emulated(weight: PackedWeight, act: ActQuantSpec) -> PackedWeight:
 @pytest.mark.parametrize("tokens,dtype", [(1, torch.float32), (7, torch.bfloat16), (19, torch.float32)])
 def test_moe_matches_reference(isa, act, down_act, hadamard, tokens, dtype):
     e, h, inter, k = 6, 128, 96, 2
-    gate_up = random_weight(2 * inter, h, 64, seed=1, lead=(e,))
-    down = random_weight(h, inter, 32, seed=2, lead=(e,))
+    gate_up = random_packed(2 * inter, h, group_size=64, seed=1, lead=(e,))
+    down = random_packed(h, inter, group_size=32, seed=2, lead=(e,))
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, h, generator=gen).to(dtype)
     top_i = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(tokens)])
@@ -189,20 +185,21 @@ def test_moe_matches_reference(isa, act, down_act, hadamard, tokens, dtype):
     # Same math as the reference once the centroids are the int8 ones; what remains is
     # float32 rounding (and, rarely, one code step where it moves h across a rounding edge).
     ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, down_act), act, down_act, hadamard)
-    rel = float((y.float() - ref.float()).norm() / ref.float().norm())
-    assert rel < (1e-5 if dtype == torch.float32 and not act.enabled else 5e-3), rel
+    rel = rel_err(y, ref)
+    assert rel < (CPU_FLOAT32 if dtype == torch.float32 and not act.enabled else CPU_INT8), rel
     # And against the true reference: the int8 codebook error of each layer (~1%), which
     # with 4-bit down activations also moves some codes of h; bounded by a fraction of the
     # reference's own activation-quantization error.
     true_ref = reference.moe(x, top_i, top_w, gate_up, down, act, down_act, hadamard).float()
     no_act = reference.moe(x, top_i, top_w, gate_up, down, ActQuantSpec(16), ActQuantSpec(16), hadamard).float()
-    act_err = float((no_act - true_ref).norm() / true_ref.norm())
-    assert float((y.float() - true_ref).norm() / true_ref.norm()) < 0.02 + 0.5 * act_err
+    act_err = rel_err(no_act, true_ref)
+    assert rel_err(y, true_ref) < 0.02 + 0.5 * act_err
 
 
 def test_moe_token_routed_twice_to_one_expert():
     e, h, inter = 4, 64, 64
-    gate_up, down = random_weight(2 * inter, h, h, 5, (e,)), random_weight(h, inter, inter, 6, (e,))
+    gate_up = random_packed(2 * inter, h, group_size=h, seed=5, lead=(e,))
+    down = random_packed(h, inter, group_size=inter, seed=6, lead=(e,))
     x = torch.randn(3, h)
     top_i = torch.tensor([[0, 0], [3, 1], [2, 3]])  # a token routed twice to one expert
     top_w = torch.rand(3, 2)
@@ -214,7 +211,7 @@ def test_moe_token_routed_twice_to_one_expert():
 def test_threads_do_not_change_results():
     """Each thread runs its own contiguous range of rows and takes leftovers from the others:
     any thread count (more than the cores too) gives the same bits."""
-    weight = random_weight(1000, 2048, 128, seed=9)
+    weight = random_packed(1000, 2048, group_size=128, seed=9)
     x = torch.randn(3, 2048)
     for act in (ActQuantSpec(16), ActQuantSpec(4)):
         one = cpu.linear(x, weight, act, threads=1)
@@ -225,7 +222,7 @@ def test_threads_do_not_change_results():
 @pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8)])
 def test_time_run_computes_linear(act):
     """The benchmark's native timing loop runs the same kernel call as linear()."""
-    weights = [random_weight(96, 512, 512, seed=s) for s in (10, 11)]
+    weights = [random_packed(96, 512, group_size=512, seed=s) for s in (10, 11)]
     x = torch.randn(2, 512)
     plans = [cpu._cached_plan(w, act)[6] for w in weights]
     y = torch.empty(2, 96)
@@ -321,13 +318,14 @@ def test_decode_threads_routes_the_bf16_head_and_restores_it():
 
 
 def test_modules_dispatch_to_cpu_backend():
-    weight = random_weight(33, 256, 64, seed=4)
+    weight = random_packed(33, 256, group_size=64, seed=4)
     act = ActQuantSpec(4)
     assert select(Case(Op.LINEAR, torch.randn(2, 256), weight, act)).fn is cpu.linear
     layer = CodeQuantLinear.from_packed(weight, torch.randn(33), act=act)
     x = torch.randn(2, 3, 256)
     assert torch.equal(layer(x), cpu.linear(x, weight, act, layer.bias))
-    gate_up, down = random_weight(64, 128, 128, 7, (3,)), random_weight(128, 32, 32, 8, (3,))
+    gate_up = random_packed(64, 128, group_size=128, seed=7, lead=(3,))
+    down = random_packed(128, 32, group_size=32, seed=8, lead=(3,))
     experts = CodeQuantExperts.from_packed(gate_up, down, act)
     xe, ti, tw = torch.randn(4, 128), torch.tensor([[0, 2], [1, 2], [2, 0], [1, 0]]), torch.rand(4, 2)
     assert select(Case(Op.MOE, xe, gate_up, act, down, act, ti, tw)).fn is cpu.moe
@@ -335,7 +333,7 @@ def test_modules_dispatch_to_cpu_backend():
 
 
 def test_training_calls_fall_back_to_reference():
-    weight = random_weight(16, 128, 128, seed=11)
+    weight = random_packed(16, 128, group_size=128, seed=11)
     x = torch.randn(2, 128, requires_grad=True)
     assert not cpu.supports_linear(Case(Op.LINEAR, x, weight, ActQuantSpec(4)))
     assert select(Case(Op.LINEAR, x, weight, ActQuantSpec(4))).name == "reference"
@@ -346,7 +344,7 @@ def test_training_calls_fall_back_to_reference():
 
 
 def test_int8_cache_follows_in_place_updates():
-    weight = random_weight(8, 128, 128, seed=12)
+    weight = random_packed(8, 128, group_size=128, seed=12)
     layer = CodeQuantLinear.from_packed(weight, act=ActQuantSpec(8))
     x = torch.randn(1, 128)
     layer(x)
@@ -369,7 +367,7 @@ def test_vpermb_and_vpshufb_lookups_agree(m):
     """The AVX-512 integer kernel with vpermb (VBMI) and with vpshufb + masks: same results
     bit for bit (tile rows, tail rows, per-row and 128-column codebook groups)."""
     for n, k, g in ((70, 768, 768), (37, 1024, 128)):
-        weight = random_weight(n, k, g, seed=n + m)
+        weight = random_packed(n, k, group_size=g, seed=n + m)
         x = torch.randn(m, k)
         with cpu.use_isa("avx512"):
             for act in (ActQuantSpec(8), ActQuantSpec(4, 256)):
@@ -388,7 +386,7 @@ def test_vpermb_and_vpshufb_lookups_agree(m):
 def test_bf16_in_kernel_matches_float_path(isa, act):
     """bf16 inputs, biases and outputs handled in the kernel: the same as converting the
     input and bias to float32 first and rounding the float32 result to bf16 (torch's RNE)."""
-    weight = random_weight(45, 320, 64, seed=21)
+    weight = random_packed(45, 320, group_size=64, seed=21)
     x = torch.randn(2, 3, 320).to(torch.bfloat16)
     bias = torch.randn(45).to(torch.bfloat16)
     with cpu.use_isa(isa):
@@ -401,7 +399,7 @@ def test_bf16_in_kernel_matches_float_path(isa, act):
 def test_layout_and_spec_changes_between_calls():
     """Prepared plans: non-contiguous inputs and weights, a new activation spec for the same
     weight, and an ISA switch all give the reference results."""
-    weight = random_weight(24, 256, 64, seed=31)
+    weight = random_packed(24, 256, group_size=64, seed=31)
     x = torch.randn(256, 3).T  # non-contiguous
     for act in (ActQuantSpec(8), ActQuantSpec(4, 128), ActQuantSpec(16), ActQuantSpec(8)):
         for isa in ISAS:
@@ -417,7 +415,8 @@ def test_moe_prepared_weights_follow_in_place_updates(act):
     """The fused MoE call reuses per-weight preparation across calls; an in-place update of
     a codebook or of the indices must be seen (result = that of fresh copies of the weights)."""
     e, h, inter = 4, 128, 64
-    gate_up, down = random_weight(2 * inter, h, 64, 40, (e,)), random_weight(h, inter, 32, 41, (e,))
+    gate_up = random_packed(2 * inter, h, group_size=64, seed=40, lead=(e,))
+    down = random_packed(h, inter, group_size=32, seed=41, lead=(e,))
     x, top_i, top_w = torch.randn(3, h), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2)
 
     def fresh(w: PackedWeight) -> PackedWeight:
@@ -430,19 +429,20 @@ def test_moe_prepared_weights_follow_in_place_updates(act):
     y = cpu.moe(x, top_i, top_w, gate_up, down, act, act)
     assert torch.equal(y, cpu.moe(x, top_i, top_w, fresh(gate_up), fresh(down), act, act))
     ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, act), act, act)
-    assert float((y - ref).norm() / ref.norm()) < (1e-5 if not act.enabled else 5e-3)
+    assert rel_err(y, ref) < (CPU_FLOAT32 if not act.enabled else CPU_INT8)
 
 
 @pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8)])
 def test_moe_threads_do_not_change_results(act):
     """Large enough for the thread pool (small calls run on one thread): same bits either way."""
     e, h, inter = 4, 512, 256
-    gate_up, down = random_weight(2 * inter, h, h, 50, (e,)), random_weight(h, inter, inter, 51, (e,))
+    gate_up = random_packed(2 * inter, h, group_size=h, seed=50, lead=(e,))
+    down = random_packed(h, inter, group_size=inter, seed=51, lead=(e,))
     x, top_i, top_w = torch.randn(5, h), torch.randint(0, e, (5, 2)), torch.rand(5, 2)
     one = cpu.moe(x, top_i, top_w, gate_up, down, act, act, threads=1)
     assert torch.equal(one, cpu.moe(x, top_i, top_w, gate_up, down, act, act, threads=2))
     ref = reference.moe(x, top_i, top_w, int8_emulated(gate_up, act), int8_emulated(down, act), act, act)
-    assert float((one - ref).norm() / ref.norm()) < (1e-5 if not act.enabled else 5e-3)
+    assert rel_err(one, ref) < (CPU_FLOAT32 if not act.enabled else CPU_INT8)
 
 
 def test_missing_extension_is_logged_and_falls_back_to_the_reference():

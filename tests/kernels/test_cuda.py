@@ -11,11 +11,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from codequant.core.format import PackedWeight, pack  # noqa: E402
+from codequant.core.format import PackedWeight  # noqa: E402
 from codequant import kernels  # noqa: E402
 from codequant.kernels import Case, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv, ops, prefill  # noqa: E402
 from codequant.core.activations import ActQuantSpec, quantize_activations  # noqa: E402
+from tests.helpers.errors import rel_err  # noqa: E402
+from tests.helpers.limits import CUDA_BF16, CUDA_EXACT, CUDA_FP8, GPU_BF16, OUTPUT_16BIT  # noqa: E402
+from tests.helpers.packed import random_packed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -26,22 +29,6 @@ def _fp8_prefill_on():
 
 W4A16 = ActQuantSpec(bits=16)
 W4A4 = ActQuantSpec(bits=4)
-LIMIT = 1e-2  # bf16 x and the codebook rounded to bf16, fp32 accumulation
-LIMIT_EXACT = 1e-4  # fp16 dot of exact operands (W4A4 codes, fp16 codebook), fp32 accumulation
-LIMIT_FP8 = 6e-2  # codebook entries rounded to e4m3 with a per-row scale (W4A4 prefill)
-
-
-def rel_err(y, ref):
-    y, ref = y.double(), ref.double()
-    assert torch.isfinite(y).all(), "non-finite output (unwritten or overflow)"
-    return ((y - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-
-
-def random_packed(n, k, groups=1, seed=0, lead=()):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    idx = torch.randint(0, 16, (*lead, n, k), generator=g, device="cuda")
-    cb = torch.randn(*lead, n, groups, 16, generator=g, device="cuda") * 0.05
-    return pack(idx, cb)
 
 
 def run_kernel(x, weight, act=W4A16, bias=None, **kw):
@@ -63,10 +50,10 @@ def test_builds():
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (1000, 1416), (300, 200), (17, 64)])
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 9, 16])
 def test_w4a16_matches_reference(n, k, m):
-    w = random_packed(n, k, seed=n + k + m)
+    w = random_packed(n, k, seed=n + k + m, device="cuda")
     x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     y = run_kernel(x, w)
-    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
+    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < CUDA_BF16
 
 
 @pytest.mark.parametrize("stages", [2, 3, 4])
@@ -74,11 +61,11 @@ def test_w4a16_matches_reference(n, k, m):
 @pytest.mark.parametrize("m", [1, 7, 16])
 def test_ring_stages(stages, r, m):
     n, k = 1000, 2880
-    w = random_packed(n, k, seed=stages * 10 + r + m)
+    w = random_packed(n, k, seed=stages * 10 + r + m, device="cuda")
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     for w_ in (1, 3, 8, 16):
         y = run_kernel(x, w, r=r, w=w_, stages=stages)
-        assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
+        assert rel_err(y, reference.linear(x.float(), w, W4A16)) < CUDA_BF16
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 4160), (17, 4096), (2048, 14336)])
@@ -86,28 +73,28 @@ def test_ring_stages(stages, r, m):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_smem_and_register_lookups_agree(n, k, m, dtype):
     """Pair-word tables in shared memory and the register lookup give the same operands: equal outputs."""
-    w = random_packed(n, k, seed=n + k + m)
+    w = random_packed(n, k, seed=n + k + m, device="cuda")
     x = torch.randn(m, k, device="cuda").to(dtype)
     y_smem = run_kernel(x, w, smem_lut=True)
     assert torch.equal(y_smem, run_kernel(x, w, smem_lut=False))
-    assert rel_err(y_smem, reference.linear(x.float(), w, W4A16)) < LIMIT
+    assert rel_err(y_smem, reference.linear(x.float(), w, W4A16)) < CUDA_BF16
 
 
 @pytest.mark.parametrize("n,k,groups", [(4096, 4096, 32), (1024, 1344, 7), (512, 4096, 64), (4096, 14336, 112)])
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_grouped_codebooks(n, k, groups, m):
-    w = random_packed(n, k, groups, seed=n + k + m + groups)
+    w = random_packed(n, k, groups, seed=n + k + m + groups, device="cuda")
     x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     y = run_kernel(x, w)
-    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
+    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < CUDA_BF16
 
 
-@pytest.mark.parametrize("dtype,limit", [(torch.float16, 2e-3), (torch.float32, LIMIT)])
+@pytest.mark.parametrize("dtype,limit", [(torch.float16, 2e-3), (torch.float32, CUDA_BF16)])
 @pytest.mark.parametrize("m", [1, 16])
 def test_dtypes_bias_and_prologue(dtype, limit, m):
     """fp32 x goes through the pairing prologue, K % 64 != 0 as well."""
     n, k = 2048, 1416
-    w = random_packed(n, k, seed=7 + m)
+    w = random_packed(n, k, seed=7 + m, device="cuda")
     x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
     y = run_kernel(x, w, bias=bias)
@@ -120,11 +107,11 @@ def test_dtypes_bias_and_prologue(dtype, limit, m):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w4a4_matches_reference(n, k, m, dtype):
     """Codes quantized in the prologue exactly as the reference, fp16 dot, scale after the sum."""
-    w = random_packed(n, k, seed=3 * n + k + m)
+    w = random_packed(n, k, seed=3 * n + k + m, device="cuda")
     x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
     x[0, :5] = torch.tensor([0.0, 1.5, -7.5, 30.0, -0.25])  # an outlier and rounding ties
     y = run_kernel(x, w, act=W4A4)
-    limit = LIMIT_EXACT if dtype == torch.float32 else 4e-3  # bf16 output rounding
+    limit = CUDA_EXACT if dtype == torch.float32 else OUTPUT_16BIT  # bf16 output rounding
     assert rel_err(y, reference.linear(x.float(), w, W4A4)) < limit
 
 
@@ -135,18 +122,18 @@ def test_w4a4_prologue_row_layouts(k, dtype):
     they hold (K > 32768), element by element where rows do not start 16-byte aligned: the same
     codes as the reference in every case."""
     n, m = 256, 3
-    w = random_packed(n, k, seed=k)
+    w = random_packed(n, k, seed=k, device="cuda")
     wide = (torch.randn(m, k + 3, device="cuda") * 2).to(dtype)
-    limit = LIMIT_EXACT if dtype == torch.float32 else 4e-3  # 16-bit output rounding
+    limit = CUDA_EXACT if dtype == torch.float32 else OUTPUT_16BIT  # 16-bit output rounding
     for x in (wide[:, :k].contiguous(), wide[:, 3:]):
         assert rel_err(run_kernel(x, w, act=W4A4), reference.linear(x.float(), w, W4A4)) < limit
 
 
 def test_w4a4_clip_and_bits():
-    w = random_packed(512, 1024, seed=5)
+    w = random_packed(512, 1024, seed=5, device="cuda")
     x = torch.randn(4, 1024, device="cuda").to(torch.float32)
     for act in (ActQuantSpec(bits=4, clip=0.9), ActQuantSpec(bits=3), ActQuantSpec(bits=8)):
-        assert rel_err(run_kernel(x, w, act=act), reference.linear(x, w, act)) < LIMIT_EXACT
+        assert rel_err(run_kernel(x, w, act=act), reference.linear(x, w, act)) < CUDA_EXACT
 
 
 def linear_on(name, x, w, act, bias=None):
@@ -164,16 +151,16 @@ def moe_on(name, x, idx, w, gu, dn, act, hb=0):
 
 
 def test_linear_dispatch():
-    w = random_packed(512, 1024, seed=3)
+    w = random_packed(512, 1024, seed=3, device="cuda")
     x = torch.randn(2, 3, 1024, device="cuda").to(torch.bfloat16)  # [..., K] leading dims, M = 6
     y = linear_on("cuda_gemv", x, w, W4A16)
     assert y.shape == (2, 3, 512)
-    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
+    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < CUDA_BF16
     # groups that are not multiples of 64: not this kernel
-    w2 = random_packed(256, 960, groups=30, seed=4)  # G = 32
+    w2 = random_packed(256, 960, groups=30, seed=4, device="cuda")  # G = 32
     x2 = torch.randn(3, 960, device="cuda").to(torch.bfloat16)
     y2 = linear_on("triton", x2, w2, W4A16)
-    assert rel_err(y2, reference.linear(x2.float(), w2, W4A16)) < 1.5e-2
+    assert rel_err(y2, reference.linear(x2.float(), w2, W4A16)) < GPU_BF16
     # W4A4 with activation groups: no kernel, the reference (an error when strict)
     grouped = ActQuantSpec(bits=4, group_size=512)
     assert select(Case(Op.LINEAR, x, w, grouped)).name == "reference"
@@ -183,28 +170,28 @@ def test_linear_dispatch():
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 64), (14336, 4096, 512), (1000, 1416, 17), (256, 960, 40)])
 def test_prefill_w4a16(n, k, m):
-    w = random_packed(n, k, groups=1 if k != 960 else 30, seed=n + m)
+    w = random_packed(n, k, groups=1 if k != 960 else 30, seed=n + m, device="cuda")
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     y = linear_on("prefill", x, w, W4A16)
-    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < LIMIT
+    assert rel_err(y, reference.linear(x.float(), w, W4A16)) < CUDA_BF16
 
 
 def test_dequantize_is_exact():
-    w = random_packed(1000, 1416, groups=1, seed=2)
+    w = random_packed(1000, 1416, groups=1, seed=2, device="cuda")
     assert torch.equal(prefill.dequantize(w), w.dequantize(torch.float16))
-    w = random_packed(64, 2048, groups=16, seed=3)
+    w = random_packed(64, 2048, groups=16, seed=3, device="cuda")
     assert torch.equal(prefill.dequantize(w), w.dequantize(torch.float16))
 
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 512), (2048, 7168, 64)])
 def test_prefill_w4a4_fp8(n, k, m):
-    w = random_packed(n, k, seed=n + k)
+    w = random_packed(n, k, seed=n + k, device="cuda")
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16) * 2
     bias = torch.randn(n, device="cuda")
     y = linear_on("prefill_fp8", x, w, W4A4, bias)
     ref = reference.linear(x.float(), w, W4A4, bias)
     err = rel_err(y, ref)
-    assert err < LIMIT_FP8
+    assert err < CUDA_FP8
     # the error is the e4m3 weight rounding alone: the same weights in fp32 agree closely
     cb8, sc = prefill.fp8_codebook(w.codebook)
     w8 = PackedWeight(w.indices, (cb8.float() * sc[:, None, None]).half(), w.row_sum, w.in_features)
@@ -215,8 +202,8 @@ def test_prefill_w4a4_fp8(n, k, m):
 
 def moe_case(e, topk, h, i, t, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    gu = random_packed(2 * i, h, seed=seed, lead=(e,))
-    dn = random_packed(h, i, seed=seed + 1, lead=(e,))
+    gu = random_packed(2 * i, h, seed=seed, lead=(e,), device="cuda")
+    dn = random_packed(h, i, seed=seed + 1, lead=(e,), device="cuda")
     x = torch.randn(t, h, generator=g, device="cuda").to(torch.bfloat16)
     scores = torch.randn(t, e, generator=g, device="cuda")
     w, idx = scores.softmax(-1).topk(topk, -1)
@@ -233,7 +220,7 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     y = cuda_gemv.moe(x, idx, w, gu, dn, act, act, hb)
     assert y is not None and y.shape == x.shape and y.dtype == x.dtype
     ref = reference.moe(x.float(), idx, w, gu, dn, act, act, hb)
-    assert rel_err(y, ref) < (LIMIT if mode == "w4a16" else 8e-3)
+    assert rel_err(y, ref) < (CUDA_BF16 if mode == "w4a16" else 8e-3)
 
 
 @pytest.mark.parametrize("e,topk,h,i,t", [(128, 8, 2048, 768, 1), (128, 8, 2048, 768, 4), (128, 8, 2048, 768, 16),
@@ -248,7 +235,7 @@ def test_moe_w4a16_in_place_paths(monkeypatch, e, topk, h, i, t, dtype):
     real_route = ops.moe_route
     monkeypatch.setattr(ops, "moe_route", lambda *a: routed.append(1) or real_route(*a))
     y = cuda_gemv.moe(x, idx, w, gu, dn, W4A16, W4A16)
-    assert y.dtype == dtype and rel_err(y, reference.moe(x.float(), idx, w.float(), gu, dn, W4A16, W4A16)) < LIMIT
+    assert y.dtype == dtype and rel_err(y, reference.moe(x.float(), idx, w.float(), gu, dn, W4A16, W4A16)) < CUDA_BF16
     assert bool(routed) == (t * topk * cuda_gemv.SLOT_BLOCKS_MAX_SHARE > e)
     # int32 indices and the same routing weights in fp32: the same output, bit for bit
     assert torch.equal(cuda_gemv.moe(x, idx.int(), w.float(), gu, dn, W4A16, W4A16), y)
@@ -279,7 +266,7 @@ def test_moe_dense_bf16_variant():
             a = x[tt].float() @ gu[ex].float().T
             hh = torch.nn.functional.silu(a[:i]) * a[i:]
             ref[tt] += w[tt, j] * (hh @ dn[ex].float().T)
-    assert rel_err(y, ref) < LIMIT
+    assert rel_err(y, ref) < CUDA_BF16
 
 
 def test_ops_moe_w4a4_beyond_cuda_slots_runs_triton():
@@ -304,10 +291,10 @@ def int8_w4a4():
 
 def test_w4a4_int8_opt_in(int8_w4a4):
     """KernelOptions(cuda_w4a4_int8=True): int8 codes on integer tensor cores against int8 codebook copies."""
-    w = random_packed(2048, 4096, seed=23)
+    w = random_packed(2048, 4096, seed=23, device="cuda")
     x = torch.randn(3, 4096, device="cuda")
     y = run_kernel(x, w, act=W4A4)
-    assert rel_err(y, reference.linear(x, int8_emulated(w), W4A4)) < LIMIT_EXACT
+    assert rel_err(y, reference.linear(x, int8_emulated(w), W4A4)) < CUDA_EXACT
     x_, idx, rw, gu, dn = moe_case(16, 4, 512, 384, 6, seed=24)
     x_ = torch.randn(x_.shape, device="cuda")
     y = cuda_gemv.moe(x_, idx, rw, gu, dn, W4A4, W4A4, 64)
@@ -327,10 +314,10 @@ def test_reference_scale_is_exact_division():
 def test_w4a4_bf16_activations_m16():
     """The case that failed before that fix: bf16 x, M = 16, 4096 x 4096."""
     n, k, m = 4096, 4096, 16
-    w = random_packed(n, k, seed=3 * n + k + m)
+    w = random_packed(n, k, seed=3 * n + k + m, device="cuda")
     x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
     x[0, :5] = torch.tensor([0.0, 1.5, -7.5, 30.0, -0.25])
-    assert rel_err(run_kernel(x, w, act=W4A4), reference.linear(x.float(), w, W4A4)) < 4e-3
+    assert rel_err(run_kernel(x, w, act=W4A4), reference.linear(x.float(), w, W4A4)) < OUTPUT_16BIT
 
 
 @pytest.mark.parametrize("case", ["dense-w4a16", "dense-w4a4", "moe-slots", "moe-grouped", "moe-w4a4"])
@@ -339,7 +326,7 @@ def test_pdl_launches_give_the_same_outputs(case):
     call, gives the outputs of plain launches bit for bit (sm_90; elsewhere both are plain)."""
     if case.startswith("dense"):
         act = W4A4 if case == "dense-w4a4" else W4A16
-        w = random_packed(4096, 4096, seed=11)
+        w = random_packed(4096, 4096, seed=11, device="cuda")
         x0 = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
 
         def call(x):

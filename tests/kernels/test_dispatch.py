@@ -10,16 +10,16 @@ import torch
 
 from codequant import kernels
 from codequant.core.activations import ActQuantSpec
-from codequant.core.format import pack
 from codequant.kernels import Case, KernelFallbackError, KernelOptions, Op, kernel_options, options, select
+from tests.helpers.packed import random_packed
 
 W4A4 = ActQuantSpec(bits=4)
 W4A12 = ActQuantSpec(bits=12)  # no fast kernel quantizes activations to 12 bits: the reference runs
 
 
 def weight(n=8, k=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return pack(torch.randint(0, 16, (n, k), generator=g), torch.randn(n, 1, 16, generator=g))
+    """A random packed weight, one codebook per row, entries N(0, 1)."""
+    return random_packed(n, k, seed=seed, scale=1.0)
 
 
 @pytest.fixture

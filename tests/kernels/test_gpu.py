@@ -3,7 +3,7 @@
 Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors and small shapes;
 with CUDA the same checks run on the GPU at real sizes, through the kernel table's GPU
 implementations in strict mode (a fallback to the reference fails the test). Error limits
-are relative Frobenius errors ||y - y_ref|| / ||y_ref||.
+are relative Frobenius errors ||y - y_ref|| / ||y_ref|| (tests.helpers.errors.rel_err).
 """
 
 from __future__ import annotations
@@ -14,26 +14,17 @@ import torch
 CUDA = torch.cuda.is_available()  # without CUDA, conftest.py has set TRITON_INTERPRET=1
 triton = pytest.importorskip("triton")
 
-from codequant.core.format import pack  # noqa: E402
 from codequant import kernels  # noqa: E402
 from codequant.kernels import Case, KernelFallbackError, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.gpu import ops  # noqa: E402
 from codequant.core.activations import ActQuantSpec  # noqa: E402
+from tests.helpers.errors import rel_err  # noqa: E402
+from tests.helpers.limits import GPU_BF16, GPU_EXACT, OUTPUT_16BIT  # noqa: E402
+from tests.helpers.packed import random_packed  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 W4A16 = ActQuantSpec(bits=16)
 W4A4 = ActQuantSpec(bits=4)
-
-# Limits: bf16 dot operands (codebook rounded to bf16) vs float32 reference.
-LIMIT_BF16 = 1.5e-2
-# fp16 dot with exact operands (W4A4: fp16 codebook x exact q - z), float32 accumulation.
-LIMIT_EXACT = 2e-3
-
-
-def rel_err(y, ref):
-    y, ref = y.double(), ref.double()
-    assert torch.isfinite(y).all(), "non-finite output"
-    return ((y - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
 def gpu_linear(x, w, act):
@@ -52,12 +43,6 @@ def gpu_moe(x, idx, w, gate_up, down, act, hb):
         return kernels.moe(x, idx, w, gate_up, down, act, act, hb, backend="gpu")
 
 
-def random_packed(lead, n, k, groups=1, gen=None, device=DEVICE):
-    idx = torch.randint(0, 16, (*lead, n, k), generator=gen)
-    cb = torch.randn(*lead, n, groups, 16, generator=gen) * 0.05
-    return pack(idx, cb).to(device)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -72,14 +57,14 @@ MS = [1, 5, 20] if not CUDA else [1, 4, 16, 64, 512, 2048]
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
 def test_linear_matches_reference(n, k, m, mode):
     g = _gen(n + k + m)
-    w = random_packed((), n, k, gen=g)
+    w = random_packed(n, k, generator=g, device=DEVICE)
     dtype = torch.bfloat16
     x = (torch.randn(m, k, generator=g) * 2).to(DEVICE, dtype)
     act = W4A16 if mode == "w4a16" else W4A4
     y = gpu_linear(x, w, act)
     ref = reference.linear(x.float(), w, act)
     assert y.dtype == dtype and y.shape == (m, n)
-    assert rel_err(y, ref) < (LIMIT_BF16 if mode == "w4a16" else LIMIT_EXACT + 4e-3)
+    assert rel_err(y, ref) < (GPU_BF16 if mode == "w4a16" else GPU_EXACT + OUTPUT_16BIT)
 
 
 @pytest.mark.parametrize("config", [
@@ -92,7 +77,7 @@ def test_linear_matches_reference(n, k, m, mode):
 def test_linear_configs_and_bias(config, mode):
     g = _gen(7)
     n, k, m = 36, 200, 3
-    w = random_packed((), n, k, gen=g)
+    w = random_packed(n, k, generator=g, device=DEVICE)
     bias = torch.randn(n, generator=g).to(DEVICE)
     x = torch.randn(2, m, k, generator=g).to(DEVICE, torch.float16)
     act = W4A16 if mode == "w4a16" else W4A4
@@ -105,7 +90,7 @@ def test_linear_configs_and_bias(config, mode):
 def test_linear_grouped_codebooks_and_activation_groups():
     g = _gen(11)
     n, k = 24, 256
-    w = random_packed((), n, k, groups=4, gen=g)
+    w = random_packed(n, k, groups=4, generator=g, device=DEVICE)
     x = torch.randn(6, k, generator=g).to(DEVICE, torch.float16)
     for act in (W4A16, W4A4, ActQuantSpec(bits=4, group_size=128), ActQuantSpec(bits=4, clip=0.9)):
         y = ops.linear(x, w, act)  # the Triton kernel itself, on either device
@@ -137,7 +122,7 @@ def test_dequantize_kernel_is_exact(n, k, groups):
     """The prefill dequantization moves raw codebook values: bit-equal to the format's own."""
     from codequant.kernels.gpu import prefill
 
-    w = random_packed((), n, k, groups, gen=_gen(n + k))
+    w = random_packed(n, k, groups, generator=_gen(n + k), device=DEVICE)
     assert torch.equal(prefill.dequantize(w), w.dequantize(torch.float16))
     cb = w.codebook.to(torch.bfloat16)
     assert torch.equal(prefill.dequantize(w, cb), w.dequantize(torch.float32).to(torch.bfloat16))
@@ -179,8 +164,8 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     if CUDA and e == 8 and t > 64:
         pytest.skip("Mixtral-size reference at 512 tokens is slow; covered at 64")
     g = _gen(e + t + h)
-    gate_up = random_packed((e,), 2 * i, h, gen=g)
-    down = random_packed((e,), h, i, gen=g)
+    gate_up = random_packed(2 * i, h, lead=(e,), generator=g, device=DEVICE)
+    down = random_packed(h, i, lead=(e,), generator=g, device=DEVICE)
     x = torch.randn(t, h, generator=g).to(DEVICE, torch.bfloat16)
     scores = torch.randn(t, e, generator=g).softmax(-1)
     w, idx = scores.topk(topk, -1)
@@ -190,7 +175,7 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     y = gpu_moe(x, idx, w, gate_up, down, act, hb)
     ref = reference.moe(x.float(), idx, w, gate_up, down, act, act, hb)
     assert y.shape == (t, h) and y.dtype == torch.bfloat16
-    assert rel_err(y, ref) < (LIMIT_BF16 if mode == "w4a16" else 1e-2)
+    assert rel_err(y, ref) < (GPU_BF16 if mode == "w4a16" else 1e-2)
 
 
 def test_moe_dense_variant_matches_torch():
@@ -207,7 +192,7 @@ def test_moe_dense_variant_matches_torch():
             ee = int(idx[tt, j])
             gg, uu = (x[tt].float().cpu() @ gu[ee].float().cpu().T).chunk(2)
             ref[tt] += w[tt, j] * ((torch.nn.functional.silu(gg) * uu) @ dn[ee].float().cpu().T)
-    assert rel_err(y.cpu(), ref) < LIMIT_BF16
+    assert rel_err(y.cpu(), ref) < GPU_BF16
 
 
 @pytest.mark.skipif(not CUDA, reason="module dispatch to the gpu backend needs CUDA tensors")
@@ -216,13 +201,14 @@ def test_modules_use_gpu_backend():
     from codequant.modules.linear import CodeQuantLinear
 
     g = _gen(1)
-    lin = CodeQuantLinear.from_packed(random_packed((), 256, 512, gen=g), act=W4A4)
+    lin = CodeQuantLinear.from_packed(random_packed(256, 512, generator=g, device=DEVICE), act=W4A4)
     x = torch.randn(3, 512, generator=g).to(DEVICE, torch.bfloat16)
     assert select(Case(Op.LINEAR, x, lin.packed, W4A4)).backend == "gpu"
     assert rel_err(lin(x), reference.linear(x.float(), lin.packed, W4A4)) < 1e-2
-    ex = CodeQuantExperts.from_packed(random_packed((8,), 128, 256, gen=g), random_packed((8,), 256, 64, gen=g), W4A16)
+    gate_up = random_packed(128, 256, lead=(8,), generator=g, device=DEVICE)
+    ex = CodeQuantExperts.from_packed(gate_up, random_packed(256, 64, lead=(8,), generator=g, device=DEVICE), W4A16)
     w, idx = torch.randn(3, 8, generator=g).softmax(-1).topk(2, -1)
     assert select(Case(Op.MOE, x[:, :256], ex.gate_up, W4A16, ex.down, W4A16, idx.to(DEVICE), w.to(DEVICE))).backend == "gpu"
     y = ex(x[:, :256], idx.to(DEVICE), w.to(DEVICE, torch.bfloat16))
     ref = reference.moe(x[:, :256].float(), idx.to(DEVICE), w.to(DEVICE), ex.gate_up, ex.down, W4A16, W4A16)
-    assert rel_err(y, ref) < LIMIT_BF16
+    assert rel_err(y, ref) < GPU_BF16

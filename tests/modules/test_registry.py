@@ -16,16 +16,10 @@ from codequant.modules.norm import RMSNorm
 from codequant.modules.registry import module_kind, module_kinds, quantized_modules
 from codequant.modules.router import CodeQuantRouter, quantize_router
 
-from tests.io.test_checkpoint import quantize_tiny, uniform_codebook
+from tests.helpers.packed import ACT, quantize_tiny, random_uniform_packed, uniform_codebook
 from tests.helpers.tiny_models import SUPPORTED_TINY, tiny_input_ids, tiny_model
 
-ACT = ActQuantSpec(bits=4, group_size=32, clip=0.9)
 MOE_TINY = [arch for arch in SUPPORTED_TINY if arch not in ("llama", "qwen3")]
-
-
-def random_packed(shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    return uniform_codebook(torch.randn(*shape, generator=g), 4, 32)
 
 
 def rebuilt(module, replaced=None):
@@ -52,7 +46,7 @@ def test_every_kind_is_registered():
 
 def test_linear_round_trip():
     bias = torch.randn(48)
-    module = CodeQuantLinear.from_packed(random_packed((48, 128), 0), bias, ACT, hadamard_block=16)
+    module = CodeQuantLinear.from_packed(random_uniform_packed((48, 128), 0), bias, ACT, hadamard_block=16)
     x = torch.randn(5, 128)
     new = rebuilt(module)
     assert new.spec(4) == module.spec(4)
@@ -60,7 +54,7 @@ def test_linear_round_trip():
 
 
 def test_experts_round_trip():
-    gate_up, down = random_packed((4, 2 * 64, 128), 1), random_packed((4, 128, 64), 2)
+    gate_up, down = random_uniform_packed((4, 2 * 64, 128), 1), random_uniform_packed((4, 128, 64), 2)
     module = CodeQuantExperts.from_packed(gate_up, down, ACT, ActQuantSpec(bits=4), hadamard_block=0)
     h, idx, w = torch.randn(6, 128), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
     new = rebuilt(module)

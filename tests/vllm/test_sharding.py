@@ -5,21 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codequant.core.format import pack
 from codequant.vllm.sharding import column_shard_features, column_shard_part, row_slice, shard_row_sum
-
-
-def random_packed(n: int, k: int, group: int, lead=(), seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 16, (*lead, n, k), generator=g)
-    codebook = torch.randn(*lead, n, k // group, 16, generator=g)
-    return pack(idx, codebook)
+from tests.helpers.packed import random_packed
 
 
 @pytest.mark.parametrize("group", [256, 64])  # one codebook per row (shared by shards) / codebook groups split
 @pytest.mark.parametrize("world", [2, 4])
 def test_row_parallel_shards_concatenate_to_the_weight(group, world):
-    w = random_packed(8, 256, group, lead=(3,))
+    w = random_packed(8, 256, group_size=group, lead=(3,), scale=1.0)
     full = w.dequantize()
     k_shard, groups = column_shard_features(256, 256 // group, world)
     parts, sums = [], []
@@ -35,7 +28,7 @@ def test_row_parallel_shards_concatenate_to_the_weight(group, world):
 
 
 def test_column_parallel_rows_concatenate():
-    w = random_packed(8, 128, 64)
+    w = random_packed(8, 128, group_size=64, scale=1.0)
     for t in (w.indices, w.codebook, w.row_sum):
         assert torch.equal(torch.cat([row_slice(t, r, 2) for r in range(2)]), t)
 

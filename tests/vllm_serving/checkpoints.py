@@ -17,9 +17,8 @@ from codequant.io import save_quantized
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.router import CodeQuantRouter
-from tests.io.test_checkpoint import quantize_tiny
-
-FIXTURE = Path(__file__).resolve().parents[2] / "models" / "codequant-moe-tiny"
+from tests.helpers.packed import quantize_tiny
+from tests.helpers.paths import FIXTURE
 
 
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,

@@ -15,9 +15,11 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed (make test-vllm)")
 
-from tests.vllm_serving.checkpoints import make_checkpoint, quantize_tiny  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+
+from tests.helpers.packed import quantize_tiny  # noqa: E402
 from tests.helpers.tiny_models import tiny_model  # noqa: E402
+from tests.vllm_serving.checkpoints import make_checkpoint  # noqa: E402
 
 from codequant.io import CheckpointError, load_quantized, save_quantized  # noqa: E402
 
