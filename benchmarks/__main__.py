@@ -23,6 +23,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "gpu-probe-w4a4": ("probe_gpu_w4a4", "W4A4 decode parts, against a baseline build"),
     "quantize-memory": ("bench_quantize_memory", "peak memory and time of quantize on real MoE shapes"),
     "vllm": ("bench_vllm", "vLLM serving speed on the CPU"),
+    "op-call-overhead": ("op_call_overhead", "host cost per call: pybind11 against a TORCH_LIBRARY op"),
     "checkpoint-sizes": ("checkpoint_sizes", "checkpoint sizes of the fixture at 4, 3 and 2 bits"),
     "compare-peers": ("compare_peers", "CodeQuant against AutoRound and GPTQModel"),
 }
