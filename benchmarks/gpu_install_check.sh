@@ -24,5 +24,6 @@ from codequant.kernels.gpu import cuda_gemv, _cq_gemv
 assert codequant.__file__.startswith('/tmp/cqsite/'), codequant.__file__
 assert cuda_gemv.load() is _cq_gemv, 'not the extension built at install'
 print('installed:', codequant.__file__); print('CUDA extension built at install:', _cq_gemv.__file__)"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_cuda.py tests/kernels/test_gpu.py 2>&1 | tail -15
+  # the CUDA extension and dispatch tests (the Triton tests of tests/kernels/test_gpu.py take 5 minutes and do not use the extension)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf --tb=line tests/kernels/test_cuda.py tests/kernels/test_dispatch.py 2>&1 | tail -15
 } 2>&1 | tee $LOG
