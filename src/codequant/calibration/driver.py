@@ -61,7 +61,7 @@ class Quantizer:
         self.make_r1 = R1_ROTATIONS[config.recipe.rotation]
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and self.make_r1 is not None
         self.report: dict = {"unreached_experts": {}, "accf": {}}
-        self.store = LayerStore(self.adapter, self.act, self.device, self.partial, self.report)
+        self.store = LayerStore(self.adapter, self.act, config.wbits, self.device, self.partial, self.report)
 
     # stage selection ---------------------------------------------------------------------
     def _selected(self, layer: nn.Module, target: QuantTarget) -> bool:
