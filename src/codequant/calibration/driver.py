@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from ..adapters import QuantTarget, get_adapter
 from ..config import QuantConfig
 from ..core.activations import ActQuantSpec
+from ..core.format import check_group_size
 from ..core.hadamard import block_hadamard, largest_power_of_two_block
 from ..io.output import partial_dir
-from ..quantizers.codebook import check_group_size
 from ..transforms.norm_fold import fold_norms
 from ..transforms.permutation import apply_pog
 from ..transforms.rotation import rotate_residual, rotate_value_heads
@@ -87,10 +87,11 @@ class Quantizer:
                     )
 
     def group(self, k: int, name: str) -> int:
-        g = self.config.group_size or k
-        if k % g:
-            raise ValueError(f"--group-size {g} does not divide the row length {k} of {name}; choose a divisor of {k}")
-        return check_group_size(g, k)
+        try:
+            return check_group_size(self.config.group_size, k)
+        except ValueError:
+            raise ValueError(f"--group-size {self.config.group_size} does not divide the row length {k} of {name}; "
+                             f"choose a divisor of {k}") from None
 
     def hadamard_for(self, layer: nn.Module, target: QuantTarget) -> int:
         if not self.use_online_hadamard:
