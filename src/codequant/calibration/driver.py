@@ -31,7 +31,7 @@ from .layers import InMemoryLayers, LayerRunner, on_device
 from .loading import resolve_device
 from .moe_block import MoEBlockCalibrator
 from .resources import StageClock, plan_memory
-from .rotations import R1_ROTATIONS
+from .rotations import r1_rotation
 from .statistics import collect_inputs
 from .weights import calibrate_linear
 
@@ -58,7 +58,7 @@ class Quantizer:
         self.plan = plan_memory(self.adapter.layers(model), self._routed_experts, max(config.accf_batch_tokens, 8 * config.seqlen), config.max_gpu_memory)
         self.partial = partial_dir(out_dir) if out_dir is not None else None
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
-        self.make_r1 = R1_ROTATIONS[config.recipe.rotation]
+        self.make_r1 = r1_rotation(config.recipe.rotation)
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and self.make_r1 is not None
         self.report: dict = {"unreached_experts": {}, "accf": {}}
         self.store = LayerStore(self.adapter, self.act, config.wbits, self.device, self.partial, self.report)
