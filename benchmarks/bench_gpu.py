@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from benchmarks.common import ACT_BITS, L2_BYTES, command_line, copies_beyond, cuda_graph_us, gpu_bandwidth, moe_dims, random_packed
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
+from codequant.core.swiglu import swiglu
 from codequant import kernels
 from codequant.kernels import reference
 from codequant.kernels.gpu import ops
@@ -133,9 +134,7 @@ def grouped_mm_moe(x, idx, w, gu, dn):
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     tok = order // k
     xs = x[tok]
-    h = torch._grouped_mm(xs, gu.transpose(-2, -1), offs=offs)
-    g, u = h.chunk(2, dim=-1)
-    h = F.silu(g) * u
+    h = swiglu(torch._grouped_mm(xs, gu.transpose(-2, -1), offs=offs))
     y = torch._grouped_mm(h, dn.transpose(-2, -1), offs=offs)
     y = y * w.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, tok, y)

@@ -25,6 +25,7 @@ from codequant.calibration.pipeline import quantize
 from codequant.config import QuantConfig
 from codequant.evaluation.perplexity import evaluate
 from codequant.core.activations import ActQuantSpec, fake_quantize_activations
+from codequant.core.swiglu import swiglu
 
 
 def activation_only(model, bits: int = 4):
@@ -40,8 +41,7 @@ def activation_only(model, bits: int = 4):
         x = fake_quantize_activations(hidden_states, spec)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = fake_quantize_activations(self.act_fn(gate) * up, spec)
+            h = fake_quantize_activations(swiglu(F.linear(x[tok], self.gate_up_proj[e]), self.act_fn), spec)
             out.index_add_(0, tok, F.linear(h, self.down_proj[e]) * top_k_weights[tok, slot, None])
         return out
 

@@ -96,9 +96,16 @@ def test_the_fallback_is_logged_once_per_reason(caplog):
     assert records[0].getMessage().startswith("linear: no kernel")
 
 
-def test_unknown_backend_is_an_error():
-    with pytest.raises(ValueError, match="kernel backend 'tpu' has no 'linear' here"):
-        kernels.linear(torch.randn(1, 64), weight(), W4A4, backend="tpu")
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("CODEQUANT_BACKEND", "tpu")
+    for make in (lambda: kernels.linear(torch.randn(1, 64), weight(), W4A4, backend="tpu"), lambda: KernelOptions(backend="tpu"),
+                 KernelOptions.from_env):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert str(e.value) == "unknown kernel backend 'tpu' (known: ['cpu', 'gpu', 'reference'])"
+    with pytest.raises(ValueError) as e:
+        KernelOptions(gpu_w4a4_prefill="fp16")
+    assert str(e.value) == "unknown gpu_w4a4_prefill 'fp16' (known: ['bf16', 'fp8'])"
 
 
 def test_options_seed_from_the_environment_and_restore(monkeypatch):

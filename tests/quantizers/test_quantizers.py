@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from codequant.core.activations import ActQuantSpec, quantize_activations
 from codequant.core.format import pack
 from codequant.quantizers.codebook import assign, fit_codebooks, reconstruct
 from codequant.quantizers.feedback import feedback_codebooks, output_error
@@ -369,3 +370,5 @@ def test_bad_group_size():
         gptq(w, torch.eye(96), group_size=64)
     with pytest.raises(ValueError, match="^group size 64 does not divide the row length 96$"):
         assign(w, torch.zeros(4, 1, 16), 64)
+    with pytest.raises(ValueError, match="^activation group size 64 does not divide the row length 96$"):
+        quantize_activations(w, ActQuantSpec(bits=4, group_size=64))

@@ -78,3 +78,21 @@ def test_an_r1_registered_by_one_line_is_the_one_quantize_applies(monkeypatch):
     result = quantize(tiny_model("qwen3_moe"), QuantConfig(method="identity_rtn", **FAST), progress=False, calibration=tiny_input_ids(4, 16, 1))
     assert made == [(4, 16)]
     assert result.model.model.layers[0].mlp.experts.hadamard_block > 0  # a rotated method gets the online Hadamard
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (Recipe("none", "lattice", False, False), "unknown weight quantizer 'lattice' (known: ['rtn', 'gptq', 'codebook'])"),
+    (Recipe("cayley", "rtn", False, False), "unknown R1 rotation 'cayley' (known: ['none', 'hadamard', 'learned'])"),
+])
+def test_an_unregistered_stage_is_refused_before_any_work(recipe, message, monkeypatch, tmp_path):
+    monkeypatch.setitem(METHODS, "typo", recipe)
+    with pytest.raises(ValueError) as e:  # before the (missing) model is read or the output is checked
+        quantize(str(tmp_path / "no-model"), QuantConfig(method="typo", **FAST), tmp_path / "out", progress=False)
+    assert str(e.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_unknown_method_is_refused_by_the_config():
+    with pytest.raises(ValueError) as e:
+        QuantConfig(method="qat")
+    assert str(e.value) == "unknown method 'qat'; choose one of: rtn, quarot, spinquant, gptq, kmeans, codequant"

@@ -159,7 +159,7 @@ def test_pog_permutation_spreads_outlier_columns():
 
 
 def test_pog_permutation_rejects_bad_sizes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^group size 24 does not divide the row length 64$"):
         pog_permutation(torch.randn(4, 64), group_size=24)
     with pytest.raises(ValueError):
         pog_permutation(torch.randn(4, 64), group_size=16, block_size=3)

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from ..adapters import QuantTarget, get_adapter
 from ..config import QuantConfig
 from ..core.activations import ActQuantSpec
+from ..core.format import check_group_size
 from ..core.hadamard import block_hadamard, largest_power_of_two_block
 from ..io.output import partial_dir
-from ..quantizers.codebook import check_group_size
 from ..transforms.norm_fold import fold_norms
 from ..transforms.permutation import apply_pog
 from ..transforms.rotation import rotate_residual, rotate_value_heads
@@ -31,7 +31,7 @@ from .layers import InMemoryLayers, LayerRunner, on_device
 from .loading import resolve_device
 from .moe_block import MoEBlockCalibrator
 from .resources import StageClock, host_rss_peak_gib, plan_memory
-from .rotations import R1_ROTATIONS
+from .rotations import r1_rotation
 from .statistics import collect_inputs
 from .weights import calibrate_linear
 
@@ -58,10 +58,10 @@ class Quantizer:
         self.plan = plan_memory(self.adapter.layers(model), self._routed_experts, max(config.accf_batch_tokens, 8 * config.seqlen), config.max_gpu_memory)
         self.partial = partial_dir(out_dir) if out_dir is not None else None
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
-        self.make_r1 = R1_ROTATIONS[config.recipe.rotation]
+        self.make_r1 = r1_rotation(config.recipe.rotation)
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and self.make_r1 is not None
         self.report: dict = {"unreached_experts": {}, "accf": {}}
-        self.store = LayerStore(self.adapter, self.act, self.device, self.partial, self.report)
+        self.store = LayerStore(self.adapter, self.act, config.wbits, self.device, self.partial, self.report)
 
     # stage selection ---------------------------------------------------------------------
     def _selected(self, layer: nn.Module, target: QuantTarget) -> bool:
@@ -87,10 +87,11 @@ class Quantizer:
                     )
 
     def group(self, k: int, name: str) -> int:
-        g = self.config.group_size or k
-        if k % g:
-            raise ValueError(f"--group-size {g} does not divide the row length {k} of {name}; choose a divisor of {k}")
-        return check_group_size(g, k)
+        try:
+            return check_group_size(self.config.group_size, k)
+        except ValueError:
+            raise ValueError(f"--group-size {self.config.group_size} does not divide the row length {k} of {name}; "
+                             f"choose a divisor of {k}") from None
 
     def hadamard_for(self, layer: nn.Module, target: QuantTarget) -> int:
         if not self.use_online_hadamard:

@@ -13,18 +13,21 @@ from torch import nn
 from ..adapters import ArchitectureAdapter, QuantTarget
 from ..core.activations import ActQuantSpec
 from ..core.format import PackedWeight
+from ..io.checkpoint import checkpoint_state_dict
 from ..modules.experts import CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
-from ..modules.router import CodeQuantRouter, quantize_router
+from ..modules.registry import install_from_spec, quantized_modules
+from ..modules.router import quantize_router
 from ..utils import atomic_save_tensors
 
 
 class LayerStore:
     """Installs packed weights as deployable modules, saves a quantized layer under ``partial``
-    and restores it; ``report`` is the run's report, whose per-layer part travels with the layer."""
+    and restores it; ``bits`` is the run's index bit width (of the saved specs), ``report`` the
+    run's report, whose per-layer part travels with the layer."""
 
-    def __init__(self, adapter: ArchitectureAdapter, act: ActQuantSpec, device: torch.device, partial: Path | None, report: dict):
-        self.adapter, self.act, self.device, self.partial, self.report = adapter, act, device, partial, report
+    def __init__(self, adapter: ArchitectureAdapter, act: ActQuantSpec, bits: int, device: torch.device, partial: Path | None, report: dict):
+        self.adapter, self.act, self.bits, self.device, self.partial, self.report = adapter, act, bits, device, partial, report
 
     def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int) -> None:
         if t.kind == "router":
@@ -34,20 +37,12 @@ class LayerStore:
         layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
 
     def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
-        """The layer's checkpoint tensors (packed modules, biases, norms; not the weights of quantized
-        routers, rebuilt at load), with its specs, the names of its parameters and its part of the
-        report (unreached experts, ACCF losses)."""
-        specs = {}
-        for name, module in layer.named_modules():
-            if isinstance(module, CodeQuantLinear):
-                specs[name] = {"kind": "linear", "hadamard_block": module.hadamard_block}
-            elif isinstance(module, CodeQuantExperts):
-                specs[name] = {"kind": "experts", "hadamard_block": module.hadamard_block}
-            elif isinstance(module, CodeQuantRouter):
-                specs[name] = {"kind": "router", "hadamard_block": 0}
-        skip = {f"{name}.weight" for name, spec in specs.items() if spec["kind"] == "router"}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items() if k not in skip}
-        params = sorted(k for k, _ in layer.named_parameters() if k not in skip)
+        """The layer's checkpoint tensors (:func:`~codequant.io.checkpoint.checkpoint_state_dict`: packed
+        modules, biases, norms; not what quantized modules rebuild at load), the spec of each quantized
+        module, the names of its parameters and its part of the report (unreached experts, ACCF losses)."""
+        specs = {name: module.spec(self.bits) for name, module in quantized_modules(layer).items()}
+        tensors = checkpoint_state_dict(layer)
+        params = sorted(k for k, _ in layer.named_parameters() if k in tensors)
         report = {key: {k: v for k, v in self.report[key].items() if k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf")}
         atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "params": json.dumps(params), "report": json.dumps(report)})
 
@@ -66,6 +61,10 @@ class LayerStore:
         return out
 
     def restore_layer(self, layer: nn.Module, path: Path) -> None:
+        """Put the quantized modules saved by :meth:`save_layer` into ``layer`` (prepared as when it was
+        saved), as a checkpoint load does: an empty module of each spec
+        (:func:`~codequant.modules.registry.install_from_spec`) takes the saved tensors as they are
+        (dtype, device) and finishes loading (routers rebuild W_hat)."""
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -74,16 +73,11 @@ class LayerStore:
                 self.report[key].update(part)
         tensors = load_file(str(path), device=str(self.device))
         for name, spec in specs.items():
-            module = layer.get_submodule(name)
-            pw = lambda prefix, k: PackedWeight(tensors[f"{name}.{prefix}indices"], tensors[f"{name}.{prefix}codebook"], tensors[f"{name}.{prefix}row_sum"], k)  # noqa: E731
-            if spec["kind"] == "experts":
-                new = CodeQuantExperts.from_packed(pw("gate_up_", module.gate_up_proj.shape[-1]), pw("down_", module.down_proj.shape[-1]), self.act, self.act, spec["hadamard_block"])
-                layer.set_submodule(name, new)
-            elif spec["kind"] == "router":
-                quantize_router(module, pw("", module.weight.shape[-1]), self.act)
-            else:
-                bias = tensors.get(f"{name}.bias")
-                layer.set_submodule(name, CodeQuantLinear.from_packed(pw("", module.in_features), bias, self.act, spec["hadamard_block"]))
+            module = install_from_spec(layer, name, spec, torch.float32, self.device)  # float tensors: assigned as saved
+            state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            state.update((t, getattr(module, t)) for t in module.rebuilt_tensors)  # not saved; finish_loading rebuilds them
+            module.load_state_dict(state, assign=True)
+            module.finish_loading()
 
     @staticmethod
     def set_backend(layer: nn.Module, backend: str | None) -> None:

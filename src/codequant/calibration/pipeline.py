@@ -34,11 +34,13 @@ from ..config import QuantConfig
 from ..core.format import bits_per_weight
 from ..modules.registry import quantized_modules
 from ..io.output import check_output, partial_dir, run_record, start_or_resume
+from ..quantizers.registry import weight_quantizer
 from .data import calibration_tokens
 from .driver import Quantizer
 from .layers import cast_float_params
 from .loading import load_model, open_model, resolve_device
 from .resources import StageClock, cap_device_memory
+from .rotations import r1_rotation
 
 log = logging.getLogger("codequant")
 
@@ -75,6 +77,8 @@ def quantize(
     checkpoint there is replaced only with ``overwrite``, see :mod:`codequant.io.output`).
     ``calibration`` [nsamples, seqlen] tokens replace the config's data source."""
     config = config or QuantConfig()
+    r1_rotation(config.recipe.rotation)  # the method's stages are registered: checked before any work
+    weight_quantizer(config.recipe.weights)
     start = time.time()
     clock = StageClock()
     source = model if isinstance(model, str) else None

@@ -61,3 +61,11 @@ R1_ROTATIONS: dict[str, Callable[..., torch.Tensor] | None] = {
     "hadamard": hadamard_r1,
     "learned": learned_r1,
 }
+
+
+def r1_rotation(name: str) -> Callable[..., torch.Tensor] | None:
+    """The R1 maker registered as ``name``; an unknown name is a ValueError listing the known ones."""
+    try:
+        return R1_ROTATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown R1 rotation {name!r} (known: {list(R1_ROTATIONS)})") from None

@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.activations import ActQuantSpec, fake_quantize_activations
 from ..core.hadamard import block_hadamard
-from ..quantizers.accf import swiglu
+from ..core.swiglu import swiglu
 from ..quantizers.weight_quantizer import WeightStats
 
 
@@ -86,7 +87,7 @@ def stacked(stats: list[InputStats]) -> WeightStats:
 
 def expert_hidden(experts: nn.Module, e: int, x: torch.Tensor, hadamard: int) -> torch.Tensor:
     """Expert e's down-projection input act(x G_e^T) * (x U_e^T) (times H_b with the online Hadamard)."""
-    h = swiglu(x, experts.gate_up_proj[e].float(), experts.act_fn)
+    h = swiglu(F.linear(x, experts.gate_up_proj[e].float()), experts.act_fn)
     return block_hadamard(h, hadamard) if hadamard else h
 
 

@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 def needs_hessian(config: QuantConfig) -> bool:
     """Whether the method's weight quantizer declares it reads H = 2 E[xq xq^T]."""
-    return "hessian" in weight_quantizer(config).statistics(config)
+    return "hessian" in weight_quantizer(config.recipe.weights).statistics(config)
 
 
 def initial_codebook(weight: torch.Tensor, stats: WeightStats, config: QuantConfig, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, codebook) for weight [..., N, K] by the method's weight quantizer."""
-    return weight_quantizer(config).fit(weight, stats, config, group_size)
+    return weight_quantizer(config.recipe.weights).fit(weight, stats, config, group_size)
 
 
 def experts_codebook(weight: torch.Tensor, stats: WeightStats, config: QuantConfig, group: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:

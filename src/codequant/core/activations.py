@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .format import check_group_size
+
 
 @dataclass(frozen=True)
 class ActQuantSpec:
@@ -34,9 +36,7 @@ def quantize_activations(x: torch.Tensor, spec: ActQuantSpec):
     The last dim of x is split into groups of ``spec.group_size`` (or kept whole).
     """
     k = x.shape[-1]
-    g = spec.group_size or k
-    if k % g:
-        raise ValueError(f"activation group size {g} does not divide {k} channels")
+    g = check_group_size(spec.group_size, k, "activation group size")
     xg = x.float().reshape(*x.shape[:-1], k // g, g)
     qmax = 2**spec.bits - 1
     hi = xg.amax(-1).clamp(min=0) * spec.clip

@@ -48,11 +48,16 @@ def padded_columns(k: int) -> int:
     return -(-k // BLOCK) * BLOCK
 
 
-def check_group_size(group_size: int | None, k: int) -> int:
-    """The group size G of a row of K columns (None or 0: the whole row, G = K), checked to divide K."""
-    g = group_size or k
+def effective_group_size(group_size: int | None, k: int) -> int:
+    """The group size G of a row of K columns: ``group_size``, or K (one group) when it is None or 0."""
+    return group_size or k
+
+
+def check_group_size(group_size: int | None, k: int, what: str = "group size") -> int:
+    """:func:`effective_group_size`, checked to divide K (weights' codebooks and activations' scales alike)."""
+    g = effective_group_size(group_size, k)
     if g <= 0 or k % g:
-        raise ValueError(f"group size {g} does not divide the row length {k}")
+        raise ValueError(f"{what} {g} does not divide the row length {k}")
     return g
 
 

@@ -43,7 +43,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.format import FORMAT_VERSION, PackedWeight, unpack_from_disk
-from ..modules.registry import module_kind
+from ..modules.registry import install_from_spec, module_kind
 from .checkpoint import check_file_tensors, check_packed_values, verify_checkpoint_files, verify_remote_code
 from .schema import (
     FIELDS,
@@ -106,15 +106,11 @@ def prepare_model_for_checkpoint(model: torch.nn.Module, modules: dict[str, dict
     arch = type(model).__name__
     for name, spec in modules.items():
         try:
-            current = model.get_submodule(name)
+            module = install_from_spec(model, name, spec, dtype)
         except AttributeError:
             raise CheckpointError(f"codequant checkpoint: module {name} listed in quantization_config is not in the {arch} model") from None
-        try:
-            module = module_kind(spec["kind"]).from_spec(spec, dtype, replaced=current)
         except ValueError as err:
             raise CheckpointError(f"codequant checkpoint: {spec['kind']} {name} of the {arch} model: {err}") from None
-        if module is not current:
-            model.set_submodule(name, module)
         device = next(itertools.chain(module.buffers(), module.parameters())).device
         for suffix, (shape, st) in expected_packed_tensors(spec).items():
             module.register_buffer(suffix, torch.zeros(shape, dtype=torch_dtype(st), device=device))

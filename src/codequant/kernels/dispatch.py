@@ -41,6 +41,21 @@ class Op(enum.Enum):
     MOE = "moe"
 
 
+BACKENDS = ("cpu", "gpu", "reference")  # the backend families codequant ships (registered when present)
+PREFILL_MODES = ("bf16", "fp8")
+
+
+def backend_families() -> list[str]:
+    """The known backend families: those codequant ships and any registered."""
+    return sorted(set(BACKENDS) | {k.backend for kernels in _TABLE.values() for k in kernels})
+
+
+def check_backend(name: str) -> None:
+    """Refuse an unknown backend family with a ValueError listing the known ones."""
+    if name not in backend_families():
+        raise ValueError(f"unknown kernel backend {name!r} (known: {backend_families()})")
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Settings of the kernels.
@@ -62,6 +77,12 @@ class KernelOptions:
     cuda_gemv: bool = True
     cuda_w4a4_int8: bool = False
     cuda_pdl: bool = True
+
+    def __post_init__(self):
+        if self.backend is not None:
+            check_backend(self.backend)
+        if self.gpu_w4a4_prefill not in PREFILL_MODES:
+            raise ValueError(f"unknown gpu_w4a4_prefill {self.gpu_w4a4_prefill!r} (known: {list(PREFILL_MODES)})")
 
     @classmethod
     def from_env(cls) -> "KernelOptions":
@@ -202,6 +223,7 @@ def select(case: Case, backend: str | None = None) -> Kernel:
     if table is None:
         table = _by_device[(case.op, device)] = [k for k in _TABLE[case.op] if k.device in (None, device)]
     if wanted and not any(k.backend == wanted for k in _TABLE[case.op]):
+        check_backend(wanted)
         families = sorted({k.backend for k in _TABLE[case.op]})
         raise ValueError(f"kernel backend {wanted!r} has no {case.op.value!r} here; available: {families}")
     declined = []

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..core.format import PackedWeight
 from ..core.activations import ActQuantSpec, fake_quantize_activations
+from ..core.swiglu import swiglu
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,9 +48,7 @@ def moe(
     for e in torch.unique(top_k_index).tolist():
         tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
         xe = x[tok]
-        gu = linear(xe.float(), _expert(gate_up, e), act)
-        g, u = gu.chunk(2, dim=-1)
-        h = F.silu(g) * u
+        h = swiglu(linear(xe.float(), _expert(gate_up, e), act))
         if hadamard_block:
             h = block_hadamard(h, hadamard_block)
         y = linear(h, _expert(down, e), down_act)

@@ -115,5 +115,5 @@ def quantize_linear(
     """Data-free CodeQuant linear: k-means codebooks of 2^bits centroids per row (or group)."""
     from ..quantizers.codebook import fit_codebooks
 
-    idx, codebook = fit_codebooks(weight.float(), bits=bits, group_size=group_size or weight.shape[-1])
+    idx, codebook = fit_codebooks(weight.float(), bits=bits, group_size=group_size)
     return CodeQuantLinear.from_packed(pack(idx, codebook), bias, ActQuantSpec(bits=act_bits))

@@ -81,6 +81,15 @@ def module_kind(name: str) -> type[QuantizedModule]:
         raise ValueError(f"unknown quantized module kind {name!r} (known: {list(_KINDS)})") from None
 
 
+def install_from_spec(model: nn.Module, name: str, spec: dict, dtype: torch.dtype, device=None) -> QuantizedModule:
+    """An empty module of ``spec``'s kind (:meth:`QuantizedModule.from_spec`) in place of ``model``'s module ``name``."""
+    current = model.get_submodule(name)
+    module = module_kind(spec["kind"]).from_spec(spec, dtype, device, replaced=current)
+    if module is not current:
+        model.set_submodule(name, module)
+    return module
+
+
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
     """{name: module} of every module of ``model`` whose class is a registered kind."""
     kinds = tuple(_KINDS.values())

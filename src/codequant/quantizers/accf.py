@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..core.hadamard import block_hadamard
 from ..core.activations import ActQuantSpec, fake_quantize_activations
+from ..core.swiglu import swiglu
 from .codebook import assign
 
 
@@ -90,12 +91,6 @@ class SimulatedWeight:
         parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=True)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
-    """One expert's hidden activation act(x G^T) * (x U^T), gate_up = [G; U] [2I, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return act_fn(gate) * up
-
-
 class SimulatedExperts(nn.Module):
     """Routed SwiGLU experts on :class:`Codebook` weights with quantized inputs: the
     differentiable twin of :class:`codequant.modules.experts.CodeQuantExperts`."""
@@ -110,7 +105,7 @@ class SimulatedExperts(nn.Module):
         out = torch.zeros(hidden_states.shape[0], self.down.idx.shape[-2], dtype=torch.float32, device=hidden_states.device)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-            h = self.down_transform(swiglu(x[tok].float(), self.gate_up.expert(e), self.act_fn))
+            h = self.down_transform(swiglu(F.linear(x[tok].float(), self.gate_up.expert(e)), self.act_fn))
             out = out.index_add(0, tok, F.linear(h, self.down.expert(e)) * top_k_weights[tok, slot, None].float())
         return out.to(hidden_states.dtype)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.format import check_group_size
+
 _BINS = 1024  # histogram bins per group for the Lloyd iterations
 _CHUNK = 1 << 22  # weights per chunk (bounds the temporaries to a few hundred MB)
 _COARSE = 64  # coarse bins for the dynamic-programming init
@@ -33,14 +35,6 @@ _WEIGHT_FLOOR = 1e-6  # importance floor, relative to the group's mean importanc
 def check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 4:
         raise ValueError(f"bits must be between 2 and 4, got {bits}")
-
-
-def check_group_size(group_size: int | None, k: int) -> int:
-    """The group size G (None or 0: the whole row), checked to divide the row length K."""
-    g = group_size or k
-    if g <= 0 or k % g:
-        raise ValueError(f"group size {g} does not divide the row length {k}")
-    return g
 
 
 def _row_chunks(weight: torch.Tensor, columns: torch.Tensor | None, group: int):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .codebook import check_group_size
+from ..core.format import check_group_size
 from .gptq import _prepare_hessian, inverse_cholesky
 
 _CHUNK = 1 << 22  # row-chunk budget (elements of the [rows, K, C] one-hot) for the refit

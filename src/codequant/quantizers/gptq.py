@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .codebook import check_bits, check_group_size
+from ..core.format import check_group_size
+from .codebook import check_bits
 from .uniform import grid_codebook, quantize_to_grid, uniform_grid
 from .weight_quantizer import WeightQuantizer
 

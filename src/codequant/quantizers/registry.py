@@ -5,15 +5,10 @@ line here."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .kmeans import KMEANS
 from .gptq import GPTQ
 from .uniform import RTN
 from .weight_quantizer import WeightQuantizer
-
-if TYPE_CHECKING:
-    from ..config import QuantConfig
 
 WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
     "rtn": RTN,
@@ -22,6 +17,9 @@ WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
 }
 
 
-def weight_quantizer(config: "QuantConfig") -> WeightQuantizer:
-    """The weight quantizer of ``config``'s method."""
-    return WEIGHT_QUANTIZERS[config.recipe.weights]
+def weight_quantizer(name: str) -> WeightQuantizer:
+    """The weight quantizer registered as ``name``; an unknown name is a ValueError listing the known ones."""
+    try:
+        return WEIGHT_QUANTIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight quantizer {name!r} (known: {list(WEIGHT_QUANTIZERS)})") from None

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter
+from ..core.format import check_group_size
 
 
 def pog_permutation(weight: torch.Tensor, group_size: int, block_size: int = 2) -> torch.Tensor:
@@ -38,8 +39,7 @@ def pog_permutation(weight: torch.Tensor, group_size: int, block_size: int = 2) 
     ``block_size`` must divide ``group_size``.
     """
     n, k = weight.shape
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"group size {group_size} does not divide {k} columns")
+    group_size = check_group_size(group_size, k)
     if block_size <= 0 or group_size % block_size:
         raise ValueError(f"block size {block_size} does not divide group size {group_size}")
     block, n_groups = block_size, k // group_size

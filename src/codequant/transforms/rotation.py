@@ -26,6 +26,7 @@ from torch import nn
 from ..adapters import ArchitectureAdapter
 from ..core.activations import ActQuantSpec, dequantize_activations, quantize_activations
 from ..core.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
+from ..core.swiglu import swiglu
 from .norm_fold import residual_norms_are_folded, untie_word_embeddings
 
 
@@ -180,8 +181,7 @@ def _experts_forward_with_hadamard(block: int):
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-            gate, up = nn.functional.linear(hidden_states[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = block_hadamard(self.act_fn(gate) * up, block)
+            h = block_hadamard(swiglu(nn.functional.linear(hidden_states[tok], self.gate_up_proj[e]), self.act_fn), block)
             y = nn.functional.linear(h, self.down_proj[e]) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out

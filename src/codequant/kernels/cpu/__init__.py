@@ -56,7 +56,7 @@ import weakref
 
 import torch
 
-from ...core.format import PackedWeight
+from ...core.format import PackedWeight, check_group_size
 from ...core.activations import ActQuantSpec
 from ..dispatch import Case, Op, options, register
 
@@ -260,10 +260,7 @@ def supports_moe(case: Case) -> bool:
 def _act_args(spec: ActQuantSpec, k: int) -> tuple[int, int, float]:
     if not spec.enabled:
         return 0, 0, 1.0
-    ga = spec.group_size or k
-    if k % ga:
-        raise ValueError(f"activation group size {ga} does not divide {k} channels")
-    return spec.bits, ga, float(spec.clip)
+    return spec.bits, check_group_size(spec.group_size, k, "activation group size"), float(spec.clip)
 
 
 def _x_arg(x: torch.Tensor) -> tuple[torch.Tensor, int]:

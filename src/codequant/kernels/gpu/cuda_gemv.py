@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ...core.format import PackedWeight
+from ...core.format import PackedWeight, effective_group_size
 from ...core.activations import ActQuantSpec
 from ...core.hadamard import block_hadamard
 from ..dispatch import Case, options
@@ -176,7 +176,7 @@ def config(tiles16: int, k: int, sms: int = 132, warps_per_sm: int = DENSE_WARPS
 
 
 def _act_ok(act: ActQuantSpec, k: int) -> bool:
-    return not act.enabled or (act.bits <= 8 and (act.group_size or k) == k)
+    return not act.enabled or (act.bits <= 8 and effective_group_size(act.group_size, k) == k)
 
 
 def _packed_ok(w: PackedWeight, experts: bool) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.format import PackedWeight
+from ...core.format import PackedWeight, effective_group_size
 from ...core.activations import ActQuantSpec
 from ..dispatch import Case
 from . import kernels as K_
@@ -159,14 +159,14 @@ def _supported_act(act: ActQuantSpec, k: int) -> bool:
         return True
     if act.bits != 4:
         return False
-    g = act.group_size or k
+    g = effective_group_size(act.group_size, k)
     return g == k or g % 64 == 0
 
 
 def quantize_activations_int8(x2: torch.Tensor, act: ActQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 q - z [M, K] and float32 scales [M, K / group] (same q as quantize_activations)."""
     m, k = x2.shape
-    ga = act.group_size or k
+    ga = effective_group_size(act.group_size, k)
     q = torch.empty(m, k, dtype=torch.int8, device=x2.device)
     s = torch.empty(m, k // ga, dtype=torch.float32, device=x2.device)
     if m:
@@ -353,7 +353,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
-    one_group = not act.enabled or (act.group_size or k) == k
+    one_group = not act.enabled or effective_group_size(act.group_size, k) == k
     if not act.enabled:
         x_mode = XMode.FLOAT
     elif one_group and m <= FUSED_QUANT_MAX_M:
@@ -367,7 +367,7 @@ def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch
         return y.reshape(*lead, n)
     if x_mode == XMode.INT8_CODES:
         xq, xs = quantize_activations_int8(x2, act)
-        _mm(xq, xs, weight, y, m, n, k, cfg, x_mode, torch.float16, bias=bias, ga=act.group_size or k)
+        _mm(xq, xs, weight, y, m, n, k, cfg, x_mode, torch.float16, bias=bias, ga=effective_group_size(act.group_size, k))
     else:
         _mm(x2, None, weight, y, m, n, k, cfg, x_mode, torch.float16 if x_mode == XMode.FUSED_QUANT else dot_dtype,
             bias=bias, clip=act.clip)
@@ -457,11 +457,11 @@ def moe(
         routing = Routing(stage, rows, bexp, top_k_weights.reshape(-1), s, topk, max_blocks)
         if dense or not in_act.enabled:
             _mm(inp, None, w, y, valid_rows, n_out, k, cfg, XMode.FLOAT, dot_dtype, routing=routing)
-        elif (in_act.group_size or k) == k and s <= FUSED_QUANT_MAX_M * 4:
+        elif effective_group_size(in_act.group_size, k) == k and s <= FUSED_QUANT_MAX_M * 4:
             _mm(inp, None, w, y, valid_rows, n_out, k, cfg, XMode.FUSED_QUANT, torch.float16, clip=in_act.clip, routing=routing)
         else:
             xq, xs = quantize_activations_int8(inp, in_act)
-            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, XMode.INT8_CODES, torch.float16, ga=in_act.group_size or k,
+            _mm(xq, xs, w, y, valid_rows, n_out, k, cfg, XMode.INT8_CODES, torch.float16, ga=effective_group_size(in_act.group_size, k),
                 routing=routing)
 
     h = torch.empty(max_blocks * cfg.block_m, i_dim, dtype=torch.float32, device=x.device)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...core.format import PackedWeight
+from ...core.format import PackedWeight, effective_group_size
 from ...core.activations import ActQuantSpec, fake_quantize_activations
 from ..dispatch import Case, options
 from . import cuda_gemv, kernels as K_
@@ -64,7 +64,7 @@ def fp8_codebook(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _per_token(act: ActQuantSpec, k: int) -> bool:
-    return (act.group_size or k) == k
+    return effective_group_size(act.group_size, k) == k
 
 
 def supports_linear(case: Case) -> bool:
