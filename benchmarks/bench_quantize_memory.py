@@ -36,6 +36,7 @@ def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: s
     from codequant import QuantConfig, quantize
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # per-layer progress on stderr, read back by a stopped run
+    logging.getLogger("codequant").setLevel(logging.DEBUG)  # and time and peak memory at the end of every stage
 
     tokens = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     start = time.time()

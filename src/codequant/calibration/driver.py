@@ -168,20 +168,20 @@ class Quantizer:
         start = time.time()
         for i in bar:
             self.stage_bar = bar
-            with self._stage("load"):
+            with self.stage("load"):
                 layer = self.open_layer(i, rotated=True)
             with on_device(layer, self.device):
                 saved = self.partial / f"layer_{i:04d}.safetensors" if self.partial else None
                 if saved is not None and saved.is_file():
-                    with self._stage("resume"):
+                    with self.stage("resume"):
                         self.store.restore_layer(layer, saved)
                 else:
                     self.quantize_layer(i, layer, x, run)
                     if saved is not None:
-                        with self._stage("save layer"):
+                        with self.stage("save layer"):
                             self.store.save_layer(layer, saved, self.adapter.layer_name(i))
                 self.store.set_backend(layer, "reference")
-                with self._stage("propagate"):
+                with self.stage("propagate"):
                     x = run(i, layer, x)
                 self.store.set_backend(layer, None)
             if self.free_done:  # its tensors are in OUT.partial, the checkpoint reads them there
@@ -193,7 +193,7 @@ class Quantizer:
 
     stage_bar = None
 
-    def _stage(self, name: str):
+    def stage(self, name: str):
         """Account the block to stage ``name`` and show it on the progress bar."""
         if self.stage_bar is not None:
             self.stage_bar.set_postfix_str(name)
@@ -206,14 +206,14 @@ class Quantizer:
         mlp = [t for t in targets if not t.name.startswith(attn_prefix)]
         name = self.adapter.layer_name(i)
         # attention linears, on inputs from the full-precision attention
-        with self._stage("attention"):
+        with self.stage("attention"):
             inputs = collect_inputs({t.name: t.module for t in attention}, lambda: run(i, layer, x))
             for t in attention:
                 calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
         if not mlp:
             return
         # MLP block, on inputs from the quantized attention
-        with self._stage("mlp"):
+        with self.stage("mlp"):
             block = self.adapter.mlp(layer)
             self.store.set_backend(layer, "reference")
             xm = collect_inputs({"block": block}, lambda: run(i, layer, x))["block"]

@@ -65,14 +65,20 @@ class MoEBlockCalibrator:
 
     def __call__(self, xm: torch.Tensor) -> None:
         """Calibrate on the block inputs xm [T, H] (on the host)."""
-        y_ref, inputs, routing = self.collect(xm)
+        stage = self.q.stage
+        with stage("mlp/collect"):
+            y_ref, inputs, routing = self.collect(xm)
         experts = next((t for t in self.targets if t.kind == "experts"), None)
-        expert_stats = self.expert_statistics(experts, routing) if experts is not None else None
+        with stage("mlp/statistics"):
+            expert_stats = self.expert_statistics(experts, routing) if experts is not None else None
         del routing
-        books = self.initial_books(xm, inputs, expert_stats)
+        with stage("mlp/codebooks"):
+            books = self.initial_books(xm, inputs, expert_stats)
         if self.q.config.recipe.finetune:
-            self.finetune(books, xm, y_ref)
-        self.install(books)
+            with stage("mlp/ACCF"):
+                self.finetune(books, xm, y_ref)
+        with stage("mlp/pack"):
+            self.install(books)
 
     def collect(self, xm: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], Routing]:
         """The full-precision block's outputs [T, H], its linear targets' inputs and its routing."""

@@ -95,26 +95,34 @@ def host_rss_peak_gib() -> float:
 
 @dataclass
 class StageClock:
-    """Wall time and peak memory per named stage; stages may repeat (summed, peak kept)."""
+    """Wall time and peak memory per named stage; stages may repeat (summed, peak kept) and
+    nest (a part of stage ``mlp`` is named ``mlp/part``; the outer peak includes its parts')."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_gpu: dict[str, int] = field(default_factory=dict)
     peak_gpu_total: int = 0
+    _open: list[int] = field(default_factory=list)  # the peak so far of each open stage, outermost first
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Time the block as stage ``name`` and record its peak GPU memory."""
-        if torch.cuda.is_available():
+        """Time the block as stage ``name`` and record its peak GPU memory (and host RSS, logged)."""
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
+        self._open.append(0)
         start = time.time()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
-            if torch.cuda.is_available():
-                peak = torch.cuda.max_memory_allocated()
+            seconds = time.time() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+            peak = max(self._open.pop(), torch.cuda.max_memory_allocated() if cuda else 0)
+            if self._open:
+                self._open[-1] = max(self._open[-1], peak)
+            if cuda:
                 self.peak_gpu[name] = max(self.peak_gpu.get(name, 0), peak)
                 self.peak_gpu_total = max(self.peak_gpu_total, peak)
+            log.debug("stage %s: %.1f s, peak GPU %.2f GiB, peak host RSS %.2f GiB", name, seconds, peak / GIB, host_rss_peak_gib())
 
     def report(self) -> dict:
         out = {"seconds_per_stage": {k: round(v, 2) for k, v in self.seconds.items()},
