@@ -96,17 +96,20 @@ _CONFIGS = {
 }
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **overrides):
+    """The tiny config of ``arch``, with ``overrides`` set on it (e.g. a head_dim vLLM's CPU attention supports)."""
     if arch not in _CONFIGS:
         raise KeyError(f"no tiny config for {arch!r}; have {sorted(_CONFIGS)}")
     config = _CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = "eager"
     return config
 
 
-def tiny_model(arch: str, seed: int = 0):
-    """A float32, eval-mode tiny ``*ForCausalLM`` of the real class for ``arch``."""
-    config = tiny_config(arch)
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    """A float32, eval-mode tiny ``*ForCausalLM`` of the real class for ``arch`` (config ``overrides``: tiny_config)."""
+    config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)

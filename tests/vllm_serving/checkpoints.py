@@ -1,4 +1,5 @@
-"""CodeQuant checkpoints of the bundled fixture (Qwen3-MoE) for the vLLM tests and benchmark.
+"""CodeQuant checkpoints for the vLLM tests and benchmark: the bundled fixture (Qwen3-MoE, trained)
+and tiny random models of the other architectures (tests.helpers.tiny_models).
 
 Uniform-grid codebooks everywhere (the packed format is what vLLM must serve; the quantizer's
 accuracy is tested elsewhere), online Hadamard blocks on o_proj / down_proj / experts, and
@@ -19,6 +20,7 @@ from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.router import CodeQuantRouter
 from tests.helpers.packed import quantize_tiny
 from tests.helpers.paths import FIXTURE
+from tests.helpers.tiny_models import char_tokenizer, tiny_model
 
 
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,
@@ -27,14 +29,45 @@ def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int 
     ``act_bits`` activations into ``out``."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     quantize_tiny(model, bits=bits, group_size=group_size)
-    if act_bits >= 16:
-        none = ActQuantSpec(bits=16)
-        for module in model.modules():
-            if isinstance(module, CodeQuantLinear):
-                module.act = none
-            elif isinstance(module, CodeQuantExperts):
-                module.act = module.down_act = none
-            elif isinstance(module, CodeQuantRouter):
-                module.act = none
+    _set_act_bits(model, act_bits)
     save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": f"W4A{act_bits}"})
     return out
+
+
+# vLLM's CPU attention runs head sizes 32, 64, 80, ... (not the tiny models' 16): heads of 32 channels
+VLLM_HEADS = {
+    "mixtral": dict(head_dim=32),
+    "llama": dict(head_dim=32),
+    "qwen3": dict(head_dim=32),
+    "qwen3_moe": dict(head_dim=32),
+    "qwen2_moe": dict(num_attention_heads=2, num_key_value_heads=2),  # head_dim = hidden / heads
+    "olmoe": dict(num_attention_heads=2, num_key_value_heads=2),
+}
+
+
+def make_tiny_checkpoint(out: Path, arch: str, act_bits: int | tuple[int, ...], seed: int = 0) -> Path:
+    """Quantize the tiny random ``arch`` model (a ``config.model_type`` of tests.helpers.tiny_models, with
+    :data:`VLLM_HEADS`) as :func:`make_checkpoint` does, with the character tokenizer of its 128-token vocabulary.
+
+    ``act_bits``: one width for all layers, or one per decoder layer ((16, 4): layer 0 W4A16, layer 1 W4A4)."""
+    model = quantize_tiny(tiny_model(arch, seed, **VLLM_HEADS.get(arch, {})))
+    per_layer = act_bits if isinstance(act_bits, tuple) else (act_bits,) * len(model.model.layers)
+    for layer, bits in zip(model.model.layers, per_layer, strict=True):
+        _set_act_bits(layer, bits)
+    label = "/".join(f"W4A{b}" for b in per_layer)
+    save_quantized(model, out, tokenizer=char_tokenizer(), extra={"test": f"{arch} seed {seed} {label}"})
+    return out
+
+
+def _set_act_bits(model: torch.nn.Module, act_bits: int) -> None:
+    """quantize_tiny quantizes activations to 4 bits; 16 and above: none (in every module of ``model``)."""
+    if act_bits < 16:
+        return
+    none = ActQuantSpec(bits=16)
+    for module in model.modules():
+        if isinstance(module, CodeQuantLinear):
+            module.act = none
+        elif isinstance(module, CodeQuantExperts):
+            module.act = module.down_act = none
+        elif isinstance(module, CodeQuantRouter):
+            module.act = none

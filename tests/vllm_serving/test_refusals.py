@@ -97,11 +97,11 @@ def test_unverified_index_width_is_refused(tmp_path):
 
 
 def test_unverified_architecture_is_refused(tmp_path):
-    model = quantize_tiny(tiny_model("mixtral"))
-    ckpt = save_quantized(model, tmp_path / "mixtral")
+    model = quantize_tiny(tiny_model("phimoe"))
+    ckpt = save_quantized(model, tmp_path / "phimoe")
     message = vllm_error(ckpt)
-    assert "['MixtralForCausalLM'] is not verified" in message
-    assert "verified: Qwen3MoeForCausalLM" in message and "codequant generate" in message
+    assert "['PhimoeForCausalLM'] is not verified" in message
+    assert "verified: Qwen3MoeForCausalLM, MixtralForCausalLM" in message and "codequant generate" in message
 
 
 def test_hub_name_is_refused(checkpoint):

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
     LinearMethodBase,
     QKVParallelLinear,
+    ReplicatedLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
@@ -42,13 +44,22 @@ from .sharding import column_shard_features, column_shard_part, row_slice, shard
 # vLLM's merged layers and the checkpoint projections they stack, in shard order
 DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+# vLLM module names that differ from the checkpoint's (transformers 5) names: vLLM -> checkpoint
+_CHECKPOINT_NAMES = {".block_sparse_moe.": ".mlp."}
 
 
 # the model classes whose vLLM output tests/vllm_serving/test_serving.py checks against transformers
-VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
 # the index width those tests cover (16-centroid codebooks)
 VERIFIED_BITS = 4
 USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`, or from_pretrained after `import codequant`)"
+
+
+def checkpoint_name(name: str) -> str:
+    """The checkpoint's name of a vLLM module (Mixtral's ``block_sparse_moe`` is transformers 5's ``mlp``)."""
+    for vllm_part, ckpt_part in _CHECKPOINT_NAMES.items():
+        name = name.replace(vllm_part, ckpt_part)
+    return name
 
 
 def refusal(reason: str) -> CheckpointError:
@@ -122,7 +133,7 @@ class CodeQuantVllmConfig(QuantizationConfig):
         check_servable(self.checkpoint, list(getattr(hf_config, "architectures", None) or []))
 
     def spec(self, name: str) -> dict | None:
-        return self.checkpoint.modules.get(name)
+        return self.checkpoint.modules.get(checkpoint_name(name))
 
     def part_names(self, prefix: str) -> list[str]:
         """The checkpoint modules a vLLM layer stacks (``...qkv_proj`` -> q_proj, k_proj, v_proj)."""
@@ -312,3 +323,37 @@ class CodeQuantMoEMethod(FusedMoEMethodBase):
         gate_up = PackedWeight(layer.gate_up_indices, layer.gate_up_codebook, layer.gate_up_row_sum, self.spec["hidden_dim"])
         down = PackedWeight(layer.down_indices, layer.down_codebook, layer.down_row_sum, layer.cq_intermediate)
         return kernels.moe(x, topk_ids, topk_weights, gate_up, down, self.act, self.down_act, self.hadamard_block)
+
+
+def quantize_plain_linears(model: torch.nn.Module, config: CodeQuantVllmConfig) -> None:
+    """Give the checkpoint's quantized routers and gates the codequant method where vLLM builds them unquantized.
+
+    Mixtral, Qwen2-MoE and OLMoE build their router (and Qwen2-MoE its ``shared_expert_gate``) with
+    ``quant_config=None``; the checkpoint quantizes them (``Q_act(x) W_hat^T``, as transformers runs
+    them). Each such layer is rebuilt, before any weight loads, as the same class with this config,
+    and every reference to it (Qwen2-MoE's shared expert holds its gate) is pointed at the new one."""
+    swaps = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase) or not isinstance(module.quant_method, UnquantizedLinearMethod):
+            continue
+        if config.spec(module.prefix) is None:
+            continue
+        if type(module) not in (ReplicatedLinear, GateLinear) or module.has_bias:
+            raise refusal(f"vLLM builds {module.prefix} ({type(module).__name__}) unquantized, the checkpoint quantizes it")
+        if id(module) in swaps:
+            continue
+        if isinstance(module, GateLinear):
+            new = GateLinear(module.input_size, module.output_size, bias=False, out_dtype=module.out_dtype,
+                             params_dtype=module.params_dtype, quant_config=config, prefix=module.prefix,
+                             return_bias=module.return_bias)
+        else:
+            new = ReplicatedLinear(module.input_size, module.output_size, bias=False, skip_bias_add=module.skip_bias_add,
+                                   params_dtype=module.params_dtype, quant_config=config, prefix=module.prefix,
+                                   return_bias=module.return_bias)
+        swaps[id(module)] = new
+    if not swaps:
+        return
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in swaps:
+                setattr(parent, child_name, swaps[id(child)])
