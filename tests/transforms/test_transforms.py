@@ -197,3 +197,18 @@ def test_train_rotation_from_identity_learns():
     assert float(quantization_error(x @ R)) < 0.5 * float(quantization_error(x))
     with pytest.raises(ValueError):
         train_rotation(x, steps=1, init="nope")
+
+
+@pytest.mark.parametrize("stream_dim", [-1, -2])
+def test_rotation_in_slices_equals_the_whole_product(stream_dim, monkeypatch):
+    """R1 folded a few weights at a time (columns of each expert for dim -2) gives t R or
+    R^T t of the whole stack."""
+    from codequant.transforms import rotation
+
+    g = torch.Generator().manual_seed(0)
+    R = random_hadamard(16, 0, torch.float64)
+    t = torch.randn(3, 16, 16, generator=g)
+    expected = (t.double() @ R if stream_dim == -1 else R.T @ t.double()).float()
+    monkeypatch.setattr(rotation, "ROTATE_CHUNK", 40)  # 2 rows of 16 (dim -1), 2 columns of 16 (dim -2)
+    rotation._rotate_stream(t, stream_dim, R)
+    assert torch.allclose(t, expected, atol=1e-6)

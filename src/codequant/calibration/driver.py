@@ -127,7 +127,7 @@ class Quantizer:
         r1 = load_file(str(saved))["R1"] if saved is not None and saved.is_file() else self.make_r1(self, tokens)
         if saved is not None:
             atomic_save_tensors({"R1": r1.contiguous()}, saved)
-        self.r1 = r1.to(torch.float64)
+        self.r1 = r1.to(self.device, torch.float64)  # folded on the calibration device, a slice at a time
         rotate_residual(self.model, self.adapter, self.r1, layers=(), outside=True)
 
     def open_layer(self, i: int, rotated: bool) -> nn.Module:
