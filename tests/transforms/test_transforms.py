@@ -203,12 +203,26 @@ def test_train_rotation_from_identity_learns():
 def test_rotation_in_slices_equals_the_whole_product(stream_dim, monkeypatch):
     """R1 folded a few weights at a time (columns of each expert for dim -2) gives t R or
     R^T t of the whole stack."""
-    from codequant.transforms import rotation
+    from codequant.transforms import norm_fold, rotation
 
     g = torch.Generator().manual_seed(0)
     R = random_hadamard(16, 0, torch.float64)
     t = torch.randn(3, 16, 16, generator=g)
     expected = (t.double() @ R if stream_dim == -1 else R.T @ t.double()).float()
-    monkeypatch.setattr(rotation, "ROTATE_CHUNK", 40)  # 2 rows of 16 (dim -1), 2 columns of 16 (dim -2)
+    monkeypatch.setattr(norm_fold, "FOLD_CHUNK", 40)  # 2 rows of 16 (dim -1), 2 columns of 16 (dim -2)
     rotation._rotate_stream(t, stream_dim, R)
     assert torch.allclose(t, expected, atol=1e-6)
+
+
+def test_norm_folding_in_slices_is_bit_identical(monkeypatch):
+    """gamma folded a few rows at a time gives exactly the weights of one whole-tensor fold."""
+    from codequant.transforms import norm_fold
+
+    def folded():
+        model = tiny_model("qwen3_moe")
+        return fold_norms(model, get_adapter(model))
+
+    whole = folded()
+    monkeypatch.setattr(norm_fold, "FOLD_CHUNK", 100)  # rows of 64: one row at a time
+    sliced = folded()
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), sliced.state_dict().values()))

@@ -23,13 +23,24 @@ Where the checkpoint code finds what changed (module names relative to the model
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter
 from ..modules.norm import RMSNorm
+
+
+FOLD_CHUNK = 1 << 24  # weights folded at a time: float64 temporaries of a few hundred MiB, not of a whole expert stack
+
+
+def row_slices(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views of t [..., K] as rows [R, K], :data:`FOLD_CHUNK` weights (at least one row) at a time."""
+    rows = t.view(-1, t.shape[-1])
+    step = max(1, FOLD_CHUNK // t.shape[-1])
+    for r0 in range(0, rows.shape[0], step):
+        yield rows[r0 : r0 + step]
 
 
 def untie_word_embeddings(model: nn.Module, adapter: ArchitectureAdapter) -> bool:
@@ -78,15 +89,15 @@ def fold_norms(model: nn.Module, adapter: ArchitectureAdapter, layers: Collectio
             beta_in_readers = beta is not None and all(isinstance(r.module, nn.Linear) for r in g.readers)
             for r in g.readers:
                 w = r.tensor
-                w64 = w.double()
                 if beta_in_readers:
-                    shift = w64 @ beta.double()
+                    shift = w.double() @ beta.double()
                     if r.module.bias is None:
                         r.module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
                         added_biases.append(r.name)
                     r.module.bias.copy_((r.module.bias.double() + shift).to(r.module.bias.dtype))
                 if gamma is not None:
-                    w.copy_((w64 * gamma.double()).to(w.dtype))
+                    for part in row_slices(w):  # float64 product (exact), one rounding to w's dtype
+                        part.copy_((part.double() * gamma.to(part.device, torch.float64)).to(w.dtype))
             if isinstance(g.norm, nn.LayerNorm):
                 keep_bias = beta is not None and not beta_in_readers
                 if keep_bias and gamma is not None:
