@@ -214,15 +214,17 @@ def test_rotation_in_slices_equals_the_whole_product(stream_dim, monkeypatch):
     assert torch.allclose(t, expected, atol=1e-6)
 
 
-def test_norm_folding_in_slices_is_bit_identical(monkeypatch):
-    """gamma folded a few rows at a time gives exactly the weights of one whole-tensor fold."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "phimoe"])  # RMSNorm; LayerNorm (writers centred too)
+def test_norm_folding_in_slices_is_bit_identical(arch, monkeypatch):
+    """Norms folded (and writers centred) a few lines at a time give exactly the weights of
+    one whole-tensor fold."""
     from codequant.transforms import norm_fold
 
     def folded():
-        model = tiny_model("qwen3_moe")
+        model = tiny_model(arch)
         return fold_norms(model, get_adapter(model))
 
     whole = folded()
-    monkeypatch.setattr(norm_fold, "FOLD_CHUNK", 100)  # rows of 64: one row at a time
+    monkeypatch.setattr(norm_fold, "FOLD_CHUNK", 100)  # lines of 64: one at a time
     sliced = folded()
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), sliced.state_dict().values()))

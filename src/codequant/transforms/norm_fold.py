@@ -35,12 +35,22 @@ from ..modules.norm import RMSNorm
 FOLD_CHUNK = 1 << 24  # weights folded at a time: float64 temporaries of a few hundred MiB, not of a whole expert stack
 
 
-def row_slices(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Views of t [..., K] as rows [R, K], :data:`FOLD_CHUNK` weights (at least one row) at a time."""
-    rows = t.view(-1, t.shape[-1])
-    step = max(1, FOLD_CHUNK // t.shape[-1])
-    for r0 in range(0, rows.shape[0], step):
-        yield rows[r0 : r0 + step]
+def stream_slices(t: torch.Tensor, stream_dim: int) -> Iterator[torch.Tensor]:
+    """Views of t that keep its stream dim whole, :data:`FOLD_CHUNK` weights (at least one
+    line) at a time: rows [R, K] of t viewed as [-1, K] (stream_dim -1), or column blocks
+    [H, C] of each leading matrix [H, N] (stream_dim -2)."""
+    if stream_dim == -1:
+        rows = t.view(-1, t.shape[-1])
+        step = max(1, FOLD_CHUNK // t.shape[-1])
+        for r0 in range(0, rows.shape[0], step):
+            yield rows[r0 : r0 + step]
+    elif stream_dim == -2:
+        step = max(1, FOLD_CHUNK // t.shape[-2])
+        for matrix in t.view(-1, *t.shape[-2:]):
+            for c0 in range(0, matrix.shape[-1], step):
+                yield matrix[:, c0 : c0 + step]
+    else:
+        raise ValueError(f"stream_dim must be -1 or -2, got {stream_dim}")
 
 
 def untie_word_embeddings(model: nn.Module, adapter: ArchitectureAdapter) -> bool:
@@ -58,12 +68,13 @@ def untie_word_embeddings(model: nn.Module, adapter: ArchitectureAdapter) -> boo
 
 def center_residual_writers(model: nn.Module, adapter: ArchitectureAdapter, layers: Collection[int] | None = None, outside: bool = True) -> None:
     """Subtract from every stream writer (and the embedding table) its mean over the
-    hidden dim, so the residual stream has zero mean (in float64, cast back); ``layers`` and
+    hidden dim, so the residual stream has zero mean (in float64 a slice at a time, cast back); ``layers`` and
     ``outside`` as in :func:`fold_norms`."""
     with torch.no_grad():
         for w in adapter.residual_writers(model, layers, embedding=outside):
             t = w.tensor
-            t.copy_(_centered(t.double(), w.stream_dim).to(t.dtype))
+            for part in stream_slices(t, w.stream_dim):
+                part.copy_(_centered(part.double(), w.stream_dim).to(t.dtype))
             if w.bias is not None:
                 b = w.bias_tensor
                 b.copy_(_centered(b.double(), -1).to(b.dtype))
@@ -96,7 +107,7 @@ def fold_norms(model: nn.Module, adapter: ArchitectureAdapter, layers: Collectio
                         added_biases.append(r.name)
                     r.module.bias.copy_((r.module.bias.double() + shift).to(r.module.bias.dtype))
                 if gamma is not None:
-                    for part in row_slices(w):  # float64 product (exact), one rounding to w's dtype
+                    for part in stream_slices(w, -1):  # float64 product (exact), one rounding to w's dtype
                         part.copy_((part.double() * gamma.to(part.device, torch.float64)).to(w.dtype))
             if isinstance(g.norm, nn.LayerNorm):
                 keep_bias = beta is not None and not beta_in_readers

@@ -27,8 +27,7 @@ from ..adapters import ArchitectureAdapter
 from ..core.activations import ActQuantSpec, dequantize_activations, quantize_activations
 from ..core.hadamard import block_hadamard, largest_power_of_two_block, random_hadamard
 from ..core.swiglu import swiglu
-from . import norm_fold
-from .norm_fold import residual_norms_are_folded, row_slices, untie_word_embeddings
+from .norm_fold import residual_norms_are_folded, stream_slices, untie_word_embeddings
 
 
 # -- R1 -------------------------------------------------------------------------------
@@ -63,21 +62,12 @@ def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, R1: torch.Te
 
 def _rotate_stream(t: torch.Tensor, stream_dim: int, R: torch.Tensor) -> None:
     """t <- t R over its last dim (stream_dim -1) or R^T t over dim -2, in float64 on R's
-    device, :data:`~.norm_fold.FOLD_CHUNK` weights at a time (rows for -1, columns of each
-    leading slice for -2): a whole expert stack in float64 would take 16 bytes more per weight."""
-    if stream_dim not in (-1, -2):
-        raise ValueError(f"stream_dim must be -1 or -2, got {stream_dim}")
+    device, a :func:`~.norm_fold.stream_slices` slice at a time (a whole expert stack in
+    float64 would take 16 bytes more per weight)."""
     R64 = R.to(torch.float64)
-    if stream_dim == -1:
-        for part in row_slices(t):
-            part.copy_((part.to(R64.device, torch.float64) @ R64).to(t.dtype))
-        return
-    stack = t.view(-1, *t.shape[-2:])
-    step = max(1, norm_fold.FOLD_CHUNK // t.shape[-2])
-    for matrix in stack:
-        for c0 in range(0, matrix.shape[-1], step):
-            part = matrix[:, c0 : c0 + step]
-            part.copy_((R64.T @ part.to(R64.device, torch.float64)).to(t.dtype))
+    for part in stream_slices(t, stream_dim):
+        x = part.to(R64.device, torch.float64)
+        part.copy_((x @ R64 if stream_dim == -1 else R64.T @ x).to(t.dtype))
 
 
 # -- R2 -------------------------------------------------------------------------------
