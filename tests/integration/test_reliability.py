@@ -319,6 +319,20 @@ def test_resume_with_other_settings_is_refused(capsys, tmp_path, calib):
     assert rc == 2 and error_line(err) == resume_refusal(out, "other settings (wbits: 4 then, 3 now)")
 
 
+def test_resume_of_an_earlier_codequants_run_is_refused(capsys, tmp_path, calib):
+    """OUT.partial written before the layer files carried full module specs (no ``layer_files``
+    in its manifest) cannot be resumed: refused, with the fix."""
+    out = tmp_path / "q"
+    _interrupted_run(FIXTURE, out, calib)
+    manifest = partial_dir(out) / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["layer_files"]
+    manifest.write_text(json.dumps(old))
+    rc, _, err = run(capsys, "quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), *FAST)
+    assert rc == 2 and error_line(err) == (f"codequant: error: {out}.partial holds an interrupted run of an earlier codequant, "
+                                           f"whose layer files this one cannot read; delete {out}.partial to start over")
+
+
 def test_resume_with_other_calibration_data_is_refused(capsys, tmp_path, calib):
     data = tmp_path / "calib.txt"
     data.write_text(calib.read_text())

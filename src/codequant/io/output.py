@@ -18,6 +18,7 @@ from pathlib import Path
 from .checkpoint import CONFIG_NAME, INDEX_FILE, QUANT_METHOD, SINGLE_FILE
 
 MANIFEST = "manifest.json"
+LAYER_FILES = 2  # layout of OUT.partial's layer files (2: every quantized module's full spec, read through the module registry)
 
 
 class OutputError(ValueError):
@@ -105,6 +106,7 @@ def data_fingerprint(calib: str | None) -> str | None:
 def run_record(source: str | os.PathLike | None, settings: dict, calib: str | None) -> dict:
     """What identifies a run for resume: the source model, every setting that changes the result, the calibration data."""
     return {
+        "layer_files": LAYER_FILES,
         "source": source_fingerprint(source) if source is not None else None,
         "settings": settings,
         "calibration": data_fingerprint(calib),
@@ -120,6 +122,9 @@ def start_or_resume(partial: Path, record: dict, create: bool = True) -> bool:
     manifest = partial / MANIFEST
     if manifest.is_file():
         found = json.loads(manifest.read_text())
+        if found.get("layer_files") != record["layer_files"]:
+            raise OutputError(f"{partial} holds an interrupted run of an earlier codequant, whose layer files this one cannot read; "
+                              f"delete {partial} to start over")
         for key, what in (("source", "another source model"), ("settings", "other settings"), ("calibration", "other calibration data")):
             if found.get(key) != record[key]:
                 detail = ""
