@@ -30,7 +30,7 @@ from .layer_store import LayerStore
 from .layers import InMemoryLayers, LayerRunner, on_device
 from .loading import resolve_device
 from .moe_block import MoEBlockCalibrator
-from .resources import StageClock, host_rss_peak_gib, plan_memory
+from .resources import GIB, StageClock, host_rss_peak_gib, plan_memory
 from .rotations import r1_rotation
 from .statistics import collect_inputs
 from .weights import calibrate_linear
@@ -127,7 +127,7 @@ class Quantizer:
         r1 = load_file(str(saved))["R1"] if saved is not None and saved.is_file() else self.make_r1(self, tokens)
         if saved is not None:
             atomic_save_tensors({"R1": r1.contiguous()}, saved)
-        self.r1 = r1.to(self.device, torch.float64)  # folded on the calibration device, a slice at a time
+        self.r1 = r1.to(torch.float64)
         rotate_residual(self.model, self.adapter, self.r1, layers=(), outside=True)
 
     def open_layer(self, i: int, rotated: bool) -> nn.Module:
@@ -188,7 +188,7 @@ class Quantizer:
                 self.close_layer(i, done=True)
             elapsed = time.time() - start
             log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left, peak GPU %.2f GiB, peak host RSS %.2f GiB", i + 1, len(layers), elapsed,
-                     elapsed / (i + 1) * (len(layers) - i - 1), self.clock.peak_gpu_total / 2**30, host_rss_peak_gib())
+                     elapsed / (i + 1) * (len(layers) - i - 1), self.clock.peak_gpu_total / GIB, host_rss_peak_gib())
         self.stage_bar = None
 
     stage_bar = None

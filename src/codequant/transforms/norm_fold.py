@@ -96,6 +96,7 @@ def fold_norms(model: nn.Module, adapter: ArchitectureAdapter, layers: Collectio
     with torch.no_grad():
         for g in groups:
             gamma = _norm_weight(g.norm)
+            gamma64 = gamma.double() if gamma is not None else None
             beta = getattr(g.norm, "bias", None) if isinstance(g.norm, nn.LayerNorm) else None
             beta_in_readers = beta is not None and all(isinstance(r.module, nn.Linear) for r in g.readers)
             for r in g.readers:
@@ -108,7 +109,7 @@ def fold_norms(model: nn.Module, adapter: ArchitectureAdapter, layers: Collectio
                     r.module.bias.copy_((r.module.bias.double() + shift).to(r.module.bias.dtype))
                 if gamma is not None:
                     for part in stream_slices(w, -1):  # float64 product (exact), one rounding to w's dtype
-                        part.copy_((part.double() * gamma.to(part.device, torch.float64)).to(w.dtype))
+                        part.copy_((part.double() * gamma64).to(w.dtype))
             if isinstance(g.norm, nn.LayerNorm):
                 keep_bias = beta is not None and not beta_in_readers
                 if keep_bias and gamma is not None:

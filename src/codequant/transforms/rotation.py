@@ -61,12 +61,12 @@ def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, R1: torch.Te
 
 
 def _rotate_stream(t: torch.Tensor, stream_dim: int, R: torch.Tensor) -> None:
-    """t <- t R over its last dim (stream_dim -1) or R^T t over dim -2, in float64 on R's
-    device, a :func:`~.norm_fold.stream_slices` slice at a time (a whole expert stack in
-    float64 would take 16 bytes more per weight)."""
-    R64 = R.to(torch.float64)
+    """t <- t R over its last dim (stream_dim -1) or R^T t over dim -2, in float64, a
+    :func:`~.norm_fold.stream_slices` slice at a time (a whole expert stack in float64 would
+    take 16 bytes more per weight)."""
+    R64 = R.to(device=t.device, dtype=torch.float64)
     for part in stream_slices(t, stream_dim):
-        x = part.to(R64.device, torch.float64)
+        x = part.double()
         part.copy_((x @ R64 if stream_dim == -1 else R64.T @ x).to(t.dtype))
 
 
