@@ -44,8 +44,8 @@ from .sharding import column_shard_features, column_shard_part, row_slice, shard
 # vLLM's merged layers and the checkpoint projections they stack, in shard order
 DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
-# vLLM module names that differ from the checkpoint's (transformers 5) names: vLLM -> checkpoint
-_CHECKPOINT_NAMES = {".block_sparse_moe.": ".mlp."}
+# vLLM module names that differ from the checkpoint's (transformers 5) names: (vLLM, checkpoint) parts
+VLLM_TO_CHECKPOINT = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's MoE block
 
 
 # the model classes whose vLLM output tests/vllm_serving/test_serving.py checks against transformers
@@ -55,11 +55,16 @@ VERIFIED_BITS = 4
 USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`, or from_pretrained after `import codequant`)"
 
 
+def renamed(name: str, parts) -> str:
+    """``name`` with each (old, new) part of ``parts`` replaced."""
+    for old, new in parts:
+        name = name.replace(old, new)
+    return name
+
+
 def checkpoint_name(name: str) -> str:
     """The checkpoint's name of a vLLM module (Mixtral's ``block_sparse_moe`` is transformers 5's ``mlp``)."""
-    for vllm_part, ckpt_part in _CHECKPOINT_NAMES.items():
-        name = name.replace(vllm_part, ckpt_part)
-    return name
+    return renamed(name, VLLM_TO_CHECKPOINT)
 
 
 def refusal(reason: str) -> CheckpointError:

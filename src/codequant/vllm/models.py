@@ -20,7 +20,7 @@ from vllm.model_executor.models.olmoe import OlmoeForCausalLM as _Olmoe
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM as _Qwen2Moe
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
-from .method import CodeQuantVllmConfig, quantize_plain_linears
+from .method import VLLM_TO_CHECKPOINT, CodeQuantVllmConfig, quantize_plain_linears, renamed
 
 
 def _codequant(vllm_config) -> CodeQuantVllmConfig | None:
@@ -29,7 +29,7 @@ def _codequant(vllm_config) -> CodeQuantVllmConfig | None:
 
 
 class _QuantizedRouters:
-    # (checkpoint substring, vLLM substring) of weight names
+    # (checkpoint, vLLM) parts of weight names
     RENAMES: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, *, vllm_config, prefix: str = ""):
@@ -40,18 +40,12 @@ class _QuantizedRouters:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self._cq is not None and self.RENAMES:
-            weights = ((_rename(name, self.RENAMES), w) for name, w in weights)
+            weights = ((renamed(name, self.RENAMES), w) for name, w in weights)
         return super().load_weights(weights)
 
 
-def _rename(name: str, renames) -> str:
-    for old, new in renames:
-        name = name.replace(old, new)
-    return name
-
-
 class MixtralForCausalLM(_QuantizedRouters, _Mixtral):
-    RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.experts.", ".block_sparse_moe.experts."))
+    RENAMES = tuple((ckpt, vllm) for vllm, ckpt in VLLM_TO_CHECKPOINT)  # the inverse of checkpoint_name
 
 
 class Qwen2MoeForCausalLM(_QuantizedRouters, _Qwen2Moe):
