@@ -76,3 +76,27 @@ def test_report_gives_time_and_peak_memory_per_stage():
     assert all(s >= 0 for s in stages.values())
     assert result.report["peak_host_rss_gib"] > 0
     assert evaluate(result.model, tiny_input_ids(2, 32, seed=7), fp, progress=False)["kl"] < 1.0
+
+
+@pytest.mark.parametrize("method", ["codequant", "gptq"])
+def test_layer_calibration_records_no_autograd_graph_outside_accf(monkeypatch, method):
+    """Statistics, k-means, GPTQ and packing run without autograd: nothing of a layer's calibration
+    is saved for a backward pass except by ACCF's training steps (here none: accf_epochs = 0).
+    A graph through the experts' weights once kept every expert's routed inputs and every k-means
+    temporary alive until the layer ended, about ten times the layer's size on the device."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from codequant.calibration.driver import Quantizer
+
+    saved = []
+    calibrate = Quantizer.quantize_layer
+
+    def recorded(self, *args):
+        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            return calibrate(self, *args)
+
+    monkeypatch.setattr(Quantizer, "quantize_layer", recorded)
+    model = tiny_model("qwen3_moe")
+    with torch.enable_grad():
+        quantize(model, QuantConfig(method=method, **{**FAST, "accf_epochs": 0}), progress=False, calibration=tiny_input_ids(8, 32, 1))
+    assert saved == []

@@ -199,6 +199,7 @@ class Quantizer:
             self.stage_bar.set_postfix_str(name)
         return self.clock.stage(name)
 
+    @torch.no_grad()  # statistics and k-means must not record autograd graphs (they held ~10x a layer); ACCF enables grad itself
     def quantize_layer(self, i: int, layer: nn.Module, x: torch.Tensor, run: LayerRunner) -> None:
         targets = [t for t in self.adapter.quant_targets(layer) if self._selected(layer, t)]
         attn_prefix = self.adapter.layout.attention + "."

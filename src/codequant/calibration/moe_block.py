@@ -178,8 +178,7 @@ class MoEBlockCalibrator:
 
         steps = config.accf_epochs * -(-xm.shape[0] // config.accf_batch_tokens)
         bar = tqdm(total=steps, desc=f"ACCF {self.name} MoE block", leave=False, disable=not q.progress)
-        with torch.enable_grad():
-            history = accf.finetune([wb.book for wb in books.values()], loss_fn, xm.shape[0], config.accf_epochs, config.accf_lr, config.accf_batch_tokens, reassign_all, config.seed, bar.update, eval_tokens=4 * config.accf_batch_tokens)
+        history = accf.finetune([wb.book for wb in books.values()], loss_fn, xm.shape[0], config.accf_epochs, config.accf_lr, config.accf_batch_tokens, reassign_all, config.seed, bar.update, eval_tokens=4 * config.accf_batch_tokens)
         bar.close()
         q.report["accf"][f"{self.name}.mlp"] = history
         for sim in sims:

@@ -50,6 +50,7 @@ class InputStats:
     hessian: torch.Tensor | None = None
 
     @classmethod
+    @torch.no_grad()
     def of(cls, x: torch.Tensor, act: ActQuantSpec, hessian: bool, device: torch.device | None = None, transform=None, batch: int = 8192) -> "InputStats":
         """Statistics of the rows of x [T, K] (T > 0; after ``transform``), summed over batches
         of ``batch`` rows moved to ``device`` (default: x's device)."""

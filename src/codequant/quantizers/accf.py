@@ -146,9 +146,10 @@ def finetune(
     for _ in range(epochs):
         order = torch.randperm(num_tokens, generator=g)
         for batch in order.split(batch_tokens):
-            loss = loss_fn(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.enable_grad():  # callers calibrate under no_grad
+                loss = loss_fn(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             if progress is not None:
                 progress()

@@ -182,6 +182,7 @@ def _kmeans_1d(x: torch.Tensor, w: torch.Tensor | None, size: int, iters: int) -
     return _nearest_sorted(x, centroids), centroids
 
 
+@torch.no_grad()
 def fit_codebooks(
     weight: torch.Tensor,
     bits: int = 4,
