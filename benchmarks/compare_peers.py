@@ -11,6 +11,7 @@ scales and zeros). Rows (``--rows``):
   codequant:w4a16:feedback / :nearest   CodeQuant (AOS + POG + codebooks + ACCF), weights assigned
                                         with Hessian error feedback or by nearest centroid
   codequant:w4a4:feedback / :nearest    the same with 4-bit per-token activations
+  codequant:w4a16:nearest:block4        ... then block-output tuning for 4 epochs (block_tuning_epochs)
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
   autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric
   gptqmodel:w4a16                       GPTQModel (pip install gptqmodel), group 128
@@ -59,10 +60,16 @@ def quantized_share(before: dict[str, torch.Tensor], model) -> float:
     return changed / sum(w.numel() for w in before.values())
 
 
-def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str) -> tuple[torch.nn.Module, dict]:
-    config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device=device)
+def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str, block_tuning_epochs: int = 0) -> tuple[torch.nn.Module, dict]:
+    config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device=device,
+                         block_tuning_epochs=block_tuning_epochs)
     result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=False, calibration=calib)
-    return result.model, {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
+    stages = result.report["seconds_per_stage"]
+    info = {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
+    if block_tuning_epochs:
+        info["block_tuning_seconds"] = round(stages.get("block tuning", 0.0) + stages.get("block tuning/reference", 0.0), 1)
+        info["block_tuning_loss_per_epoch"] = result.report["block_tuning_loss_per_epoch"]
+    return result.model, info
 
 
 def run_autoround(fp_model, tokenizer, calib, iters: int) -> tuple[torch.nn.Module, dict]:
@@ -96,7 +103,12 @@ def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Modul
     method, mode = parts[0], parts[1]
     if mode not in ABITS:
         raise ValueError(f"row {spec!r}: mode must be one of {', '.join(ABITS)}")
-    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device)
+    epochs = 0
+    if len(parts) > 3:
+        if not (parts[3].startswith("block") and parts[3][5:].isdigit()):
+            raise ValueError(f"row {spec!r}: the fourth part must be blockN (N epochs of block-output tuning)")
+        epochs = int(parts[3][5:])
+    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device, epochs)
 
 
 def main(argv: list[str]) -> int:

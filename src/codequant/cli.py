@@ -29,6 +29,7 @@ def _config_from_args(args):
         "method": args.method, "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "seed": args.seed,
         "max_gpu_memory": args.max_gpu_memory, "stream": True if args.stream else None,
+        "block_tuning_epochs": args.block_tuning_epochs,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.config:
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-gpu-memory", type=float, metavar="GIB", help="cap on the device memory (GiB); fewer experts at a time, refused up front if one layer cannot fit")
     q.add_argument("--stream", action="store_true", help="read each decoder layer from disk when its turn comes and free it once written (default: load the whole model into host memory first)")
     q.add_argument("--seed", type=int, help="random seed of sampling, k-means and rotations (default 0)")
+    q.add_argument("--block-tuning-epochs", type=int, metavar="N", help="tune each quantized layer's codebooks against the full-precision layer's output for N epochs (default 0: off)")
     q.add_argument("--config", help="YAML or TOML file of QuantConfig options; flags override it")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)

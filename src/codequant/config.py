@@ -98,6 +98,10 @@ class QuantConfig:
     accf_lr: float = 1e-4
     accf_batch_tokens: int = 4096
     router_kl_weight: float = 1.0
+    # block-output tuning (calibration/layer_tuning.py): every codebook of a quantized decoder layer
+    # tuned together against the full-precision layer's output; 0 epochs: off
+    block_tuning_epochs: int = 0
+    block_tuning_lr: float = 1e-4
 
     def __post_init__(self):
         self.check_types(dataclasses.asdict(self), "QuantConfig")
@@ -133,6 +137,10 @@ class QuantConfig:
             raise ValueError(f"unknown weight_assignment {self.weight_assignment!r}; choose one of: {', '.join(ASSIGNMENTS)}")
         if self.feedback_alternations < 1:
             raise ValueError(f"feedback_alternations must be at least 1, got {self.feedback_alternations}")
+        if self.block_tuning_epochs < 0:
+            raise ValueError(f"--block-tuning-epochs must be 0 (off) or a positive number of epochs, got {self.block_tuning_epochs}")
+        if not self.block_tuning_lr > 0:
+            raise ValueError(f"block_tuning_lr must be a positive learning rate, got {self.block_tuning_lr}")
         unknown = set(self.targets) - set(TARGET_KINDS)
         if unknown:
             raise ValueError(f"unknown targets {sorted(unknown)}; choose from: {', '.join(TARGET_KINDS)}")

@@ -188,6 +188,7 @@ def test_empty_calibration_file(capsys, tmp_path, tiny_dir):
 @pytest.mark.parametrize("flag,value,message", [
     ("--wbits", "5", "--wbits must be between 2 and 4 (codebooks of 4 to 16 centroids), got 5"),
     ("--abits", "1", "--abits must be between 2 and 8, or 16 for no activation quantization, got 1"),
+    ("--block-tuning-epochs", "-1", "--block-tuning-epochs must be 0 (off) or a positive number of epochs, got -1"),
     ("--group-size", "48", "--group-size 48 does not divide the row length 64 of model.layers.0.self_attn.q_proj; choose a divisor of 64"),
 ])
 def test_bad_numbers(capsys, tmp_path, tiny_dir, flag, value, message):

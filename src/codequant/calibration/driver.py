@@ -27,13 +27,14 @@ from ..transforms.permutation import apply_pog
 from ..transforms.rotation import rotate_residual, rotate_value_heads
 from ..utils import atomic_save_tensors
 from .layer_store import LayerStore
+from .layer_tuning import tune_layer
 from .layers import InMemoryLayers, LayerRunner, on_device
 from .loading import resolve_device
 from .moe_block import MoEBlockCalibrator
 from .resources import GIB, StageClock, host_rss_peak_gib, plan_memory
 from .rotations import r1_rotation
 from .statistics import collect_inputs
-from .weights import calibrate_linear
+from .weights import WeightBook, calibrate_linear
 
 log = logging.getLogger("codequant")
 
@@ -60,7 +61,7 @@ class Quantizer:
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
         self.make_r1 = r1_rotation(config.recipe.rotation)
         self.use_online_hadamard = config.online_hadamard and config.abits < 16 and self.make_r1 is not None
-        self.report: dict = {"unreached_experts": {}, "accf": {}}
+        self.report: dict = {"unreached_experts": {}, "accf": {}, "block_tuning": {}}
         self.store = LayerStore(self.adapter, self.act, config.wbits, self.device, self.partial, self.report)
 
     # stage selection ---------------------------------------------------------------------
@@ -201,25 +202,42 @@ class Quantizer:
 
     @torch.no_grad()  # statistics and k-means must not record autograd graphs (they held ~10x a layer); ACCF enables grad itself
     def quantize_layer(self, i: int, layer: nn.Module, x: torch.Tensor, run: LayerRunner) -> None:
+        """Quantize layer ``i``'s selected targets on the stream x [n, S, H] (its input, on the
+        host): attention, then the MLP / MoE block, then (``block_tuning_epochs``) block-output
+        tuning of all of them against the full-precision layer's output."""
+        tune = self.config.recipe.finetune and self.config.block_tuning_epochs > 0
+        y_ref = None
+        if tune:
+            with self.stage("block tuning/reference"):
+                y_ref = run(i, layer, x)  # the full-precision layer's output, before any target is quantized
+        books = self.quantize_targets(i, layer, x, run)
+        if tune and books:
+            with self.stage("block tuning"):
+                name = self.adapter.layer_name(i)
+                self.report["block_tuning"][name] = tune_layer(self, i, layer, books, x, y_ref)
+
+    def quantize_targets(self, i: int, layer: nn.Module, x: torch.Tensor, run: LayerRunner) -> dict[str, WeightBook]:
+        """Calibrate and install layer ``i``'s selected targets; returns their books."""
         targets = [t for t in self.adapter.quant_targets(layer) if self._selected(layer, t)]
         attn_prefix = self.adapter.layout.attention + "."
         attention = [t for t in targets if t.name.startswith(attn_prefix)]
         mlp = [t for t in targets if not t.name.startswith(attn_prefix)]
         name = self.adapter.layer_name(i)
+        books: dict[str, WeightBook] = {}
         # attention linears, on inputs from the full-precision attention
         with self.stage("attention"):
             inputs = collect_inputs({t.name: t.module for t in attention}, lambda: run(i, layer, x))
             for t in attention:
-                calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+                books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
         if not mlp:
-            return
+            return books
         # MLP block, on inputs from the quantized attention
         with self.stage("mlp"):
             block = self.adapter.mlp(layer)
             self.store.set_backend(layer, "reference")
             xm = collect_inputs({"block": block}, lambda: run(i, layer, x))["block"]
             if self.adapter.is_moe(layer):
-                MoEBlockCalibrator(self, layer, block, mlp, name)(xm)
+                books |= MoEBlockCalibrator(self, layer, block, mlp, name)(xm)
             else:
                 @torch.no_grad()
                 def run_block():
@@ -228,7 +246,8 @@ class Quantizer:
 
                 inputs = collect_inputs({t.name: t.module for t in mlp}, run_block)
                 for t in mlp:
-                    calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+                    books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+        return books
 
     def weight_for(self, layer, t: QuantTarget) -> tuple[torch.Tensor, int]:
         """The weight the quantizer sees (with the online Hadamard folded in) and its block."""

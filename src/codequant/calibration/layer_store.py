@@ -17,7 +17,7 @@ from ..io.checkpoint import checkpoint_state_dict
 from ..modules.experts import CodeQuantExperts
 from ..modules.linear import CodeQuantLinear
 from ..modules.registry import install_from_spec, quantized_modules
-from ..modules.router import quantize_router
+from ..modules.router import CodeQuantRouter, quantize_router
 from ..utils import atomic_save_tensors
 
 
@@ -31,7 +31,10 @@ class LayerStore:
 
     def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int) -> None:
         if t.kind == "router":
-            quantize_router(t.module, weight, self.act)
+            if isinstance(t.module, CodeQuantRouter):  # re-tuned after its first install
+                t.module.set_packed(weight)
+            else:
+                quantize_router(t.module, weight, self.act)
             return
         bias = None if t.module.bias is None else t.module.bias.detach().float()
         layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
@@ -39,11 +42,11 @@ class LayerStore:
     def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
         """The layer's checkpoint tensors (:func:`~codequant.io.checkpoint.checkpoint_state_dict`: packed
         modules, biases, norms; not what quantized modules rebuild at load), the spec of each quantized
-        module, the names of its parameters and its part of the report (unreached experts, ACCF losses)."""
+        module, the names of its parameters and its part of the report (unreached experts, ACCF and block-tuning losses)."""
         specs = {name: module.spec(self.bits) for name, module in quantized_modules(layer).items()}
         tensors = checkpoint_state_dict(layer)
         params = sorted(k for k, _ in layer.named_parameters() if k in tensors)
-        report = {key: {k: v for k, v in self.report[key].items() if k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf")}
+        report = {key: {k: v for k, v in self.report[key].items() if k == layer_name or k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf", "block_tuning")}
         atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "params": json.dumps(params), "report": json.dumps(report)})
 
     def saved_layer_tensors(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ block MSE + router KL, install the deployable modules."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -14,14 +13,12 @@ from tqdm.auto import tqdm
 
 from ..adapters import QuantTarget
 from ..core.activations import fake_quantize_activations
-from ..core.format import PackedWeight, pack
 from ..core.hadamard import block_hadamard
-from ..modules.experts import CodeQuantExperts
 from ..quantizers import accf
 from ..quantizers.weight_quantizer import WeightStats
 from .layers import block_output
 from .statistics import InputStats, all_token_experts_stats, capture_inputs, concat, experts_stats, stacked
-from .weights import experts_codebook, initial_codebook, needs_hessian, reassign
+from .weights import WeightBook, experts_codebook, initial_codebook, install_books, needs_hessian, reassign
 
 if TYPE_CHECKING:
     from .driver import Quantizer
@@ -41,18 +38,6 @@ class ExpertStats(NamedTuple):
     down: WeightStats
 
 
-@dataclass
-class WeightBook:
-    """A weight under calibration: its target, trainable codebook, the weight it approximates
-    (with the online Hadamard folded in), its input statistics and its Hadamard block."""
-
-    target: QuantTarget
-    book: accf.Codebook
-    weight: torch.Tensor
-    stats: WeightStats
-    hadamard_block: int
-
-
 class MoEBlockCalibrator:
     """Quantizes the MoE block ``block`` of decoder layer ``layer`` for the driver ``q``."""
 
@@ -63,8 +48,9 @@ class MoEBlockCalibrator:
         self.router_b = None if getattr(self.router, "bias", None) is None else self.router.bias.detach().float().clone()
         self.hessian = needs_hessian(q.config)
 
-    def __call__(self, xm: torch.Tensor) -> None:
-        """Calibrate on the block inputs xm [T, H] (on the host)."""
+    def __call__(self, xm: torch.Tensor) -> dict[str, WeightBook]:
+        """Calibrate on the block inputs xm [T, H] (on the host); returns the targets' books
+        (for block-output tuning)."""
         stage = self.q.stage
         with stage("mlp/collect"):
             y_ref, inputs, routing = self.collect(xm)
@@ -78,7 +64,8 @@ class MoEBlockCalibrator:
             with stage("mlp/ACCF"):
                 self.finetune(books, xm, y_ref)
         with stage("mlp/pack"):
-            self.install(books)
+            install_books(self.q, self.layer, books)
+        return books
 
     def collect(self, xm: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], Routing]:
         """The full-precision block's outputs [T, H], its linear targets' inputs and its routing."""
@@ -185,22 +172,3 @@ class MoEBlockCalibrator:
             sim.remove()
         if experts_target is not None:
             self.layer.set_submodule(experts_target.name, self.experts)
-
-    def install(self, books: dict[str, WeightBook]) -> None:
-        """Replace each target by its deployable packed module."""
-        q = self.q
-        for key, wb in books.items():
-            if wb.target.kind == "experts":
-                if key.endswith(".gate_up"):
-                    down = books[f"{wb.target.name}.down"].book
-                    module = CodeQuantExperts.from_packed(self.pack_experts(wb.book), self.pack_experts(down), q.act, q.act, wb.hadamard_block)
-                    self.layer.set_submodule(wb.target.name, module)
-            else:
-                q.store.install(self.layer, wb.target, pack(wb.book.idx, wb.book.codebook.detach()), wb.hadamard_block)
-
-    def pack_experts(self, book: accf.Codebook) -> PackedWeight:
-        """:func:`pack` of an expert stack, ``plan.expert_chunk`` experts at a time."""
-        chunk = self.q.plan.expert_chunk
-        codebook = book.codebook.detach()
-        parts = [pack(book.idx[e0 : e0 + chunk], codebook[e0 : e0 + chunk]) for e0 in range(0, book.idx.shape[0], chunk)]
-        return PackedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("indices", "codebook", "row_sum")), parts[0].in_features)

@@ -126,7 +126,7 @@ def quantize(
 
 
 def _report(q: Quantizer, data_source: str) -> dict:
-    """The run's report: method, bit widths, calibration source, bits per weight, unreached experts, ACCF losses."""
+    """The run's report: method, bit widths, calibration source, bits per weight, unreached experts, ACCF and block-tuning losses."""
     config = q.config
     return {
         "method": config.method,
@@ -137,6 +137,7 @@ def _report(q: Quantizer, data_source: str) -> dict:
         "bits_per_weight": round(model_bits_per_weight(q.model, config.wbits), 4),
         "unreached_experts": q.report["unreached_experts"],
         "accf_loss_per_epoch": q.report["accf"],
+        "block_tuning_loss_per_epoch": q.report["block_tuning"],
     }
 
 

@@ -1,8 +1,10 @@
 """One weight: its initial codebook by the method's weight quantizer (the registry in
-:mod:`codequant.quantizers.registry`), ACCF's reassignment, and a linear calibrated on its own inputs."""
+:mod:`codequant.quantizers.registry`), ACCF's reassignment, a linear calibrated on its own inputs,
+and weights under calibration (:class:`WeightBook`) installed as deployable packed modules."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,8 +13,9 @@ from torch import nn
 from ..adapters import QuantTarget
 from ..config import QuantConfig
 from ..core.activations import fake_quantize_activations
-from ..core.format import pack
+from ..core.format import PackedWeight, pack
 from ..core.hadamard import block_hadamard
+from ..modules.experts import CodeQuantExperts
 from ..quantizers import accf
 from ..quantizers.feedback import feedback_codebooks
 from ..quantizers.registry import weight_quantizer
@@ -21,6 +24,18 @@ from .statistics import InputStats
 
 if TYPE_CHECKING:
     from .driver import Quantizer
+
+
+@dataclass
+class WeightBook:
+    """A weight under calibration: its target, trainable codebook, the weight it approximates
+    (with the online Hadamard folded in), its input statistics and its Hadamard block."""
+
+    target: QuantTarget
+    book: accf.Codebook
+    weight: torch.Tensor
+    stats: WeightStats
+    hadamard_block: int
 
 
 def needs_hessian(config: QuantConfig) -> bool:
@@ -62,17 +77,17 @@ def reassign(book: accf.Codebook, weight: torch.Tensor, stats: WeightStats, chun
             book.idx[part] = idx
 
 
-def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> None:
+def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> WeightBook:
     """A linear (or router) of driver ``q``'s layer fitted on its own inputs x [T, K]: codebooks,
-    then ACCF on the output MSE ||Q(x) W_hat^T - x W^T||^2 / ||x W^T||^2; installed packed."""
+    then ACCF on the output MSE ||Q(x) W_hat^T - x W^T||^2 / ||x W^T||^2; installed packed.
+    Returns its :class:`WeightBook` (for block-output tuning)."""
     config = q.config
     w, hb = q.weight_for(layer, t)
     transform = (lambda v: block_hadamard(v, hb)) if hb else None
     g = q.group(w.shape[-1], full_name)
     stats = InputStats.of(x, q.act, needs_hessian(config), q.device, transform, q.plan.token_batch).weight_stats()
-    idx, cb = initial_codebook(w, stats, config, g)
+    book = accf.Codebook(*initial_codebook(w, stats, config, g))
     if config.recipe.finetune:
-        book = accf.Codebook(idx, cb)
 
         def loss_fn(batch):
             xb = x[batch].to(q.device)
@@ -83,5 +98,27 @@ def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Te
 
         history = accf.finetune([book], loss_fn, x.shape[0], config.accf_epochs, config.accf_lr, config.accf_batch_tokens, lambda: reassign(book, w, stats), config.seed, eval_tokens=4 * config.accf_batch_tokens)
         q.report["accf"][full_name] = history
-        idx, cb = book.idx, book.codebook.detach()
-    q.store.install(layer, t, pack(idx, cb), hb)
+    wb = WeightBook(t, book, w, stats, hb)
+    install_books(q, layer, {t.name: wb})
+    return wb
+
+
+def install_books(q: Quantizer, layer: nn.Module, books: dict[str, WeightBook]) -> None:
+    """Replace each target of ``layer`` by its deployable packed module (a router already
+    quantized takes the new packed weight in place); an expert stack's two books are keyed
+    ``NAME.gate_up`` and ``NAME.down``."""
+    for key, wb in books.items():
+        if wb.target.kind == "experts":
+            if key.endswith(".gate_up"):
+                down = books[f"{wb.target.name}.down"].book
+                module = CodeQuantExperts.from_packed(pack_experts(wb.book, q.plan.expert_chunk), pack_experts(down, q.plan.expert_chunk), q.act, q.act, wb.hadamard_block)
+                layer.set_submodule(wb.target.name, module)
+        else:
+            q.store.install(layer, wb.target, pack(wb.book.idx, wb.book.codebook.detach()), wb.hadamard_block)
+
+
+def pack_experts(book: accf.Codebook, chunk: int) -> PackedWeight:
+    """:func:`pack` of an expert stack, ``chunk`` experts at a time."""
+    codebook = book.codebook.detach()
+    parts = [pack(book.idx[e0 : e0 + chunk], codebook[e0 : e0 + chunk]) for e0 in range(0, book.idx.shape[0], chunk)]
+    return PackedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("indices", "codebook", "row_sum")), parts[0].in_features)

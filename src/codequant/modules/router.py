@@ -70,6 +70,16 @@ class CodeQuantRouter(QuantizedModule):
     def packed(self) -> PackedWeight:
         return PackedWeight(self.indices, self.codebook, self.row_sum, self.weight.shape[-1])
 
+    def set_packed(self, weight: PackedWeight) -> None:
+        """Take a new packed weight of the same layout (a re-tuned codebook), in place."""
+        if weight.indices.shape != self.indices.shape or weight.codebook.shape != self.codebook.shape:
+            raise ValueError(f"the new packed weight has indices {tuple(weight.indices.shape)} and codebook {tuple(weight.codebook.shape)}, "
+                             f"the router {tuple(self.indices.shape)} and {tuple(self.codebook.shape)}")
+        with torch.no_grad():
+            for part in ("indices", "codebook", "row_sum"):
+                getattr(self, part).copy_(getattr(weight, part))
+        self.finish_loading()
+
     def finish_loading(self) -> None:
         """weight = W_hat of the loaded packed weight."""
         with torch.no_grad():

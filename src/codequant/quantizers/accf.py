@@ -79,15 +79,17 @@ class InputTransform:
 
 class SimulatedWeight:
     """Attach a :class:`Codebook` parametrization and an input transform to a module's
-    ``weight`` (an nn.Linear or a router); :meth:`remove` restores the plain module."""
+    ``weight`` (an nn.Linear or a router); :meth:`remove` restores the plain module. ``transform``
+    None: the module quantizes its own input (a router already quantized)."""
 
-    def __init__(self, module: nn.Module, codebook: Codebook, transform: InputTransform):
+    def __init__(self, module: nn.Module, codebook: Codebook, transform: InputTransform | None):
         self.module, self.codebook, self.transform = module, codebook, transform
         parametrize.register_parametrization(module, "weight", codebook, unsafe=True)
-        self.handle = module.register_forward_pre_hook(transform.hook)
+        self.handle = module.register_forward_pre_hook(transform.hook) if transform is not None else None
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
         parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=True)
 
 
