@@ -372,3 +372,26 @@ def test_bad_group_size():
         assign(w, torch.zeros(4, 1, 16), 64)
     with pytest.raises(ValueError, match="^activation group size 64 does not divide the row length 96$"):
         quantize_activations(w, ActQuantSpec(bits=4, group_size=64))
+
+
+@pytest.mark.parametrize("group", [None, 8])
+def test_codebook_gradient_equals_gather_and_keeps_indices_in_uint8(group):
+    """ACCF's W_hat = C[idx]: the centroid gradient equals torch.gather's, and what the backward
+    pass keeps is the uint8 idx (gather's own backward keeps an int64 copy, 8x the bytes)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from codequant.quantizers.accf import Codebook
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 16, 32)
+    idx, cb = fit_codebooks(w, 4, group)
+    book = Codebook(idx, cb)
+    upstream = torch.randn(w.shape)
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
+        (book() * upstream).sum().backward()
+    ref = cb.clone().requires_grad_(True)
+    g = book.group_size
+    (torch.gather(ref, -1, idx.reshape(3, 16, 32 // g, g)).reshape(w.shape) * upstream).sum().backward()
+    torch.testing.assert_close(book.codebook.grad, ref.grad, rtol=0, atol=1e-6)
+    assert saved and all(dtype != torch.int64 for dtype, _ in saved)
