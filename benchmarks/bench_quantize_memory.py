@@ -43,6 +43,8 @@ def child(path: str, out: str, nsamples: int, seqlen: int, vocab: int, device: s
     result = quantize(path, QuantConfig(device=device, nsamples=nsamples, seqlen=seqlen, **options), out, progress=False, calibration=tokens, overwrite=True)
     report = {k: v for k, v in result.report.items() if k not in ("accf_loss_per_epoch",)}
     report["wall_seconds"] = round(time.time() - start, 1)
+    if device.startswith("cuda"):
+        report["card"] = torch.cuda.get_device_name()
     return report
 
 
