@@ -20,10 +20,8 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.activations import fake_quantize_activations
 from ..quantizers import accf
 from .weights import WeightBook, install_books, reassign
 
@@ -79,9 +77,7 @@ class SimulatedLayer:
         x = torch.cat(self.router_inputs).float()
         self.router_inputs.clear()
         module = self.router.target.module
-        bias = getattr(module, "bias", None)
-        logits = F.linear(fake_quantize_activations(x, act), module.weight, bias)
-        return accf.kl_divergence(F.linear(x, self.router.weight, bias), logits)
+        return accf.router_kl(x, self.router.weight, module.weight, getattr(module, "bias", None), act)
 
     def remove(self) -> None:
         if self.handle is not None:

@@ -7,12 +7,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import QuantTarget
-from ..core.activations import fake_quantize_activations
 from ..core.hadamard import block_hadamard
 from ..quantizers import accf
 from ..quantizers.weight_quantizer import WeightStats
@@ -155,8 +153,7 @@ class MoEBlockCalibrator:
             xb = xm[batch].to(q.device)
             loss = (block_output(self.block, xb) - y_ref[batch].to(q.device)).pow(2).mean() / scale
             if router_book is not None:
-                logits = F.linear(fake_quantize_activations(xb, q.act), self.router.weight, self.router_b)
-                loss = loss + config.router_kl_weight * accf.kl_divergence(F.linear(xb, self.router_w, self.router_b), logits)
+                loss = loss + config.router_kl_weight * accf.router_kl(xb, self.router_w, self.router.weight, self.router_b, q.act)
             return loss
 
         def reassign_all():

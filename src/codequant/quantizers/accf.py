@@ -63,16 +63,12 @@ class Codebook(nn.Module):
     def group_size(self) -> int:
         return self.idx.shape[-1] // self.codebook.shape[-2]
 
-    @staticmethod
-    def _reconstruct(idx: torch.Tensor, codebook: torch.Tensor, group: int) -> torch.Tensor:
-        return _Lookup.apply(codebook, idx, group)
-
     def forward(self, _original: torch.Tensor | None = None) -> torch.Tensor:
-        return self._reconstruct(self.idx, self.codebook, self.group_size)
+        return _Lookup.apply(self.codebook, self.idx, self.group_size)
 
     def expert(self, e: int) -> torch.Tensor:
         """W_hat[e] = C[e][idx[e]] for a stack [E, N, K]."""
-        return self._reconstruct(self.idx[e], self.codebook[e], self.group_size)
+        return _Lookup.apply(self.codebook[e], self.idx[e], self.group_size)
 
     @torch.no_grad()
     def reassign(self, weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, chunk: int = 0) -> None:
@@ -193,3 +189,8 @@ def finetune(
 def kl_divergence(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(softmax(logits_ref) || softmax(logits))."""
     return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(logits_ref.float(), -1), log_target=True, reduction="batchmean")
+
+
+def router_kl(x: torch.Tensor, weight: torch.Tensor, weight_hat: torch.Tensor, bias: torch.Tensor | None, act: ActQuantSpec) -> torch.Tensor:
+    """ACCF's router term: KL(softmax(x W^T + b) || softmax(Q_act(x) W_hat^T + b)), mean over the tokens x [T, H]."""
+    return kl_divergence(F.linear(x, weight, bias), F.linear(fake_quantize_activations(x, act), weight_hat, bias))
