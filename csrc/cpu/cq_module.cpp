@@ -683,6 +683,122 @@ static PyObject* py_bf16_linear(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// Decode attention, one query position per sequence (GQA: query head h reads kv head h / G):
+// s_t = scale * q . k_t over the T cached positions, p = softmax(s), out = sum_t p_t v_t,
+// float32 arithmetic. q [B, Hq, Dk] and out [B, Hq, Dv] float32; k [B, Hkv, T, Dk] and
+// v [B, Hkv, T, Dv] contiguous, bf16 or float32 (kv_f32). One work item per (b, kv head).
+struct AttnArgs {
+  const float* q;
+  const void* k;
+  const void* v;
+  float* out;
+  int64_t B, Hq, Hkv, T, Dk, Dv;
+  int kv_f32;
+  float scale;
+  int threads;
+};
+
+template <class T>
+inline float kv_value(const T* p, int64_t i);
+template <>
+inline float kv_value<float>(const float* p, int64_t i) { return p[i]; }
+template <>
+inline float kv_value<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+template <class T>
+void attention_item(const AttnArgs& A, int64_t item) {
+  const int64_t G = A.Hq / A.Hkv, b = item / A.Hkv, h = item % A.Hkv, T_ = A.T;
+  const T* k = (const T*)A.k + item * T_ * A.Dk;
+  const T* v = (const T*)A.v + item * T_ * A.Dv;
+  const float* q = A.q + (b * A.Hq + h * G) * A.Dk;
+  thread_local std::vector<float> s, acc, row;
+  s.resize(G * T_);
+  acc.assign(G * A.Dv, 0.f);
+  row.resize(A.Dv);
+  if (sizeof(T) == 2) {
+    g_isa->bf16_rows((const uint16_t*)k, A.Dk, q, A.Dk, G, s.data(), T_, 0, T_);
+  } else {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < T_; ++t) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < A.Dk; ++d) dot += q[g * A.Dk + d] * kv_value(k + t * A.Dk, d);
+        s[g * T_ + t] = dot;
+      }
+  }
+  std::vector<float> inv(G);
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = &s[g * T_];
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T_; ++t) mx = std::max(mx, sg[t] *= A.scale);
+    float sum = 0.f;
+    for (int64_t t = 0; t < T_; ++t) sum += sg[t] = expf(sg[t] - mx);
+    inv[g] = 1.f / sum;
+  }
+  for (int64_t t = 0; t < T_; ++t) {
+    for (int64_t d = 0; d < A.Dv; ++d) row[d] = kv_value(v + t * A.Dv, d);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = s[g * T_ + t];
+      float* a = &acc[g * A.Dv];
+      for (int64_t d = 0; d < A.Dv; ++d) a[d] += p * row[d];
+    }
+  }
+  float* out = A.out + (b * A.Hq + h * G) * A.Dv;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < A.Dv; ++d) out[g * A.Dv + d] = acc[g * A.Dv + d] * inv[g];
+}
+
+static PyObject* py_attention_decode(PyObject*, PyObject* args) {
+  // attention_decode(q, k, v, out, B, Hq, Hkv, T, Dk, Dv, kv_f32, scale, threads): see AttnArgs.
+  long long q, k, v, out;
+  AttnArgs A;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLifi", &q, &k, &v, &out, &A.B, &A.Hq, &A.Hkv, &A.T, &A.Dk, &A.Dv, &A.kv_f32,
+                        &A.scale, &A.threads))
+    return nullptr;
+  A.q = (const float*)q;
+  A.k = (const void*)k;
+  A.v = (const void*)v;
+  A.out = (float*)out;
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(A.threads, A.B * A.Hkv, [&](int64_t i) {
+    if (A.kv_f32)
+      attention_item<float>(A, i);
+    else
+      attention_item<uint16_t>(A, i);
+  });
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_rms_norm(PyObject*, PyObject* args) {
+  // rms_norm(x, M, N, bf16, w, y, eps): per row of x [M, N] (bf16 or float32, as are w [N] and
+  // y [M, N]): h = x / sqrt(mean(x^2) + eps) in float32, rounded to the dtype, y = w * h
+  // rounded to the dtype (transformers' RMSNorm forward, up to the order of the sum).
+  long long x, M, N, w, y;
+  int bf16;
+  float eps;
+  if (!PyArg_ParseTuple(args, "LLLiLLf", &x, &M, &N, &bf16, &w, &y, &eps)) return nullptr;
+  auto value = [&](long long base, int64_t i) {
+    return bf16 ? bf16_to_float(((const uint16_t*)base)[i]) : ((const float*)base)[i];
+  };
+  auto round = [&](float f) { return bf16 ? bf16_to_float(float_to_bf16(f)) : f; };
+  for (int64_t m = 0; m < M; ++m) {
+    float sum = 0.f;
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = value(x, m * N + n);
+      sum += v * v;
+    }
+    const float r = 1.f / sqrtf(sum / (float)N + eps);
+    for (int64_t n = 0; n < N; ++n) {
+      const float out = round(value(w, n) * round(value(x, m * N + n) * r));
+      if (bf16)
+        ((uint16_t*)y)[m * N + n] = float_to_bf16(out);
+      else
+        ((float*)y)[m * N + n] = out;
+    }
+  }
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_quantize(PyObject*, PyObject* args) {
   // quantize(x_f32_ptr, M, K, bits, GA, clip, q_ptr, s_ptr, z_ptr[, interleave]) with the current
   // ISA's quantizer: q [M, K] in natural column order, or [M, KQ] in the kernels' 128-column
@@ -794,6 +910,8 @@ static PyMethodDef methods[] = {
     {"time_run", py_time_run, METH_VARARGS, "time_run(plans, x, x_bf16, M, y, threads, reps) -> us per call of run() timed from C++."},
     {"moe", py_moe, METH_VARARGS, "Fused routed SwiGLU experts on packed weights (pointers; see the Python wrapper)."},
     {"bf16_linear", py_bf16_linear, METH_VARARGS, "y = x @ w^T for a plain bf16 weight (float32 x and y; pointers)."},
+    {"attention_decode", py_attention_decode, METH_VARARGS, "Decode attention, one query position (pointers; see the Python wrapper)."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "transformers' RMSNorm of bf16 or float32 rows (pointers; see the Python wrapper)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},

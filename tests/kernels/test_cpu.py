@@ -476,3 +476,82 @@ def test_missing_extension_is_logged_and_falls_back_to_the_reference():
     lines = out.stdout.splitlines()
     assert "'cpu'" not in lines[0] and lines[1] == lines[2] == "True"
     assert lines[3] == "kernel backend 'cpu' has no 'linear' here; available: " + lines[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_decode_matches_attention_in_float64(dtype):
+    """One query position over a cache: GQA, MQA and multi-head, key and value widths that
+    differ (MLA), a batch of two; float32 sums against float64 (plus the bf16 output rounding),
+    the same bits on any thread count."""
+    gen = torch.Generator().manual_seed(0)
+    for b, hq, hkv, t, dk, dv in ((1, 32, 4, 40, 128, 128), (2, 8, 8, 7, 64, 64), (1, 4, 1, 5, 32, 32), (1, 16, 16, 33, 192, 128)):
+        q = torch.randn(b, hq, 1, dk, generator=gen).to(dtype)
+        k, v = torch.randn(b, hkv, t, dk, generator=gen).to(dtype), torch.randn(b, hkv, t, dv, generator=gen).to(dtype)
+        g = hq // hkv
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1), scale=0.1).transpose(1, 2)
+        out = cpu.attention_decode(q, k, v, 0.1, threads=2)
+        assert out.shape == (b, 1, hq, dv) and out.dtype == dtype
+        tol = 1e-5 + (2 * BF16_EPS * ref.abs() if dtype is torch.bfloat16 else 0)
+        assert bool(((out.double() - ref).abs() <= tol).all())
+        assert torch.equal(out, cpu.attention_decode(q, k, v, 0.1, threads=1))
+
+
+def test_attention_decode_refuses_what_it_does_not_compute():
+    q, k = torch.randn(1, 6, 1, 16), torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match=r"with Hkv dividing Hq, got \(1, 6, 1, 16\), \(1, 4, 5, 16\)"):
+        cpu.attention_decode(q, k, k, 0.25)
+    with pytest.raises(ValueError, match="attention_decode needs CPU query"):
+        cpu.attention_decode(torch.randn(1, 4, 2, 16), k, k, 0.25)  # two query positions
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v2", "olmoe", "qwen2_moe", "llama"])
+def test_rms_norm_is_transformers_norm(arch):
+    """Every norm of the architecture that decode_threads routes is transformers' RMSNorm
+    arithmetic: bit-identical in bf16, float32 within the order of the sum of squares."""
+    from tests.helpers.tiny_models import tiny_model
+
+    model = tiny_model(arch)
+    norms = [m for m in model.modules() if cpu._is_plain_rms_norm(m)]
+    assert norms and all(type(m).__name__.endswith("RMSNorm") for m in norms)
+    norm = norms[0]
+    x = 3 * torch.randn(2, 5, norm.weight.shape[0], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(cpu.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x), rtol=1e-6, atol=1e-6)
+        norm.to(torch.bfloat16)
+        assert torch.equal(cpu.rms_norm(x.bfloat16(), norm.weight, norm.variance_epsilon), norm(x.bfloat16()))
+    from codequant.modules.norm import RMSNorm
+
+    assert not cpu._is_plain_rms_norm(RMSNorm(8)) and not cpu._is_plain_rms_norm(torch.nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="of one dtype, bf16 or float32, got torch.float32"):
+        cpu.rms_norm(x, norm.weight, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_threads_decodes_as_transformers_and_restores_the_model(dtype, monkeypatch):
+    """Inside decode_threads a Qwen3-MoE model on sdpa decodes through attention_decode (every
+    step after the prompt) and rms_norm: the same greedy tokens as outside, logits within float32
+    (bf16: a few bf16) rounding, and the model's attention implementation and norm forwards come
+    back after."""
+    from tests.helpers.tiny_models import tiny_input_ids, tiny_model
+
+    calls = []
+    real = cpu.attention_decode
+    monkeypatch.setattr(cpu, "attention_decode", lambda *a: calls.append(1) or real(*a))
+
+    model = tiny_model("qwen3_moe").to(dtype)
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = None
+    prompt = tiny_input_ids(batch=1, seq=8)
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(prompt, **kwargs)
+        with cpu.decode_threads(model=model):
+            assert model.config._attn_implementation == cpu.DECODE_ATTENTION
+            fast = model.generate(prompt, **kwargs)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert len(calls) == 11 * model.config.num_hidden_layers  # 12 new tokens: 11 decode steps
+    assert torch.equal(fast.sequences, plain.sequences)
+    tol = 1e-4 if dtype is torch.float32 else 0.1
+    assert max(float((a - b).abs().max()) for a, b in zip(fast.logits, plain.logits)) < tol

@@ -41,7 +41,10 @@ step alternates torch ops and kernel calls, both pools are busy and 2 threads sh
 with a third. :func:`decode_threads` gives the whole thread budget to the kernels for a block
 (torch's ops on 1 thread: at one token per step they gain little from threads), and with
 the model, its bf16 lm_head runs on the kernels' threads too (:func:`linear_bf16`, at the
-read bandwidth, where torch's bf16 matrix-vector product reaches about half of it).
+read bandwidth, where torch's bf16 matrix-vector product reaches about half of it), decode
+attention runs in one call (:func:`attention_decode`) and transformers' RMSNorms in one call
+each (:func:`rms_norm`): between two layers' weight streams the caches are cold, and each torch
+op of the glue costs tens of microseconds there.
 
 Configurations without a SIMD path (group sizes that are not multiples of 32) run the
 portable kernels, which handle every group size; training-mode calls (inputs that need
@@ -66,7 +69,7 @@ except ImportError as exc:  # the compiled extension is missing: no cpu backend
     raise ImportError(f"codequant CPU kernels are not built ({exc}); reinstall with `pip install .`") from exc
 
 __all__ = [
-    "linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "int8_codebook",
+    "linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "attention_decode", "rms_norm", "int8_codebook",
     "interleaved_indices", "INT8_HALF_STEP",
 ]
 
@@ -116,8 +119,11 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
     (default: torch's count on entry) and torch's own ops on 1; torch's count is restored on
     exit. With ``model``, its bf16 lm_head (output embeddings, a CPU ``nn.Linear`` without
-    bias) runs through :func:`linear_bf16` on those threads in the block, where the cpu
-    backend is in use (not under ``KernelOptions(backend="reference")``, nor with a replaced forward).
+    bias) runs through :func:`linear_bf16` on those threads in the block, and a model on sdpa
+    attention decodes through :func:`attention_decode` (transformers' attention implementation
+    :data:`DECODE_ATTENTION`; torch's CPU flash attention costs about 0.3 ms per call at one
+    query position), where the cpu backend is in use (not under
+    ``KernelOptions(backend="reference")``; a head with a replaced forward keeps it).
 
     Chosen over ``OMP_WAIT_POLICY=PASSIVE`` (which works only when set before torch is
     imported) and over running the kernels on torch's OpenMP threads (whose barriers spin on
@@ -128,24 +134,121 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     n = threads or torch.get_num_threads()
     if n < 1:
         raise ValueError(f"threads must be at least 1, got {n}")
-    head = model.get_output_embeddings() if model is not None else None
+    cpu_model = model is not None and options().backend in (None, "cpu") and next(model.parameters()).device.type == "cpu"
+    head = model.get_output_embeddings() if cpu_model else None
     routed = (
         isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype is torch.bfloat16
         and head.weight.device.type == "cpu" and "forward" not in head.__dict__
-        and options().backend in (None, "cpu")
     )
+    attention = cpu_model and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+    norms = [m for m in model.modules() if _is_plain_rms_norm(m)] if cpu_model else []
     old_torch, old_kernels = torch.get_num_threads(), _decode_threads[0]
     torch.set_num_threads(1)
     _decode_threads[0] = n
     if routed:
         head.forward = functools.partial(_head_forward, head.weight)
+    if attention:
+        model.set_attn_implementation(_register_decode_attention())
+    for norm in norms:
+        norm.forward = functools.partial(_rms_norm_forward, norm)
     try:
         yield
     finally:
+        for norm in norms:
+            del norm.forward
+        if attention:
+            model.set_attn_implementation("sdpa")
         if routed:
             del head.forward
         _decode_threads[0] = old_kernels
         torch.set_num_threads(old_torch)
+
+
+def attention_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     threads: int | None = None) -> torch.Tensor:
+    """Attention of one query position per sequence over its cache, on the kernels' threads:
+    out = softmax(scale q k^T) v per query head, query head h reading kv head h // (Hq / Hkv),
+    float32 arithmetic. query [B, Hq, 1, Dk], key [B, Hkv, T, Dk], value [B, Hkv, T, Dv] (bf16
+    or float32); returns [B, 1, Hq, Dv] in query's dtype (transformers' attention output layout)."""
+    b, hq, m, dk = query.shape
+    hkv, t, dv = key.shape[1], key.shape[2], value.shape[-1]
+    if (m != 1 or key.shape != (b, hkv, t, dk) or value.shape != (b, hkv, t, dv) or hkv == 0 or hq % hkv
+            or key.dtype != value.dtype or key.dtype not in (torch.bfloat16, torch.float32)
+            or any(x.device.type != "cpu" for x in (query, key, value))):
+        raise ValueError(f"attention_decode needs CPU query [B, Hq, 1, Dk] and bf16 / float32 key, value [B, Hkv, T, D] "
+                         f"with Hkv dividing Hq, got {tuple(query.shape)}, {tuple(key.shape)} {key.dtype}, {tuple(value.shape)} {value.dtype}")
+    q = query.reshape(b, hq, dk).to(torch.float32).contiguous()
+    k, v = key.contiguous(), value.contiguous()
+    out = torch.empty(b, 1, hq, dv, dtype=torch.float32)
+    _lut.attention_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, hq, hkv, t, dk, dv,
+                          int(k.dtype is torch.float32), float(scale), _kernel_threads(threads))
+    return out.to(query.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm in one call: weight * (x / sqrt(mean(x^2) + eps)).to(dtype), the
+    norm in float32, for bf16 or float32 x and weight of one dtype (the same arithmetic up to the
+    order of the sum of squares)."""
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float32) or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm needs x [..., N] and weight [N] of one dtype, bf16 or float32, "
+                         f"got {x.dtype} {tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
+    xc, w = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(xc)
+    _lut.rms_norm(xc.data_ptr(), xc.numel() // xc.shape[-1], xc.shape[-1], int(x.dtype is torch.bfloat16), w.data_ptr(),
+                  y.data_ptr(), float(eps))
+    return y
+
+
+@functools.cache
+def _rms_norm_code():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    code = LlamaRMSNorm.forward.__code__
+    return code.co_code, code.co_consts, code.co_names
+
+
+def _is_plain_rms_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes transformers' Llama RMSNorm (its forward has the same bytecode:
+    Qwen2/3(-MoE), Mixtral, OLMoE and DeepSeek-V2 norms do)."""
+    forward = getattr(type(module).forward, "__code__", None)
+    return (forward is not None and "forward" not in module.__dict__ and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and (forward.co_code, forward.co_consts, forward.co_names) == _rms_norm_code())
+
+
+def _rms_norm_forward(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if (x.device.type != "cpu" or x.dtype != norm.weight.dtype or x.dtype not in (torch.bfloat16, torch.float32)
+            or (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))):
+        return type(norm).forward(norm, x)
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+DECODE_ATTENTION = "codequant_cpu"  # the transformers attention implementation decode_threads sets
+
+
+def _decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention, with decode steps (one query position, no mask, no window
+    cut, soft cap or sinks) through :func:`attention_decode`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    window = kwargs.get("sliding_window")
+    if (query.shape[2] == 1 and attention_mask is None and not dropout and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and (window is None or key.shape[2] <= window)
+            and query.device.type == "cpu" and key.dtype in (torch.bfloat16, torch.float32) and key.dtype == value.dtype
+            and not (torch.is_grad_enabled() and query.requires_grad)):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return attention_decode(query, key, value, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+@functools.cache
+def _register_decode_attention() -> str:
+    """Registers :data:`DECODE_ATTENTION` with transformers (masks as sdpa's) and returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention_forward)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    return DECODE_ATTENTION
 
 
 def _head_forward(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
