@@ -30,6 +30,7 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
   const int64_t S = gcd64(G, GA);
   int64_t step;
   const uint8_t* p = il_row(w, n, &step);
+  const bool stream = a.M == 1 && ((uintptr_t)p & 63) == 0;
   const int8_t* cb = w.cb8 + n * w.NG * 16;
   const float* sc = w.sc + n * w.NG;
 #if !CQ_VBMI
@@ -65,7 +66,11 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
     // into L1 instead, or every line, made it slower).
     if (m0 == 0) _mm_prefetch((const char*)(p + s * step + 4096), _MM_HINT_T1);
     for (int r = 0; r < NR; ++r) {
-      const __m512i v = _mm512_loadu_si512((const void*)(p + s * step + r * 64));  // padded: whole pieces
+      // padded: whole 64-byte pieces. At one token (decode) each piece is used once: a
+      // non-temporal load where aligned (-2 to -5% time from DRAM, and the stream leaves more
+      // of the caches to the code between kernel calls).
+      const void* piece = (const void*)(p + s * step + r * 64);
+      const __m512i v = stream ? _mm512_stream_load_si512((void*)piece) : _mm512_loadu_si512(piece);
 #if CQ_VBMI  // vpermb reads 6 index bits and the table repeats every 16 bytes: no masks
       wlo[r] = _mm512_permutexvar_epi8(v, tab[r]);
       whi[r] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), tab[r]);
