@@ -1,0 +1,30 @@
+"""The codequant method's lm_head on the CPU: decode batches of bf16 logits through the project's
+bf16 kernel, everything else as vLLM computes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm is not installed (make test-vllm)")
+
+from codequant.kernels import cpu  # noqa: E402
+from codequant.vllm.method import CpuLMHeadMethod  # noqa: E402
+
+
+def test_cpu_lm_head_runs_decode_batches_on_the_kernel():
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(300, 64).bfloat16(), requires_grad=False)
+    method = CpuLMHeadMethod()
+    method.process_weights_after_loading(layer)
+    assert layer.cpu_linear is torch.nn.functional.linear  # no prepacked second copy of the head
+    x = torch.randn(CpuLMHeadMethod.HEAD_ROWS, 64).bfloat16()
+    y = method.apply(layer, x)
+    assert torch.equal(y, cpu.linear_bf16(x, layer.weight))
+    ref = torch.nn.functional.linear(x.double(), layer.weight.double())
+    assert bool(((y.double() - ref).abs() <= 1e-4 * (x.double().abs() @ layer.weight.double().abs().T) + 2**-8 * ref.abs()).all())
+    prefill = torch.randn(CpuLMHeadMethod.HEAD_ROWS + 1, 64).bfloat16()
+    assert torch.equal(method.apply(layer, prefill), torch.nn.functional.linear(prefill, layer.weight))
+    x32 = torch.randn(2, 64)
+    layer.weight.data = layer.weight.data.float()
+    assert torch.equal(method.apply(layer, x32), torch.nn.functional.linear(x32, layer.weight))
