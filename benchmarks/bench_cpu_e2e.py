@@ -15,7 +15,8 @@ Greedy decoding of ``--new-tokens`` tokens after a short prompt, with the KV cac
 variant, threads mode (``--modes``, see threads_mode) and thread count (``--threads``) the time per decode
 step, from rounds that run every setting once (interleaved, so a slow period of a shared
 machine hits all alike); each model's block starts on an idle machine (see
-benchmarks.common.wait_until_idle) unless ``--no-idle-wait``.
+benchmarks.common.wait_until_idle) and a round during which other processes used more than
+MAX_OTHER_CPU of a CPU is run again (at most 3 tries) unless ``--no-idle-wait``.
 ``--vocab-size``: the random models' vocab (the issue #21 comparison used 32000).
 ``--llamacpp PATH``: llama.cpp rows beside them, timed in the same rounds: ``PATH`` is a
 ``llama-bench`` (``benchmarks/llamacpp/build.sh 0.3.36 llama-bench`` builds it), run on the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
@@ -42,8 +44,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import codequant.kernels.cpu as cpu_kernels
-from benchmarks.common import (ACT_BITS, QWEN3_30B_A3B, ROOT, command_line, install_codequant, model_config, random_model,
-                               random_packed_on, wait_until_idle)
+from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_seconds, install_codequant,
+                               model_config, random_model, random_packed_on, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
 from codequant.kernels import Op, implementations
@@ -99,6 +101,22 @@ def llama_bench(binary: Path, gguf_path: Path, threads: list[int], new_tokens: i
     return json.loads(out.stdout)
 
 
+def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, float]:
+    """One round: ms per token of every (variant, mode, threads) setting, then of llama.cpp on
+    each thread count when ``llama`` (``llama(new_tokens)`` runs llama_bench); also llama-bench's
+    results and the share of a CPU that other processes used meanwhile."""
+    all0, own0, wall0 = *cpu_seconds(), time.time()
+    ms = {}
+    for v, m, t in settings:
+        with threads_mode(m, t, variants[v]):
+            ms[(v, m, t)] = decode_ms(variants[v], prompt, new_tokens)
+    results = llama(new_tokens) if llama else []
+    for res in results:
+        ms[(*LLAMACPP, res["n_threads"])] = 1e-6 * res["samples_ns"][0] / new_tokens
+    all1, own1 = cpu_seconds()
+    return ms, results, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
+
+
 def threads_mode(mode: str, threads: int, model: nn.Module):
     """Threads of a generation: "decode-threads" (codequant.kernels.cpu.decode_threads with the
     model, what codequant generate does: the kernels and the bf16 lm_head on `threads`, torch's
@@ -139,7 +157,7 @@ def main(argv: list[str]) -> None:
     if (args.llamacpp or args.vocab_size) and not args.random_layers:
         raise SystemExit("--llamacpp and --vocab-size need --random-layers")
     assert any(k.backend == "cpu" for k in implementations(Op.MOE)), "the compiled CPU kernels are not loaded"
-    idle_log, rows, llamacpp_info, gguf_bytes = [], [], {}, {}
+    idle_log, round_log, rows, llamacpp_info, gguf_bytes = [], [], [], {}, {}
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     for layers in [int(n) for n in args.random_layers.split(",")] if args.random_layers else [0]:
         if layers:
@@ -163,20 +181,21 @@ def main(argv: list[str]) -> None:
         # the machine hits all settings alike; the median over rounds is reported.
         settings = [(v, m, t) for v in variants for m in modes for t in threads]
         samples = {s: [] for s in settings + ([(*LLAMACPP, t) for t in threads] if args.llamacpp else [])}
+        llama = functools.partial(llama_bench, args.llamacpp, gguf_path, threads, context=PROMPT_TOKENS) if args.llamacpp else None
         with torch.inference_mode():
-            for r in range(args.repeats + 1):
-                new_tokens = args.new_tokens if r else 4  # round 0 warms up
-                for v, m, t in settings:
-                    with threads_mode(m, t, variants[v]):
-                        ms = decode_ms(variants[v], prompt, new_tokens)
-                    if r:
-                        samples[(v, m, t)].append(ms)
-                if args.llamacpp:
-                    for res in llama_bench(args.llamacpp, gguf_path, threads, new_tokens, PROMPT_TOKENS):
-                        if r:
-                            samples[(*LLAMACPP, res["n_threads"])].append(1e-6 * res["samples_ns"][0] / new_tokens)
-                        llamacpp_info = {k: res[k] for k in ("build_commit", "cpu_info", "repack", "flash_attn", "type_k", "type_v", "poll")}
-                        gguf_bytes[layers] = res["model_size"]
+            for r in range(args.repeats + 1):  # round 0 warms up
+                for attempt in range(3 if r and not args.no_idle_wait else 1):
+                    ms, results, other = timed_round(variants, settings, prompt, args.new_tokens if r else 4, llama)
+                    round_log.append({"layers": layers, "round": r, "attempt": attempt, "other_cpu": round(other, 3)})
+                    if other <= MAX_OTHER_CPU:
+                        break
+                    print(f"round {r}: other processes used {other:.0%} of a CPU", flush=True)
+                if r:
+                    for key, x in ms.items():
+                        samples[key].append(x)
+                for res in results:
+                    llamacpp_info = {k: res[k] for k in ("build_commit", "cpu_info", "repack", "flash_attn", "type_k", "type_v", "poll")}
+                    gguf_bytes[layers] = res["model_size"]
         for v, m, t in samples:
             ms = statistics.median(samples[(v, m, t)])
             row = {"model": source, "layers": layers, "variant": v, "mode": m, "threads": t, "ms_per_token": round(ms, 2),
@@ -207,8 +226,10 @@ def main(argv: list[str]) -> None:
         "quantized": "attention q/k/v/o and routed experts: 4-bit indices, one 16-entry codebook per row; rest bf16",
         "loadavg": os.getloadavg(),
         "idle_checks": idle_log if not args.no_idle_wait else "not waited for (contended run)",
+        "round_checks": round_log,
         "statistic": "per generation the median interval between decode steps (llama.cpp: llama-bench's time of the "
-                     f"generation / tokens); median over {args.repeats} interleaved rounds",
+                     f"generation / tokens); median over {args.repeats} interleaved rounds (round_checks: the share of a "
+                     "CPU other processes used during each try of a round)",
         "results": rows,
         "fit_ms_per_token_a_plus_b_x_layers": fits,
         "speedup_over_1_thread_by_layers": side_by_side,
