@@ -15,7 +15,15 @@ Greedy decoding of ``--new-tokens`` tokens after a short prompt, with the KV cac
 variant, threads mode (``--modes``, see threads_mode) and thread count (``--threads``) the time per decode
 step, from rounds that run every setting once (interleaved, so a slow period of a shared
 machine hits all alike); each model's block starts on an idle machine (see
-benchmarks.common.wait_until_idle) unless ``--no-idle-wait``.
+benchmarks.common.wait_until_idle) and a round during which other processes used more than
+MAX_OTHER_CPU of a CPU is run again (at most 3 tries) unless ``--no-idle-wait``.
+``--vocab-size``: the random models' vocab (the issue #21 comparison used 32000).
+``--llamacpp PATH``: llama.cpp rows beside them, timed in the same rounds: ``PATH`` is a
+``llama-bench`` (``benchmarks/llamacpp/build.sh 0.3.36 llama-bench`` builds it), run on the
+same random model written as a GGUF (benchmarks/llamacpp/gguf_model.py: Q4_0 attention,
+experts and token embedding, bf16 head) for ``--new-tokens`` generated tokens after a context
+of the prompt's length, on each thread count; the report adds the fit for llama.cpp and the
+tokens/s ratio CodeQuant / llama.cpp per (layers, threads).
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,14 +44,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import codequant.kernels.cpu as cpu_kernels
-from benchmarks.common import (ACT_BITS, QWEN3_30B_A3B, command_line, install_codequant, model_config, random_model,
-                               random_packed_on, wait_until_idle)
+from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_seconds, install_codequant,
+                               model_config, random_model, random_packed_on, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
 from codequant.kernels import Op, implementations
 from codequant.quantizers.codebook import fit_codebooks
 
 ACTS = {f"codequant-{mode}": ActQuantSpec(bits) for mode, bits in ACT_BITS.items()}
+LLAMACPP = ("llama.cpp-q4_0", "llama-bench")  # (variant, mode) of the llama.cpp rows
+GGUF_DIR = ROOT / "benchmarks" / "_build" / "gguf"
+PROMPT_TOKENS = 16
 
 
 def fitted_packed(weight: torch.Tensor) -> PackedWeight:
@@ -79,6 +92,31 @@ def decode_ms(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     return 1e3 * statistics.median(b - a for a, b in zip(steps.times, steps.times[1:]))
 
 
+def llama_bench(binary: Path, gguf_path: Path, threads: list[int], new_tokens: int, context: int) -> list[dict]:
+    """llama-bench's JSON results of one generation of ``new_tokens`` tokens (after its one-token
+    warm-up and ``context`` untimed tokens) per thread count; time per token: samples_ns / new_tokens."""
+    out = subprocess.run([str(binary), "-m", str(gguf_path), "-p", "0", "-n", str(new_tokens), "-d", str(context),
+                          "-t", ",".join(map(str, threads)), "-r", "1", "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, float]:
+    """One round: ms per token of every (variant, mode, threads) setting, then of llama.cpp on
+    each thread count when ``llama`` (``llama(new_tokens)`` runs llama_bench); also llama-bench's
+    results and the share of a CPU that other processes used meanwhile."""
+    all0, own0, wall0 = *cpu_seconds(), time.time()
+    ms = {}
+    for v, m, t in settings:
+        with threads_mode(m, t, variants[v]):
+            ms[(v, m, t)] = decode_ms(variants[v], prompt, new_tokens)
+    results = llama(new_tokens) if llama else []
+    for res in results:
+        ms[(*LLAMACPP, res["n_threads"])] = 1e-6 * res["samples_ns"][0] / new_tokens
+    all1, own1 = cpu_seconds()
+    return ms, results, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
+
+
 def threads_mode(mode: str, threads: int, model: nn.Module):
     """Threads of a generation: "decode-threads" (codequant.kernels.cpu.decode_threads with the
     model, what codequant generate does: the kernels and the bf16 lm_head on `threads`, torch's
@@ -105,6 +143,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--modes", default="decode-threads", help="comma-separated: decode-threads, two-pools (see threads_mode)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine (contended runs)")
+    ap.add_argument("--vocab-size", type=int, help="vocab of the random models (default: the config's)")
+    ap.add_argument("--llamacpp", type=Path, help="llama-bench binary: adds llama.cpp rows (random models only)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     names = args.variants.split(",")
@@ -114,17 +154,25 @@ def main(argv: list[str]) -> None:
     threads, modes = [int(t) for t in args.threads.split(",")], args.modes.split(",")
     if set(modes) - {"decode-threads", "two-pools"}:
         raise SystemExit(f"unknown modes {modes}")
+    if (args.llamacpp or args.vocab_size) and not args.random_layers:
+        raise SystemExit("--llamacpp and --vocab-size need --random-layers")
     assert any(k.backend == "cpu" for k in implementations(Op.MOE)), "the compiled CPU kernels are not loaded"
-    idle_log, rows = [], []
+    idle_log, round_log, rows, llamacpp_info, gguf_bytes = [], [], [], {}, {}
+    vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     for layers in [int(n) for n in args.random_layers.split(",")] if args.random_layers else [0]:
         if layers:
-            base = random_model(model_config(QWEN3_30B_A3B, layers), targets_on_meta="bf16" not in names)
-            source = f"random-weight Qwen3-30B-A3B-shaped model, {layers} layers"
+            config = model_config(QWEN3_30B_A3B, layers, **vocab)
+            if args.llamacpp:
+                from benchmarks.llamacpp.gguf_model import write_gguf
+
+                gguf_path = write_gguf(config, GGUF_DIR / f"qwen3moe-{layers}l-vocab{config.vocab_size}.gguf")
+            base = random_model(config, targets_on_meta="bf16" not in names)
+            source = f"random-weight Qwen3-30B-A3B-shaped model, {layers} layers, vocab {config.vocab_size}"
         else:
             base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
             source = args.model
         base.generation_config.pad_token_id = base.generation_config.eos_token_id = None
-        prompt = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
         variants = {name: base if name == "bf16" else codequant_model(base, ACTS[name], layers > 0) for name in names}
         del base
         if not args.no_idle_wait:
@@ -132,36 +180,45 @@ def main(argv: list[str]) -> None:
         # Every (variant, mode, threads) once per round, rounds interleaved: a slow period of
         # the machine hits all settings alike; the median over rounds is reported.
         settings = [(v, m, t) for v in variants for m in modes for t in threads]
-        samples = {s: [] for s in settings}
+        samples = {s: [] for s in settings + ([(*LLAMACPP, t) for t in threads] if args.llamacpp else [])}
+        llama = functools.partial(llama_bench, args.llamacpp, gguf_path, threads, context=PROMPT_TOKENS) if args.llamacpp else None
         with torch.inference_mode():
-            for r in range(args.repeats + 1):
-                for v, m, t in settings:
-                    with threads_mode(m, t, variants[v]):
-                        ms = decode_ms(variants[v], prompt, args.new_tokens if r else 4)
-                    if r:  # round 0 warms up
-                        samples[(v, m, t)].append(ms)
-        for v, m, t in settings:
+            for r in range(args.repeats + 1):  # round 0 warms up
+                for attempt in range(3 if r and not args.no_idle_wait else 1):
+                    ms, results, other = timed_round(variants, settings, prompt, args.new_tokens if r else 4, llama)
+                    round_log.append({"layers": layers, "round": r, "attempt": attempt, "other_cpu": round(other, 3)})
+                    if other <= MAX_OTHER_CPU:
+                        break
+                    print(f"round {r}: other processes used {other:.0%} of a CPU", flush=True)
+                if r:
+                    for key, x in ms.items():
+                        samples[key].append(x)
+                for res in results:
+                    llamacpp_info = {k: res[k] for k in ("build_commit", "cpu_info", "repack", "flash_attn", "type_k", "type_v", "poll")}
+                    gguf_bytes[layers] = res["model_size"]
+        for v, m, t in samples:
             ms = statistics.median(samples[(v, m, t)])
             row = {"model": source, "layers": layers, "variant": v, "mode": m, "threads": t, "ms_per_token": round(ms, 2),
                    "tokens_per_s": round(1e3 / ms, 2), "ms_samples": [round(x, 2) for x in samples[(v, m, t)]]}
             print(json.dumps(row), flush=True)
             rows.append(row)
         del variants
-    fits, side_by_side = [], []
-    for v in names:
-        for m in modes:
-            by_threads = {}
+    ms_of = {(r["variant"], r["mode"], r["threads"], r["layers"]): r["ms_per_token"] for r in rows}
+    fits, side_by_side, vs_llamacpp = [], [], []
+    for v, m in dict.fromkeys((r["variant"], r["mode"]) for r in rows):
+        by_threads = {t: {n: ms for (v2, m2, t2, n), ms in ms_of.items() if (v2, m2, t2) == (v, m, t)} for t in threads}
+        for t, pts in by_threads.items():
+            if len(pts) > 1:
+                fits.append({"variant": v, "mode": m, "threads": t, **fit(list(pts), list(pts.values()))})
+                print(json.dumps(fits[-1]), flush=True)
+            if (v, m) != LLAMACPP and args.llamacpp:
+                vs_llamacpp.append({"variant": v, "mode": m, "threads": t, "tokens_per_s_ratio_by_layers": {
+                    n: round(ms_of[(*LLAMACPP, t, n)] / ms, 3) for n, ms in pts.items()}})
+        if 1 in by_threads:
             for t in threads:
-                pts = [(r["layers"], r["ms_per_token"]) for r in rows if (r["variant"], r["mode"], r["threads"]) == (v, m, t)]
-                by_threads[t] = dict(pts)
-                if len({n for n, _ in pts}) > 1:
-                    fits.append({"variant": v, "mode": m, "threads": t, **fit(*map(list, zip(*pts)))})
-                    print(json.dumps(fits[-1]), flush=True)
-            if 1 in by_threads:
-                for t in threads:
-                    if t != 1:
-                        side_by_side.append({"variant": v, "mode": m, "threads": t, "speedup_over_1_thread": {
-                            n: round(by_threads[1][n] / ms, 3) for n, ms in by_threads[t].items()}})
+                if t != 1:
+                    side_by_side.append({"variant": v, "mode": m, "threads": t, "speedup_over_1_thread": {
+                        n: round(by_threads[1][n] / ms, 3) for n, ms in by_threads[t].items()}})
     report = {
         "command": command_line("cpu-e2e", argv),
         "unit": "ms per decode step (greedy, KV cache, batch 1); tokens_per_s = 1000 / ms_per_token",
@@ -169,10 +226,19 @@ def main(argv: list[str]) -> None:
         "quantized": "attention q/k/v/o and routed experts: 4-bit indices, one 16-entry codebook per row; rest bf16",
         "loadavg": os.getloadavg(),
         "idle_checks": idle_log if not args.no_idle_wait else "not waited for (contended run)",
-        "statistic": f"per generation the median interval between decode steps; median over {args.repeats} interleaved rounds",
+        "round_checks": round_log,
+        "statistic": "per generation the median interval between decode steps (llama.cpp: llama-bench's time of the "
+                     f"generation / tokens); median over {args.repeats} interleaved rounds (round_checks: the share of a "
+                     "CPU other processes used during each try of a round)",
         "results": rows,
         "fit_ms_per_token_a_plus_b_x_layers": fits,
         "speedup_over_1_thread_by_layers": side_by_side,
     }
+    if args.llamacpp:
+        report["llamacpp"] = {**llamacpp_info, "weights": "GGUF from benchmarks/llamacpp/gguf_model.py: attention q/k/v/o, "
+                              "experts and token embedding Q4_0, output head bf16, router and norms f32",
+                              "gguf_bytes_by_layers": gguf_bytes,
+                              "run": f"llama-bench -p 0 -n {args.new_tokens} -d {PROMPT_TOKENS} -t {args.threads} -r 1 -o json, once per round"}
+        report["codequant_over_llamacpp_tokens_per_s"] = vs_llamacpp
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -58,11 +58,12 @@ def moe_dims(shape: str) -> tuple[int, int, int, int, int]:
     return experts, f["num_experts_per_tok"], f["hidden_size"], f.get("moe_intermediate_size", f["intermediate_size"]), f.get("n_shared_experts", 0)
 
 
-def model_config(shape: str, layers: int):
-    """The transformers config of a published shape cut to ``layers`` decoder layers."""
+def model_config(shape: str, layers: int, **overrides):
+    """The transformers config of a published shape cut to ``layers`` decoder layers, with
+    ``overrides`` of its fields (e.g. ``vocab_size``)."""
     from transformers import AutoConfig
 
-    fields = dict(SHAPES[shape])
+    fields = dict(SHAPES[shape]) | overrides
     fields.pop("num_hidden_layers")
     return AutoConfig.for_model(fields.pop("model_type"), num_hidden_layers=layers, **fields)
 

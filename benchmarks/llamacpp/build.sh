@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Build llama.cpp's ggml (vendored in the llama-cpp-python sdist from PyPI) and the
-# ggml_mul_mat timing harness, into benchmarks/_build/ (gitignored; nothing of llama.cpp
-# is committed). Usage: benchmarks/llamacpp/build.sh [version]   -> prints the harness path
+# Build llama.cpp (vendored in the llama-cpp-python sdist from PyPI) into benchmarks/_build/
+# (gitignored; nothing of llama.cpp is committed) and print the path of what was asked for:
+#   benchmarks/llamacpp/build.sh [version]               the ggml_mul_mat timing harness (ggml_bench.cpp)
+#   benchmarks/llamacpp/build.sh [version] llama-bench   llama.cpp's end-to-end timer, llama-bench
 set -euo pipefail
 VERSION="${1:-0.3.36}"
+WHAT="${2:-ggml_bench}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 BUILD="$(cd "$HERE/.." && pwd)/_build"
 SRC="$BUILD/llama_cpp_python-$VERSION"
@@ -16,14 +18,29 @@ if [ ! -d "$GGML" ]; then
   tar -xzf "$BUILD/llama_cpp_python-$VERSION.tar.gz" -C "$BUILD"
 fi
 OUT="$BUILD/ggml-$VERSION"
-if [ -z "$(find "$OUT" -name 'libggml-cpu.a' 2>/dev/null)" ]; then
-  # Configure from llama.cpp's top level (ggml alone needs files the sdist leaves out);
-  # only the ggml libraries are built.
+JOBS="$(( $(nproc) < 2 ? $(nproc) : 2 ))"
+configure() {
+  # From llama.cpp's top level (ggml alone needs files the sdist leaves out). The tools and
+  # their common library are configured (llama-bench needs both) but only the targets asked
+  # for are built.
   cmake -S "$SRC/vendor/llama.cpp" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
-    -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >&2
-  cmake --build "$OUT" -j "$(nproc)" --target ggml-cpu ggml-base ggml >&2
-fi
-LIBS="$(find "$OUT" -name 'libggml.a') $(find "$OUT" -name 'libggml-cpu.a') $(find "$OUT" -name 'libggml-base.a')"
-g++ -O2 -std=c++17 -march=native -I"$GGML/include" "$HERE/ggml_bench.cpp" $LIBS -fopenmp -lpthread -lm -o "$OUT/ggml_bench" >&2
-echo "$OUT/ggml_bench"
+    -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >&2
+}
+case "$WHAT" in
+  llama-bench)
+    if [ ! -x "$OUT/bin/llama-bench" ]; then
+      configure
+      cmake --build "$OUT" -j "$JOBS" --target llama-bench >&2
+    fi
+    echo "$OUT/bin/llama-bench" ;;
+  ggml_bench)
+    if [ -z "$(find "$OUT" -name 'libggml-cpu.a' 2>/dev/null)" ]; then
+      configure
+      cmake --build "$OUT" -j "$JOBS" --target ggml-cpu ggml-base ggml >&2
+    fi
+    LIBS="$(find "$OUT" -name 'libggml.a') $(find "$OUT" -name 'libggml-cpu.a') $(find "$OUT" -name 'libggml-base.a')"
+    g++ -O2 -std=c++17 -march=native -I"$GGML/include" "$HERE/ggml_bench.cpp" $LIBS -fopenmp -lpthread -lm -o "$OUT/ggml_bench" >&2
+    echo "$OUT/ggml_bench" ;;
+  *) echo "unknown target $WHAT (ggml_bench or llama-bench)" >&2; exit 2 ;;
+esac
