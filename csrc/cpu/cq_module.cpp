@@ -32,6 +32,7 @@
 
 namespace cq {
 int64_t g_tune[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+std::atomic<int64_t> g_spin_us{100};  // how long an idle pool worker spins for the next job before it sleeps
 namespace {
 
 // ---------------------------------------------------------------- ISA dispatch
@@ -194,7 +195,7 @@ class Pool {
       int spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen) {
         pause();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(g_spin_us.load(std::memory_order_relaxed))) {
           std::unique_lock<std::mutex> lk(mu_);
           cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
         }
@@ -914,6 +915,13 @@ static PyObject* py_tune(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(old);
 }
 
+static PyObject* py_spin_us(PyObject*, PyObject* args) {
+  // spin_us(us) -> old: how long an idle pool worker spins for the next job before it sleeps.
+  long long us;
+  if (!PyArg_ParseTuple(args, "L", &us)) return nullptr;
+  return PyLong_FromLongLong(g_spin_us.exchange(std::max(0LL, us)));
+}
+
 static PyObject* py_set_isa(PyObject*, PyObject* args) {
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
@@ -952,6 +960,7 @@ static PyMethodDef methods[] = {
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},
     {"tune", py_tune, METH_VARARGS, "tune(i, v) -> old value: set switch i (see cq_kernels.h; 1: no vpermb)."},
+    {"spin_us", py_spin_us, METH_VARARGS, "spin_us(us) -> old: how long idle pool workers spin before they sleep."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set: portable, avx2 or avx512."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"available_isas", py_available, METH_NOARGS, "Instruction sets this CPU and build support."},

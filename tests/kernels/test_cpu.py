@@ -267,8 +267,10 @@ def test_decode_threads_restores_on_error_and_nests():
                 with cpu.decode_threads(1):
                     assert cpu._decode_threads[0] == 1
                 assert (torch.get_num_threads(), cpu._decode_threads[0]) == (1, 3)
+                assert _lut.spin_us(cpu.DECODE_SPIN_US) == cpu.DECODE_SPIN_US  # workers stay awake between calls
                 raise RuntimeError("inside")
         assert (torch.get_num_threads(), cpu._decode_threads[0]) == (2, 0)
+        assert _lut.spin_us(100) == 100
         with pytest.raises(ValueError, match="at least 1"):
             with cpu.decode_threads(-1):
                 pass

@@ -107,6 +107,10 @@ def use_isa(name: str):
 # ---------------------------------------------------------------- threads
 
 _decode_threads = [0]  # the kernels' thread count inside decode_threads (0: torch's count)
+# How long the pool's idle workers spin for the next kernel call inside decode_threads (outside:
+# 100 us): longer than the torch ops between two calls of a decode step, so that a worker is
+# awake for each call instead of waking after the caller has done most of the work.
+DECODE_SPIN_US = 1000
 
 
 def _kernel_threads(threads: int | None) -> int:
@@ -119,11 +123,13 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
     (default: torch's count on entry) and torch's own ops on 1; torch's count is restored on
     exit. With ``model``, its bf16 lm_head (output embeddings, a CPU ``nn.Linear`` without
-    bias) runs through :func:`linear_bf16` on those threads in the block, and a model on sdpa
+    bias) runs through :func:`linear_bf16` on those threads in the block, a model on sdpa
     attention decodes through :func:`attention_decode` (transformers' attention implementation
     :data:`DECODE_ATTENTION`; torch's CPU flash attention costs about 0.3 ms per call at one
-    query position), where the cpu backend is in use (not under
-    ``KernelOptions(backend="reference")``; a head with a replaced forward keeps it).
+    query position) and its transformers RMSNorms through :func:`rms_norm`, where the cpu
+    backend is in use (not under ``KernelOptions(backend="reference")``; a module with a
+    replaced forward keeps it). The pool's idle workers spin :data:`DECODE_SPIN_US` for the
+    next call inside the block.
 
     Chosen over ``OMP_WAIT_POLICY=PASSIVE`` (which works only when set before torch is
     imported) and over running the kernels on torch's OpenMP threads (whose barriers spin on
@@ -145,6 +151,7 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     old_torch, old_kernels = torch.get_num_threads(), _decode_threads[0]
     torch.set_num_threads(1)
     _decode_threads[0] = n
+    old_spin = _lut.spin_us(DECODE_SPIN_US)
     if routed:
         head.forward = functools.partial(_head_forward, head.weight)
     if attention:
@@ -160,6 +167,7 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
             model.set_attn_implementation("sdpa")
         if routed:
             del head.forward
+        _lut.spin_us(old_spin)
         _decode_threads[0] = old_kernels
         torch.set_num_threads(old_torch)
 
