@@ -34,7 +34,6 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.model_executor.utils import set_weight_attrs
-from vllm.platforms import current_platform
 
 from .. import kernels
 from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
@@ -271,15 +270,9 @@ class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
     through ``codequant.kernels.cpu.linear_bf16`` on the kernels' threads, which reads the weight
     at 1.1-1.4x the rate of vLLM's oneDNN GEMV; anything else (other dtypes, a bias, batches of
     several sequences, where oneDNN's GEMM is as fast at 2 rows and 3x faster at 4 to 8, other
-    devices) as vLLM computes it."""
+    devices) as vLLM computes it (on its prepared oneDNN weights)."""
 
     HEAD_ROWS = 1
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if current_platform.is_cpu() and layer.weight.dtype is torch.bfloat16:
-            layer.cpu_linear = torch.nn.functional.linear  # no prepacked copy: the kernel reads the weight
-        else:
-            super().process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (bias is None and x.device.type == "cpu" and x.dtype is torch.bfloat16 and layer.weight.dtype is torch.bfloat16
