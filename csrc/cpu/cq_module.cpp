@@ -18,11 +18,6 @@
 #include <thread>
 #include <vector>
 
-#ifdef __linux__
-#include <dirent.h>
-#include <sched.h>
-#endif
-
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define CQ_X86 1
@@ -151,43 +146,12 @@ class Pool {
   }
 
   void ensure(int workers) {
-    if ((int)threads_.size() >= workers) return;
-    const CpuSet cpus = process_cpus();
     while ((int)threads_.size() < workers) {
       const int id = (int)threads_.size();
       const uint64_t seen = gen_.load(std::memory_order_acquire);  // before this job's increment
-      threads_.emplace_back([this, id, seen, cpus] {
-        allow(cpus);
-        loop(id, seen);
-      });
+      threads_.emplace_back([this, id, seen] { loop(id, seen); });
     }
   }
-
-#ifdef __linux__
-  typedef cpu_set_t CpuSet;
-  // The CPUs of all the process's threads together. A worker would otherwise inherit the
-  // caller's own mask: engines that pin each of their threads to one core (vLLM's CPU worker,
-  // OpenMP binding) would put every worker on the caller's core.
-  static CpuSet process_cpus() {
-    CpuSet all;
-    CPU_ZERO(&all);
-    if (DIR* dir = opendir("/proc/self/task")) {
-      while (dirent* e = readdir(dir)) {
-        CpuSet one;
-        if (e->d_name[0] != '.' && sched_getaffinity((pid_t)atoi(e->d_name), sizeof(one), &one) == 0) CPU_OR(&all, &all, &one);
-      }
-      closedir(dir);
-    }
-    return all;
-  }
-  static void allow(const CpuSet& cpus) {
-    if (CPU_COUNT(&cpus) > 0) sched_setaffinity(0, sizeof(cpus), &cpus);
-  }
-#else
-  typedef int CpuSet;
-  static CpuSet process_cpus() { return 0; }
-  static void allow(const CpuSet&) {}
-#endif
 
   void loop(int id, uint64_t seen) {
     for (;;) {

@@ -9,7 +9,6 @@ this machine runs (portable, avx2, avx512), with the tolerances documented in th
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -558,34 +557,3 @@ def test_decode_threads_decodes_as_transformers_and_restores_the_model(dtype, mo
     assert torch.equal(fast.sequences, plain.sequences)
     tol = 1e-4 if dtype is torch.float32 else 0.1
     assert max(float((a - b).abs().max()) for a, b in zip(fast.logits, plain.logits)) < tol
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs and Linux affinity")
-def test_pool_workers_run_on_the_process_cpus_when_the_caller_is_pinned():
-    """An engine that pins each of its threads to one core (vLLM's CPU worker) calls the kernels
-    from a pinned thread: the pool's workers take the CPUs of all the process's threads, not the
-    caller's one core. A fresh process: the workers start at its first multi-threaded job."""
-    script = textwrap.dedent("""
-        import os, threading, time, torch
-        import codequant.kernels.cpu as cpu
-        from codequant.core.format import pack
-        from codequant.core.activations import ActQuantSpec
-        torch.set_num_threads(1)  # no OpenMP workers: the new threads are the pool's
-        everything = os.sched_getaffinity(0)
-        hold = threading.Event()
-        other = threading.Thread(target=hold.wait)  # keeps the whole mask, as an engine's other threads
-        other.start()
-        os.sched_setaffinity(0, {min(everything)})  # the calling thread only
-        before = set(os.listdir("/proc/self/task"))
-        weight = pack(torch.randint(0, 16, (1024, 1024)), torch.randn(1024, 1, 16))
-        cpu.linear(torch.randn(1, 1024), weight, ActQuantSpec(8), threads=2)
-        workers = set(os.listdir("/proc/self/task")) - before
-        for _ in range(100):  # a worker sets its mask when it starts running
-            if all(os.sched_getaffinity(int(t)) == everything for t in workers):
-                break
-            time.sleep(0.01)
-        hold.set()
-        print(len(workers), all(os.sched_getaffinity(int(t)) == everything for t in workers))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", "True"]
