@@ -80,6 +80,9 @@ SMEM_LUT_MIN_K, SMEM_LUT_MAX_M = 8192, 8
 # the expert read from the router's indices (no routing launch); an expert picked twice is read twice,
 # which costs little while slots are few against experts (decode)
 SLOT_BLOCKS_MAX_SHARE = 4
+# dense W4A4 (16-bit codes): x quantized by the GEMV launch's own first blocks instead of a prologue launch
+# (cq_gemv.cu, fused_quant); off until measured on a GPU (benchmarks/notes-gpu.md, 2026-12-07)
+FUSED_W4A4 = False
 
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
@@ -251,9 +254,10 @@ def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
 
 def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None, y: torch.Tensor,
            r: int | None = None, w: int | None = None, stages: int = STAGES, smem_lut: bool | None = None,
-           pdl: bool | None = None) -> bool:
+           pdl: bool | None = None, fuse: bool | None = None) -> bool:
     """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply.
-    ``r``, ``w``, ``stages``, ``smem_lut``, ``pdl`` override the launch heuristics (benchmarks)."""
+    ``r``, ``w``, ``stages``, ``smem_lut``, ``pdl``, ``fuse`` (W4A4 on 16-bit codes: x quantized inside the
+    GEMV launch rather than by a prologue launch) override the launch heuristics (benchmarks, tests)."""
     if not supported(x2, weight, act):
         return False
     ext = load()
@@ -282,11 +286,18 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     if pdl is None:
         pdl = r == 2 or -(-n // 16) < sms // 2 or (not direct and m <= 4)
     pdl = pdl and _pdl(x2.device)
-    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
+    if fuse is None:
+        fuse = FUSED_W4A4 and act.enabled and not _int8_path(act)
+    xq = none
+    if fuse:  # the GEMV's first blocks quantize x into xp / xs themselves (no prologue launch)
+        xin = torch.empty(m, kp // 2, dtype=torch.int32, device=x2.device)
+        xs, xq = torch.empty(m, dtype=torch.float32, device=x2.device), x2
+    else:
+        xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, int(Epilogue.PLAIN), 0,
              bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut, 0,
-             int(pdl))
+             int(pdl), xq, act.bits, float(act.clip))
     if out is not y:
         y.copy_(out)
     return True
@@ -368,7 +379,8 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     h = torch.empty(n_rows, i_dim, dtype=h_dtype if h_direct else torch.float32, device=x.device)
     _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
     ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, int(Epilogue.SWIGLU),
-             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0)
+             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0,
+             none, 0, 0.0)
     if hadamard_block:
         h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
@@ -381,7 +393,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
     # PDL: the down GEMV fetches its first weights and tables while the launch writing h finishes
     ext.gemv(hin, h_direct, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
-             int(Epilogue.SCATTER), 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl))
+             int(Epilogue.SCATTER), 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl), none, 0, 0.0)
     return topk_sum(y_slots, torch.empty(t, h_dim, dtype=x.dtype, device=x.device), topk, pdl)
 
 
