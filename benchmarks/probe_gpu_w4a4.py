@@ -1,8 +1,7 @@
 """W4A4 decode against W4A16 on the CUDA kernels, split into its two launches: the prologue that
-quantizes x (``prep_x``) and the GEMV on the prologue's codes, the same with x quantized inside the
-GEMV launch (``fused`` columns), for the kernels of this tree and,
+quantizes x (``prep_x``) and the GEMV on the prologue's codes, for the kernels of this tree and,
 in the same process, for other builds: ``--baseline DIR`` (a copy of an earlier
-``src/codequant/kernels/gpu/csrc`` with this tree's binding signature) and ``--l2-256`` (this tree's kernels with the L2::256B
+``src/codequant/kernels/gpu/csrc``) and ``--l2-256`` (this tree's kernels with the L2::256B
 prefetch hint on the weight copies, so that a warp's next chunks of a row are fetched into L2
 with the first). W4A16 and W4A4 with the default launch, with PDL and plain; ``--stages``: W4A4
 with other ring depths. Timing as in bench_gpu (benchmarks.common.cuda_graph_us:
@@ -11,8 +10,8 @@ Run on a CUDA machine from the repository root:
 
     PYTHONPATH=src python3 -m benchmarks gpu-probe-w4a4 --baseline /tmp/base_csrc --l2-256 --out benchmarks/results
 
-Writes gpu-decode-w4a4{--tag}.json: per shape and M the times in us, and whether the fused launch and
-the other builds give the same W4A4 outputs bit for bit (``same_as_*``).
+Writes gpu-decode-w4a4{--tag}.json: per shape and M the times in us, and whether the other builds give
+the same W4A4 outputs bit for bit.
 """
 
 import argparse
@@ -70,7 +69,7 @@ def parts(ext, x, ws, m, n, k):
     y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     slut = k >= cuda_gemv.SMEM_LUT_MIN_K and m <= cuda_gemv.SMEM_LUT_MAX_M
     t_gemv = cuda_graph_us([lambda wt=wt: ext.gemv(xp, False, xs, wt.indices, wt.codebook, none, none, none, none, y, none, none, none,
-                                                  m, k, 0, 0, 0, 0, False, r, w, cuda_gemv.STAGES, slut, 0, 0, none, 0, 0.0) for wt in ws])
+                                                  m, k, 0, 0, 0, 0, False, r, w, cuda_gemv.STAGES, slut, 0, 0) for wt in ws])
     return t_prep, t_gemv
 
 
@@ -106,20 +105,15 @@ def main(argv: list[str]) -> None:
                     rec[("w4a16" if tag == "new" else f"w4a16_{tag}") + suffix] = round(
                         cuda_graph_us([lambda w=w: cuda_gemv.linear(x, w, A16, None, y16, pdl=pdl) for w in lut_w]), 3)
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-                for fuse in (False, True) if tag == "new" else (None,):
-                    name = "fused" if fuse else tag
-                    for pdl, suffix in ((None, ""), (True, "_pdl"), (False, "_plain")):
-                        rec[f"w4a4_{name}{suffix}"] = round(cuda_graph_us([lambda w=w: cuda_gemv.linear(x, w, A4, None, y, pdl=pdl, fuse=fuse)
-                                                                          for w in lut_w]), 3)
+                for pdl, suffix in ((None, ""), (True, "_pdl"), (False, "_plain")):
+                    rec[f"w4a4_{tag}{suffix}"] = round(cuda_graph_us([lambda w=w: cuda_gemv.linear(x, w, A4, None, y, pdl=pdl)
+                                                                     for w in lut_w]), 3)
                 for v in a.stages:
                     rec[f"w4a4_{tag}_stages{v}"] = round(cuda_graph_us([lambda w=w: cuda_gemv.linear(x, w, A4, None, y, stages=v)
                                                                        for w in lut_w]), 3)
                 rec[f"prep_{tag}"], rec[f"gemv_{tag}"] = (round(t, 3) for t in parts(ext, x, lut_w, m, n, k))
                 ys[tag] = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-                assert cuda_gemv.linear(x, lut_w[0], A4, None, ys[tag], fuse=False if tag == "new" else None)
-                if tag == "new":
-                    ys["fused"] = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-                    assert cuda_gemv.linear(x, lut_w[0], A4, None, ys["fused"], fuse=True)
+                assert cuda_gemv.linear(x, lut_w[0], A4, None, ys[tag])
             ref = reference.linear(x.float(), lut_w[0], A4).double()
             rec["rel_err_new"] = ((ys["new"].double() - ref).norm() / ref.norm()).item()
             for tag in ys:

@@ -80,9 +80,6 @@ SMEM_LUT_MIN_K, SMEM_LUT_MAX_M = 8192, 8
 # the expert read from the router's indices (no routing launch); an expert picked twice is read twice,
 # which costs little while slots are few against experts (decode)
 SLOT_BLOCKS_MAX_SHARE = 4
-# dense W4A4 (16-bit codes): x quantized by the GEMV launch's own first blocks instead of a prologue launch
-# (cq_gemv.cu, fused_quant); off until measured on a GPU (benchmarks/notes-gpu.md, 2026-12-07)
-FUSED_W4A4 = False
 
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
@@ -178,6 +175,18 @@ def config(tiles16: int, k: int, sms: int = 132, warps_per_sm: int = DENSE_WARPS
     return r, w
 
 
+def one_wave_warps(k: int) -> int:
+    """Warps per block splitting K for one 16-row tile per block when the tiles fit in one wave
+    (tiles <= SMs): 16 (a block fills an SM) for rows of 16 or more 128-column chunks, else a power
+    of two giving each warp about 2 chunks (H100 sweep at M = 1 and 16, with PDL: 2048x2048,
+    2048x4096, 2048x7168, 768x2048 1.07-1.25x faster with 16 warps than config()'s 4-8; 2048x768
+    1.5-1.6x with 4 warps than with 2; benchmarks/notes-gpu.md, 2026-12-07)."""
+    chunks = -(-k // 128)
+    if chunks >= 16:
+        return 16
+    return 1 << max(0, math.ceil(math.log2(max(1, chunks / 2))))
+
+
 def _act_ok(act: ActQuantSpec, k: int) -> bool:
     return not act.enabled or (act.bits <= 8 and effective_group_size(act.group_size, k) == k)
 
@@ -254,10 +263,9 @@ def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
 
 def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None, y: torch.Tensor,
            r: int | None = None, w: int | None = None, stages: int = STAGES, smem_lut: bool | None = None,
-           pdl: bool | None = None, fuse: bool | None = None) -> bool:
+           pdl: bool | None = None) -> bool:
     """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply.
-    ``r``, ``w``, ``stages``, ``smem_lut``, ``pdl``, ``fuse`` (W4A4 on 16-bit codes: x quantized inside the
-    GEMV launch rather than by a prologue launch) override the launch heuristics (benchmarks, tests)."""
+    ``r``, ``w``, ``stages``, ``smem_lut``, ``pdl`` override the launch heuristics (benchmarks)."""
     if not supported(x2, weight, act):
         return False
     ext = load()
@@ -268,36 +276,34 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     sms = _sm_count(x2.device)
+    tiles = -(-n // 16)
+    direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
+              and x2.data_ptr() % 16 == 0)
     if r is None or w is None:
-        r0, w0 = config(-(-n // 16), k, sms)
+        r0, w0 = config(tiles, k, sms)
+        if direct and r0 == 1 and tiles <= sms:  # measured for W4A16 on x in place only
+            w0 = one_wave_warps(k)
         r, w = r or r0, w or w0
     kp = weight.indices.shape[-1] * 2
     none = _none(x2.device)
     bf16_dot = x2.dtype != torch.float16 and not act.enabled
-    direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
-              and x2.data_ptr() % 16 == 0)
     b = bias.float().contiguous() if bias is not None else none
     lut = _lut_args(weight, act)
     # PDL: the prologue or the GEMV is resident while the previous launch finishes, and the GEMV
     # fetches its weights and tables before it waits for x (the previous launch's output); not for
-    # 1-row-tile blocks filling half the SMs or more, unless a W4A4 prologue of M <= 4 rows comes
-    # first (H200, 2048x4096 and 2048x7168: 0.84-0.93x for W4A16, 0.76-0.87x for W4A4 at M = 16,
-    # 1.2-1.3x for W4A4 at M <= 4; the blocks placed early spread unevenly)
+    # 1-row-tile blocks filling half the SMs or more, unless a W4A4 prologue of M <= 4 rows comes first
+    # or x is read in place by one wave of blocks of other than 8 warps (H200 and H100, 2048x4096 and
+    # 2048x7168 with 8 warps: 0.84-0.93x for W4A16, 0.76-0.87x for W4A4 at M = 16, 1.2-1.3x for W4A4
+    # at M <= 4; the blocks placed early spread unevenly; W4A16 blocks of 16 warps, one per SM, and of
+    # 2-4 warps gain 1.1-1.6x from it: benchmarks/notes-gpu.md, 2026-12-07)
     if pdl is None:
-        pdl = r == 2 or -(-n // 16) < sms // 2 or (not direct and m <= 4)
+        pdl = r == 2 or tiles < sms // 2 or (direct and tiles <= sms and w != 8) or (not direct and m <= 4)
     pdl = pdl and _pdl(x2.device)
-    if fuse is None:
-        fuse = FUSED_W4A4 and act.enabled and not _int8_path(act)
-    xq = none
-    if fuse:  # the GEMV's first blocks quantize x into xp / xs themselves (no prologue launch)
-        xin = torch.empty(m, kp // 2, dtype=torch.int32, device=x2.device)
-        xs, xq = torch.empty(m, dtype=torch.float32, device=x2.device), x2
-    else:
-        xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
+    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, int(Epilogue.PLAIN), 0,
              bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut, 0,
-             int(pdl), xq, act.bits, float(act.clip))
+             int(pdl))
     if out is not y:
         y.copy_(out)
     return True
@@ -379,8 +385,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     h = torch.empty(n_rows, i_dim, dtype=h_dtype if h_direct else torch.float32, device=x.device)
     _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
     ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, int(Epilogue.SWIGLU),
-             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0,
-             none, 0, 0.0)
+             i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0)
     if hadamard_block:
         h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
@@ -393,7 +398,7 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
     # PDL: the down GEMV fetches its first weights and tables while the launch writing h finishes
     ext.gemv(hin, h_direct, hs, *w_dn, none, y_slots, bexp, rows, rw, bm, i_dim, s, bm,
-             int(Epilogue.SCATTER), 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl), none, 0, 0.0)
+             int(Epilogue.SCATTER), 0, bf16, r_d, w_d, MOE_STAGES, False, 0, int(pdl))
     return topk_sum(y_slots, torch.empty(t, h_dim, dtype=x.dtype, device=x.device), topk, pdl)
 
 

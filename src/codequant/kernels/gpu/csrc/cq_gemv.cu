@@ -47,10 +47,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include <map>
-#include <mutex>
-#include <utility>
-
 #include "cq_gemv.h"
 
 namespace cq {
@@ -249,9 +245,10 @@ constexpr int PREP_THREADS = 1024;
 // (fp16) and xscale[r] = s. Thread unit u = pair words 8u..8u+7 = columns c0..c0+7 and c0+32..c0+39,
 // c0 = 64 (u / 4) + 8 (u % 4), thread i holding unit i: loaded, reduced to the row's min / max and
 // written from registers.
-// Any block size that is a multiple of 32 (the fused W4A4 GEMV calls it with its own blocks);
-// a block calling it again must __syncthreads() in between (smin / smax are reused).
-__device__ __forceinline__ void prep_row(const PrepParams& p, const int r) {
+__global__ void __launch_bounds__(PREP_THREADS) prep_x_kernel(const PrepParams p) {
+  launch_dependents();
+  grid_dependency_wait();  // (returns at once unless launched with PDL)
+  const int r = blockIdx.x;
   int src = r;
   if (p.nslots > 0) {
     const int slot = p.rows != nullptr ? p.rows[r] : r;
@@ -349,63 +346,11 @@ __device__ __forceinline__ void prep_row(const PrepParams& p, const int r) {
   }
 }
 
-__global__ void __launch_bounds__(PREP_THREADS) prep_x_kernel(const PrepParams p) {
-  launch_dependents();
-  grid_dependency_wait();  // (returns at once unless launched with PDL)
-  prep_row(p, blockIdx.x);
-}
-
-// Counters of the fused W4A4 GEMV, one slot of 3 per stream (zero when the module loads; each launch leaves
-// its slot zero).
-constexpr int SYNC_SLOTS = 256;
-__device__ unsigned g_sync[SYNC_SLOTS][4];
-
-__device__ __forceinline__ unsigned load_acquire(const unsigned* a) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
-  return v;
-}
-
-// Fused W4A4 (dense): the GEMV's own blocks quantize x's M rows into xp / xscale (prep_row, the
-// prologue's arithmetic) instead of a prologue launch. sync[3] (zero between launches): [0] tickets
-// in the order blocks run, [1] rows written, [2] blocks past the wait. The blocks that run first
-// (tickets < M) quantize rows ticket, ticket + grid, ...; every block then waits until all M rows are
-// written. A block only waits on blocks that already run (lower tickets), so no block waits on one
-// that cannot start. The last block past the wait zeroes sync for the next launch on the stream, which
-// touches it only after its grid-dependency wait (or stream order). Launches on two streams at once use
-// two slots; a graph keeps the slot of the stream it was captured on.
-__device__ __forceinline__ void fused_quant(const GemvParams& p) {
-  __shared__ int ticket;
-  unsigned* sync = p.sync;
-  if (threadIdx.x == 0) ticket = (int)atomicAdd(&sync[0], 1u);
-  __syncthreads();
-  const int grid = (int)gridDim.x;
-  int done = 0;
-  for (int r = ticket; r < p.M; r += grid) {
-    prep_row(p.q, r);
-    __syncthreads();
-    ++done;
-  }
-  if (threadIdx.x == 0) {
-    if (done) {
-      __threadfence();
-      atomicAdd(&sync[1], (unsigned)done);
-    }
-    while (load_acquire(&sync[1]) < (unsigned)p.M) __nanosleep(64);
-    if (atomicAdd(&sync[2], 1u) == (unsigned)grid - 1u) {
-      atomicExch(&sync[0], 0u);
-      atomicExch(&sync[1], 0u);
-      atomicExch(&sync[2], 0u);
-    }
-  }
-  __syncthreads();
-}
-
 // ---------------------------------------------------------------------------------------- GEMV
 
 // R: 16-row tiles per warp (and block); NT: n8 token tiles (rows of x: M <= 8 * NT);
 // BF16: dot type (else fp16); WBF16: dense bf16 weights instead of the lookup; D: ring stages;
-// I8: int8 codebooks and codes; FQ: fused W4A4 (this launch quantizes x, fused_quant).
+// I8: int8 codebooks and codes.
 template <int R, int NT, bool WBF16> struct Stage {
   static constexpr int WV = WBF16 ? 4 : 1;        // uint4 per lane per row half of a chunk
   static constexpr int W_U4 = R * 2 * WV;         // weights
@@ -416,7 +361,7 @@ template <int R, int NT, bool WBF16> struct Stage {
 // [R][2 halves][256 bytes][32 lanes] words ahead of the ring.
 __host__ __device__ constexpr size_t pair_table_bytes(int R) { return (size_t)R * 2 * 256 * 32 * 4; }
 
-template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL, bool FQ>
+template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvParams p) {
   extern __shared__ uint4 smem[];
   // a MoE grid runs in waves: the next launch may start once its last wave has started; a dense
@@ -425,7 +370,7 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   const bool moe = p.bexp != nullptr;
   if (moe) launch_dependents();
   if (p.pdl == 2) grid_dependency_wait();
-  const bool prefetch = p.pdl == 1 || FQ;  // weights before the wait, x after
+  const bool prefetch = p.pdl == 1;  // weights before the wait, x after
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   int M = p.M;
@@ -660,18 +605,7 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
 
   // codebook tables first (measured 1-6% faster on the MoE and the long dense rows than after the
   // first copies, 2-3% slower on 4096x4096-class rows)
-  // (FQ: the tables' lines only prefetched into L1 here, loaded after fused_quant: loaded here they
-  // stay live across it and raise the kernel's registers, e.g. 175 -> 204 for R = 2, NT = 2)
-  if (!WBF16 && !grouped && !SL) {
-    if (FQ) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) asm volatile("prefetch.global.L1 [%0];" ::"l"(cb + (size_t)rown[r][h] * p.NG * 16));
-    } else {
-      load_tables(0);
-    }
-  }
+  if (!WBF16 && !grouped && !SL) load_tables(0);
   if constexpr (SL) {  // item i: lane copy ln of row half rh, entries with high nibble hn
     for (int i = threadIdx.x; i < R * 2 * 32 * 16; i += blockDim.x) {
       const int ln = i & 31, rh = (i >> 5) % (R * 2), hn = (i >> 5) / (R * 2);
@@ -693,10 +627,6 @@ __global__ void __launch_bounds__(R == 2 ? 256 : 512, 1) gemv_kernel(const GemvP
   }
   if (prefetch) {
     grid_dependency_wait();
-    if constexpr (FQ) {
-      fused_quant(p);
-      if (!grouped && !SL) load_tables(0);
-    }
 #pragma unroll
     for (int st = 0; st < D - 1; ++st) issue(c_begin + st, st, false, true);
     cp_async_commit();
@@ -835,7 +765,7 @@ __global__ void moe_align_kernel(const void* ids, int ids64, int S, int E, int b
   }
 }
 
-constexpr int MAX_SMEM = 227 * 1024 - 1024;  // dynamic shared memory; 1 KB left for the static arrays (prep_row, fused_quant)
+constexpr int MAX_SMEM = 227 * 1024;
 
 // A launch, with programmatic stream serialization (PDL) when pdl: it may start while the previous
 // launch on the stream runs, and must call grid_dependency_wait before reading that launch's output.
@@ -862,7 +792,7 @@ static size_t smem_bytes(int R, int NT, bool wbf16, bool sl, int W, int D) {
   return (sl ? pair_table_bytes(R) : 0) + (ring > red ? ring : red);
 }
 
-template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL, bool FQ>
+template <int R, int NT, bool BF16, bool WBF16, int D, bool I8, bool SL>
 static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
   const int tile_rows = p.epi == EPI_SWIGLU ? 16 : 16 * R;
   const int rows = p.epi == EPI_SWIGLU ? p.inter : p.N;
@@ -870,31 +800,14 @@ static cudaError_t launch(GemvParams p, int W, int blocks_y, cudaStream_t st) {
   const size_t smem = smem_bytes(R, NT, WBF16, SL, W, D);
   static bool attr = false;  // once per instantiation: allow more than 48 KB of dynamic shared memory
   if (!attr) {
-    const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL, FQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_SMEM);
+    const cudaError_t e = cudaFuncSetAttribute(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL>, cudaFuncAttributeMaxDynamicSharedMemorySize, MAX_SMEM);
     if (e != cudaSuccess) return e;
     attr = true;
   }
-  return launch_pdl(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL, FQ>, grid, dim3(32 * W), smem, st, p.pdl != 0, p);
+  return launch_pdl(gemv_kernel<R, NT, BF16, WBF16, D, I8, SL>, grid, dim3(32 * W), smem, st, p.pdl != 0, p);
 }
 
 }  // namespace cq
-
-unsigned* cq_sync_counters(cudaStream_t st) {
-  static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, unsigned*> slots;
-  static std::map<int, int> used;  // slots handed out per device
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(dev, st);
-  const auto it = slots.find(key);
-  if (it != slots.end()) return it->second;
-  void* base = nullptr;
-  if (used[dev] >= cq::SYNC_SLOTS || cudaGetSymbolAddress(&base, cq::g_sync) != cudaSuccess) return nullptr;
-  unsigned* slot = reinterpret_cast<unsigned*>(base) + 4 * used[dev]++;
-  slots[key] = slot;
-  return slot;
-}
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st) {
   if (rows_out <= 0) return 0;
@@ -922,8 +835,6 @@ int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, 
   if (p.wd != nullptr && (!bf16_dot || p.K % 64)) return (int)cudaErrorInvalidValue;
   const bool wbf16 = p.wd != nullptr, i8 = p.cb8 != nullptr;
   const int nch = ((p.KP >> 6) + 1) >> 1;
-  const bool fq = p.sync != nullptr;
-  if (fq && (p.bexp != nullptr || i8 || wbf16 || bf16_dot || p.xs != nullptr || p.xscale == nullptr)) return (int)cudaErrorInvalidValue;
   if (R == 2 && W > 8) W = 8;
   if (W > nch) W = nch < 1 ? 1 : nch;
   p.cpw = (nch + W - 1) / W;
@@ -935,18 +846,15 @@ int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, 
   if (sl) D = 2;
   while (D > 2 && smem_bytes(R, nt, wbf16, sl, W, D) > (size_t)MAX_SMEM) --D;
   if (smem_bytes(R, nt, wbf16, sl, W, D) > (size_t)MAX_SMEM) return (int)cudaErrorInvalidValue;
-#define CQ_CASE(RR, NTT, BF, WB, DD, I8_, SL_, FQ_)                                                                        \
-  if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && D == DD && i8 == I8_ && sl == SL_ && fq == FQ_) \
-    return (int)launch<RR, NTT, BF, WB, DD, I8_, SL_, FQ_>(p, W, blocks_y, st);
-#define CQ_D(RR, NTT, BF, WB, I8_, FQ_) \
-  CQ_CASE(RR, NTT, BF, WB, 2, I8_, false, FQ_) CQ_CASE(RR, NTT, BF, WB, 3, I8_, false, FQ_) CQ_CASE(RR, NTT, BF, WB, 4, I8_, false, FQ_)
-#define CQ_RN(BF, WB, I8_, FQ_) CQ_D(1, 1, BF, WB, I8_, FQ_) CQ_D(1, 2, BF, WB, I8_, FQ_) CQ_D(2, 1, BF, WB, I8_, FQ_) CQ_D(2, 2, BF, WB, I8_, FQ_)
-#define CQ_SL(BF, FQ_)                                                                                       \
-  CQ_CASE(1, 1, BF, false, 2, false, true, FQ_) CQ_CASE(1, 2, BF, false, 2, false, true, FQ_) CQ_CASE(2, 1, BF, false, 2, false, true, FQ_) \
-  CQ_CASE(2, 2, BF, false, 2, false, true, FQ_)
-  CQ_RN(true, false, false, false) CQ_RN(false, false, false, false) CQ_RN(true, true, false, false) CQ_RN(false, false, true, false)
-  CQ_SL(true, false) CQ_SL(false, false)
-  CQ_RN(false, false, false, true) CQ_SL(false, true)  // fused W4A4: fp16 codes
+#define CQ_CASE(RR, NTT, BF, WB, DD, I8_, SL_)                                                                  \
+  if (R == RR && nt == NTT && (bool)bf16_dot == BF && wbf16 == WB && D == DD && i8 == I8_ && sl == SL_) \
+    return (int)launch<RR, NTT, BF, WB, DD, I8_, SL_>(p, W, blocks_y, st);
+#define CQ_D(RR, NTT, BF, WB, I8_) \
+  CQ_CASE(RR, NTT, BF, WB, 2, I8_, false) CQ_CASE(RR, NTT, BF, WB, 3, I8_, false) CQ_CASE(RR, NTT, BF, WB, 4, I8_, false)
+#define CQ_RN(BF, WB, I8_) CQ_D(1, 1, BF, WB, I8_) CQ_D(1, 2, BF, WB, I8_) CQ_D(2, 1, BF, WB, I8_) CQ_D(2, 2, BF, WB, I8_)
+#define CQ_SL(BF) \
+  CQ_CASE(1, 1, BF, false, 2, false, true) CQ_CASE(1, 2, BF, false, 2, false, true) CQ_CASE(2, 1, BF, false, 2, false, true) CQ_CASE(2, 2, BF, false, 2, false, true)
+  CQ_RN(true, false, false) CQ_RN(false, false, false) CQ_RN(true, true, false) CQ_RN(false, false, true) CQ_SL(true) CQ_SL(false)
 #undef CQ_SL
 #undef CQ_RN
 #undef CQ_D

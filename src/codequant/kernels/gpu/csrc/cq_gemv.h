@@ -53,14 +53,9 @@ struct GemvParams {
   int slut;                  // dense, per-row codebooks, 16-bit dot: look up pair words in shared memory
   int pdl;                   // launched with PDL: 1 = weights and tables fetched before waiting for x (the previous
                              // launch's output), 2 = waits first (MoE gate_up: the expert ids come from the router)
-  unsigned* sync;            // fused W4A4 (dense): the stream's counters (cq_sync_counters); this launch quantizes x (q)
-  PrepParams q;              // into xp / xscale itself instead of a prologue launch (null: xp / xscale come ready)
 };
 
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st);
-// The fused W4A4 GEMV's counters for launches on stream st on the current device (one slot per stream, zero
-// between launches), or null when all slots are taken.
-unsigned* cq_sync_counters(cudaStream_t st);
 int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, cudaStream_t st);
 // Slots grouped by expert into runs of bm rows: sorted [max_blocks * bm] slot ids (S: padding), bexp [max_blocks].
 int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_blocks, int* sorted, int* bexp, cudaStream_t st);

@@ -57,8 +57,6 @@ void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tens
 }
 
 // y = x @ W^T (+ epilogue). x: raw 16-bit [M, K] (xdirect) or pair words [rows, KP/2] int32.
-// xq [M, K] (empty: none): dense W4A4 fused, the launch itself quantizes xq per row to `bits` (clip) into x
-// (pair words [M, KP/2], written by the launch) and xscale, as prep_x would.
 // pdl: launched with programmatic dependent launch (sm_90) after the launch writing x: 1 fetches the weights
 // before waiting for it, 2 waits first (MoE blocks whose expert ids the previous launches wrote).
 // Weights: idx uint8 [E?, N, KP/2] + cb fp16 [E?, N, NG, 16] (+ cb8 int8, wscale fp32 [E?, N] for int8
@@ -69,7 +67,7 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
           torch::Tensor wscale, torch::Tensor wd,
           torch::Tensor bias, torch::Tensor y, torch::Tensor bexp, torch::Tensor rows, torch::Tensor rw, int64_t M, int64_t K,
           int64_t nslots, int64_t bm, int64_t epi, int64_t inter, bool bf16_dot, int64_t R, int64_t W, int64_t stages, bool slut,
-          int64_t xtopk, int64_t pdl, torch::Tensor xq, int64_t bits, double clip) {
+          int64_t xtopk, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.stride(-1) == 1 && y.stride(-1) == 1, "x and y must be CUDA tensors with unit column stride");
   GemvParams p{};
   const bool dense_w = wd.numel() > 0;
@@ -140,23 +138,6 @@ void gemv(torch::Tensor x, bool xdirect, torch::Tensor xscale, torch::Tensor idx
   TORCH_CHECK(pdl >= 0 && pdl <= 2, "pdl must be 0, 1 or 2");
   p.pdl = (int)pdl;
   TORCH_CHECK(p.epi != EPI_SCATTER || (p.bexp && p.rw), "the scatter epilogue needs MoE blocks and routing weights");
-  if (xq.numel()) {  // fused W4A4: this launch quantizes the M rows of xq into x (pair words) and xscale
-    TORCH_CHECK(xq.is_cuda() && xq.dim() == 2 && xq.stride(1) == 1 && xq.size(0) == M && xq.size(1) == K, "xq must be a CUDA [M, K] tensor with unit column stride");
-    TORCH_CHECK(!xdirect && xscale.numel() >= M && bits >= 1 && bits <= 8 && x.size(0) >= M, "fused W4A4 needs pair words x, xscale [M] and bits 1..8");
-    p.sync = cq_sync_counters(c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(p.sync != nullptr, "no free counter slot for the fused W4A4 GEMV on this stream");
-    PrepParams& q = p.q;
-    q.x = xq.data_ptr();
-    q.itype = dtype_code(xq);
-    q.ldx = (int)xq.stride(0);
-    q.K = (int)K;
-    q.KP = KP;
-    q.xp = reinterpret_cast<uint32_t*>(x.data_ptr());
-    q.xscale = xscale.data_ptr<float>();
-    q.quant = 1;
-    q.bits = (int)bits;
-    q.clip = (float)clip;
-  }
   const int blocks_y = p.bexp ? (int)bexp.numel() : 1;
   check(cq_gemv(p, (int)R, (int)W, bf16_dot ? 1 : 0, (int)stages, blocks_y, c10::cuda::getCurrentCUDAStream().stream()), "gemv");
 }
