@@ -21,6 +21,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "gpu-probe-read": ("probe_gpu_read", "how fast the index stream can be read at all"),
     "gpu-probe-decomp": ("probe_gpu_decomp", "the decode kernel without its lookup and / or mma"),
     "gpu-probe-w4a4": ("probe_gpu_w4a4", "W4A4 decode parts, against a baseline build"),
+    "gpu-probe-launch": ("probe_gpu_launch", "W4A16 decode at fixed launch configs, PDL on / off"),
     "quantize-memory": ("bench_quantize_memory", "peak memory and time of quantize on real MoE shapes"),
     "vllm": ("bench_vllm", "vLLM serving speed on the CPU"),
     "op-call-overhead": ("op_call_overhead", "host cost per call: pybind11 against a TORCH_LIBRARY op"),

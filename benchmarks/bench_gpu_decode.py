@@ -25,8 +25,10 @@ from codequant import kernels
 from codequant.kernels import reference
 from codequant.kernels.gpu import cuda_gemv
 
-# the five dense shapes of issue #17 and the Qwen3-30B-A3B expert shapes (down 2048x768, one half of gate_up 768x2048)
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048)]
+# the five dense shapes of issue #17, the Qwen3-30B-A3B expert shapes (down 2048x768, one half of gate_up 768x2048)
+# and its attention projections (q 4096x2048, k / v 512x2048, o 2048x4096) and a 2048x2048 square
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (7168, 2048), (2048, 7168), (2048, 768), (768, 2048),
+          (4096, 2048), (512, 2048), (2048, 4096), (2048, 2048)]
 MS = [1, 4, 16]
 
 

@@ -119,3 +119,12 @@ def test_options_seed_from_the_environment_and_restore(monkeypatch):
     with kernel_options(strict=True, cuda_gemv=False) as inside:
         assert inside.strict and not inside.cuda_gemv and options() is inside
     assert options() == before
+
+
+def test_one_wave_warps_split_k():
+    """One 16-row tile per block in one wave: a whole SM (16 warps) for rows of 16+ chunks of 128
+    columns, else about 2 chunks per warp, in powers of two."""
+    from codequant.kernels.gpu.cuda_gemv import one_wave_warps
+
+    assert [one_wave_warps(k) for k in (2048, 4096, 14336)] == [16, 16, 16]
+    assert [one_wave_warps(k) for k in (64, 256, 512, 768, 1024, 1536, 1920)] == [1, 1, 2, 4, 4, 8, 8]

@@ -175,6 +175,18 @@ def config(tiles16: int, k: int, sms: int = 132, warps_per_sm: int = DENSE_WARPS
     return r, w
 
 
+def one_wave_warps(k: int) -> int:
+    """Warps per block splitting K for one 16-row tile per block when the tiles fit in one wave
+    (tiles <= SMs): 16 (a block fills an SM) for rows of 16 or more 128-column chunks, else a power
+    of two giving each warp about 2 chunks (H100 sweep at M = 1 and 16, with PDL: 2048x2048,
+    2048x4096, 2048x7168, 768x2048 1.07-1.25x faster with 16 warps than config()'s 4-8; 2048x768
+    1.5-1.6x with 4 warps than with 2; benchmarks/notes-gpu.md, 2026-12-07)."""
+    chunks = -(-k // 128)
+    if chunks >= 16:
+        return 16
+    return 1 << max(0, math.ceil(math.log2(max(1, chunks / 2))))
+
+
 def _act_ok(act: ActQuantSpec, k: int) -> bool:
     return not act.enabled or (act.bits <= 8 and effective_group_size(act.group_size, k) == k)
 
@@ -264,23 +276,28 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     sms = _sm_count(x2.device)
+    tiles = -(-n // 16)
+    direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
+              and x2.data_ptr() % 16 == 0)
     if r is None or w is None:
-        r0, w0 = config(-(-n // 16), k, sms)
+        r0, w0 = config(tiles, k, sms)
+        if direct and r0 == 1 and tiles <= sms:  # measured for W4A16 on x in place only
+            w0 = one_wave_warps(k)
         r, w = r or r0, w or w0
     kp = weight.indices.shape[-1] * 2
     none = _none(x2.device)
     bf16_dot = x2.dtype != torch.float16 and not act.enabled
-    direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
-              and x2.data_ptr() % 16 == 0)
     b = bias.float().contiguous() if bias is not None else none
     lut = _lut_args(weight, act)
     # PDL: the prologue or the GEMV is resident while the previous launch finishes, and the GEMV
     # fetches its weights and tables before it waits for x (the previous launch's output); not for
-    # 1-row-tile blocks filling half the SMs or more, unless a W4A4 prologue of M <= 4 rows comes
-    # first (H200, 2048x4096 and 2048x7168: 0.84-0.93x for W4A16, 0.76-0.87x for W4A4 at M = 16,
-    # 1.2-1.3x for W4A4 at M <= 4; the blocks placed early spread unevenly)
+    # 1-row-tile blocks filling half the SMs or more, unless a W4A4 prologue of M <= 4 rows comes first
+    # or x is read in place by one wave of blocks of other than 8 warps (H200 and H100, 2048x4096 and
+    # 2048x7168 with 8 warps: 0.84-0.93x for W4A16, 0.76-0.87x for W4A4 at M = 16, 1.2-1.3x for W4A4
+    # at M <= 4; the blocks placed early spread unevenly; W4A16 blocks of 16 warps, one per SM, and of
+    # 2-4 warps gain 1.1-1.6x from it: benchmarks/notes-gpu.md, 2026-12-07)
     if pdl is None:
-        pdl = r == 2 or -(-n // 16) < sms // 2 or (not direct and m <= 4)
+        pdl = r == 2 or tiles < sms // 2 or (direct and tiles <= sms and w != 8) or (not direct and m <= 4)
     pdl = pdl and _pdl(x2.device)
     xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
