@@ -14,6 +14,7 @@ which runs the project's fused MoE kernel after vLLM's router. Both compute with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -274,10 +275,15 @@ class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
 
     HEAD_ROWS = 1
 
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        # vLLM's CPU worker pins its thread to one core: more kernel threads would share it
+        layer.cq_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (bias is None and x.device.type == "cpu" and x.dtype is torch.bfloat16 and layer.weight.dtype is torch.bfloat16
                 and x.dim() == 2 and x.shape[0] <= self.HEAD_ROWS):
-            return cpu_kernels.linear_bf16(x, layer.weight)
+            return cpu_kernels.linear_bf16(x, layer.weight, threads=getattr(layer, "cq_threads", None))
         return super().apply(layer, x, bias)
 
 
