@@ -268,12 +268,13 @@ class CodeQuantLinearMethod(LinearMethodBase):
 
 class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
     """The unquantized lm_head on the CPU: bf16 logits of one sequence (:data:`HEAD_ROWS` rows)
-    through ``codequant.kernels.cpu.linear_bf16`` on the kernels' threads, which reads the weight
-    at 1.1-1.4x the rate of vLLM's oneDNN GEMV; anything else (other dtypes, a bias, batches of
-    several sequences, where oneDNN's GEMM is as fast at 2 rows and 3x faster at 4 to 8, other
-    devices) as vLLM computes it (on its prepared oneDNN weights)."""
+    of a head of at least :data:`MIN_HEAD_BYTES` through ``codequant.kernels.cpu.linear_bf16``,
+    which reads the weight at 1.1-1.4x the rate of vLLM's oneDNN GEMV; anything else (other
+    dtypes, a bias, batches of several sequences, where oneDNN's GEMM is as fast at 2 rows and 3x
+    faster at 4 to 8, small heads, other devices) as vLLM computes it (on its prepared weights)."""
 
     HEAD_ROWS = 1
+    MIN_HEAD_BYTES = 64 << 20  # smaller heads (the fixture's 4 MB) decoded faster on vLLM's own GEMV
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)
@@ -282,7 +283,7 @@ class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (bias is None and x.device.type == "cpu" and x.dtype is torch.bfloat16 and layer.weight.dtype is torch.bfloat16
-                and x.dim() == 2 and x.shape[0] <= self.HEAD_ROWS):
+                and x.dim() == 2 and x.shape[0] <= self.HEAD_ROWS and 2 * layer.weight.numel() >= self.MIN_HEAD_BYTES):
             return cpu_kernels.linear_bf16(x, layer.weight, threads=getattr(layer, "cq_threads", None))
         return super().apply(layer, x, bias)
 
