@@ -27,10 +27,7 @@ CFGS = [(1, 2), (1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8)]
 
 def default_config(n: int, k: int) -> tuple[int, int]:
     """(R, W) of cuda_gemv.linear for W4A16 with x read in place."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = -(-n // 16)
-    r, w = cuda_gemv.config(tiles, k, sms)
-    return (r, cuda_gemv.one_wave_warps(k)) if r == 1 and tiles <= sms else (r, w)
+    return cuda_gemv.dense_config(-(-n // 16), k, torch.cuda.get_device_properties(0).multi_processor_count, True)
 
 
 def main(argv: list[str]) -> None:

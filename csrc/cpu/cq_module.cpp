@@ -712,10 +712,11 @@ void attention_item(const AttnArgs& A, int64_t item) {
   const T* k = (const T*)A.k + item * T_ * A.Dk;
   const T* v = (const T*)A.v + item * T_ * A.Dv;
   const float* q = A.q + (b * A.Hq + h * G) * A.Dk;
-  thread_local std::vector<float> s, acc, row;
+  thread_local std::vector<float> s, acc, row, inv;
   s.resize(G * T_);
   acc.assign(G * A.Dv, 0.f);
   row.resize(A.Dv);
+  inv.resize(G);
   if (sizeof(T) == 2) {
     g_isa->bf16_rows((const uint16_t*)k, A.Dk, q, A.Dk, G, s.data(), T_, 0, T_);
   } else {
@@ -726,7 +727,6 @@ void attention_item(const AttnArgs& A, int64_t item) {
         s[g * T_ + t] = dot;
       }
   }
-  std::vector<float> inv(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = &s[g * T_];
     float mx = -INFINITY;

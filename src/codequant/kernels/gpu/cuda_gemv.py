@@ -187,6 +187,15 @@ def one_wave_warps(k: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, chunks / 2))))
 
 
+def dense_config(tiles16: int, k: int, sms: int, in_place: bool) -> tuple[int, int]:
+    """The (R, W) :func:`linear` launches: :func:`config`, with :func:`one_wave_warps` for
+    one-row-tile blocks in one wave when x is read in place (measured for W4A16 only)."""
+    r, w = config(tiles16, k, sms)
+    if in_place and r == 1 and tiles16 <= sms:
+        w = one_wave_warps(k)
+    return r, w
+
+
 def _act_ok(act: ActQuantSpec, k: int) -> bool:
     return not act.enabled or (act.bits <= 8 and effective_group_size(act.group_size, k) == k)
 
@@ -280,9 +289,7 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
               and x2.data_ptr() % 16 == 0)
     if r is None or w is None:
-        r0, w0 = config(tiles, k, sms)
-        if direct and r0 == 1 and tiles <= sms:  # measured for W4A16 on x in place only
-            w0 = one_wave_warps(k)
+        r0, w0 = dense_config(tiles, k, sms, direct)
         r, w = r or r0, w or w0
     kp = weight.indices.shape[-1] * 2
     none = _none(x2.device)
