@@ -8,7 +8,8 @@ Models: the bundled fixture (models/codequant-moe-tiny) and a Qwen3-30B-A3B-shap
 ``--work`` by benchmarks.common.write_random_model). The CodeQuant checkpoints are made data-free
 (tests/vllm_serving/checkpoints.py: min-max grids of 16 centroids, one codebook per row, online
 Hadamard blocks, quantized attention, routers and routed experts; embeddings, norms and lm_head
-stay bf16): speed depends on the packed format, not on how the centroids were found.
+stay bf16, except that the ``-head`` variants pack the lm_head too, weight-only, as ``codequant
+quantize --quantize-head`` does): speed depends on the packed format, not on how the centroids were found.
 
 Every engine runs in its own child process, one at a time, with ``--threads`` OpenMP threads
 (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), else vLLM reserves a core of two for its
@@ -35,7 +36,8 @@ from pathlib import Path
 
 from benchmarks.common import ACT_BITS, FIXTURE, command_line, write_random_model
 
-VARIANTS = {"bf16": None, **{f"codequant-{mode}": ACT_BITS[mode] for mode in ("w4a16", "w4a4")}}  # name: activation bits
+# name: (activation bits, packed lm_head) of the CodeQuant checkpoints; bf16: the source model
+VARIANTS = {"bf16": None, **{f"codequant-{mode}{'-head' * head}": (ACT_BITS[mode], head) for head in (False, True) for mode in ("w4a16", "w4a4")}}
 
 
 def prompts(concurrency: int, length: int, vocab: int) -> list[list[int]]:
@@ -111,8 +113,8 @@ def child_transformers(args) -> list[dict]:
     return rows
 
 
-def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, dict[str, Path]]:
-    """{model: {variant: checkpoint dir}}; written once under ``work``."""
+def make_checkpoints(work: Path, layers: int, models: list[str], variants: list[str]) -> dict[str, dict[str, Path]]:
+    """{model: {variant: checkpoint dir}} for bf16 and ``variants``; written once under ``work``."""
     import torch
 
     from tests.vllm_serving.checkpoints import make_checkpoint  # the serving tests' checkpoint writer
@@ -125,13 +127,12 @@ def make_checkpoints(work: Path, layers: int, models: list[str]) -> dict[str, di
             source = work / f"{name}-{layers}l-bf16"
             write_random_model(name, layers, source)
         dirs[name] = {"bf16": source}
-        for variant, act_bits in VARIANTS.items():
-            if act_bits is None:
-                continue
+        for variant in variants:
+            act_bits, lm_head = VARIANTS[variant]
             out = work / f"{name}-{layers}l-{variant}" if name != "fixture" else work / f"fixture-{variant}"
             if not (out / "config.json").is_file():
                 print(f"writing {out}", flush=True)
-                make_checkpoint(out, act_bits, source=source, group_size=None, dtype=torch.bfloat16)
+                make_checkpoint(out, act_bits, source=source, group_size=None, dtype=torch.bfloat16, lm_head=lm_head)
             dirs[name][variant] = out
     return dirs
 
@@ -181,6 +182,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default="vllm,transformers")
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "bf16"),
+                    help=f"CodeQuant checkpoints beside bf16: {', '.join(v for v in VARIANTS if v != 'bf16')} (-head: lm_head packed too)")
     ap.add_argument("--contended", action="store_true", help="record that other work shared the CPUs during the run")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one engine's child may run")
     ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
@@ -196,7 +199,11 @@ def main(argv: list[str]) -> None:
     models = args.models.split(",")
     engines = args.engines.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
-    dirs = make_checkpoints(args.work, args.layers, models)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS) | ({"bf16"} & set(variants)))
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; choose from {', '.join(v for v in VARIANTS if v != 'bf16')}")
+    dirs = make_checkpoints(args.work, args.layers, models, variants)
     report = {
         "command": command_line("vllm", argv),
         "contended": args.contended,

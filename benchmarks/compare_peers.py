@@ -12,6 +12,7 @@ scales and zeros). Rows (``--rows``):
                                         with Hessian error feedback or by nearest centroid
   codequant:w4a4:feedback / :nearest    the same with 4-bit per-token activations
   codequant:w4a16:nearest:block4        ... then block-output tuning for 4 epochs (block_tuning_epochs)
+  codequant:w4a16:nearest:head          ... with the lm_head quantized too (weight-only, --quantize-head)
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
   autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric
   gptqmodel:w4a16                       GPTQModel (pip install gptqmodel), group 128
@@ -60,9 +61,11 @@ def quantized_share(before: dict[str, torch.Tensor], model) -> float:
     return changed / sum(w.numel() for w in before.values())
 
 
-def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str, block_tuning_epochs: int = 0) -> tuple[torch.nn.Module, dict]:
+def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str, block_tuning_epochs: int = 0,
+                  lm_head: bool = False) -> tuple[torch.nn.Module, dict]:
+    targets = (*QuantConfig.targets, "lm_head") if lm_head else QuantConfig.targets
     config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device=device,
-                         block_tuning_epochs=block_tuning_epochs)
+                         block_tuning_epochs=block_tuning_epochs, targets=targets)
     result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=False, calibration=calib)
     stages = result.report["seconds_per_stage"]
     info = {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
@@ -104,11 +107,12 @@ def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Modul
     if mode not in ABITS:
         raise ValueError(f"row {spec!r}: mode must be one of {', '.join(ABITS)}")
     epochs = 0
-    if len(parts) > 3:
-        if not (parts[3].startswith("block") and parts[3][5:].isdigit()):
-            raise ValueError(f"row {spec!r}: the fourth part must be blockN (N epochs of block-output tuning)")
-        epochs = int(parts[3][5:])
-    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device, epochs)
+    for option in parts[3:]:
+        if not (option == "head" or (option.startswith("block") and option[5:].isdigit())):
+            raise ValueError(f"row {spec!r}: parts after the third must be blockN (N epochs of block-output tuning) or head")
+        epochs = int(option[5:]) if option != "head" else epochs
+    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device, epochs,
+                         "head" in parts[3:])
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,11 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define CQ_X86 1
@@ -104,6 +109,16 @@ class Pool {
     while (inside_.load() != 0) pause();
   }
 
+  // Pins every worker, present and future, to `cpus` (empty: workers keep the mask they were
+  // created with, their creator's). False where thread affinity is not supported.
+  bool set_cpus(const std::vector<int>& cpus) {
+    std::lock_guard<std::mutex> job_lock(job_mu_);
+    cpus_ = cpus;
+    bool ok = true;
+    for (auto& t : threads_) ok = pin(t, cpus_) && ok;
+    return ok;
+  }
+
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -150,7 +165,21 @@ class Pool {
       const int id = (int)threads_.size();
       const uint64_t seen = gen_.load(std::memory_order_acquire);  // before this job's increment
       threads_.emplace_back([this, id, seen] { loop(id, seen); });
+      pin(threads_.back(), cpus_);
     }
+  }
+
+  static bool pin(std::thread& t, const std::vector<int>& cpus) {
+    if (cpus.empty()) return true;
+#ifdef __linux__
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int c : cpus)
+      if (c >= 0 && c < CPU_SETSIZE) CPU_SET(c, &set);
+    return pthread_setaffinity_np(t.native_handle(), sizeof(set), &set) == 0;
+#else
+    return false;
+#endif
   }
 
   void loop(int id, uint64_t seen) {
@@ -173,6 +202,7 @@ class Pool {
   }
 
   std::vector<std::thread> threads_;
+  std::vector<int> cpus_;  // the workers' CPUs (empty: as created)
   std::mutex job_mu_, mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
@@ -886,6 +916,27 @@ static PyObject* py_spin_us(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(g_spin_us.exchange(std::max(0LL, us)));
 }
 
+static PyObject* py_worker_cpus(PyObject*, PyObject* args) {
+  // worker_cpus(cpus) -> bool: pin the pool's workers to these CPU numbers (empty: as created).
+  PyObject* seq;
+  if (!PyArg_ParseTuple(args, "O", &seq)) return nullptr;
+  PyObject* fast = PySequence_Fast(seq, "worker_cpus expects a sequence of CPU numbers");
+  if (!fast) return nullptr;
+  std::vector<int> cpus;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
+    const long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+    if (c == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      return nullptr;
+    }
+    cpus.push_back((int)c);
+  }
+  Py_DECREF(fast);
+  bool ok;
+  Py_BEGIN_ALLOW_THREADS ok = g_pool->set_cpus(cpus);
+  Py_END_ALLOW_THREADS return PyBool_FromLong(ok);
+}
+
 static PyObject* py_set_isa(PyObject*, PyObject* args) {
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
@@ -925,6 +976,7 @@ static PyMethodDef methods[] = {
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},
     {"tune", py_tune, METH_VARARGS, "tune(i, v) -> old value: set switch i (see cq_kernels.h; 1: no vpermb)."},
     {"spin_us", py_spin_us, METH_VARARGS, "spin_us(us) -> old: how long idle pool workers spin before they sleep."},
+    {"worker_cpus", py_worker_cpus, METH_VARARGS, "worker_cpus(cpus) -> bool: pin the pool's workers to these CPUs (empty: as created)."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set: portable, avx2 or avx512."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"available_isas", py_available, METH_NOARGS, "Instruction sets this CPU and build support."},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,9 +33,10 @@ def _config_from_args(args):
         "block_tuning_epochs": args.block_tuning_epochs,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
-    if args.config:
-        return QuantConfig.from_file(args.config, **overrides)
-    return QuantConfig.from_dict(overrides, source="command line")
+    config = QuantConfig.from_file(args.config, **overrides) if args.config else QuantConfig.from_dict(overrides, source="command line")
+    if args.quantize_head and "lm_head" not in config.targets:
+        config = dataclasses.replace(config, targets=(*config.targets, "lm_head"))
+    return config
 
 
 def cmd_quantize(args) -> int:
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-gpu-memory", type=float, metavar="GIB", help="cap on the device memory (GiB); fewer experts at a time, refused up front if one layer cannot fit")
     q.add_argument("--stream", action="store_true", help="read each decoder layer from disk when its turn comes and free it once written (default: load the whole model into host memory first)")
     q.add_argument("--seed", type=int, help="random seed of sampling, k-means and rotations (default 0)")
+    q.add_argument("--quantize-head", action="store_true", help="also quantize the lm_head: a weight-only codebook linear (a quarter of a bf16 head's bytes; default: the head stays as it is)")
     q.add_argument("--block-tuning-epochs", type=int, metavar="N", help="tune each quantized layer's codebooks against the full-precision layer's output for N epochs (default 0: off)")
     q.add_argument("--config", help="YAML or TOML file of QuantConfig options; flags override it")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -60,7 +60,9 @@ METHODS: dict[str, Recipe] = {
 }
 
 ASSIGNMENTS = ("nearest", "feedback")
-TARGET_KINDS = ("attention", "router", "experts", "shared_experts", "dense_mlp")
+DEFAULT_TARGETS = ("attention", "router", "experts", "shared_experts", "dense_mlp")
+# "lm_head": the output head as a weight-only codebook linear (wbits, activations unquantized); off by default
+TARGET_KINDS = (*DEFAULT_TARGETS, "lm_head")
 
 
 @dataclass
@@ -76,7 +78,7 @@ class QuantConfig:
     act_clip: float = 1.0
     online_hadamard: bool = True  # block Hadamard before every down projection (when abits < 16)
     value_rotation: bool = False  # per-head Hadamard R2 between v_proj and o_proj
-    targets: tuple[str, ...] = TARGET_KINDS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     # calibration
     calib: str | None = None  # file, directory or HF dataset; None: text sampled from the model
     nsamples: int = 128

@@ -66,6 +66,18 @@ def test_streamed_checkpoint_equals_the_in_memory_one(arch, tmp_path):
     assert specs[0] == specs[1]
 
 
+def test_streamed_quantized_lm_head_equals_the_in_memory_one(tmp_path):
+    source = _save(tiny_model("qwen3_moe"), tmp_path / "src")
+    calib = tiny_input_ids(4, 16, 1)
+    config = QuantConfig(**{**CODEQUANT.to_dict(), "targets": [*CODEQUANT.targets, "lm_head"]})
+    quantize(source, _no_stream(config), tmp_path / "mem", progress=False, calibration=calib)
+    quantize(source, _stream(config), tmp_path / "stream", progress=False, calibration=calib)
+    mem, new = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
+    assert {"lm_head.indices", "lm_head.codebook"} <= mem.keys() and "lm_head.weight" not in mem
+    assert mem.keys() == new.keys()
+    assert [k for k in mem if not torch.equal(mem[k], new[k])] == []
+
+
 def test_streamed_run_resumes_after_interruption_and_equals_the_in_memory_run(tmp_path, monkeypatch):
     source = _save(tiny_model("qwen3_moe"), tmp_path / "src")
     calib = tiny_input_ids(4, 16, 1)

@@ -221,3 +221,28 @@ def test_phimoe_checkpoint_round_trip_keeps_folded_layernorm_biases(tmp_path, re
     ids = tiny_input_ids(2, 16, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_quantized_lm_head_is_weight_only_and_round_trips(tmp_path, reference_kernels):
+    """Target lm_head (``--quantize-head``): the head becomes a weight-only codebook linear fitted on
+    the final norm's outputs, untied from the float embedding, and loads back with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from codequant.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "--out", str(tmp_path / "x"), "--quantize-head"])
+    assert _config_from_args(args).targets == (*QuantConfig.targets, "lm_head")
+    fp = tiny_model("qwen3_moe")
+    config = QuantConfig(**FAST, targets=(*QuantConfig.targets, "lm_head"))
+    result = quantize(copy.deepcopy(fp), config, tmp_path / "q", progress=False, calibration=_calibration())
+    head = result.model.lm_head
+    assert isinstance(head, CodeQuantLinear) and not head.act.enabled and head.hadamard_block == 0
+    assert result.model.model.layers[0].self_attn.q_proj.act.bits == 4  # the rest keeps the run's activations
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(loaded.lm_head, CodeQuantLinear) and not loaded.config.tie_word_embeddings
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, result.model.model.embed_tokens.weight, rtol=0, atol=0)
+    ids = tiny_input_ids(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+    out = evaluate(result.model, tiny_input_ids(4, 32, seed=7), fp, progress=False)
+    assert out["kl"] < 0.5 and out["top1_agreement"] > 0.5

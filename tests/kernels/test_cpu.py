@@ -9,6 +9,7 @@ this machine runs (portable, avx2, avx512), with the tolerances documented in th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -557,3 +558,33 @@ def test_decode_threads_decodes_as_transformers_and_restores_the_model(dtype, mo
     assert torch.equal(fast.sequences, plain.sequences)
     tol = 1e-4 if dtype is torch.float32 else 0.1
     assert max(float((a - b).abs().max()) for a, b in zip(fast.logits, plain.logits)) < tol
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs and Linux affinity")
+def test_worker_cpus_pins_the_pools_workers():
+    """A caller pinned to one core (vLLM's CPU worker pins its model thread) creates pool workers with
+    its own mask; worker_cpus moves them, and workers created later, to the CPUs given, and an empty
+    list stops pinning new ones. A fresh process: the workers start at its first multi-threaded job."""
+    script = textwrap.dedent("""
+        import os, torch
+        import codequant.kernels.cpu as cpu
+        from codequant.core.format import pack
+        from codequant.core.activations import ActQuantSpec
+        torch.set_num_threads(1)  # no OpenMP workers: the new threads are the pool's
+        everything = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(everything)})
+        weight = pack(torch.randint(0, 16, (1024, 1024)), torch.randn(1024, 1, 16))
+        def grow(threads):
+            before = set(os.listdir("/proc/self/task"))
+            cpu.linear(torch.randn(1, 1024), weight, ActQuantSpec(8), threads=threads)
+            return [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+        first = grow(2)
+        print([sorted(os.sched_getaffinity(t)) for t in first])
+        print(cpu.worker_cpus(everything), [sorted(os.sched_getaffinity(t)) for t in first])
+        print([sorted(os.sched_getaffinity(t)) for t in grow(3)])
+        cpu.worker_cpus([])
+        print([sorted(os.sched_getaffinity(t)) for t in grow(4)])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    alone, everything = [min(os.sched_getaffinity(0))], sorted(os.sched_getaffinity(0))
+    assert out == [str([alone]), f"True {[everything]}", str([everything]), str([alone])]

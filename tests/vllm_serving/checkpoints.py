@@ -24,13 +24,16 @@ from tests.helpers.tiny_models import char_tokenizer, tiny_model
 
 
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,
-                    dtype: torch.dtype = torch.float32) -> Path:
+                    dtype: torch.dtype = torch.float32, lm_head: bool = False) -> Path:
     """Quantize ``source`` (in ``dtype``) with ``bits``-bit codebooks of ``group_size`` columns (None: a row) and
-    ``act_bits`` activations into ``out``."""
+    ``act_bits`` activations into ``out``; ``lm_head``: the head too, weight-only (as ``--quantize-head`` makes it)."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-    quantize_tiny(model, bits=bits, group_size=group_size)
+    quantize_tiny(model, bits=bits, group_size=group_size, lm_head=lm_head)
     _set_act_bits(model, act_bits)
-    save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": f"W4A{act_bits}"})
+    if lm_head:
+        model.lm_head.act = ActQuantSpec(bits=16)
+    label = f"W4A{act_bits}" + (" with lm_head" if lm_head else "")
+    save_quantized(model, out, tokenizer=AutoTokenizer.from_pretrained(source), extra={"test": label})
     return out
 
 

@@ -59,10 +59,11 @@ def assert_matches_transformers(ckpt, prompts, outputs) -> None:
             assert math.isclose(lp.logprob, float(logprobs[token]), abs_tol=LOGPROB_TOL), (prompt, token)
 
 
-@pytest.fixture(scope="module", params=[16, 4], ids=["W4A16", "W4A4"])
+@pytest.fixture(scope="module", params=[(16, False), (4, False), (4, True)], ids=["W4A16", "W4A4", "W4A4-lm_head"])
 def served(request, tmp_path_factory):
-    """(checkpoint dir, vLLM greedy outputs) for one engine per activation width."""
-    ckpt = make_checkpoint(tmp_path_factory.mktemp(f"w4a{request.param}") / "ckpt", request.param)
+    """(checkpoint dir, vLLM greedy outputs) for one engine per activation width (and one with a packed lm_head)."""
+    act_bits, lm_head = request.param
+    ckpt = make_checkpoint(tmp_path_factory.mktemp(f"w4a{act_bits}") / "ckpt", act_bits, lm_head=lm_head)
     return ckpt, serve(ckpt, PROMPTS)
 
 

@@ -191,8 +191,25 @@ class Quantizer:
             log.info("layer %d of %d done: %.0f s elapsed, about %.0f s left, peak GPU %.2f GiB, peak host RSS %.2f GiB", i + 1, len(layers), elapsed,
                      elapsed / (i + 1) * (len(layers) - i - 1), self.clock.peak_gpu_total / GIB, host_rss_peak_gib())
         self.stage_bar = None
+        if "lm_head" in self.config.targets:
+            with self.stage("lm_head"):
+                self.quantize_head(x)
 
     stage_bar = None
+
+    @torch.no_grad()
+    def quantize_head(self, x: torch.Tensor) -> None:
+        """The lm_head as a weight-only codebook linear, fitted on its inputs: the final norm of
+        the last layer's output x [n, S, H] (every layer quantized). Not saved under ``OUT.partial``:
+        a resumed run fits it again."""
+        head, norm = self.adapter.lm_head(self.model), self.adapter.final_norm(self.model)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"target lm_head: the model's output head is a {type(head).__name__}, not an nn.Linear; "
+                             "drop lm_head from the targets")
+        inputs = norm(x.flatten(0, 1)).float()
+        target = QuantTarget(self.adapter.layout.lm_head, "linear", head.to(self.device, torch.float32))
+        calibrate_linear(self, self.model, target, inputs, target.name, ActQuantSpec(16))
+        self.model.get_submodule(target.name).to("cpu")
 
     def stage(self, name: str):
         """Account the block to stage ``name`` and show it on the progress bar."""
@@ -249,9 +266,10 @@ class Quantizer:
                     books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
         return books
 
-    def weight_for(self, layer, t: QuantTarget) -> tuple[torch.Tensor, int]:
-        """The weight the quantizer sees (with the online Hadamard folded in) and its block."""
-        hb = self.hadamard_for(layer, t)
+    def weight_for(self, layer, t: QuantTarget, act: ActQuantSpec) -> tuple[torch.Tensor, int]:
+        """The weight the quantizer sees (with the online Hadamard folded in; none for a
+        weight-only ``act``) and its block."""
+        hb = self.hadamard_for(layer, t) if act.enabled else 0
         w = t.module.weight.detach().float()
         return (block_hadamard(w, hb) if hb else w), hb
 

@@ -29,7 +29,8 @@ class LayerStore:
     def __init__(self, adapter: ArchitectureAdapter, act: ActQuantSpec, bits: int, device: torch.device, partial: Path | None, report: dict):
         self.adapter, self.act, self.bits, self.device, self.partial, self.report = adapter, act, bits, device, partial, report
 
-    def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int) -> None:
+    def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int, act: ActQuantSpec | None = None) -> None:
+        """``act``: how a linear quantizes its inputs (default: the run's)."""
         if t.kind == "router":
             if isinstance(t.module, CodeQuantRouter):  # re-tuned after its first install
                 t.module.set_packed(weight)
@@ -37,7 +38,7 @@ class LayerStore:
                 quantize_router(t.module, weight, self.act)
             return
         bias = None if t.module.bias is None else t.module.bias.detach().float()
-        layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, self.act, hadamard_block))
+        layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, self.act if act is None else act, hadamard_block))
 
     def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
         """The layer's checkpoint tensors (:func:`~codequant.io.checkpoint.checkpoint_state_dict`: packed

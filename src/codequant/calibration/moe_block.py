@@ -124,7 +124,7 @@ class MoEBlockCalibrator:
                 if t.kind == "router":
                     w, hb, x_in = self.router_w, 0, xm
                 else:
-                    w, hb = q.weight_for(self.layer, t)
+                    w, hb = q.weight_for(self.layer, t, q.act)
                     x_in = inputs.pop(t.name)
                 transform = (lambda v, hb=hb: block_hadamard(v, hb)) if hb else None
                 stats = InputStats.of(x_in, q.act, self.hessian, q.device, transform, q.plan.token_batch).weight_stats()

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..adapters import QuantTarget
 from ..config import QuantConfig
-from ..core.activations import fake_quantize_activations
+from ..core.activations import ActQuantSpec, fake_quantize_activations
 from ..core.format import PackedWeight, pack
 from ..core.hadamard import block_hadamard
 from ..modules.experts import CodeQuantExperts
@@ -77,15 +77,18 @@ def reassign(book: accf.Codebook, weight: torch.Tensor, stats: WeightStats, chun
             book.idx[part] = idx
 
 
-def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str) -> WeightBook:
-    """A linear (or router) of driver ``q``'s layer fitted on its own inputs x [T, K]: codebooks,
-    then ACCF on the output MSE ||Q(x) W_hat^T - x W^T||^2 / ||x W^T||^2; installed packed.
-    Returns its :class:`WeightBook` (for block-output tuning)."""
+def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Tensor, full_name: str,
+                     act: ActQuantSpec | None = None) -> WeightBook:
+    """A linear (or router) of driver ``q``'s layer (or the model, for its head) fitted on its own
+    inputs x [T, K]: codebooks, then ACCF on the output MSE ||Q(x) W_hat^T - x W^T||^2 / ||x W^T||^2;
+    installed packed. ``act``: how its inputs are quantized (default: the run's). Returns its
+    :class:`WeightBook` (for block-output tuning)."""
     config = q.config
-    w, hb = q.weight_for(layer, t)
+    act = q.act if act is None else act
+    w, hb = q.weight_for(layer, t, act)
     transform = (lambda v: block_hadamard(v, hb)) if hb else None
     g = q.group(w.shape[-1], full_name)
-    stats = InputStats.of(x, q.act, needs_hessian(config), q.device, transform, q.plan.token_batch).weight_stats()
+    stats = InputStats.of(x, act, needs_hessian(config), q.device, transform, q.plan.token_batch).weight_stats()
     book = accf.Codebook(*initial_codebook(w, stats, config, g))
     if config.recipe.finetune:
 
@@ -93,20 +96,20 @@ def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Te
             xb = x[batch].to(q.device)
             xb = transform(xb) if transform is not None else xb
             ref = xb @ w.T
-            y = fake_quantize_activations(xb, q.act) @ book().T
+            y = fake_quantize_activations(xb, act) @ book().T
             return (y - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-12)
 
         history = accf.finetune([book], loss_fn, x.shape[0], config.accf_epochs, config.accf_lr, config.accf_batch_tokens, lambda: reassign(book, w, stats), config.seed, eval_tokens=4 * config.accf_batch_tokens)
         q.report["accf"][full_name] = history
     wb = WeightBook(t, book, w, stats, hb)
-    install_books(q, layer, {t.name: wb})
+    install_books(q, layer, {t.name: wb}, act)
     return wb
 
 
-def install_books(q: Quantizer, layer: nn.Module, books: dict[str, WeightBook]) -> None:
+def install_books(q: Quantizer, layer: nn.Module, books: dict[str, WeightBook], act: ActQuantSpec | None = None) -> None:
     """Replace each target of ``layer`` by its deployable packed module (a router already
     quantized takes the new packed weight in place); an expert stack's two books are keyed
-    ``NAME.gate_up`` and ``NAME.down``."""
+    ``NAME.gate_up`` and ``NAME.down``. ``act``: how linears quantize their inputs (default: the run's)."""
     for key, wb in books.items():
         if wb.target.kind == "experts":
             if key.endswith(".gate_up"):
@@ -114,7 +117,7 @@ def install_books(q: Quantizer, layer: nn.Module, books: dict[str, WeightBook]) 
                 module = CodeQuantExperts.from_packed(pack_experts(wb.book, q.plan.expert_chunk), pack_experts(down, q.plan.expert_chunk), q.act, q.act, wb.hadamard_block)
                 layer.set_submodule(wb.target.name, module)
         else:
-            q.store.install(layer, wb.target, pack(wb.book.idx, wb.book.codebook.detach()), wb.hadamard_block)
+            q.store.install(layer, wb.target, pack(wb.book.idx, wb.book.codebook.detach()), wb.hadamard_block, act)
 
 
 def pack_experts(book: accf.Codebook, chunk: int) -> PackedWeight:

@@ -74,6 +74,22 @@ def checkpoint_name(name: str) -> str:
     return renamed(name, VLLM_TO_CHECKPOINT)
 
 
+def share_process_cpus() -> None:
+    """vLLM's CPU worker pins its model thread (and each OpenMP thread) to one core each, and the
+    kernel pool's workers, created from the model thread, would share its core: they get the CPUs
+    of all the process's threads instead (once per process)."""
+    if cpu_kernels is None or getattr(share_process_cpus, "done", False) or not hasattr(os, "sched_getaffinity"):
+        return
+    cpus = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            cpus |= os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended meanwhile
+            pass
+    cpu_kernels.worker_cpus(cpus)
+    share_process_cpus.done = True
+
+
 def refusal(reason: str) -> CheckpointError:
     return CheckpointError(f"vLLM cannot serve this codequant checkpoint faithfully: {reason}")
 
@@ -165,8 +181,11 @@ class CodeQuantVllmConfig(QuantizationConfig):
                 missing = [n for n, s in zip(names, specs) if s is None]
                 raise refusal(f"vLLM merges {names} into {prefix}, but {missing} are not quantized")
             return CodeQuantLinearMethod(names, specs)
-        if isinstance(layer, ParallelLMHead) and cpu_kernels is not None:
-            return CpuLMHeadMethod()
+        if isinstance(layer, ParallelLMHead):
+            spec = self.spec(prefix)
+            if spec is not None:
+                return CodeQuantLMHeadMethod(prefix, spec)
+            return CpuLMHeadMethod() if cpu_kernels is not None else None
         if isinstance(layer, RoutedExperts):
             spec = self.spec(prefix)
             if spec is None:
@@ -258,12 +277,44 @@ class CodeQuantLinearMethod(LinearMethodBase):
         return load
 
     def process_weights_after_loading(self, layer) -> None:
+        share_process_cpus()
         if layer.cq_world > 1:
             layer.row_sum.data.copy_(shard_row_sum(layer.indices.data, layer.codebook.data, layer.cq_in_features))
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features)
         return kernels.linear(x, weight, self.act, bias, self.hadamard_block, self.backend)
+
+
+class CodeQuantLMHeadMethod(LinearMethodBase):
+    """A packed lm_head (``codequant quantize --quantize-head``): logits = Q_act(x) W_hat^T.
+
+    vLLM's vocabulary-parallel loader gives each rank its rows (``output_dim`` 0) and leaves the
+    padding rows zero, whose logits it drops."""
+
+    def __init__(self, prefix: str, spec: dict):
+        self.prefix, self.spec = prefix, spec
+        self.act, self.hadamard_block = _act_and_block([prefix], [spec])
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        k, g = self.spec["in_features"], self.spec["group_size"]
+        if input_size_per_partition != k:
+            raise refusal(f"{self.prefix}: vLLM gives it {input_size_per_partition} inputs, the checkpoint {k}")
+        rows = sum(output_partition_sizes)
+        for name, shape, dtype in (("indices", (rows, padded_columns(k) // 2), torch.uint8),
+                                   ("codebook", (rows, k // g, CODEBOOK_SIZE), CODEBOOK_DTYPE),
+                                   ("row_sum", (rows,), torch.float32)):
+            param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(param, {"output_dim": 0, **extra_weight_attrs})
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer) -> None:
+        share_process_cpus()
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, self.spec["in_features"])
+        return kernels.linear(x, weight, self.act, bias, self.hadamard_block)
 
 
 class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
@@ -278,13 +329,12 @@ class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)
-        # vLLM's CPU worker pins its thread to one core: more kernel threads would share it
-        layer.cq_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        share_process_cpus()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (bias is None and x.device.type == "cpu" and x.dtype is torch.bfloat16 and layer.weight.dtype is torch.bfloat16
                 and x.dim() == 2 and x.shape[0] <= self.HEAD_ROWS and 2 * layer.weight.numel() >= self.MIN_HEAD_BYTES):
-            return cpu_kernels.linear_bf16(x, layer.weight, threads=getattr(layer, "cq_threads", None))
+            return cpu_kernels.linear_bf16(x, layer.weight)
         return super().apply(layer, x, bias)
 
 
@@ -349,6 +399,7 @@ class CodeQuantMoEMethod(FusedMoEMethodBase):
             yield name
 
     def process_weights_after_loading(self, layer) -> None:
+        share_process_cpus()
         if layer.cq_world > 1:
             layer.down_row_sum.data.copy_(shard_row_sum(layer.down_indices.data, layer.down_codebook.data, layer.cq_intermediate))
 

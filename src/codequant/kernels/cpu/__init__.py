@@ -118,6 +118,14 @@ def _kernel_threads(threads: int | None) -> int:
     return threads or _decode_threads[0] or torch.get_num_threads()
 
 
+def worker_cpus(cpus) -> bool:
+    """Pin the kernel pool's workers (present and future) to the CPU numbers ``cpus``; empty:
+    workers keep the mask of the thread that created them (the default). False where threads
+    cannot be pinned. For engines that pin their own threads one core each (vLLM's CPU worker),
+    whose pinned thread would otherwise put every worker on its own core."""
+    return _lut.worker_cpus(sorted(cpus))
+
+
 @contextlib.contextmanager
 def decode_threads(threads: int | None = None, model: torch.nn.Module | None = None):
     """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
