@@ -15,7 +15,8 @@ Every engine runs in its own child process, one at a time, with ``--threads`` Op
 (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), else vLLM reserves a core of two for its
 scheduler; transformers: torch.set_num_threads) and OMP_WAIT_POLICY=PASSIVE. For each
 concurrency c, c requests of ``--prompt-len`` random token ids are submitted at once
-(``LLM.generate`` with all c; ``generate`` with a batch of c for transformers), greedy with EOS
+(``LLM.generate`` with all c; ``generate`` with a batch of c for transformers, inside
+``codequant.kernels.cpu.decode_threads`` as ``codequant generate`` runs it), greedy with EOS
 ignored: ``latency_s`` is the time until all c requests have ``--new-tokens`` tokens (every
 request's latency, as they run together), ``ttft_s`` the same with 1 new token, ``tokens_per_s``
 c * new_tokens / latency_s, and ``decode_tokens_per_s`` c * (new_tokens - 1) / (latency_s - ttft_s)
@@ -90,6 +91,7 @@ def child_transformers(args) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     import codequant  # noqa: F401  (registers the checkpoint format)
+    from codequant.kernels.cpu import decode_threads
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
@@ -97,7 +99,7 @@ def child_transformers(args) -> list[dict]:
 
     def timed(batch, tokens):
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), decode_threads(args.threads, model=model):  # as `codequant generate` decodes
             out = model.generate(batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         dt = time.perf_counter() - t0
         assert out.shape[1] == batch.shape[1] + tokens
