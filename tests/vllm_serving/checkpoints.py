@@ -37,23 +37,30 @@ def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int 
     return out
 
 
-# vLLM's CPU attention runs head sizes 32, 64, 80, ... (not the tiny models' 16): heads of 32 channels
-VLLM_HEADS = {
+# DeepSeek-V2 under vLLM: the CPU MLA decode kernel runs only latents of 512 + 64 rotary channels (head size
+# 576, DeepSeek-V2's own); the config's derived head dims follow. A routed scale other than 1 is checked too,
+# and, without a low-rank query, group-limited routing (4 groups of 2 experts: both experts of the best group).
+_DEEPSEEK_V2 = dict(kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, qk_head_dim=80, routed_scaling_factor=2.5)
+# config overrides of the tiny models under vLLM: its CPU attention runs head sizes 32, 64, 80, ... (not the
+# tiny models' 16), so heads of 32 channels; DeepSeek-V2's above
+VLLM_CONFIG = {
     "mixtral": dict(head_dim=32),
     "llama": dict(head_dim=32),
     "qwen3": dict(head_dim=32),
     "qwen3_moe": dict(head_dim=32),
     "qwen2_moe": dict(num_attention_heads=2, num_key_value_heads=2),  # head_dim = hidden / heads
     "olmoe": dict(num_attention_heads=2, num_key_value_heads=2),
+    "deepseek_v2": dict(_DEEPSEEK_V2, topk_method="group_limited_greedy", n_group=4, topk_group=1),
+    "deepseek_v2_q_lora": _DEEPSEEK_V2,
 }
 
 
 def make_tiny_checkpoint(out: Path, arch: str, act_bits: int | tuple[int, ...], seed: int = 0) -> Path:
-    """Quantize the tiny random ``arch`` model (a ``config.model_type`` of tests.helpers.tiny_models, with
-    :data:`VLLM_HEADS`) as :func:`make_checkpoint` does, with the character tokenizer of its 128-token vocabulary.
+    """Quantize the tiny random ``arch`` model (a key of tests.helpers.tiny_models' SUPPORTED_TINY or TINY_VARIANTS,
+    with :data:`VLLM_CONFIG`) as :func:`make_checkpoint` does, with the character tokenizer of its 128-token vocabulary.
 
     ``act_bits``: one width for all layers, or one per decoder layer ((16, 4): layer 0 W4A16, layer 1 W4A4)."""
-    model = quantize_tiny(tiny_model(arch, seed, **VLLM_HEADS.get(arch, {})))
+    model = quantize_tiny(tiny_model(arch, seed, **VLLM_CONFIG.get(arch, {})))
     per_layer = act_bits if isinstance(act_bits, tuple) else (act_bits,) * len(model.model.layers)
     for layer, bits in zip(model.model.layers, per_layer, strict=True):
         _set_act_bits(layer, bits)

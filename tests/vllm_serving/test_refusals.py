@@ -104,6 +104,15 @@ def test_unverified_architecture_is_refused(tmp_path):
     assert "verified: Qwen3MoeForCausalLM, MixtralForCausalLM" in message and "codequant generate" in message
 
 
+def test_deepseek_v2_latent_other_than_512_plus_64_is_refused(tmp_path):
+    """vLLM's CPU MLA decode kernel runs one latent size; vLLM itself fails later with 'Head dimension 80 is not
+    supported by MLA' (or, at 256 + 64, 'Unsupported block size: 16')."""
+    ckpt = save_quantized(quantize_tiny(tiny_model("deepseek_v2")), tmp_path / "deepseek_v2")
+    message = vllm_error(ckpt)
+    assert "caches kv_lora_rank 64 + qk_rope_head_dim 16 channels per token" in message
+    assert "CPU MLA decode kernel runs only 576 (512 + 64, DeepSeek-V2's)" in message and "codequant generate" in message
+
+
 def test_hub_name_is_refused(checkpoint):
     """Only a local directory can be verified before loading (vLLM would fetch a Hub name's files later)."""
     from codequant.vllm.method import CodeQuantVllmConfig

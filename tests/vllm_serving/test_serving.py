@@ -2,8 +2,8 @@
 
 The bundled fixture (Qwen3-MoE, trained), quantized W4A16 and W4A4 (one vLLM engine each), and a tiny
 random model of each other verified architecture (tests.helpers.tiny_models: 2 layers, hidden 64,
-vocabulary 128) in one engine each, quantized W4A16 in layer 0 and W4A4 in layer 1 so that one engine
-runs both paths of every module kind."""
+vocabulary 128; DeepSeek-V2 with and without a low-rank query) in one engine each, quantized W4A16 in
+layer 0 and W4A4 in layer 1 so that one engine runs both paths of every module kind."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ NEW_TOKENS = 32
 TOP_LOGPROBS = 5
 LOGPROB_TOL = 2e-3  # float32 on both sides; summation order differs (vLLM's attention and norms)
 # the tiny random models (tests.helpers.tiny_models) of the architectures other than the fixture's
-TINY_ARCHITECTURES = ["mixtral", "qwen2_moe", "olmoe", "llama", "qwen3"]
+TINY_ARCHITECTURES = ["mixtral", "qwen2_moe", "olmoe", "llama", "qwen3", "deepseek_v2", "deepseek_v2_q_lora"]
 TINY_ACT_BITS = (16, 4)  # layer 0 W4A16, layer 1 W4A4
 # seed of the random weights: 0 unless, with 4-bit activations, an activation of some prompt lies within
 # the two sides' float32 differences of a rounding edge (a tie, not a serving fault: one code flips, then

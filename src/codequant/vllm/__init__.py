@@ -16,5 +16,5 @@ def register() -> None:
 
     from . import method  # noqa: F401  (importing registers the config class once)
 
-    for arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM"):
+    for arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "DeepseekV2ForCausalLM"):
         ModelRegistry.register_model(arch, f"codequant.vllm.models:{arch}")

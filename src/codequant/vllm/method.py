@@ -6,10 +6,13 @@ checkpoint (a local directory; a Hub name is refused), the config checks all of 
 the weight files, dtypes, shapes, padding, row sums; no other ``*.safetensors`` file that
 vLLM would load as weights) and refuses checkpoints whose vLLM output is not verified against
 transformers (architectures other than :data:`VERIFIED_ARCHITECTURES`, index widths other than
-4 bits). Each quantized linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too) and each
+4 bits; on the CPU, latent attention of other than :data:`CPU_MLA_LATENT` channels). Each quantized linear (vLLM's merged ``qkv_proj`` / ``gate_up_proj`` too) and each
 router gets :class:`CodeQuantLinearMethod`; the routed experts get :class:`CodeQuantMoEMethod`,
 which runs the project's fused MoE kernel after vLLM's router. Both compute with
-:mod:`codequant.kernels`, the ops the transformers modules call.
+:mod:`codequant.kernels`, the ops the transformers modules call. DeepSeek-V2's ``kv_b_proj``
+gets :class:`CodeQuantLatentMethod`: vLLM's multi-head latent attention folds that weight into
+the query and output at decode, so it is dequantized at load, and its input transform moves to
+the latent cache's input (see :mod:`codequant.vllm.models`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 
 from .. import kernels
+from ..core.activations import fake_quantize_activations
 from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
+from ..core.hadamard import block_hadamard
 from ..io.checkpoint import INDEX_FILE, verify_checkpoint, weight_files
 from ..io.schema import QUANT_METHOD, CheckpointError, act_from_dict
 from ..io.hf_quantizer import CodeQuantConfig
@@ -56,9 +62,12 @@ VLLM_TO_CHECKPOINT = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's MoE block
 
 
 # the model classes whose vLLM output tests/vllm_serving/test_serving.py checks against transformers
-VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
+VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM",
+                          "LlamaForCausalLM", "Qwen3ForCausalLM", "DeepseekV2ForCausalLM")
 # the index width those tests cover (16-centroid codebooks)
 VERIFIED_BITS = 4
+# the one latent size (kv_lora_rank + qk_rope_head_dim) vLLM's CPU MLA decode kernel runs: DeepSeek-V2's 512 + 64
+CPU_MLA_LATENT = 576
 USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`, or from_pretrained after `import codequant`)"
 
 
@@ -107,8 +116,9 @@ def check_weight_files(directory: Path) -> None:
         )
 
 
-def check_servable(qc: CodeQuantConfig, architectures: list[str]) -> None:
+def check_servable(qc: CodeQuantConfig, hf_config) -> None:
     """Refuse what the vLLM path has not been verified to run as transformers does."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
     unverified = sorted(set(architectures) - set(VERIFIED_ARCHITECTURES))
     if unverified or not architectures:
         raise refusal(
@@ -120,6 +130,14 @@ def check_servable(qc: CodeQuantConfig, architectures: list[str]) -> None:
         raise refusal(
             f"its codebooks use {'/'.join(map(str, bits))}-bit indices, and only {VERIFIED_BITS}-bit checkpoints are "
             f"verified under vLLM; {USE_TRANSFORMERS}, or quantize with --wbits {VERIFIED_BITS}"
+        )
+    rank = getattr(hf_config, "kv_lora_rank", None)
+    if rank is not None and current_platform.is_cpu() and rank + hf_config.qk_rope_head_dim != CPU_MLA_LATENT:
+        # vLLM itself fails at engine start ("Unsupported block size: 16", "Head dimension 80 is not supported by MLA")
+        raise refusal(
+            f"its latent attention caches kv_lora_rank {rank} + qk_rope_head_dim {hf_config.qk_rope_head_dim} channels "
+            f"per token, and vLLM's CPU MLA decode kernel runs only {CPU_MLA_LATENT} (512 + 64, DeepSeek-V2's); "
+            f"{USE_TRANSFORMERS}"
         )
 
 
@@ -158,7 +176,7 @@ class CodeQuantVllmConfig(QuantizationConfig):
             )
         verify_checkpoint(model_name)
         check_weight_files(Path(model_name))
-        check_servable(self.checkpoint, list(getattr(hf_config, "architectures", None) or []))
+        check_servable(self.checkpoint, hf_config)
 
     def spec(self, name: str) -> dict | None:
         return self.checkpoint.modules.get(checkpoint_name(name))
@@ -180,6 +198,8 @@ class CodeQuantVllmConfig(QuantizationConfig):
             if any(s is None for s in specs):
                 missing = [n for n, s in zip(names, specs) if s is None]
                 raise refusal(f"vLLM merges {names} into {prefix}, but {missing} are not quantized")
+            if prefix.endswith(".kv_b_proj"):
+                return CodeQuantLatentMethod(names, specs)
             return CodeQuantLinearMethod(names, specs)
         if isinstance(layer, ParallelLMHead):
             spec = self.spec(prefix)
@@ -315,6 +335,47 @@ class CodeQuantLMHeadMethod(LinearMethodBase):
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, self.spec["in_features"])
         return kernels.linear(x, weight, self.act, bias, self.hadamard_block)
+
+
+def kernel_matrix(weight: PackedWeight, act) -> torch.Tensor:
+    """The float32 [N, K] matrix W with ``kernels.linear(x, weight, act) = Q_act(x) W^T``: W_hat, or where the
+    backend approximates it (the CPU kernels round centroids to int8 under quantized activations) that
+    approximation, read off the kernel's outputs for the K unit vectors (each quantizes to one nonzero). The CPU
+    kernels compute alike at every batch size; which GPU path runs depends on it (not run under vLLM)."""
+    eye = torch.eye(weight.in_features, device=weight.indices.device)
+    unit = fake_quantize_activations(eye, act).diagonal()
+    return (kernels.linear(eye, weight, act) / unit[:, None]).T.contiguous()
+
+
+class CodeQuantLatentMethod(CodeQuantLinearMethod):
+    """MLA's ``kv_b_proj`` (latent -> keys and values) as a dense matrix: y = x W^T, W from :func:`kernel_matrix`.
+
+    vLLM reads this weight densely to fold it into the query and output at decode, where the
+    latents come from its cache, not from this layer's input. Its input transform Q_act(x H) is
+    therefore applied by :meth:`transform_latent` to ``kv_a_layernorm``'s output, before the cache
+    (``codequant.vllm.models`` installs it), and this layer multiplies by the matrix the kernel would
+    use: at prefill and at decode the result is transformers' ``kernels.linear(x, W_hat, act, H)`` up to
+    float32 summation order."""
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                               params_dtype, **extra_weight_attrs)
+        layer.cq_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer) -> None:
+        weight = kernel_matrix(PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features), self.act)
+        for name in ("indices", "codebook", "row_sum"):
+            delattr(layer, name)
+        layer.weight = torch.nn.Parameter(weight.to(layer.cq_dtype), requires_grad=False)
+
+    def transform_latent(self, module, args, latent: torch.Tensor) -> torch.Tensor:
+        """Q_act(x H) of ``kv_a_layernorm``'s output x (a forward hook), in x's dtype, as ``kernels.linear`` computes it."""
+        x = block_hadamard(latent, self.hadamard_block) if self.hadamard_block else latent
+        return fake_quantize_activations(x.float(), self.act).to(latent.dtype)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, layer.weight, bias)
 
 
 class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
