@@ -14,11 +14,15 @@ scales and zeros). Rows (``--rows``):
   codequant:w4a16:nearest:block4        ... then block-output tuning for 4 epochs (block_tuning_epochs)
   codequant:w4a16:nearest:head          ... with the lm_head quantized too (weight-only, --quantize-head)
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
-  autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric
+  autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric, on the
+                                        model with its fused experts split into nn.Linear (UnfusedExperts)
   gptqmodel:w4a16                       GPTQModel (pip install gptqmodel), group 128
 
-A peer that is not installed or fails on this machine gets a row with ``"status"`` and the
-reason instead of numbers. The peers are not test dependencies of this project. Results are
+AutoRound quantizes only nn.Linear modules, so before it runs every fused experts module
+(transformers 5's 3-D ``gate_up_proj`` / ``down_proj``) is replaced by one nn.Linear per expert
+projection with the same forward, checked on two calibration windows; the routers stay in full
+precision for the peers. A peer that is not installed or fails on this machine gets a row with
+``"status"`` and the reason instead of numbers. The peers are not test dependencies of this project. Results are
 written atomically after every row; a rerun with the same settings skips rows already there.
 """
 
@@ -28,6 +32,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -75,16 +80,71 @@ def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment
     return result.model, info
 
 
+class UnfusedExperts(torch.nn.Module):
+    """A fused experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I]) as one nn.Linear per
+    expert projection, computing what transformers' fused forward computes."""
+
+    def __init__(self, fused: torch.nn.Module):
+        super().__init__()
+        gate_up, down = fused.gate_up_proj.detach(), fused.down_proj.detach()
+        inter = down.shape[2]
+        if gate_up.dim() != 3 or gate_up.shape[1] != 2 * inter or gate_up.shape[2] != down.shape[1]:
+            raise ValueError(f"not the [E, 2I, H] / [E, H, I] experts layout: {tuple(gate_up.shape)}, {tuple(down.shape)}")
+        self.act_fn = fused.act_fn
+        self.gate_proj, self.up_proj, self.down_proj = (torch.nn.ModuleList(_linear(w) for w in ws)
+                                                        for ws in (gate_up[:, :inter], gate_up[:, inter:], down))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, (gate, up, down) in enumerate(zip(self.gate_proj, self.up_proj, self.down_proj)):
+            token, slot = torch.where(top_k_index == e)
+            if token.numel():
+                x = hidden_states[token]
+                y = down(self.act_fn(gate(x)) * up(x)) * top_k_weights[token, slot, None]
+                out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    layer.weight.data.copy_(weight)
+    return layer
+
+
+def unfuse_experts(model: torch.nn.Module) -> int:
+    """Replace every fused experts module of ``model`` by :class:`UnfusedExperts`; returns how many."""
+    fused = [n for n, m in model.named_modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)]
+    for name in fused:
+        model.set_submodule(name, UnfusedExperts(model.get_submodule(name)))
+    return len(fused)
+
+
+def group_int4_bits(weights: dict[str, torch.Tensor], group: int, group_bits: int) -> float:
+    """Bits per weight of group-wise INT4 with ``group_bits`` per group; a row of K inputs has
+    ceil(K / group) groups (the last one padded; one group when K < group)."""
+    total = sum(w.numel() * (4 + group_bits * math.ceil(w.shape[-1] / group) / w.shape[-1]) for w in weights.values())
+    return total / sum(w.numel() for w in weights.values())
+
+
 def run_autoround(fp_model, tokenizer, calib, iters: int) -> tuple[torch.nn.Module, dict]:
     from auto_round import AutoRound
 
     model = copy.deepcopy(fp_model)
+    unfused = unfuse_experts(model)
+    with torch.no_grad():
+        diff = (model(calib[:2]).logits - fp_model(calib[:2]).logits).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"the unfused experts change the logits by up to {diff:.2e}")
     before = decoder_weights(model)
     texts = [tokenizer.decode(row) for row in calib]
     ar = AutoRound(model, tokenizer, bits=4, group_size=PEER_GROUP, sym=True, iters=iters, nsamples=calib.shape[0], seqlen=calib.shape[1], dataset=texts, device_map="cpu")
     model, _ = ar.quantize()
-    # symmetric group-128 INT4: 4-bit codes + one fp16 scale per group
-    return model, {"bits_per_weight": round(4 + FP16_BITS / PEER_GROUP, 4), "quantized_share": round(quantized_share(before, model), 4), "iters": iters}
+    after = dict(model.named_parameters())
+    changed = {n: w for n, w in before.items() if not torch.equal(after[n].detach().to(w.dtype), w)}
+    # symmetric INT4: 4-bit codes + one fp16 scale per group, over the weights it changed
+    return model, {"bits_per_weight": round(group_int4_bits(changed, PEER_GROUP, FP16_BITS), 4),
+                   "quantized_share": round(quantized_share(before, model), 4), "iters": iters,
+                   "unfused_experts_modules": unfused, "unfused_max_abs_logit_diff": diff}
 
 
 def run_gptqmodel(fp_model, tokenizer, calib, model_path: str) -> tuple[torch.nn.Module, dict]:
