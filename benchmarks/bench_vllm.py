@@ -7,7 +7,8 @@ Models: the bundled fixture (models/codequant-moe-tiny) and a Qwen3-30B-A3B-shap
 ``--layers`` decoder layers (the published config, random bf16 weights; written once under
 ``--work`` by benchmarks.common.write_random_model). The CodeQuant checkpoints are made data-free
 (tests/vllm_serving/checkpoints.py: min-max grids of 16 centroids, one codebook per row, online
-Hadamard blocks, quantized attention, routers and routed experts; embeddings, norms and lm_head
+Hadamard blocks, activations quantized as ``codequant quantize`` does by default (W4A4: 4 bits, one
+scale per token, no clipping), quantized attention, routers and routed experts; embeddings, norms and lm_head
 stay bf16, except that the ``-head`` variants pack the lm_head too, weight-only, as ``codequant
 quantize --quantize-head`` does): speed depends on the packed format, not on how the centroids were found.
 
@@ -20,7 +21,10 @@ concurrency c, c requests of ``--prompt-len`` random token ids are submitted at 
 ignored: ``latency_s`` is the time until all c requests have ``--new-tokens`` tokens (every
 request's latency, as they run together), ``ttft_s`` the same with 1 new token, ``tokens_per_s``
 c * new_tokens / latency_s, and ``decode_tokens_per_s`` c * (new_tokens - 1) / (latency_s - ttft_s)
-(tokens/s after the prefill, all requests together). Medians of ``--repeats`` after a warm-up.
+(tokens/s after the prefill, all requests together). Medians of ``--repeats`` after a warm-up; with
+``--rounds R`` every engine is started R times, the variants interleaved (round 1 of each, then
+round 2, ...), and each row is the median over rounds (this machine's memory bandwidth drifts by
+20% or more between minutes, so one start per variant can put bf16 and CodeQuant in different weather).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ def make_checkpoints(work: Path, layers: int, models: list[str], variants: list[
     """{model: {variant: checkpoint dir}} for bf16 and ``variants``; written once under ``work``."""
     import torch
 
+    from codequant import QuantConfig
+    from codequant.core.activations import ActQuantSpec
     from tests.vllm_serving.checkpoints import make_checkpoint  # the serving tests' checkpoint writer
 
     dirs = {}
@@ -134,7 +140,8 @@ def make_checkpoints(work: Path, layers: int, models: list[str], variants: list[
             out = work / f"{name}-{layers}l-{variant}" if name != "fixture" else work / f"fixture-{variant}"
             if not (out / "config.json").is_file():
                 print(f"writing {out}", flush=True)
-                make_checkpoint(out, act_bits, source=source, group_size=None, dtype=torch.bfloat16, lm_head=lm_head)
+                act = ActQuantSpec(act_bits, QuantConfig.act_group_size, QuantConfig.act_clip)  # codequant quantize's default
+                make_checkpoint(out, act_bits, source=source, group_size=None, dtype=torch.bfloat16, lm_head=lm_head, act=act)
             dirs[name][variant] = out
     return dirs
 
@@ -142,6 +149,8 @@ def make_checkpoints(work: Path, layers: int, models: list[str], variants: list[
 def run_child(engine: str, model: Path, args) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", OMP_NUM_THREADS=str(args.threads))
+    if args.vllm_in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     command = [sys.executable, "-m", "benchmarks", "vllm", "--child", engine, "--model", str(model), "--threads", str(args.threads),
                "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats),
                "--concurrency", ",".join(map(str, args.concurrency))]
@@ -153,6 +162,16 @@ def run_child(engine: str, model: Path, args) -> dict:
         return {"error": f"exit status {proc.returncode}", "log_tail": tail, "wall_s": round(time.time() - t0, 1)}
     return {"rows": json.loads(lines[-1].removeprefix("RESULT ")), "wall_s": round(time.time() - t0, 1),
             "loadavg_after": os.getloadavg()}
+
+
+def median_rows(runs: list[dict]) -> list[dict]:
+    """Per concurrency, the median over rounds of each rate and time (rounds that failed are left out)."""
+    done = [run["rows"] for run in runs if "rows" in run]
+    if not done:
+        return []
+    keys = ("latency_s", "ttft_s", "tokens_per_s", "decode_tokens_per_s")
+    return [{"concurrency": rows[0]["concurrency"], **{k: round(statistics.median(r[k] for r in rows), 4) for k in keys},
+             "rounds": len(rows)} for rows in zip(*done)]
 
 
 def ratios(results: dict) -> dict:
@@ -183,7 +202,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="start every engine this many times, variants interleaved; rows are medians over rounds")
     ap.add_argument("--engines", default="vllm,transformers")
+    ap.add_argument("--vllm-in-process", action="store_true",
+                    help="VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's engine core in the LLM's own process (default: its own process)")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "bf16"),
                     help=f"CodeQuant checkpoints beside bf16: {', '.join(v for v in VARIANTS if v != 'bf16')} (-head: lm_head packed too)")
     ap.add_argument("--contended", action="store_true", help="record that other work shared the CPUs during the run")
@@ -211,8 +233,9 @@ def main(argv: list[str]) -> None:
         "contended": args.contended,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
         "threads": args.threads,
-        "env": {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}"},
-        "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "env": {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
+                **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if args.vllm_in_process else {})},
+        "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "rounds": args.rounds,
                      "concurrency": args.concurrency, "dtype": "bfloat16 (activations, unquantized tensors)",
                      "vllm": "LLM(enforce_eager=True), greedy, ignore_eos, prompts as token ids"},
         "statistic": __doc__.split("Every engine runs")[1].strip(),
@@ -221,11 +244,16 @@ def main(argv: list[str]) -> None:
     for name in models:
         label = "models/codequant-moe-tiny" if name == "fixture" else f"{name} config, {args.layers} layers, random bf16 weights"
         results = {"source": label, "vllm": {}, "transformers": {}}
+        for r in range(args.rounds):
+            for engine in engines:
+                for variant, path in dirs[name].items():
+                    print(f"{name} round {r + 1} {engine} {variant} ...", flush=True)
+                    run = run_child(engine, path, args)
+                    results[engine].setdefault(variant, {"runs": []})["runs"].append(run)
+                    print(json.dumps(run)[:600], flush=True)
         for engine in engines:
-            for variant, path in dirs[name].items():
-                print(f"{name} {engine} {variant} ...", flush=True)
-                results[engine][variant] = run_child(engine, path, args)
-                print(json.dumps(results[engine][variant])[:600], flush=True)
+            for entry in results[engine].values():
+                entry["rows"] = median_rows(entry["runs"])
         results["ratios"] = ratios(results)
         report["models"][name] = results
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,11 +36,18 @@ def random_packed(n: int, k: int, groups: int = 1, seed: int = 0, lead: tuple[in
     return pack(idx, codebook).to(device)
 
 
+ROW_CHUNK = 4096  # rows of a 2-D weight uniform_codebook grids at once
+
+
 def uniform_codebook(w: torch.Tensor, bits: int, group_size: int) -> PackedWeight:
     """A plain min-max grid of 2^bits centroids per group: enough to fill every packed tensor."""
     if w.dim() > 2:  # one expert at a time: the distances below take 2^bits times the weight's memory
         parts = [uniform_codebook(e, bits, group_size) for e in w]
         return PackedWeight(*(torch.stack([getattr(p, f) for p in parts]) for f in ("indices", "codebook", "row_sum")),
+                            w.shape[-1])
+    if w.shape[0] > ROW_CHUNK:  # a large head: ROW_CHUNK rows at a time, for the same reason
+        parts = [uniform_codebook(rows, bits, group_size) for rows in w.split(ROW_CHUNK)]
+        return PackedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("indices", "codebook", "row_sum")),
                             w.shape[-1])
     *lead, n, k = w.shape
     wg = w.float().reshape(*lead, n, k // group_size, group_size)

@@ -24,12 +24,13 @@ from tests.helpers.tiny_models import char_tokenizer, tiny_model
 
 
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,
-                    dtype: torch.dtype = torch.float32, lm_head: bool = False) -> Path:
+                    dtype: torch.dtype = torch.float32, lm_head: bool = False, act: ActQuantSpec | None = None) -> Path:
     """Quantize ``source`` (in ``dtype``) with ``bits``-bit codebooks of ``group_size`` columns (None: a row) and
-    ``act_bits`` activations into ``out``; ``lm_head``: the head too, weight-only (as ``--quantize-head`` makes it)."""
+    ``act_bits`` activations into ``out`` (``act``: every input quantized by it instead of quantize_tiny's specs);
+    ``lm_head``: the head too, weight-only (as ``--quantize-head`` makes it)."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     quantize_tiny(model, bits=bits, group_size=group_size, lm_head=lm_head)
-    _set_act_bits(model, act_bits)
+    set_act(model, act) if act is not None else _set_act_bits(model, act_bits)
     if lm_head:
         model.lm_head.act = ActQuantSpec(bits=16)
     label = f"W4A{act_bits}" + (" with lm_head" if lm_head else "")
@@ -71,13 +72,16 @@ def make_tiny_checkpoint(out: Path, arch: str, act_bits: int | tuple[int, ...], 
 
 def _set_act_bits(model: torch.nn.Module, act_bits: int) -> None:
     """quantize_tiny quantizes activations to 4 bits; 16 and above: none (in every module of ``model``)."""
-    if act_bits < 16:
-        return
-    none = ActQuantSpec(bits=16)
+    if act_bits >= 16:
+        set_act(model, ActQuantSpec(bits=16))
+
+
+def set_act(model: torch.nn.Module, act: ActQuantSpec) -> None:
+    """Every quantized input of ``model`` quantized by ``act``."""
     for module in model.modules():
         if isinstance(module, CodeQuantLinear):
-            module.act = none
+            module.act = act
         elif isinstance(module, CodeQuantExperts):
-            module.act = module.down_act = none
+            module.act = module.down_act = act
         elif isinstance(module, CodeQuantRouter):
-            module.act = none
+            module.act = act

@@ -13,9 +13,13 @@ from ..core.swiglu import swiglu
 
 def linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = Q_act(x) @ W_hat^T + bias, computed in float32, returned in x's dtype."""
+    return dense_linear(x, weight.dequantize(torch.float32), act, bias)
+
+
+def dense_linear(x: torch.Tensor, w_hat: torch.Tensor, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear` on W_hat already dequantized (float32 [N, K])."""
     x_hat = fake_quantize_activations(x.float(), act)
-    y = F.linear(x_hat, weight.dequantize(torch.float32), None if bias is None else bias.float())
-    return y.to(x.dtype)
+    return F.linear(x_hat, w_hat, None if bias is None else bias.float()).to(x.dtype)
 
 
 def moe(

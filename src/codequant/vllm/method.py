@@ -300,8 +300,12 @@ class CodeQuantLinearMethod(LinearMethodBase):
         share_process_cpus()
         if layer.cq_world > 1:
             layer.row_sum.data.copy_(shard_row_sum(layer.indices.data, layer.codebook.data, layer.cq_in_features))
+        if self.backend == "reference":  # a router: W_hat once, as CodeQuantRouter keeps it
+            layer.cq_w_hat = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features).dequantize(torch.float32)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backend == "reference":
+            return kernels.reference.dense_linear(x, layer.cq_w_hat, self.act, bias)
         weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features)
         return kernels.linear(x, weight, self.act, bias, self.hadamard_block, self.backend)
 
