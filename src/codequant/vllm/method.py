@@ -241,6 +241,17 @@ def _check_row_split(what: str, k_shard: int, act, hadamard_block: int, world: i
         raise refusal(f"{what}: the online Hadamard block {hadamard_block} does not divide {k_shard} channels per rank")
 
 
+def register_packed(layer, rows: int, k: int, groups: int, attrs) -> None:
+    """Zero ``indices`` [rows, K/2], ``codebook`` [rows, groups, 16] and ``row_sum`` [rows] parameters
+    on ``layer``, each with the weight attributes ``attrs(name)``."""
+    for name, shape, dtype in (("indices", (rows, padded_columns(k) // 2), torch.uint8),
+                               ("codebook", (rows, groups, CODEBOOK_SIZE), CODEBOOK_DTYPE),
+                               ("row_sum", (rows,), torch.float32)):
+        param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+        set_weight_attrs(param, attrs(name))
+        layer.register_parameter(name, param)
+
+
 class CodeQuantLinearMethod(LinearMethodBase):
     """y = Q_act(x H) W_hat^T + b on packed weights (``codequant.kernels.linear``).
 
@@ -268,12 +279,7 @@ class CodeQuantLinearMethod(LinearMethodBase):
         layer.cq_in_features, layer.cq_world = k_shard, world
         layer.cq_offsets = [sum(output_partition_sizes[:i]) for i in range(len(output_partition_sizes))]
         layer.cq_sizes = list(output_partition_sizes)
-        for name, shape, dtype in (("indices", (rows, padded_columns(k_shard) // 2), torch.uint8),
-                                   ("codebook", (rows, groups, CODEBOOK_SIZE), CODEBOOK_DTYPE),
-                                   ("row_sum", (rows,), torch.float32)):
-            param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(param, {"weight_loader": self._loader(layer, name)})
-            layer.register_parameter(name, param)
+        register_packed(layer, rows, k_shard, groups, lambda name: {"weight_loader": self._loader(layer, name)})
 
     def _loader(self, layer, part: str):
         column_parallel = isinstance(layer, ColumnParallelLinear) and layer.tp_size > 1
@@ -326,12 +332,7 @@ class CodeQuantLMHeadMethod(LinearMethodBase):
         if input_size_per_partition != k:
             raise refusal(f"{self.prefix}: vLLM gives it {input_size_per_partition} inputs, the checkpoint {k}")
         rows = sum(output_partition_sizes)
-        for name, shape, dtype in (("indices", (rows, padded_columns(k) // 2), torch.uint8),
-                                   ("codebook", (rows, k // g, CODEBOOK_SIZE), CODEBOOK_DTYPE),
-                                   ("row_sum", (rows,), torch.float32)):
-            param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(param, {"output_dim": 0, **extra_weight_attrs})
-            layer.register_parameter(name, param)
+        register_packed(layer, rows, k, k // g, lambda name: {"output_dim": 0, **extra_weight_attrs})
 
     def process_weights_after_loading(self, layer) -> None:
         share_process_cpus()
