@@ -316,30 +316,22 @@ class CodeQuantLinearMethod(LinearMethodBase):
         return kernels.linear(x, weight, self.act, bias, self.hadamard_block, self.backend)
 
 
-class CodeQuantLMHeadMethod(LinearMethodBase):
+class CodeQuantLMHeadMethod(CodeQuantLinearMethod):
     """A packed lm_head (``codequant quantize --quantize-head``): logits = Q_act(x) W_hat^T.
 
     vLLM's vocabulary-parallel loader gives each rank its rows (``output_dim`` 0) and leaves the
     padding rows zero, whose logits it drops."""
 
     def __init__(self, prefix: str, spec: dict):
-        self.prefix, self.spec = prefix, spec
-        self.act, self.hadamard_block = _act_and_block([prefix], [spec])
+        super().__init__([prefix], [spec])
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
-        k, g = self.spec["in_features"], self.spec["group_size"]
+        k, g = self.specs[0]["in_features"], self.specs[0]["group_size"]
         if input_size_per_partition != k:
-            raise refusal(f"{self.prefix}: vLLM gives it {input_size_per_partition} inputs, the checkpoint {k}")
-        rows = sum(output_partition_sizes)
-        register_packed(layer, rows, k, k // g, lambda name: {"output_dim": 0, **extra_weight_attrs})
-
-    def process_weights_after_loading(self, layer) -> None:
-        share_process_cpus()
-
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, self.spec["in_features"])
-        return kernels.linear(x, weight, self.act, bias, self.hadamard_block)
+            raise refusal(f"{self.names[0]}: vLLM gives it {input_size_per_partition} inputs, the checkpoint {k}")
+        layer.cq_in_features, layer.cq_world = k, 1  # every rank holds whole rows
+        register_packed(layer, sum(output_partition_sizes), k, k // g, lambda name: {"output_dim": 0, **extra_weight_attrs})
 
 
 def kernel_matrix(weight: PackedWeight, act) -> torch.Tensor:
