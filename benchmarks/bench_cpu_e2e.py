@@ -117,13 +117,19 @@ def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens
     return ms, results, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
 
 
+MODES = ("decode-threads", "layer-ops", "two-pools")
+
+
 def threads_mode(mode: str, threads: int, model: nn.Module):
     """Threads of a generation: "decode-threads" (codequant.kernels.cpu.decode_threads with the
     model, what codequant generate does: the kernels and the bf16 lm_head on `threads`, torch's
-    other ops on 1) or "two-pools" (torch's ops and the kernels each on `threads`: a plain
-    model.generate)."""
+    other ops on 1, supported models' decode steps one kernel call per layer), "layer-ops" (the
+    same without the lean decode step: transformers' decoder layers, op by op) or "two-pools"
+    (torch's ops and the kernels each on `threads`: a plain model.generate)."""
     torch.set_num_threads(threads)
-    return cpu_kernels.decode_threads(model=model) if mode == "decode-threads" else contextlib.nullcontext()
+    if mode == "two-pools":
+        return contextlib.nullcontext()
+    return cpu_kernels.decode_threads(model=model, lean=mode == "decode-threads")
 
 
 def fit(layers: list[int], ms: list[float]) -> dict:
@@ -140,7 +146,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--variants", default="bf16,codequant-w4a16,codequant-w4a8,codequant-w4a4")
-    ap.add_argument("--modes", default="decode-threads", help="comma-separated: decode-threads, two-pools (see threads_mode)")
+    ap.add_argument("--modes", default="decode-threads", help=f"comma-separated: {', '.join(MODES)} (see threads_mode)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine (contended runs)")
     ap.add_argument("--vocab-size", type=int, help="vocab of the random models (default: the config's)")
@@ -152,7 +158,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}")
     threads, modes = [int(t) for t in args.threads.split(",")], args.modes.split(",")
-    if set(modes) - {"decode-threads", "two-pools"}:
+    if set(modes) - set(MODES):
         raise SystemExit(f"unknown modes {modes}")
     if (args.llamacpp or args.vocab_size) and not args.random_layers:
         raise SystemExit("--llamacpp and --vocab-size need --random-layers")

@@ -714,6 +714,29 @@ static PyObject* py_bf16_linear(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// transformers' RMSNorm of one row x [N] (bf16 or float32, as are w [N] and y [N]):
+// h = x / sqrt(mean(x^2) + eps) in float32, rounded to the dtype, y = w * h rounded to the
+// dtype (the same arithmetic up to the order of the sum of squares).
+void rms_norm_row(const void* x, int64_t N, int bf16, const void* w, void* y, float eps) {
+  auto value = [&](const void* base, int64_t i) {
+    return bf16 ? bf16_to_float(((const uint16_t*)base)[i]) : ((const float*)base)[i];
+  };
+  auto round = [&](float f) { return bf16 ? bf16_to_float(float_to_bf16(f)) : f; };
+  float sum = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    const float v = value(x, n);
+    sum += v * v;
+  }
+  const float r = 1.f / sqrtf(sum / (float)N + eps);
+  for (int64_t n = 0; n < N; ++n) {
+    const float out = round(value(w, n) * round(value(x, n) * r));
+    if (bf16)
+      ((uint16_t*)y)[n] = float_to_bf16(out);
+    else
+      ((float*)y)[n] = out;
+  }
+}
+
 // Decode attention, one query position per sequence (GQA: query head h reads kv head h / G):
 // s_t = scale * q . k_t over the T cached positions, p = softmax(s), out = sum_t p_t v_t,
 // float32 arithmetic. q [B, Hq, Dk] and out [B, Hq, Dv] float32; k [B, Hkv, T, Dk] and
@@ -724,6 +747,7 @@ struct AttnArgs {
   const void* v;
   float* out;
   int64_t B, Hq, Hkv, T, Dk, Dv;
+  int64_t ldt;  // positions per (b, kv head) in memory (>= T: a cache with room to grow)
   int kv_f32;
   float scale;
   int threads;
@@ -739,8 +763,8 @@ inline float kv_value<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f
 template <class T>
 void attention_item(const AttnArgs& A, int64_t item) {
   const int64_t G = A.Hq / A.Hkv, b = item / A.Hkv, h = item % A.Hkv, T_ = A.T;
-  const T* k = (const T*)A.k + item * T_ * A.Dk;
-  const T* v = (const T*)A.v + item * T_ * A.Dv;
+  const T* k = (const T*)A.k + item * A.ldt * A.Dk;
+  const T* v = (const T*)A.v + item * A.ldt * A.Dv;
   const float* q = A.q + (b * A.Hq + h * G) * A.Dk;
   thread_local std::vector<float> s, acc, row, inv;
   s.resize(G * T_);
@@ -785,6 +809,7 @@ static PyObject* py_attention_decode(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "LLLLLLLLLLifi", &q, &k, &v, &out, &A.B, &A.Hq, &A.Hkv, &A.T, &A.Dk, &A.Dv, &A.kv_f32,
                         &A.scale, &A.threads))
     return nullptr;
+  A.ldt = A.T;
   A.q = (const float*)q;
   A.k = (const void*)k;
   A.v = (const void*)v;
@@ -801,32 +826,204 @@ static PyObject* py_attention_decode(PyObject*, PyObject* args) {
 }
 
 static PyObject* py_rms_norm(PyObject*, PyObject* args) {
-  // rms_norm(x, M, N, bf16, w, y, eps): per row of x [M, N] (bf16 or float32, as are w [N] and
-  // y [M, N]): h = x / sqrt(mean(x^2) + eps) in float32, rounded to the dtype, y = w * h
-  // rounded to the dtype (transformers' RMSNorm forward, up to the order of the sum).
+  // rms_norm(x, M, N, bf16, w, y, eps): rms_norm_row on each row of x [M, N] (bf16 or float32,
+  // as are w [N] and y [M, N]).
   long long x, M, N, w, y;
   int bf16;
   float eps;
   if (!PyArg_ParseTuple(args, "LLLiLLf", &x, &M, &N, &bf16, &w, &y, &eps)) return nullptr;
-  auto value = [&](long long base, int64_t i) {
-    return bf16 ? bf16_to_float(((const uint16_t*)base)[i]) : ((const float*)base)[i];
-  };
-  auto round = [&](float f) { return bf16 ? bf16_to_float(float_to_bf16(f)) : f; };
-  for (int64_t m = 0; m < M; ++m) {
-    float sum = 0.f;
-    for (int64_t n = 0; n < N; ++n) {
-      const float v = value(x, m * N + n);
-      sum += v * v;
-    }
-    const float r = 1.f / sqrtf(sum / (float)N + eps);
-    for (int64_t n = 0; n < N; ++n) {
-      const float out = round(value(w, n) * round(value(x, m * N + n) * r));
-      if (bf16)
-        ((uint16_t*)y)[m * N + n] = float_to_bf16(out);
-      else
-        ((float*)y)[m * N + n] = out;
+  const int64_t row = N * (bf16 ? 2 : 4);
+  for (int64_t m = 0; m < M; ++m) rms_norm_row((const char*)x + m * row, N, bf16, (const void*)w, (char*)y + m * row, eps);
+  Py_RETURN_NONE;
+}
+
+// ---------------------------------------------------------------- lean decode layer
+// One decoder layer of a Qwen3-MoE-style model at one token in one call (bf16 residual
+// stream, transformers' rounding points kept):
+//   h = norm_in(x); q, k, v = h Wq^T, h Wk^T, h Wv^T (packed); q, k = per-head RMSNorm (if
+//   any), rotary (q cos + rotate_half(q) sin); k, v appended to the cache at position T;
+//   a = attention over T + 1 positions; x += (a H_o) Wo^T (H_o: o_proj's online block Hadamard, if any);
+//   h = norm_post(x); router logits l = Q_act(h) Wr^T (bf16 Wr), p = softmax(l), the top-k
+//   experts by p (ties: lower expert), weights p (/ their sum when norm_topk; rounded to bf16
+//   when round_weights); x += the fused experts of h (SwiGLU, packed). Without q_norm / k_norm
+//   (null) the per-head norms are skipped (Mixtral).
+// Each bf16 op rounds where transformers' bf16 op rounds (the router's and the kernels'
+// float sums in their own order).
+struct DecodeLayer {
+  const Plan *q, *k, *v, *o, *gu, *dn;  // borrowed: the Python wrapper keeps the capsules
+  const uint16_t *norm_in, *norm_post, *q_norm, *k_norm, *router;  // bf16; q_norm, k_norm may be null
+  int64_t H, Hq, Hkv, D, E, topk, hadamard, o_hadamard, router_ga;  // hadamard: the experts' down input's block
+  int norm_topk, round_weights, router_bits;  // round_weights: the top-k weights rounded to bf16 (Qwen3-MoE)
+  float eps, qk_eps, scale, router_clip;
+};
+
+static const char* const kDecodeLayer = "codequant._lut.DecodeLayer";
+
+inline float rb(float f) { return bf16_to_float(float_to_bf16(f)); }  // round to bf16 and back
+
+// Rotary embedding of n heads of width D in place (bf16): x cos + rotate_half(x) sin, each
+// product and the sum rounded to bf16 as transformers' bf16 ops do.
+static void rotary_bf16(uint16_t* x, int64_t n, int64_t D, const uint16_t* cos, const uint16_t* sin) {
+  const int64_t half = D / 2;
+  std::vector<float> row(D);
+  for (int64_t h = 0; h < n; ++h) {
+    uint16_t* xh = x + h * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = bf16_to_float(xh[d]);
+    for (int64_t d = 0; d < D; ++d) {
+      const float rot = d < half ? -row[d + half] : row[d - half];
+      xh[d] = float_to_bf16(rb(row[d] * bf16_to_float(cos[d])) + rb(rot * bf16_to_float(sin[d])));
     }
   }
+}
+
+// The router's top-k of one token h [H] (bf16): expert ids and their bf16-rounded weights.
+static void route(const DecodeLayer& L, const uint16_t* h, int64_t* ids, float* wts) {
+  const int64_t H = L.H, E = L.E;
+  std::vector<float> x(H), logits(E);
+  for (int64_t c = 0; c < H; ++c) x[c] = bf16_to_float(h[c]);
+  if (L.router_bits < 16) {  // fake-quantized input: h + (x_hat - h), in bf16
+    const int64_t ga = L.router_ga > 0 ? L.router_ga : H, na = H / ga, KQ = q_columns((H + 63) / 64 * 64);
+    std::vector<uint8_t> q(KQ);
+    std::vector<float> s(na), z(na);
+    g_isa->quantize_row(x.data(), H, L.router_bits, ga, L.router_clip, KQ, false, q.data(), s.data(), z.data());
+    for (int64_t c = 0; c < H; ++c) {
+      const float xh = rb(((float)q[c] - z[c / ga]) * s[c / ga]);
+      x[c] = rb(x[c] + rb(xh - x[c]));
+    }
+  }
+  g_isa->bf16_rows(L.router, H, x.data(), H, 1, logits.data(), E, 0, E);
+  float mx = -INFINITY;
+  for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e] = rb(logits[e]));
+  float sum = 0.f;
+  for (int64_t e = 0; e < E; ++e) sum += logits[e] = expf(logits[e] - mx);
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + L.topk, order.end(),
+                    [&](int64_t a, int64_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  float top = 0.f;
+  for (int64_t j = 0; j < L.topk; ++j) top += wts[j] = logits[order[j]] / sum;
+  for (int64_t j = 0; j < L.topk; ++j) {
+    ids[j] = order[j];
+    const float w = L.norm_topk ? wts[j] / top : wts[j];
+    wts[j] = L.round_weights ? rb(w) : w;
+  }
+}
+
+// x [H] bf16 in place; kc, vc [Hkv, ldt, D] bf16 with positions < T filled (T < ldt).
+static void decode_layer(const DecodeLayer& L, uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* kc, uint16_t* vc,
+                         int64_t ldt, int64_t T, int threads) {
+  const int64_t H = L.H, D = L.D, NQ = L.Hq * D, NK = L.Hkv * D;
+  thread_local std::vector<uint16_t> h, q, k, v, a, o;
+  thread_local std::vector<float> qf, af, y;
+  h.resize(H); q.resize(NQ); k.resize(NK); v.resize(NK); a.resize(NQ); o.resize(H);
+  qf.resize(NQ); af.resize(NQ); y.resize(H);
+  auto proj = [&](const Plan* p, const uint16_t* in, uint16_t* out) {
+    linear(in, 1, 1, p->w.K, p->w.K, p->bits, p->GA, p->clip, p->w, nullptr, 0, out, 1, threads);
+  };
+  rms_norm_row(x, H, 1, L.norm_in, h.data(), L.eps);
+  proj(L.q, h.data(), q.data());
+  proj(L.k, h.data(), k.data());
+  proj(L.v, h.data(), v.data());
+  if (L.q_norm) {
+    for (int64_t j = 0; j < L.Hq; ++j) rms_norm_row(&q[j * D], D, 1, L.q_norm, &q[j * D], L.qk_eps);
+    for (int64_t j = 0; j < L.Hkv; ++j) rms_norm_row(&k[j * D], D, 1, L.k_norm, &k[j * D], L.qk_eps);
+  }
+  rotary_bf16(q.data(), L.Hq, D, cos, sin);
+  rotary_bf16(k.data(), L.Hkv, D, cos, sin);
+  for (int64_t j = 0; j < L.Hkv; ++j) {
+    memcpy(kc + (j * ldt + T) * D, &k[j * D], D * 2);
+    memcpy(vc + (j * ldt + T) * D, &v[j * D], D * 2);
+  }
+  for (int64_t i = 0; i < NQ; ++i) qf[i] = bf16_to_float(q[i]);
+  AttnArgs A{qf.data(), kc, vc, af.data(), 1, L.Hq, L.Hkv, T + 1, D, D, ldt, 0, L.scale, threads};
+  parallel_for(threads, L.Hkv, [&](int64_t i) { attention_item<uint16_t>(A, i); });
+  for (int64_t i = 0; i < NQ; ++i) a[i] = float_to_bf16(af[i]);
+  if (L.o_hadamard > 0) {
+    for (int64_t i = 0; i < NQ; ++i) af[i] = bf16_to_float(a[i]);
+    for (int64_t j = 0; j < NQ; j += L.o_hadamard) fwht_block(&af[j], L.o_hadamard);
+    for (int64_t i = 0; i < NQ; ++i) a[i] = float_to_bf16(af[i]);
+  }
+  proj(L.o, a.data(), o.data());
+  for (int64_t c = 0; c < H; ++c) x[c] = float_to_bf16(bf16_to_float(x[c]) + bf16_to_float(o[c]));
+
+  rms_norm_row(x, H, 1, L.norm_post, h.data(), L.eps);
+  int64_t ids[256];
+  float wts[256];
+  route(L, h.data(), ids, wts);
+  MoeArgs M;
+  M.x = h.data();
+  M.bf16 = 1;
+  M.T = 1;
+  M.H = H;
+  M.k = L.topk;
+  M.E = L.E;
+  M.topi = ids;
+  M.topw = wts;
+  M.gu = L.gu->w;
+  M.dn = L.dn->w;
+  M.bits = L.gu->bits;
+  M.GA = L.gu->GA;
+  M.clip = L.gu->clip;
+  M.dbits = L.dn->bits;
+  M.dGA = L.dn->GA;
+  M.dclip = L.dn->clip;
+  M.hadamard = L.hadamard;
+  M.y = y.data();
+  M.threads = threads;
+  moe(M);
+  for (int64_t c = 0; c < H; ++c) x[c] = float_to_bf16(bf16_to_float(x[c]) + rb(y[c]));
+}
+
+static void decode_layer_free(PyObject* cap) { delete (DecodeLayer*)PyCapsule_GetPointer(cap, kDecodeLayer); }
+
+static PyObject* py_decode_layer_plan(PyObject*, PyObject* args) {
+  // decode_layer_plan(q, k, v, o, gate_up, down (plan capsules), norm_in, norm_post, q_norm,
+  // k_norm, router (bf16 pointers; q_norm = k_norm = 0: none), H, Hq, Hkv, D, E, topk,
+  // norm_topk, round_weights, hadamard, o_hadamard, router_bits, router_ga, router_clip, eps, qk_eps, scale) -> capsule
+  PyObject* caps[6];
+  long long ptr[5], H, Hq, Hkv, D, E, topk, had, o_had, rga;
+  int norm_topk, round_weights, rbits;
+  double rclip, eps, qk_eps, scale;
+  if (!PyArg_ParseTuple(args, "OOOOOOLLLLLLLLLLLiiLLiLdddd", &caps[0], &caps[1], &caps[2], &caps[3], &caps[4], &caps[5], &ptr[0],
+                        &ptr[1], &ptr[2], &ptr[3], &ptr[4], &H, &Hq, &Hkv, &D, &E, &topk, &norm_topk, &round_weights, &had, &o_had, &rbits, &rga, &rclip,
+                        &eps, &qk_eps, &scale))
+    return nullptr;
+  const Plan* p[6];
+  for (int i = 0; i < 6; ++i)
+    if (!(p[i] = (const Plan*)PyCapsule_GetPointer(caps[i], kPlan))) return nullptr;
+  if (topk < 1 || topk > 256 || topk > E || D % 2 || (o_had > 0 && (Hq * D) % o_had)) {
+    PyErr_SetString(PyExc_ValueError, "decode_layer_plan needs 1 <= topk <= min(E, 256), an even head width and o_hadamard dividing Hq * D");
+    return nullptr;
+  }
+  DecodeLayer* L = new DecodeLayer{p[0], p[1], p[2], p[3], p[4], p[5], (const uint16_t*)ptr[0], (const uint16_t*)ptr[1],
+                                   (const uint16_t*)ptr[2], (const uint16_t*)ptr[3], (const uint16_t*)ptr[4], H, Hq, Hkv, D, E,
+                                   topk, had, o_had, rga, norm_topk, round_weights, rbits, (float)eps, (float)qk_eps, (float)scale, (float)rclip};
+  PyObject* cap = PyCapsule_New(L, kDecodeLayer, decode_layer_free);
+  if (!cap) delete L;
+  return cap;
+}
+
+static PyObject* py_decode_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  // decode_layer(layer, x, cos, sin, k_cache, v_cache, ldt, T, threads): see decode_layer.
+  if (nargs != 9) {
+    PyErr_SetString(PyExc_TypeError, "decode_layer() takes 9 arguments");
+    return nullptr;
+  }
+  const DecodeLayer* L = (const DecodeLayer*)PyCapsule_GetPointer(args[0], kDecodeLayer);
+  if (!L) return nullptr;
+  long long v[8];
+  for (int i = 0; i < 8; ++i) {
+    v[i] = PyLong_AsLongLong(args[i + 1]);
+    if (v[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
+  if (v[6] < 0 || v[6] >= v[5]) {
+    PyErr_SetString(PyExc_ValueError, "decode_layer needs 0 <= T < ldt (room in the cache for the new position)");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  decode_layer(*L, (uint16_t*)v[0], (const uint16_t*)v[1], (const uint16_t*)v[2], (uint16_t*)v[3], (uint16_t*)v[4], v[5], v[6],
+               (int)v[7]);
+  Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
@@ -971,6 +1168,9 @@ static PyMethodDef methods[] = {
     {"bf16_linear", py_bf16_linear, METH_VARARGS, "y = x @ w^T for a plain bf16 weight (float32 x and y; pointers)."},
     {"attention_decode", py_attention_decode, METH_VARARGS, "Decode attention, one query position (pointers; see the Python wrapper)."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "transformers' RMSNorm of bf16 or float32 rows (pointers; see the Python wrapper)."},
+    {"decode_layer_plan", py_decode_layer_plan, METH_VARARGS, "A prepared decoder layer (capsule) for decode_layer()."},
+    {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,
+     "One decoder layer at one token: decode_layer(layer, x, cos, sin, k_cache, v_cache, ldt, T, threads)."},
     {"quantize", py_quantize, METH_VARARGS, "Per-token integer activation quantization (natural column order)."},
     {"rowsum8", py_rowsum8, METH_VARARGS, "Row sums of the int8-codebook weights per activation group."},
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},

@@ -588,3 +588,77 @@ def test_worker_cpus_pins_the_pools_workers():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     alone, everything = [min(os.sched_getaffinity(0))], sorted(os.sched_getaffinity(0))
     assert out == [str([alone]), f"True {[everything]}", str([everything]), str([alone])]
+
+
+def _lean_model(arch: str) -> torch.nn.Module:
+    """A tiny bf16 model on CodeQuant modules (quantize_tiny: routers quantized, o_proj and
+    experts with online Hadamard) that the lean decode step supports."""
+    from tests.helpers.packed import quantize_tiny
+    from tests.helpers.tiny_models import tiny_model
+
+    model = quantize_tiny(tiny_model(arch).to(torch.bfloat16))
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_lean_decode_step_decodes_as_the_layer_ops(arch, monkeypatch):
+    """Inside decode_threads a supported model decodes with one decode_layer call per layer and
+    step: the same greedy tokens and caches as transformers' layers op by op (lean=False), logits
+    within a few bf16 steps (the router's and the Hadamard's float sums run in another order),
+    through several regrowths of the cache buffers."""
+    from codequant.kernels.cpu import decode
+    from tests.helpers.tiny_models import tiny_input_ids
+
+    monkeypatch.setattr(decode, "CACHE_GROWTH", 3)
+    calls = []
+    real = _lut.decode_layer
+    monkeypatch.setattr(decode._lut, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    model = _lean_model(arch)
+    prompt = tiny_input_ids(batch=1, seq=8)
+    kwargs = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with cpu.decode_threads(model=model, lean=False):
+            ops = model.generate(prompt, **kwargs)
+        assert not calls
+        with cpu.decode_threads(model=model):
+            lean = model.generate(prompt, **kwargs)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert len(calls) == 11 * model.config.num_hidden_layers
+    assert torch.equal(lean.sequences, ops.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(lean.logits, ops.logits)) < 0.1
+    for a, b in zip(lean.past_key_values.layers, ops.past_key_values.layers):
+        assert a.keys.shape == b.keys.shape == (1, model.config.num_key_value_heads, 8 + 11, a.keys.shape[-1])
+        assert float((a.keys.float() - b.keys.float()).abs().max()) < 0.1
+        assert float((a.values.float() - b.values.float()).abs().max()) < 0.1
+
+
+def test_lean_decode_step_leaves_other_calls_to_transformers(monkeypatch):
+    """Batched decoding is not a lean step: transformers' forward runs it, with the same result."""
+    from codequant.kernels.cpu import decode
+    from tests.helpers.tiny_models import tiny_input_ids
+
+    calls = []
+    real = _lut.decode_layer
+    monkeypatch.setattr(decode._lut, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    model = _lean_model("qwen3_moe")
+    prompt = tiny_input_ids(batch=2, seq=8)
+    with torch.no_grad():
+        with cpu.decode_threads(model=model, lean=False):
+            ops = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        with cpu.decode_threads(model=model):
+            lean = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert not calls and torch.equal(lean, ops)
+
+
+def test_lean_decode_step_says_what_it_does_not_cover():
+    from codequant.kernels.cpu.decode import LeanDecoder, Unsupported
+    from tests.helpers.tiny_models import tiny_model
+
+    with pytest.raises(Unsupported, match="runs bf16 models on the CPU"):
+        LeanDecoder(_lean_model("qwen3_moe").float())
+    with pytest.raises(Unsupported, match="LlamaForCausalLM: the lean decode step covers Qwen3-MoE and Mixtral models"):
+        LeanDecoder(tiny_model("llama").to(torch.bfloat16))
+    with pytest.raises(Unsupported, match="layer 0: the attention projections are not CodeQuantLinear"):
+        LeanDecoder(tiny_model("qwen3_moe").to(torch.bfloat16))

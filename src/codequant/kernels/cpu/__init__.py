@@ -127,7 +127,7 @@ def worker_cpus(cpus) -> bool:
 
 
 @contextlib.contextmanager
-def decode_threads(threads: int | None = None, model: torch.nn.Module | None = None):
+def decode_threads(threads: int | None = None, model: torch.nn.Module | None = None, lean: bool = True):
     """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
     (default: torch's count on entry) and torch's own ops on 1; torch's count is restored on
     exit. With ``model``, its bf16 lm_head (output embeddings, a CPU ``nn.Linear`` without
@@ -136,8 +136,10 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     :data:`DECODE_ATTENTION`; torch's CPU flash attention costs about 0.3 ms per call at one
     query position) and its transformers RMSNorms through :func:`rms_norm`, where the cpu
     backend is in use (not under ``KernelOptions(backend="reference")``; a module with a
-    replaced forward keeps it). The pool's idle workers spin :data:`DECODE_SPIN_US` for the
-    next call inside the block.
+    replaced forward keeps it). With ``lean`` (the default), a model the lean decode step
+    supports (:mod:`codequant.kernels.cpu.decode`) decodes each token with one kernel call per
+    decoder layer. The pool's idle workers spin :data:`DECODE_SPIN_US` for the next call
+    inside the block.
 
     Chosen over ``OMP_WAIT_POLICY=PASSIVE`` (which works only when set before torch is
     imported) and over running the kernels on torch's OpenMP threads (whose barriers spin on
@@ -156,6 +158,7 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     )
     attention = cpu_model and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
     norms = [m for m in model.modules() if _is_plain_rms_norm(m)] if cpu_model else []
+    lean = _lean_decoder(model) if cpu_model and lean else None
     old_torch, old_kernels = torch.get_num_threads(), _decode_threads[0]
     torch.set_num_threads(1)
     _decode_threads[0] = n
@@ -166,9 +169,13 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
         model.set_attn_implementation(_register_decode_attention())
     for norm in norms:
         norm.forward = functools.partial(_rms_norm_forward, norm)
+    if lean:
+        lean.base.forward = lean.step
     try:
         yield
     finally:
+        if lean:
+            del lean.base.forward
         for norm in norms:
             del norm.forward
         if attention:
@@ -178,6 +185,16 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
         _lut.spin_us(old_spin)
         _decode_threads[0] = old_kernels
         torch.set_num_threads(old_torch)
+
+
+def _lean_decoder(model: torch.nn.Module):
+    """The model's :class:`~codequant.kernels.cpu.decode.LeanDecoder`, or None where it has none."""
+    from .decode import LeanDecoder, Unsupported
+
+    try:
+        return LeanDecoder(model)
+    except Unsupported:
+        return None
 
 
 def attention_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
