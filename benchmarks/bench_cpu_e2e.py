@@ -94,8 +94,11 @@ def decode_ms(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def llama_bench(binary: Path, gguf_path: Path, threads: list[int], new_tokens: int, context: int) -> list[dict]:
     """llama-bench's JSON results of one generation of ``new_tokens`` tokens (after its one-token
-    warm-up and ``context`` untimed tokens) per thread count; time per token: samples_ns / new_tokens."""
-    out = subprocess.run([str(binary), "-m", str(gguf_path), "-p", "0", "-n", str(new_tokens), "-d", str(context),
+    warm-up and ``context`` untimed tokens) per thread count; time per token: samples_ns / new_tokens.
+    Micro-batches of one token (``-ub 1``): the context is fed one token at a time, because on a
+    CPU with AMX in a VM that does not grant AMX tile state, llama.cpp's batched AMX matmul
+    crashes; its one-token calls run (and decode faster than a build without AMX)."""
+    out = subprocess.run([str(binary), "-m", str(gguf_path), "-p", "0", "-n", str(new_tokens), "-d", str(context), "-ub", "1",
                           "-t", ",".join(map(str, threads)), "-r", "1", "-o", "json"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -244,7 +247,7 @@ def main(argv: list[str]) -> None:
         report["llamacpp"] = {**llamacpp_info, "weights": "GGUF from benchmarks/llamacpp/gguf_model.py: attention q/k/v/o, "
                               "experts and token embedding Q4_0, output head bf16, router and norms f32",
                               "gguf_bytes_by_layers": gguf_bytes,
-                              "run": f"llama-bench -p 0 -n {args.new_tokens} -d {PROMPT_TOKENS} -t {args.threads} -r 1 -o json, once per round"}
+                              "run": f"llama-bench -p 0 -n {args.new_tokens} -d {PROMPT_TOKENS} -ub 1 -t {args.threads} -r 1 -o json, once per round"}
         report["codequant_over_llamacpp_tokens_per_s"] = vs_llamacpp
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

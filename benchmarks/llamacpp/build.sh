@@ -22,11 +22,8 @@ JOBS="$(( $(nproc) < 2 ? $(nproc) : 2 ))"
 configure() {
   # From llama.cpp's top level (ggml alone needs files the sdist leaves out). The tools and
   # their common library are configured (llama-bench needs both) but only the targets asked
-  # for are built. Without AMX (its macros undefined after -march=native): on a CPU with AMX
-  # in a VM that does not grant the tile state, ggml's AMX matmul crashes (SIGSEGV / SIGILL
-  # at the first batched call); AMX serves batched prompts, decode runs the AVX-512 kernels.
+  # for are built.
   cmake -S "$SRC/vendor/llama.cpp" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
-    -DCMAKE_C_FLAGS="-U__AMX_TILE__ -U__AMX_INT8__ -U__AMX_BF16__" -DCMAKE_CXX_FLAGS="-U__AMX_TILE__ -U__AMX_INT8__ -U__AMX_BF16__" \
     -DGGML_CPU_REPACK=ON -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >&2
 }
