@@ -290,7 +290,11 @@ inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// Two vectors of 16 weights per step (two accumulators), float32 FMA.
+// Two vectors of 16 weights per step (two accumulators), float32 FMA. On Intel
+// (g_prefetch_lines) each 64-byte line is prefetched into L2 kBf16Prefetch bytes ahead of its
+// use (rows are contiguous: one stream): on a Sapphire Rapids VM 8.1 -> 11.6 GB/s at 1 thread,
+// 16.4 -> 23.4 GB/s at 2 (a 32000 x 2048 lm_head; into L1 instead: 9.2 / 20.6).
+constexpr int64_t kBf16Prefetch = 8192;
 void bf16_rows(const uint16_t* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n0,
                int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -300,6 +304,7 @@ void bf16_rows(const uint16_t* w, int64_t K, const float* x, int64_t ldx, int64_
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       int64_t k = 0;
       for (; k + 32 <= K; k += 32) {
+        if (g_prefetch_lines) _mm_prefetch((const char*)(row + k) + kBf16Prefetch, _MM_HINT_T1);
         a0 = _mm512_fmadd_ps(load_bf16(row + k), _mm512_loadu_ps(xm + k), a0);
         a1 = _mm512_fmadd_ps(load_bf16(row + k + 16), _mm512_loadu_ps(xm + k + 16), a1);
       }

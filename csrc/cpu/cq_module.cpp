@@ -32,6 +32,7 @@
 
 namespace cq {
 int64_t g_tune[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+bool g_prefetch_lines = false;
 std::atomic<int64_t> g_spin_us{100};  // how long an idle pool worker spins for the next job before it sleeps
 namespace {
 
@@ -1087,7 +1088,12 @@ static PyObject* py_read_bytes(PyObject*, PyObject* args) {
     const int64_t n = std::min<int64_t>(chunk, nbytes - i * chunk) / 8;
     uint64_t a = 0, b = 0, c = 0, d = 0;
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) { a += p[j]; b += p[j + 1]; c += p[j + 2]; d += p[j + 3]; }
+    for (; j + 8 <= n; j += 8) {  // one 64-byte line, prefetched as the kernels prefetch their weights
+#ifdef CQ_X86
+      if (g_prefetch_lines) _mm_prefetch((const char*)(p + j) + 8192, _MM_HINT_T1);
+#endif
+      a += p[j] + p[j + 4]; b += p[j + 1] + p[j + 5]; c += p[j + 2] + p[j + 6]; d += p[j + 3] + p[j + 7];
+    }
     for (; j < n; ++j) a += p[j];
     sums[i] = a + b + c + d;
   });
@@ -1186,6 +1192,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lut", "CodeQuant CP
 
 PyMODINIT_FUNC PyInit__lut(void) {
   g_isa = best_isa();
+#ifdef CQ_X86
+  __builtin_cpu_init();
+  g_prefetch_lines = __builtin_cpu_is("intel");
+#endif
   if (const char* env = getenv("CODEQUANT_CPU_ISA")) {
     if (*env) {
       const Isa* isa = isa_by_name(env);
