@@ -23,7 +23,10 @@ MAX_OTHER_CPU of a CPU is run again (at most 3 tries) unless ``--no-idle-wait``.
 same random model written as a GGUF (benchmarks/llamacpp/gguf_model.py: Q4_0 attention,
 experts and token embedding, bf16 head) for ``--new-tokens`` generated tokens after a context
 of the prompt's length, on each thread count; the report adds the fit for llama.cpp and the
-tokens/s ratio CodeQuant / llama.cpp per (layers, threads).
+tokens/s ratio CodeQuant / llama.cpp per (layers, threads). Every round also measures the read
+bandwidth on each thread count (benchmarks.common.cpu_read_bandwidth, 512 MiB); with several
+layer counts each fit gives b against the time to read one layer's weights (layer_read_bytes,
+llamacpp_layer_read_bytes) at the median of those bandwidths.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import codequant.kernels.cpu as cpu_kernels
-from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_seconds, install_codequant,
+from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_read_bandwidth, cpu_seconds, install_codequant,
                                model_config, random_model, random_packed_on, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
@@ -104,10 +107,11 @@ def llama_bench(binary: Path, gguf_path: Path, threads: list[int], new_tokens: i
     return json.loads(out.stdout)
 
 
-def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, float]:
+def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, dict, float]:
     """One round: ms per token of every (variant, mode, threads) setting, then of llama.cpp on
-    each thread count when ``llama`` (``llama(new_tokens)`` runs llama_bench); also llama-bench's
-    results and the share of a CPU that other processes used meanwhile."""
+    each thread count when ``llama`` (``llama(new_tokens)`` runs llama_bench), then the read
+    bandwidth (GB/s) on each thread count; also llama-bench's results and the share of a CPU
+    that other processes used meanwhile."""
     all0, own0, wall0 = *cpu_seconds(), time.time()
     ms = {}
     for v, m, t in settings:
@@ -116,8 +120,35 @@ def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens
     results = llama(new_tokens) if llama else []
     for res in results:
         ms[(*LLAMACPP, res["n_threads"])] = 1e-6 * res["samples_ns"][0] / new_tokens
+    gbps = {t: cpu_read_bandwidth(t, nbytes=1 << 29, reps=3) for t in sorted({t for _, _, t in settings})}
     all1, own1 = cpu_seconds()
-    return ms, results, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
+    return ms, results, gbps, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
+
+
+def layer_read_bytes(model: nn.Module) -> int:
+    """Bytes a CodeQuant decode step reads per decoder layer (layer 0): packed indices and
+    codebooks of the attention projections (int8 codebooks with a scale and row sum per row
+    when activations are quantized) and of the top-k experts, and the bf16 router."""
+    layer = model.model.layers[0]
+    experts, router = layer.mlp.experts, layer.mlp.gate
+
+    def packed_bytes(w: PackedWeight, act: ActQuantSpec) -> int:
+        rows = w.indices.shape[:-1].numel()
+        return w.indices.numel() + (w.codebook.numel() + 8 * rows if act.enabled else 2 * w.codebook.numel())
+
+    attention = sum(packed_bytes(p.packed, p.act) for p in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                            layer.self_attn.v_proj, layer.self_attn.o_proj))
+    per_expert = (packed_bytes(experts.gate_up, experts.act) + packed_bytes(experts.down, experts.down_act)) / experts.num_experts
+    return int(attention + router.top_k * per_expert + router.weight.numel() * router.weight.element_size())
+
+
+def llamacpp_layer_read_bytes(config) -> int:
+    """The same for the llama.cpp GGUF (gguf_model.py): Q4_0 (18 bytes per 32 weights) attention and
+    top-k experts, float32 router."""
+    h, d = config.hidden_size, config.head_dim
+    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    experts = config.num_experts_per_tok * 3 * config.moe_intermediate_size * h
+    return (attention + experts) * 18 // 32 + 4 * config.num_experts * h
 
 
 MODES = ("decode-threads", "layer-ops", "two-pools")
@@ -166,7 +197,7 @@ def main(argv: list[str]) -> None:
     if (args.llamacpp or args.vocab_size) and not args.random_layers:
         raise SystemExit("--llamacpp and --vocab-size need --random-layers")
     assert any(k.backend == "cpu" for k in implementations(Op.MOE)), "the compiled CPU kernels are not loaded"
-    idle_log, round_log, rows, llamacpp_info, gguf_bytes = [], [], [], {}, {}
+    idle_log, round_log, rows, llamacpp_info, gguf_bytes, bytes_per_layer, read_gbps = [], [], [], {}, {}, {}, {}
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     for layers in [int(n) for n in args.random_layers.split(",")] if args.random_layers else [0]:
         if layers:
@@ -183,6 +214,9 @@ def main(argv: list[str]) -> None:
         base.generation_config.pad_token_id = base.generation_config.eos_token_id = None
         prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
         variants = {name: base if name == "bf16" else codequant_model(base, ACTS[name], layers > 0) for name in names}
+        bytes_per_layer |= {name: layer_read_bytes(model) for name, model in variants.items() if name != "bf16" and layers}
+        if args.llamacpp:
+            bytes_per_layer[LLAMACPP[0]] = llamacpp_layer_read_bytes(config)
         del base
         if not args.no_idle_wait:
             wait_until_idle(idle_log)
@@ -194,7 +228,7 @@ def main(argv: list[str]) -> None:
         with torch.inference_mode():
             for r in range(args.repeats + 1):  # round 0 warms up
                 for attempt in range(3 if r and not args.no_idle_wait else 1):
-                    ms, results, other = timed_round(variants, settings, prompt, args.new_tokens if r else 4, llama)
+                    ms, results, gbps, other = timed_round(variants, settings, prompt, args.new_tokens if r else 4, llama)
                     round_log.append({"layers": layers, "round": r, "attempt": attempt, "other_cpu": round(other, 3)})
                     if other <= MAX_OTHER_CPU:
                         break
@@ -202,6 +236,8 @@ def main(argv: list[str]) -> None:
                 if r:
                     for key, x in ms.items():
                         samples[key].append(x)
+                    for t, x in gbps.items():
+                        read_gbps.setdefault(t, []).append(x)
                 for res in results:
                     llamacpp_info = {k: res[k] for k in ("build_commit", "cpu_info", "repack", "flash_attn", "type_k", "type_v", "poll")}
                     gguf_bytes[layers] = res["model_size"]
@@ -219,6 +255,11 @@ def main(argv: list[str]) -> None:
         for t, pts in by_threads.items():
             if len(pts) > 1:
                 fits.append({"variant": v, "mode": m, "threads": t, **fit(list(pts), list(pts.values()))})
+                if v in bytes_per_layer:  # b against the time to read a layer's weights at the measured bandwidth
+                    gbps = statistics.median(read_gbps[t])
+                    bound = bytes_per_layer[v] / gbps / 1e6
+                    fits[-1] |= {"bytes_per_layer": bytes_per_layer[v], "read_gbps": round(gbps, 2),
+                                 "b_at_read_bandwidth_ms": round(bound, 3), "b_over_read_bound": round(fits[-1]["b_ms_per_layer"] / bound, 3)}
                 print(json.dumps(fits[-1]), flush=True)
             if (v, m) != LLAMACPP and args.llamacpp:
                 vs_llamacpp.append({"variant": v, "mode": m, "threads": t, "tokens_per_s_ratio_by_layers": {
