@@ -662,3 +662,34 @@ def test_lean_decode_step_says_what_it_does_not_cover():
         LeanDecoder(tiny_model("llama").to(torch.bfloat16))
     with pytest.raises(Unsupported, match="layer 0: the attention projections are not CodeQuantLinear"):
         LeanDecoder(tiny_model("qwen3_moe").to(torch.bfloat16))
+
+
+def test_lean_decode_step_runs_a_pipeline_checkpoint(tmp_path, monkeypatch):
+    """`codequant quantize` of the bundled Qwen3-MoE model (W4A4: quantized routers, online
+    Hadamard before the experts' down projections) loads as a bf16 model that decodes lean, with
+    the layer-ops tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from codequant.cli import FIXTURE, main
+    from codequant.kernels.cpu import decode
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"The council met on day {i} and voted." for i in range(40)))
+    out = tmp_path / "q"
+    assert main(["quantize", str(FIXTURE), "--out", str(out), "--calib", str(calib), "--method", "rtn", "--nsamples", "2",
+                 "--seqlen", "32", "--device", "cpu", "--no-progress"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype is torch.bfloat16
+    calls = []
+    real = _lut.decode_layer
+    monkeypatch.setattr(decode._lut, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    prompt = torch.tensor([[11, 12, 13, 14, 15]])
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        with cpu.decode_threads(model=model, lean=False):
+            ops = model.generate(prompt, **kwargs)
+        with cpu.decode_threads(model=model):
+            lean = model.generate(prompt, **kwargs)
+    assert len(calls) == 7 * model.config.num_hidden_layers
+    assert torch.equal(lean.sequences, ops.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(lean.logits, ops.logits)) < 0.25
