@@ -877,8 +877,37 @@ static void rotary_bf16(uint16_t* x, int64_t n, int64_t D, const uint16_t* cos, 
   }
 }
 
+// q, k, v of one token h (bf16) in one pool job: y_j = Q(h) W_j^T rounded to bf16, as three
+// linear() calls compute them (rows are independent), without two of the pool's start-ups.
+static void qkv_projections(const Plan* const* p, const uint16_t* h, uint16_t* const* y, int threads) {
+  thread_local Acts tl_acts[3];
+  thread_local std::vector<float> tl_out[3];
+  struct Item { int j; int64_t n0, n1; };
+  thread_local std::vector<Item> tl_items;
+  Acts* acts = tl_acts;  // the caller's buffers, seen by the pool's workers (thread_locals are not captured)
+  std::vector<float>* out = tl_out;
+  std::vector<Item>& items = tl_items;
+  const Isa* isa[3];
+  const int64_t rows = p[0]->w.N + p[1]->w.N + p[2]->w.N;
+  items.clear();
+  for (int j = 0; j < 3; ++j) {
+    const Weight& w = p[j]->w;
+    isa[j] = prepare(acts[j], w, 1, w.K, p[j]->bits, p[j]->GA);
+    acts[j].set_input_row(0, h, 1, p[j]->clip);
+    out[j].resize(w.N);
+    const int64_t R = rows_per_item(rows, w.KP, threads);
+    for (int64_t n0 = 0; n0 < w.N; n0 += R) items.push_back({j, n0, std::min(w.N, n0 + R)});
+  }
+  parallel_for(threads, (int64_t)items.size(), [&](int64_t i) {
+    const Item& it = items[i];
+    run_rows(isa[it.j], p[it.j]->w, acts[it.j], 0, 1, out[it.j].data(), p[it.j]->w.N, nullptr, it.n0, it.n1);
+  });
+  for (int j = 0; j < 3; ++j)
+    for (int64_t n = 0; n < p[j]->w.N; ++n) y[j][n] = float_to_bf16(out[j][n]);
+}
+
 // The router's top-k of one token h [H] (bf16): expert ids and their bf16-rounded weights.
-static void route(const DecodeLayer& L, const uint16_t* h, int64_t* ids, float* wts) {
+static void route(const DecodeLayer& L, const uint16_t* h, int64_t* ids, float* wts, int threads) {
   const int64_t H = L.H, E = L.E;
   std::vector<float> x(H), logits(E);
   for (int64_t c = 0; c < H; ++c) x[c] = bf16_to_float(h[c]);
@@ -892,7 +921,10 @@ static void route(const DecodeLayer& L, const uint16_t* h, int64_t* ids, float* 
       x[c] = rb(x[c] + rb(xh - x[c]));
     }
   }
-  g_isa->bf16_rows(L.router, H, x.data(), H, 1, logits.data(), E, 0, E);
+  const int64_t chunks = threads > 1 ? 2 * (int64_t)threads : 1, R = (E + chunks - 1) / chunks;
+  float* lp = logits.data();
+  const float* xp = x.data();
+  parallel_for(threads, chunks, [&](int64_t i) { g_isa->bf16_rows(L.router, H, xp, H, 1, lp, E, i * R, std::min(E, (i + 1) * R)); });
   float mx = -INFINITY;
   for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e] = rb(logits[e]));
   float sum = 0.f;
@@ -922,9 +954,9 @@ static void decode_layer(const DecodeLayer& L, uint16_t* x, const uint16_t* cos,
     linear(in, 1, 1, p->w.K, p->w.K, p->bits, p->GA, p->clip, p->w, nullptr, 0, out, 1, threads);
   };
   rms_norm_row(x, H, 1, L.norm_in, h.data(), L.eps);
-  proj(L.q, h.data(), q.data());
-  proj(L.k, h.data(), k.data());
-  proj(L.v, h.data(), v.data());
+  const Plan* qkv[3] = {L.q, L.k, L.v};
+  uint16_t* qkv_out[3] = {q.data(), k.data(), v.data()};
+  qkv_projections(qkv, h.data(), qkv_out, threads);
   if (L.q_norm) {
     for (int64_t j = 0; j < L.Hq; ++j) rms_norm_row(&q[j * D], D, 1, L.q_norm, &q[j * D], L.qk_eps);
     for (int64_t j = 0; j < L.Hkv; ++j) rms_norm_row(&k[j * D], D, 1, L.k_norm, &k[j * D], L.qk_eps);
@@ -950,7 +982,7 @@ static void decode_layer(const DecodeLayer& L, uint16_t* x, const uint16_t* cos,
   rms_norm_row(x, H, 1, L.norm_post, h.data(), L.eps);
   int64_t ids[256];
   float wts[256];
-  route(L, h.data(), ids, wts);
+  route(L, h.data(), ids, wts, threads);
   MoeArgs M;
   M.x = h.data();
   M.bf16 = 1;
