@@ -17,7 +17,10 @@ step, from rounds that run every setting once (interleaved, so a slow period of 
 machine hits all alike); each model's block starts on an idle machine (see
 benchmarks.common.wait_until_idle) and a round during which other processes used more than
 MAX_OTHER_CPU of a CPU is run again (at most 3 tries) unless ``--no-idle-wait``.
-``--vocab-size``: the random models' vocab (the issue #21 comparison used 32000).
+``--vocab-size``: the random models' vocab (the issue #21 comparison used 32000). A variant
+name with the suffix ``-4k-pages`` (``codequant-w4a8-4k-pages``) runs its own copy of the model
+with the kernels' weight copies (interleaved indices, bf16 head) in 4 KiB pages instead of 2 MiB
+pages (codequant.kernels.cpu.huge_page_copy), and the read bandwidth is then also measured in 4 KiB pages.
 ``--llamacpp PATH``: llama.cpp rows beside them, timed in the same rounds: ``PATH`` is a
 ``llama-bench`` (``benchmarks/llamacpp/build.sh 0.3.36 llama-bench`` builds it), run on the
 same random model written as a GGUF (benchmarks/llamacpp/gguf_model.py: Q4_0 attention,
@@ -55,6 +58,7 @@ from codequant.kernels import Op, implementations
 from codequant.quantizers.codebook import fit_codebooks
 
 ACTS = {f"codequant-{mode}": ActQuantSpec(bits) for mode, bits in ACT_BITS.items()}
+SMALL_PAGES = "-4k-pages"  # variant suffix: the kernels' weight copies in 4 KiB pages
 LLAMACPP = ("llama.cpp-q4_0", "llama-bench")  # (variant, mode) of the llama.cpp rows
 GGUF_DIR = ROOT / "benchmarks" / "_build" / "gguf"
 PROMPT_TOKENS = 16
@@ -115,12 +119,16 @@ def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens
     all0, own0, wall0 = *cpu_seconds(), time.time()
     ms = {}
     for v, m, t in settings:
+        cpu_kernels.HUGE_PAGES = not v.endswith(SMALL_PAGES)  # read when a model's first step makes its copies
         with threads_mode(m, t, variants[v]):
             ms[(v, m, t)] = decode_ms(variants[v], prompt, new_tokens)
+    cpu_kernels.HUGE_PAGES = True
     results = llama(new_tokens) if llama else []
     for res in results:
         ms[(*LLAMACPP, res["n_threads"])] = 1e-6 * res["samples_ns"][0] / new_tokens
-    gbps = {t: cpu_read_bandwidth(t, nbytes=1 << 29, reps=3) for t in sorted({t for _, _, t in settings})}
+    pages = [True, False] if any(v.endswith(SMALL_PAGES) for v, _, _ in settings) else [True]
+    gbps = {(t, huge): cpu_read_bandwidth(t, nbytes=1 << 29, reps=3, huge_pages=huge)
+            for t in sorted({t for _, _, t in settings}) for huge in pages}
     all1, own1 = cpu_seconds()
     return ms, results, gbps, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
 
@@ -188,7 +196,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     names = args.variants.split(",")
-    unknown = set(names) - {"bf16", *ACTS}
+    unknown = {n.removesuffix(SMALL_PAGES) for n in names} - {"bf16", *ACTS}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}")
     threads, modes = [int(t) for t in args.threads.split(",")], args.modes.split(",")
@@ -213,7 +221,8 @@ def main(argv: list[str]) -> None:
             source = args.model
         base.generation_config.pad_token_id = base.generation_config.eos_token_id = None
         prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-        variants = {name: base if name == "bf16" else codequant_model(base, ACTS[name], layers > 0) for name in names}
+        variants = {name: base if name == "bf16" else codequant_model(base, ACTS[name.removesuffix(SMALL_PAGES)], layers > 0)
+                    for name in names}
         bytes_per_layer |= {name: layer_read_bytes(model) for name, model in variants.items() if name != "bf16" and layers}
         if args.llamacpp:
             bytes_per_layer[LLAMACPP[0]] = llamacpp_layer_read_bytes(config)
@@ -236,8 +245,8 @@ def main(argv: list[str]) -> None:
                 if r:
                     for key, x in ms.items():
                         samples[key].append(x)
-                    for t, x in gbps.items():
-                        read_gbps.setdefault(t, []).append(x)
+                    for key, x in gbps.items():
+                        read_gbps.setdefault(key, []).append(x)
                 for res in results:
                     llamacpp_info = {k: res[k] for k in ("build_commit", "cpu_info", "repack", "flash_attn", "type_k", "type_v", "poll")}
                     gguf_bytes[layers] = res["model_size"]
@@ -256,7 +265,7 @@ def main(argv: list[str]) -> None:
             if len(pts) > 1:
                 fits.append({"variant": v, "mode": m, "threads": t, **fit(list(pts), list(pts.values()))})
                 if v in bytes_per_layer:  # b against the time to read a layer's weights at the measured bandwidth
-                    gbps = statistics.median(read_gbps[t])
+                    gbps = statistics.median(read_gbps[(t, not v.endswith(SMALL_PAGES))])
                     bound = bytes_per_layer[v] / gbps / 1e6
                     fits[-1] |= {"bytes_per_layer": bytes_per_layer[v], "read_gbps": round(gbps, 2),
                                  "b_at_read_bandwidth_ms": round(bound, 3), "b_over_read_bound": round(fits[-1]["b_ms_per_layer"] / bound, 3)}
@@ -281,6 +290,8 @@ def main(argv: list[str]) -> None:
                      f"generation / tokens); median over {args.repeats} interleaved rounds (round_checks: the share of a "
                      "CPU other processes used during each try of a round)",
         "results": rows,
+        "read_gbps_median": {f"{t} threads, {'2 MiB' if huge else '4 KiB'} pages": round(statistics.median(x), 2)
+                             for (t, huge), x in sorted(read_gbps.items())},
         "fit_ms_per_token_a_plus_b_x_layers": fits,
         "speedup_over_1_thread_by_layers": side_by_side,
     }

@@ -236,14 +236,16 @@ def cuda_graph_us(fns, reps: int = 20) -> float:
 
 # ---------------------------------------------------------------- bandwidth probes
 
-def cpu_read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
+def cpu_read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5, huge_pages: bool = True) -> float:
     """GB/s of a streaming read of a buffer far beyond the LLC through the CPU kernels' own
-    thread pool (``_lut.read_bytes``), best of ``reps``."""
+    thread pool (``_lut.read_bytes``), best of ``reps``; the buffer in 2 MiB pages where Linux
+    gives them, as the kernels' weight copies are (``huge_page_copy``), else in 4 KiB pages."""
     import torch
 
-    from codequant.kernels.cpu import _lut
+    from codequant.kernels.cpu import _lut, huge_page_copy
 
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    buf = huge_page_copy(buf) if huge_pages else buf
 
     def read() -> float:
         t0 = time.perf_counter()

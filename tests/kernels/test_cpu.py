@@ -93,7 +93,7 @@ def test_linear_matches_reference(case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n,k,g", [(768, 2048, 2048), (64, 2048, 128), (48, 768, 64), (40, 1408, 32)])
+@pytest.mark.parametrize("n,k,g", [(768, 2048, 2048), (64, 2048, 128), (48, 768, 64), (40, 1408, 32), (4096, 1024, 128)])
 def test_linear_expert_shapes(isa, n, k, g):
     weight = random_packed(n, k, group_size=g, seed=n + k + g)
     x = torch.randn(5, k)
@@ -295,6 +295,51 @@ def test_linear_bf16_matches_torch(isa):
             ref16 = (x.bfloat16().double() @ w.double().T).float()
         assert y16.dtype == torch.bfloat16 and y16.shape == (1, m, n)
         assert bool(((y16[0].float() - ref16).abs() <= tol + 2 * BF16_EPS * ref16.abs()).all())
+
+
+def anon_huge_page_bytes(ptr: int) -> int:
+    """AnonHugePages of the memory mapping of this process that holds address ``ptr``."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        field = line.split()
+        if "-" in field[0] and not field[0].endswith(":"):
+            start, end = (int(a, 16) for a in field[0].split("-"))
+            inside = start <= ptr < end
+        elif inside and field[0] == "AnonHugePages:":
+            return int(field[1]) * 1024
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+def test_huge_page_copy_is_an_equal_copy_in_2mib_pages(monkeypatch):
+    x = torch.arange(3 << 20, dtype=torch.int32)  # 12 MiB
+    y = cpu.huge_page_copy(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr() and y.is_contiguous()
+    small = torch.arange(100.0)
+    assert torch.equal(cpu.huge_page_copy(small), small) and cpu.huge_page_copy(small).data_ptr() != small.data_ptr()
+    monkeypatch.setattr(cpu, "HUGE_PAGES", False)
+    plain = cpu.huge_page_copy(x)
+    assert torch.equal(plain, x) and plain.data_ptr() != x.data_ptr()
+    mode = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(mode) or "[never]" in open(mode).read():
+        pytest.skip("transparent huge pages are off on this machine")
+    assert y.data_ptr() % cpu.HUGE_PAGE == 0 and anon_huge_page_bytes(y.data_ptr()) >= cpu.HUGE_PAGE
+
+
+def test_decode_threads_moves_a_large_bf16_head_into_huge_pages():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(2048, 1024, bias=False, dtype=torch.bfloat16)  # 4 MiB
+
+        def get_output_embeddings(self):
+            return self.head
+
+    toy, x = Toy(), torch.randn(1, 1, 2048).bfloat16()
+    weight, values = toy.head.weight, toy.head.weight.detach().clone()
+    with torch.no_grad(), cpu.decode_threads(model=toy):
+        y = toy.head(x)
+    assert toy.head.weight is weight and torch.equal(weight, values) and weight.data_ptr() % cpu.HUGE_PAGE == 0
+    assert torch.equal(y, cpu.linear_bf16(x, values))
 
 
 def test_decode_threads_routes_the_bf16_head_and_restores_it():

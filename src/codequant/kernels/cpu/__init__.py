@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import weakref
 
 import torch
@@ -70,10 +71,30 @@ except ImportError as exc:  # the compiled extension is missing: no cpu backend
 
 __all__ = [
     "linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "attention_decode", "rms_norm", "int8_codebook",
-    "interleaved_indices", "INT8_HALF_STEP",
+    "interleaved_indices", "huge_page_copy", "INT8_HALF_STEP",
 ]
 
 INT8_HALF_STEP = 0.5  # tolerance unit: half an int8 codebook step (see module doc)
+HUGE_PAGE = 2 << 20  # bytes in a transparent huge page (x86-64)
+HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")  # False: huge_page_copy makes plain copies (benchmarks compare)
+
+
+def huge_page_copy(source: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``source`` that starts on a 2 MiB boundary of fresh memory marked
+    ``MADV_HUGEPAGE``, so that Linux backs it with 2 MiB pages where transparent huge pages are
+    on (``madvise`` or ``always`` mode); a plain contiguous copy below one huge page, where
+    the platform has no such advice, or with :data:`HUGE_PAGES` off. The kernels stream weights, and in 4 KiB pages every
+    page costs a TLB miss and stops the L2 streamer at its boundary: a streaming read gets
+    25-35% more bandwidth from 2 MiB pages on the 2-core Sapphire Rapids VM."""
+    nbytes = source.numel() * source.element_size()
+    if nbytes < HUGE_PAGE or not HUGE_PAGES:
+        return source.contiguous().clone()
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the page faults then map 2 MiB pages
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # holds buf (the mapping) for the tensor's life
+    start = -raw.data_ptr() % HUGE_PAGE
+    out = raw[start:start + nbytes].view(source.dtype).view(source.shape)
+    return out.copy_(source)
 
 
 def isa() -> str:
@@ -131,7 +152,8 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     """One thread pool for decoding inside the block: the kernels run on ``threads`` threads
     (default: torch's count on entry) and torch's own ops on 1; torch's count is restored on
     exit. With ``model``, its bf16 lm_head (output embeddings, a CPU ``nn.Linear`` without
-    bias) runs through :func:`linear_bf16` on those threads in the block, a model on sdpa
+    bias) runs through :func:`linear_bf16` on those threads in the block (its weight moved
+    once into :func:`huge_page_copy` memory), a model on sdpa
     attention decodes through :func:`attention_decode` (transformers' attention implementation
     :data:`DECODE_ATTENTION`; torch's CPU flash attention costs about 0.3 ms per call at one
     query position) and its transformers RMSNorms through :func:`rms_norm`, where the cpu
@@ -164,6 +186,9 @@ def decode_threads(threads: int | None = None, model: torch.nn.Module | None = N
     _decode_threads[0] = n
     old_spin = _lut.spin_us(DECODE_SPIN_US)
     if routed:
+        if not getattr(head.weight, "_cq_huge_pages", False):  # once per model: the head's bytes move
+            head.weight.data = huge_page_copy(head.weight.data)
+            head.weight._cq_huge_pages = True
         head.forward = functools.partial(_head_forward, head.weight)
     if attention:
         model.set_attn_implementation(_register_decode_attention())
@@ -369,7 +394,7 @@ def interleaved_indices(indices: torch.Tensor) -> torch.Tensor:
     rows = torch.nn.functional.pad(indices.reshape(-1, n, half), (0, rb - half))
     e, n4 = rows.shape[0], n // 4 * 4
     tiles = rows[:, :n4].reshape(e, n4 // 4, 4, rb // 64, 64).transpose(2, 3).reshape(e, n4 * rb)
-    out = torch.cat((tiles, rows[:, n4:].reshape(e, (n - n4) * rb)), dim=1).reshape(*lead, n * rb).contiguous()
+    out = huge_page_copy(torch.cat((tiles, rows[:, n4:].reshape(e, (n - n4) * rb)), dim=1).reshape(*lead, n * rb))
     if hit is None:
         weakref.finalize(indices, _forget_il, key)
     _il_cache[key] = (stamp, out)
