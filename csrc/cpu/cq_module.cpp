@@ -601,20 +601,28 @@ static PyObject* py_plan(PyObject*, PyObject* args) {
   return cap;
 }
 
-static PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  // run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads): linear on a plan; x [M, K]
-  // contiguous, y [M, N] contiguous (float32, or bf16 when y_bf16).
-  if (nargs != 9) {
-    PyErr_SetString(PyExc_TypeError, "run() takes 9 arguments");
+// The pointer in the capsule args[0] (of kind `kind`) and the n integers after it, of a
+// METH_FASTCALL entry point `name` taking exactly n + 1 arguments; nullptr with a Python error.
+static const void* capsule_and_ints(PyObject* const* args, Py_ssize_t nargs, const char* kind, const char* name,
+                                    long long* v, int n) {
+  if (nargs != n + 1) {
+    PyErr_Format(PyExc_TypeError, "%s() takes %d arguments", name, n + 1);
     return nullptr;
   }
-  const Plan* p = (const Plan*)PyCapsule_GetPointer(args[0], kPlan);
-  if (!p) return nullptr;
-  long long v[8];
-  for (int i = 0; i < 8; ++i) {
+  const void* p = PyCapsule_GetPointer(args[0], kind);
+  for (int i = 0; p && i < n; ++i) {
     v[i] = PyLong_AsLongLong(args[i + 1]);
     if (v[i] == -1 && PyErr_Occurred()) return nullptr;
   }
+  return p;
+}
+
+static PyObject* py_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  // run(plan, x, x_bf16, M, bias, bias_bf16, y, y_bf16, threads): linear on a plan; x [M, K]
+  // contiguous, y [M, N] contiguous (float32, or bf16 when y_bf16).
+  long long v[8];
+  const Plan* p = (const Plan*)capsule_and_ints(args, nargs, kPlan, "run", v, 8);
+  if (!p) return nullptr;
   Py_BEGIN_ALLOW_THREADS
   linear((const void*)v[0], (int)v[1], v[2], p->w.K, p->w.K, p->bits, p->GA, p->clip, p->w, (const void*)v[3], (int)v[4],
          (void*)v[5], (int)v[6], (int)v[7]);
@@ -1038,17 +1046,9 @@ static PyObject* py_decode_layer_plan(PyObject*, PyObject* args) {
 
 static PyObject* py_decode_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   // decode_layer(layer, x, cos, sin, k_cache, v_cache, ldt, T, threads): see decode_layer.
-  if (nargs != 9) {
-    PyErr_SetString(PyExc_TypeError, "decode_layer() takes 9 arguments");
-    return nullptr;
-  }
-  const DecodeLayer* L = (const DecodeLayer*)PyCapsule_GetPointer(args[0], kDecodeLayer);
-  if (!L) return nullptr;
   long long v[8];
-  for (int i = 0; i < 8; ++i) {
-    v[i] = PyLong_AsLongLong(args[i + 1]);
-    if (v[i] == -1 && PyErr_Occurred()) return nullptr;
-  }
+  const DecodeLayer* L = (const DecodeLayer*)capsule_and_ints(args, nargs, kDecodeLayer, "decode_layer", v, 8);
+  if (!L) return nullptr;
   if (v[6] < 0 || v[6] >= v[5]) {
     PyErr_SetString(PyExc_ValueError, "decode_layer needs 0 <= T < ldt (room in the cache for the new position)");
     return nullptr;

@@ -140,7 +140,7 @@ class LeanDecoder:
 
     def step(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
              use_cache=None, **kwargs):
-        """Qwen3MoeModel.forward: lean at a single-token decode step, transformers' otherwise."""
+        """The base model's forward (Qwen3MoeModel, MixtralModel): lean at a single-token decode step, transformers' otherwise."""
         length = self._decode_length(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, kwargs)
         if length is None:
             return type(self.base).forward(self.base, input_ids=input_ids, attention_mask=attention_mask,
