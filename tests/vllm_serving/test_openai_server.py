@@ -1,6 +1,6 @@
-"""vLLM's OpenAI-compatible server on 127.0.0.1 serves a CodeQuant checkpoint: a completion and a
-chat request return the greedy tokens transformers gives for the same checkpoint; the server is
-stopped by its PID."""
+"""vLLM's OpenAI-compatible server on 127.0.0.1, started by ``codequant serve``, serves a CodeQuant
+checkpoint: a completion and a chat request return the greedy tokens transformers gives for the same
+checkpoint; the server is stopped by its PID."""
 
 from __future__ import annotations
 
@@ -65,11 +65,11 @@ def server(tmp_path_factory):
     template = root / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
     port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+    command = [sys.executable, "-m", "codequant.cli", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+               "--kv-cache-gib", "1", "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
                "--chat-template", str(template)]
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # codequant serve execs vLLM's server: same PID
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, proc)
