@@ -16,7 +16,9 @@ graph replay), and with CUDA graphs of the model with every decoder layer under
 ``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
 ``codequant::linear`` / ``codequant::moe`` / ``codequant::route`` ops; one compile per layer index, because
 transformers' static cache specializes on it; the compile time is printed, not timed);
-``--compiled-only``: only the last. Writes gpu-e2e.json (the command line in it).
+``--compiled-only``: only the last. With ``--routers both`` the W4A16 and the W4A4 model each run
+with transformers' and with fused routers. Writes gpu-e2e.json (the command line in it) after
+every model.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from codequant.adapters import get_adapter
 from codequant.core.activations import ActQuantSpec
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
-from codequant.modules.router import fuse_routers
+from codequant.modules.router import FusedRouter, fuse_routers
 
 
 def gpu_model(layers: int):
@@ -105,6 +107,16 @@ def decode_graph(model, prompt, new_tokens, compiled: bool = False):
     return new_tokens / (time.perf_counter() - t0), torch.cat(toks, 1)
 
 
+def unfuse_routers(model) -> int:
+    """Undo fuse_routers: every FusedRouter back to its router class (the number turned)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FusedRouter):
+            m.__class__ = type(m).__bases__[1]  # _fused_router_class: (FusedRouter, router class)
+            n += 1
+    return n
+
+
 def compile_layers(model, on: bool):
     """torch.compile every decoder layer for static shapes, or undo it."""
     import torch._dynamo
@@ -168,21 +180,28 @@ def main(argv: list[str]) -> None:
     prompt = torch.randint(0, model.config.vocab_size, (1, a.prompt), device="cuda")
     results = []
     compiled, only = not a.no_compile, a.compiled_only
-    run_all(model, prompt, a.new, "bf16 (transformers grouped_mm experts)", results, compiled, only)
-    quantize_randomly(model, ActQuantSpec(bits=16))
-    print(f"quantized; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
-    if a.routers != "fused":
-        run_all(model, prompt, a.new, "CodeQuant W4A16 (attention + experts), transformers routers", results, compiled, only)
-    if a.routers != "transformers":
-        print(f"fused routers: {fuse_routers(model)}", flush=True)
-        run_all(model, prompt, a.new, "CodeQuant W4A16 (attention + experts), fused routers", results, compiled, only)
-    set_act(model, ActQuantSpec(bits=4))
-    routers = "transformers" if a.routers == "transformers" else "fused"
-    run_all(model, prompt, a.new, f"CodeQuant W4A4 (attention + experts), {routers} routers", results, compiled, only)
     meta = {"command": "python -m benchmarks gpu-e2e " + " ".join(argv), "layers": a.layers, "prompt": a.prompt,
             "new_tokens": a.new, "batch": 1, "device": torch.cuda.get_device_name(),
             "note": "random packed weights (speed does not depend on values); routers (bf16 weights), norms, embeddings, lm_head bf16",
             "results": results}
     os.makedirs(a.out, exist_ok=True)
-    json.dump(meta, open(os.path.join(a.out, "gpu-e2e.json"), "w"), indent=1)
+
+    def run(label):  # gpu-e2e.json rewritten after every model, so a run cut short keeps what it measured
+        run_all(model, prompt, a.new, label, results, compiled, only)
+        json.dump(meta, open(os.path.join(a.out, "gpu-e2e.json"), "w"), indent=1)
+
+    run("bf16 (transformers grouped_mm experts)")
+    quantize_randomly(model, ActQuantSpec(bits=16))
+    print(f"quantized; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    if a.routers != "fused":
+        run("CodeQuant W4A16 (attention + experts), transformers routers")
+    if a.routers != "transformers":
+        print(f"fused routers: {fuse_routers(model)}", flush=True)
+        run("CodeQuant W4A16 (attention + experts), fused routers")
+    set_act(model, ActQuantSpec(bits=4))
+    if a.routers != "transformers":
+        run("CodeQuant W4A4 (attention + experts), fused routers")
+    if a.routers != "fused":
+        print(f"transformers routers again: {unfuse_routers(model)}", flush=True)
+        run("CodeQuant W4A4 (attention + experts), transformers routers")
     print(json.dumps(results, indent=1))
