@@ -19,9 +19,11 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter  # noqa: E4
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter  # noqa: E402
 
 from codequant import kernels  # noqa: E402
+from codequant.core.activations import ActQuantSpec  # noqa: E402
 from codequant.kernels import kernel_options  # noqa: E402
 from codequant.kernels.gpu import cuda_gemv  # noqa: E402
 from codequant.modules.router import FusedRouter, fuse_routers  # noqa: E402
+from tests.helpers.packed import random_packed  # noqa: E402
 
 # name: (router class, config, experts, hidden, top-k)
 ROUTERS = {
@@ -33,6 +35,12 @@ ROUTERS = {
                                                                         topk_method="greedy", n_group=1, topk_group=1,
                                                                         routed_scaling_factor=1.5)),
 }
+
+
+@pytest.fixture
+def kernel_up_to_16_tokens(monkeypatch):
+    """FusedRouter takes the kernel for every batch the kernel takes (by default only up to 4 tokens)."""
+    monkeypatch.setattr(FusedRouter, "max_tokens", cuda_gemv.ROUTE_MAX_T)
 
 
 def make_router(name: str, seed: int):
@@ -75,7 +83,7 @@ def assert_same_picks(i, ref_i, logits, rtol, atol):
 
 @pytest.mark.parametrize("t", [1, 4, 16])
 @pytest.mark.parametrize("name", list(ROUTERS))
-def test_fused_router_matches_transformers(name, t):
+def test_fused_router_matches_transformers(name, t, kernel_up_to_16_tokens):
     router = make_router(name, seed=t)
     x = torch.randn(t, router.weight.shape[1], device="cuda").to(torch.bfloat16)
     with torch.no_grad():
@@ -115,7 +123,7 @@ def test_ties_go_to_the_lower_expert_index():
     assert torch.equal(w[0, :4], w[0, :1].expand(4))
 
 
-def test_launch_variants_agree_bit_for_bit(monkeypatch):
+def test_launch_variants_agree_bit_for_bit(monkeypatch, kernel_up_to_16_tokens):
     """PDL on / off and one block / a cluster of blocks compute each logit the same way."""
     router = make_router("qwen3-30b-a3b", seed=1)
     fuse_routers(router)
@@ -155,13 +163,48 @@ def test_compiled_and_graph_captured_without_graph_breaks():
     torch._dynamo.reset()
 
 
-def test_large_batches_and_autograd_take_the_routers_own_forward():
+def test_large_batches_and_autograd_take_the_routers_own_forward(monkeypatch):
     router = make_router("qwen3-30b-a3b", seed=3)
     x = torch.randn(17, 2048, device="cuda").to(torch.bfloat16)
+    calls = []
+    route = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a: calls.append(a[0].shape[0]) or route(*a))
     with torch.no_grad():
-        ref = router(x)
+        ref, ref5 = router(x), router(x[:5])
         fuse_routers(router)
         assert not kernels.route_supported(x, router.weight, 8)
         out = router(x)
+        # 5 tokens: the kernel would take them, but above FusedRouter.max_tokens the router's forward is faster
+        assert kernels.route_supported(x[:5], router.weight, 8) and FusedRouter.max_tokens == 4
+        out5 = router(x[:5])
+        assert calls == []
+        router(x[:4])
+        assert calls == [4]
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert all(torch.equal(a, b) for a, b in zip(out5, ref5))
     assert not kernels.route_supported(x[:4], router.weight, 8)  # grad enabled and the weight requires grad
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_moe_launched_right_after_the_router_reads_its_routing(mode, t):
+    """The MoE kernels queued right behind the router kernel (PDL; the W4A4 prologue lets its
+    gate_up GEMV start at once, and that GEMV reads the expert ids before it waits) use this
+    call's routing: the same output as the MoE run once the routing is finished. (A router
+    kernel that triggered its dependents at its start let them read expert ids not yet
+    written: an illegal address in the W4A4 end-to-end decode.)"""
+    act = ActQuantSpec(bits=16 if mode == "w4a16" else 4)
+    router = make_router("qwen3-30b-a3b", seed=4)
+    fuse_routers(router)
+    gu = random_packed(2 * 768, 2048, seed=5, lead=(128,), device="cuda")
+    dn = random_packed(2048, 768, seed=6, lead=(128,), device="cuda")
+    xs = [torch.randn(t, 2048, device="cuda").to(torch.bfloat16) for _ in range(8)]
+    chained = []
+    with torch.no_grad():
+        for x in xs:
+            torch.cuda._sleep(1_000_000)  # the GPU behind the host: router and MoE start back to back
+            _, w, i = router(x)
+            chained.append((cuda_gemv.moe(x, i, w, gu, dn, act, act), i, w))
+        torch.cuda.synchronize()
+        for x, (y, i, w) in zip(xs, chained):
+            assert torch.equal(y, cuda_gemv.moe(x, i.clone(), w.clone(), gu, dn, act, act))

@@ -12,7 +12,8 @@ arithmetic as a lookup-table kernel.
 
 :func:`fuse_routers` turns, the same way, every router whose forward is softmax top-k routing
 (:data:`ROUTINGS`: Qwen2/3-MoE, OLMoE, Mixtral, DeepSeek-V2 greedy) into a :class:`FusedRouter`,
-which runs its routing in one CUDA launch (:func:`codequant.kernels.route`) for decode batches.
+which runs its routing in one CUDA launch (:func:`codequant.kernels.route`) for decode batches
+(up to :attr:`FusedRouter.max_tokens` tokens).
 """
 
 from __future__ import annotations
@@ -160,17 +161,21 @@ def routing_of(router: nn.Module) -> Routing | None:
 
 
 class FusedRouter(nn.Module):
-    """A router whose :class:`Routing` runs in one CUDA launch where
-    :func:`codequant.kernels.route_supported` allows (decode batches of up to 16 tokens, 16-bit x
-    and weight, no autograd), else through the router's own forward. Returns what the router
+    """A router whose :class:`Routing` runs in one CUDA launch for batches of up to
+    :attr:`max_tokens` tokens where :func:`codequant.kernels.route_supported` allows (16-bit x and
+    weight, no autograd), else through the router's own forward. Returns what the router
     returns: (logits [T, E], routing weights [T, k], expert indices int64 [T, k], best first)."""
 
     routing: Routing
+    # The kernel takes up to 16 tokens, but on an H100 it beat transformers' eager router only up to 4
+    # (benchmarks/results/gpu-router-h100.json: 1 and 4 tokens 1.06-1.73x faster, 16 tokens
+    # 0.43-0.77x: at most 8 blocks compute every logit); larger batches keep the router's own forward.
+    max_tokens: int = 4
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = hidden_states.reshape(-1, self.weight.shape[-1])
         r = self.routing
-        if not kernels.route_supported(x, self.weight, r.top_k):
+        if x.shape[0] > self.max_tokens or not kernels.route_supported(x, self.weight, r.top_k):
             return super().forward(hidden_states)
         if isinstance(self, CodeQuantRouter):  # the routing of Q_act(x), as its forward
             x = fake_quantize_activations(x, self.act)

@@ -772,6 +772,8 @@ __global__ void moe_align_kernel(const void* ids, int ids64, int S, int E, int b
 // sum 1 when renorm, times scale. A cluster of C blocks (sm_90; C = 1 elsewhere) splits the E weight
 // rows, each warp reducing whole rows; every block writes its logits into the shared memory of
 // cluster rank 0, which then runs the softmax and the top-k, one warp per token.
+// Launched with PDL, it fetches its first weight rows before waiting for the launch that wrote x;
+// it never triggers its dependents early (see route_kernel).
 constexpr int ROUTE_WARPS = 16;
 constexpr int ROUTE_SEG = 8;  // 16-B weight chunks per lane loaded together (2048 columns per warp)
 
@@ -894,7 +896,10 @@ __device__ __forceinline__ void route_topk(const RouteParams& p, const float* lg
 template <int C, bool BF16>
 __global__ void __launch_bounds__(ROUTE_WARPS * 32) route_kernel(RouteParams p) {
   extern __shared__ float lg[];  // [T, E] logits, gathered in cluster rank 0
-  launch_dependents();           // the MoE launch after this one waits for it before reading the routing
+  // No launch_dependents(): the launches after this one start when it has finished. The W4A4 MoE's
+  // prologue (PDL) lets its gate_up GEMV start at once, and that GEMV reads the expert ids before it
+  // waits (to fetch the expert's first weights), so a trigger here let it read expert ids not yet
+  // written (an illegal address in the W4A4 end-to-end decode, tests/kernels/test_cuda_router.py).
   if (C > 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     uint32_t rank, remote;
