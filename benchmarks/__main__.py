@@ -17,6 +17,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "gpu-decode": ("bench_gpu_decode", "GPU decode (M <= 16) on the CUDA kernels"),
     "gpu-e2e": ("bench_gpu_e2e", "GPU end-to-end decode of the Qwen3-30B-A3B-shaped model"),
     "gpu-profile-e2e": ("profile_gpu_e2e", "where a compiled GPU decode step spends its time"),
+    "gpu-router": ("bench_gpu_router", "the MoE router alone: transformers' against the fused CUDA router"),
     "gpu-pdl": ("ab_gpu_pdl", "programmatic dependent launch on / off"),
     "gpu-probe-read": ("probe_gpu_read", "how fast the index stream can be read at all"),
     "gpu-probe-decomp": ("probe_gpu_decomp", "the decode kernel without its lookup and / or mma"),

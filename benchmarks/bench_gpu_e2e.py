@@ -8,13 +8,17 @@ head_dim 128, vocab 151936), bf16, initialized on the GPU. The bf16 experts run 
 transformers' ``grouped_mm`` experts implementation. The CodeQuant model replaces (through the
 architecture adapter) every attention linear by CodeQuantLinear and every experts module by CodeQuantExperts with
 RANDOM packed indices and codebooks (speed does not depend on the values); routers, norms,
-embeddings and lm_head stay bf16. Greedy decode of --new tokens after a --prompt token
+embeddings and lm_head stay bf16; the CodeQuant model's routers run fused (``fuse_routers``: the
+CUDA router kernel, one launch per layer), with ``--routers both`` first as transformers' own
+(``transformers``: only so). Greedy decode of --new tokens after a --prompt token
 prompt, batch 1, timed without and with CUDA graphs (StaticCache, one decode step per
 graph replay), and with CUDA graphs of the model with every decoder layer under
 ``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
-``codequant::linear`` / ``codequant::moe`` ops; one compile per layer index, because
-transformers' static cache specializes on it; the compile time is printed, not timed).
-Writes gpu-e2e.json.
+``codequant::linear`` / ``codequant::moe`` / ``codequant::route`` ops; one compile per layer index, because
+transformers' static cache specializes on it; the compile time is printed, not timed);
+``--compiled-only``: only the last. With ``--routers both`` the W4A16 and the W4A4 model each run
+with transformers' and with fused routers. Writes gpu-e2e.json (the command line in it) after
+every model.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from codequant.adapters import get_adapter
 from codequant.core.activations import ActQuantSpec
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
+from codequant.modules.router import FusedRouter, fuse_routers
 
 
 def gpu_model(layers: int):
@@ -102,6 +107,16 @@ def decode_graph(model, prompt, new_tokens, compiled: bool = False):
     return new_tokens / (time.perf_counter() - t0), torch.cat(toks, 1)
 
 
+def unfuse_routers(model) -> int:
+    """Undo fuse_routers: every FusedRouter back to its router class (the number turned)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FusedRouter):
+            m.__class__ = type(m).__bases__[1]  # _fused_router_class: (FusedRouter, router class)
+            n += 1
+    return n
+
+
 def compile_layers(model, on: bool):
     """torch.compile every decoder layer for static shapes, or undo it."""
     import torch._dynamo
@@ -117,14 +132,16 @@ def compile_layers(model, on: bool):
             layer._compiled_call_impl = None
 
 
-def run_all(model, prompt, new_tokens, label, results, compiled: bool):
+def run_all(model, prompt, new_tokens, label, results, compiled: bool, compiled_only: bool = False):
     from torch._dynamo.utils import counters
 
     rec = {"model": label}
-    tps, _ = decode_eager(model, prompt, new_tokens)
-    rec["tokens_per_s_eager"] = round(tps, 2)
-    print(f"{label}: eager {tps:.1f} tok/s", flush=True)
-    for key, comp in [("cuda_graph", False)] + ([("compiled_cuda_graph", True)] if compiled else []):
+    if not compiled_only:
+        tps, _ = decode_eager(model, prompt, new_tokens)
+        rec["tokens_per_s_eager"] = round(tps, 2)
+        print(f"{label}: eager {tps:.1f} tok/s", flush=True)
+    modes = [] if compiled_only else [("cuda_graph", False)]
+    for key, comp in modes + ([("compiled_cuda_graph", True)] if compiled else []):
         try:
             t0 = time.time()
             counters.clear()
@@ -151,21 +168,40 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--compiled-only", action="store_true", help="only the compiled CUDA-graph decode")
+    ap.add_argument("--routers", choices=["fused", "transformers", "both"], default="fused",
+                    help="the CodeQuant model's routers: fused (CUDA router kernel), transformers' own, or both in turn")
     a = ap.parse_args(argv)
+    if a.no_compile and a.compiled_only:
+        ap.error("--no-compile and --compiled-only exclude each other")
     t0 = time.time()
     model = gpu_model(a.layers)
     print(f"built in {time.time() - t0:.0f} s; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
     prompt = torch.randint(0, model.config.vocab_size, (1, a.prompt), device="cuda")
     results = []
-    run_all(model, prompt, a.new, "bf16 (transformers grouped_mm experts)", results, not a.no_compile)
-    quantize_randomly(model, ActQuantSpec(bits=16))
-    print(f"quantized; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
-    run_all(model, prompt, a.new, "CodeQuant W4A16 (attention + experts)", results, not a.no_compile)
-    set_act(model, ActQuantSpec(bits=4))
-    run_all(model, prompt, a.new, "CodeQuant W4A4 (attention + experts)", results, not a.no_compile)
-    meta = {"layers": a.layers, "prompt": a.prompt, "new_tokens": a.new, "batch": 1, "device": torch.cuda.get_device_name(),
-            "note": "random packed weights (speed does not depend on values); routers, norms, embeddings, lm_head bf16",
+    compiled, only = not a.no_compile, a.compiled_only
+    meta = {"command": "python -m benchmarks gpu-e2e " + " ".join(argv), "layers": a.layers, "prompt": a.prompt,
+            "new_tokens": a.new, "batch": 1, "device": torch.cuda.get_device_name(),
+            "note": "random packed weights (speed does not depend on values); routers (bf16 weights), norms, embeddings, lm_head bf16",
             "results": results}
     os.makedirs(a.out, exist_ok=True)
-    json.dump(meta, open(os.path.join(a.out, "gpu-e2e.json"), "w"), indent=1)
+
+    def run(label):  # gpu-e2e.json rewritten after every model, so a run cut short keeps what it measured
+        run_all(model, prompt, a.new, label, results, compiled, only)
+        json.dump(meta, open(os.path.join(a.out, "gpu-e2e.json"), "w"), indent=1)
+
+    run("bf16 (transformers grouped_mm experts)")
+    quantize_randomly(model, ActQuantSpec(bits=16))
+    print(f"quantized; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    if a.routers != "fused":
+        run("CodeQuant W4A16 (attention + experts), transformers routers")
+    if a.routers != "transformers":
+        print(f"fused routers: {fuse_routers(model)}", flush=True)
+        run("CodeQuant W4A16 (attention + experts), fused routers")
+    set_act(model, ActQuantSpec(bits=4))
+    if a.routers != "transformers":
+        run("CodeQuant W4A4 (attention + experts), fused routers")
+    if a.routers != "fused":
+        print(f"transformers routers again: {unfuse_routers(model)}", flush=True)
+        run("CodeQuant W4A4 (attention + experts), transformers routers")
     print(json.dumps(results, indent=1))

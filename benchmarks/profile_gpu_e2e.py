@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python3 -m benchmarks gpu-profile-e2e
 
-The model of bench_gpu_e2e.py (bf16, then CodeQuant W4A16 with random packed weights), every
+The model of bench_gpu_e2e.py (bf16, then CodeQuant W4A16 with random packed weights, with
+transformers' routers and then fused ones; ``--no-bf16`` skips the first), every
 decoder layer under torch.compile; five decode steps under torch.profiler (no CUDA graph:
 kernel durations are the same, the gaps are not counted). Prints the kernel time per step by
 category and the largest kernels.
@@ -19,11 +20,12 @@ from transformers import StaticCache
 
 from benchmarks.bench_gpu_e2e import compile_layers, gpu_model, quantize_randomly
 from codequant.core.activations import ActQuantSpec
+from codequant.modules.router import fuse_routers
 
 # (substring of the kernel name, category), first match wins
 CATEGORIES = [
     ("cq::gemv", "codequant gemv"), ("cq::topk_sum", "codequant topk_sum"), ("cq::moe_align", "codequant route"),
-    ("cq::prep_x", "codequant prologue"), ("triton", "inductor (fused elementwise, norms, softmax)"),
+    ("cq::prep_x", "codequant prologue"), ("cq::route_kernel", "codequant router (fused)"), ("triton", "inductor (fused elementwise, norms, softmax)"),
     ("sdpa", "attention (sdpa)"), ("flash", "attention (sdpa)"), ("topk", "torch.topk (router)"),
     ("sortkv", "torch.topk (router)"), ("grouped_gemm", "bf16 grouped GEMM (experts)"), ("cutlass", "bf16 grouped GEMM (experts)"),
     ("nvjet", "cuBLAS GEMV (dense bf16, router, lm_head)"), ("splitkreduce", "cuBLAS GEMV (dense bf16, router, lm_head)"),
@@ -69,10 +71,13 @@ def prof(model, label: str, layers: int, steps: int = 5):
 
 
 def main(argv: list[str]) -> None:
-    if argv:
-        raise SystemExit("gpu-profile-e2e takes no arguments")
+    if argv not in ([], ["--no-bf16"]):
+        raise SystemExit("gpu-profile-e2e takes no arguments but --no-bf16")
     layers = 48
     model = gpu_model(layers)
-    prof(model, "bf16", layers)
+    if not argv:
+        prof(model, "bf16", layers)
     quantize_randomly(model, ActQuantSpec(bits=16))
-    prof(model, "W4A16", layers)
+    prof(model, "W4A16, transformers routers", layers)
+    fuse_routers(model)
+    prof(model, "W4A16, fused routers", layers)

@@ -717,6 +717,7 @@ def test_lean_decode_step_runs_a_pipeline_checkpoint(tmp_path, monkeypatch):
 
     from codequant.cli import FIXTURE, main
     from codequant.kernels.cpu import decode
+    from codequant.modules.router import FusedRouter
 
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"The council met on day {i} and voted." for i in range(40)))
@@ -725,6 +726,7 @@ def test_lean_decode_step_runs_a_pipeline_checkpoint(tmp_path, monkeypatch):
                  "--seqlen", "32", "--device", "cpu", "--no-progress"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert next(model.parameters()).dtype is torch.bfloat16
+    assert isinstance(model.model.layers[0].mlp.gate, FusedRouter)  # fused at loading, still lean
     calls = []
     real = _lut.decode_layer
     monkeypatch.setattr(decode._lut, "decode_layer", lambda *a: calls.append(1) or real(*a))

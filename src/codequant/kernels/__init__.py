@@ -12,6 +12,8 @@ reference, logged once per reason (an error under ``KernelOptions(strict=True)``
 they are the opaque custom ops ``codequant::linear`` and ``codequant::moe`` (shape-only fake
 implementations), so Dynamo does not trace the backends' Python and Inductor fuses the
 model code around them; in eager mode they call the backend directly (no op dispatch cost).
+:func:`route` (the CUDA router kernel, custom op ``codequant::route``) is what fused MoE routers
+call where :func:`route_supported` says so (:class:`codequant.modules.router.FusedRouter`).
 """
 
 from __future__ import annotations
@@ -114,3 +116,51 @@ def _moe_op(
 @_moe_op.register_fake
 def _(x, top_k_index, top_k_weights, gate_up_indices, gate_up_codebook, gate_up_row_sum, gate_up_in_features, down_indices, *args):
     return x.new_empty(x.shape[0], down_indices.shape[-2])
+
+
+# ---------------------------------------------------------------- the MoE router in one CUDA launch
+
+@torch.compiler.assume_constant_result
+def _cuda_router_on() -> bool:
+    """The CUDA router kernel can run: the GPU kernels importable and on, the extension built
+    (a constant of a compiled graph)."""
+    try:
+        from .gpu import cuda_gemv
+    except ImportError:
+        return False
+    return cuda_gemv.enabled() and cuda_gemv.load() is not None
+
+
+def route_supported(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
+    """Whether :func:`route` takes x [T, H] against the router weight [E, H] (no autograd)."""
+    if not x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not _cuda_router_on():
+        return False
+    from .gpu import cuda_gemv
+
+    return cuda_gemv.route_supported(x, weight, top_k)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm: bool, scale: float, fp32_logits: bool,
+          fp32_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, weights, index) of softmax top-k routing in one launch (``cuda_gemv.route``'s contract)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.codequant.route(x, weight, top_k, renorm, scale, fp32_logits, fp32_weights)
+    from .gpu import cuda_gemv
+
+    return cuda_gemv.route(x, weight, top_k, renorm, scale, fp32_logits, fp32_weights)
+
+
+@torch.library.custom_op("codequant::route", mutates_args=())
+def _route_op(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm: bool, scale: float, fp32_logits: bool,
+              fp32_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .gpu import cuda_gemv
+
+    return cuda_gemv.route(x, weight, top_k, renorm, scale, fp32_logits, fp32_weights)
+
+
+@_route_op.register_fake
+def _(x, weight, top_k, renorm, scale, fp32_logits, fp32_weights):
+    t, e = x.shape[0], weight.shape[0]
+    ldtype = torch.float32 if fp32_logits else x.dtype
+    return (x.new_empty(t, e, dtype=ldtype), x.new_empty(t, top_k, dtype=torch.float32 if fp32_weights else ldtype),
+            x.new_empty(t, top_k, dtype=torch.int64))

@@ -14,7 +14,8 @@ forward unchanged.
 Supported: transformers' Qwen3-MoE and Mixtral models in bf16 whose four attention projections
 are :class:`~codequant.modules.linear.CodeQuantLinear` (no bias; online Hadamard on o_proj
 only), whose norms are transformers' RMSNorm and whose MoE blocks route (plain or
-:class:`~codequant.modules.router.CodeQuantRouter` routers) to
+:class:`~codequant.modules.router.CodeQuantRouter` routers, either of them fused by
+:func:`~codequant.modules.router.fuse_routers`) to
 :class:`~codequant.modules.experts.CodeQuantExperts`.
 
 The key/value cache stays a transformers ``DynamicCache``: its layers hold views of buffers
@@ -70,7 +71,7 @@ class _Layer:
     def __init__(self, layer: torch.nn.Module, family: _Family, where: str, config):
         from ...modules.experts import CodeQuantExperts
         from ...modules.linear import CodeQuantLinear
-        from ...modules.router import CodeQuantRouter, _quantized_router_class
+        from ...modules.router import CodeQuantRouter, _fused_router_class, _quantized_router_class
 
         attn, mlp = layer.self_attn, layer.mlp
         q, k, v, o = (getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -79,7 +80,9 @@ class _Layer:
         experts, router = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
         if not isinstance(experts, CodeQuantExperts):
             raise Unsupported(f"{where}: the MLP is not routed CodeQuantExperts")
-        if type(router) not in (family.router, _quantized_router_class(family.router)) or router.weight.dtype is not torch.bfloat16:
+        routers = (family.router, _quantized_router_class(family.router))
+        routers += tuple(_fused_router_class(r) for r in routers)  # fuse_routers (after loading): the same routing
+        if type(router) not in routers or router.weight.dtype is not torch.bfloat16:
             raise Unsupported(f"{where}: the router is not a bf16 {family.router.__name__}")
         qk = (attn.q_norm, attn.k_norm) if family.qk_norm else ()
         norms = (layer.input_layernorm, layer.post_attention_layernorm, *qk)

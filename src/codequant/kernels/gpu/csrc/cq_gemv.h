@@ -55,6 +55,26 @@ struct GemvParams {
                              // launch's output), 2 = waits first (MoE gate_up: the expert ids come from the router)
 };
 
+// The router of an MoE layer in one launch (cq_gemv.cu, route_kernel): logits of x [T, H] against W [E, H]
+// (16-bit, fp32 sums), softmax, top-k, optional renormalization and scale.
+constexpr int ROUTE_MAX_T = 16, ROUTE_MAX_E = 1024, ROUTE_MAX_K = 32;
+constexpr size_t ROUTE_MAX_SMEM = 48 * 1024;  // the [T, E] fp32 logits in shared memory
+struct RouteParams {
+  const void* x;       // [T, ldx] 16-bit (xtype 0 bf16, 1 fp16), 16-B aligned rows
+  int ldx, xtype;
+  const void* w;       // [E, H] contiguous, x's type
+  int T, E, H, topk;
+  int round_logits;    // logits rounded to x's type before the softmax (else kept in fp32)
+  int renorm;          // top-k probabilities divided by their sum
+  float scale;         // applied to the routing weights last
+  void* logits;        // [T, E] in ltype (0 bf16, 1 fp16, 2 fp32), or null
+  int ltype;
+  void* weights;       // [T, topk] in wtype
+  int wtype;
+  long long* index;    // [T, topk] int64, best first
+  int pdl;             // launched with PDL (x is the previous launch's output)
+};
+
 int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st);
 int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, cudaStream_t st);
 // Slots grouped by expert into runs of bm rows: sorted [max_blocks * bm] slot ids (S: padding), bexp [max_blocks].
@@ -62,3 +82,5 @@ int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_block
 // out[t, n] = sum_k ys[t * topk + k, n] for t < T, n < H, out in otype (0 bf16, 1 fp16, 2 fp32); pdl: launched
 // with PDL (after a gemv, which lets dependents start early).
 int cq_topk_sum(const float* ys, void* out, int otype, int T, int H, int topk, int pdl, cudaStream_t st);
+// cluster: blocks splitting the expert rows (1, or 2 / 4 / 8 on sm_90).
+int cq_route(const RouteParams& p, int cluster, cudaStream_t st);
