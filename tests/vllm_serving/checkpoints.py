@@ -56,12 +56,13 @@ VLLM_CONFIG = {
 }
 
 
-def make_tiny_checkpoint(out: Path, arch: str, act_bits: int | tuple[int, ...], seed: int = 0) -> Path:
+def make_tiny_checkpoint(out: Path, arch: str, act_bits: int | tuple[int, ...], seed: int = 0, **config) -> Path:
     """Quantize the tiny random ``arch`` model (a key of tests.helpers.tiny_models' SUPPORTED_TINY or TINY_VARIANTS,
-    with :data:`VLLM_CONFIG`) as :func:`make_checkpoint` does, with the character tokenizer of its 128-token vocabulary.
+    with :data:`VLLM_CONFIG` and ``config`` overrides) as :func:`make_checkpoint` does, with the character tokenizer of
+    its 128-token vocabulary.
 
     ``act_bits``: one width for all layers, or one per decoder layer ((16, 4): layer 0 W4A16, layer 1 W4A4)."""
-    model = quantize_tiny(tiny_model(arch, seed, **VLLM_CONFIG.get(arch, {})))
+    model = quantize_tiny(tiny_model(arch, seed, **(VLLM_CONFIG.get(arch, {}) | config)))
     per_layer = act_bits if isinstance(act_bits, tuple) else (act_bits,) * len(model.model.layers)
     for layer, bits in zip(model.model.layers, per_layer, strict=True):
         _set_act_bits(layer, bits)
