@@ -165,12 +165,25 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def tensor_parallel_size(vllm_args: list[str]) -> int:
+    """The ``--tensor-parallel-size`` / ``-tp`` among vLLM's options (1 when absent)."""
+    for i, arg in enumerate(vllm_args):
+        name, eq, value = arg.partition("=")
+        if name in ("--tensor-parallel-size", "-tp"):
+            value = value if eq else (vllm_args[i + 1] if i + 1 < len(vllm_args) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{name} takes a positive number of ranks, got {value!r}")
+            return int(value)
+    return 1
+
+
 def serve_command(model: str, host: str, port: int, threads: int | None, kv_cache_gib: float | None,
                   vllm_args: list[str], cpus: list[int]) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that start vLLM's OpenAI server on a CodeQuant checkpoint. On the CPU
     (``cpus``: this process's CPU numbers) the model's OpenMP threads are bound to ``threads`` of
-    them (default all; vLLM's own binding leaves a core of two to its scheduler) and sleep when
-    idle, and ``kv_cache_gib`` sets vLLM's KV cache size; settings already in the environment win."""
+    them (default all; vLLM's own binding leaves a core of two to its scheduler, and wants a NUMA
+    node per tensor-parallel rank), split evenly between the ranks, and sleep when idle;
+    ``kv_cache_gib`` sets vLLM's KV cache size. Settings already in the environment win."""
     from .io.checkpoint import read_quantization_config
     from .io.schema import CheckpointError
 
@@ -182,8 +195,13 @@ def serve_command(model: str, host: str, port: int, threads: int | None, kv_cach
         raise ValueError(f"vLLM is not installed in this environment; install it with {VLLM_INSTALL}")
     if threads is not None and not 1 <= threads <= len(cpus):
         raise ValueError(f"--threads must be between 1 and the {len(cpus)} CPUs this process may use, got {threads}")
+    ranks, used = tensor_parallel_size(vllm_args), cpus[: threads or len(cpus)]
+    if len(used) < ranks:
+        raise ValueError(f"tensor parallelism {ranks} needs a CPU per rank, and {len(used)} are given; lower --tensor-parallel-size")
+    per_rank = len(used) // ranks  # vLLM binds each rank's threads to its own group: "0,1|2,3"
+    bind = "|".join(",".join(map(str, used[r * per_rank:(r + 1) * per_rank])) for r in range(ranks))
     env = dict(os.environ)
-    extra = {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus[: threads or len(cpus)]))}
+    extra = {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_OMP_THREADS_BIND": bind}
     if kv_cache_gib is not None:
         extra["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
     for key, value in extra.items():

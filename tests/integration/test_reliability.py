@@ -480,6 +480,14 @@ def test_serve_command_binds_the_threads_and_passes_the_options_after_the_dashes
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "4,6" and "VLLM_CPU_KVCACHE_SPACE" not in env
     with pytest.raises(ValueError, match="--threads must be between 1 and the 2 CPUs this process may use, got 3"):
         cli.serve_command(ckpt, "127.0.0.1", 8123, 3, None, [], [4, 6])
+    _, env = cli.serve_command(ckpt, "127.0.0.1", 8123, None, None, ["--tensor-parallel-size", "2"], [0, 1, 2, 3, 4])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"  # a group per rank
+    _, env = cli.serve_command(ckpt, "127.0.0.1", 8123, None, None, ["-tp=2"], [4, 6])
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "4|6"
+    with pytest.raises(ValueError, match="tensor parallelism 3 needs a CPU per rank, and 2 are given; lower --tensor-parallel-size"):
+        cli.serve_command(ckpt, "127.0.0.1", 8123, None, None, ["--tensor-parallel-size", "3"], [4, 6])
+    with pytest.raises(ValueError, match="--tensor-parallel-size takes a positive number of ranks, got 'two'"):
+        cli.serve_command(ckpt, "127.0.0.1", 8123, None, None, ["--tensor-parallel-size", "two"], [4, 6])
 
 
 def test_options_after_the_dashes_are_only_for_serve(capsys):
