@@ -82,10 +82,10 @@ HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")  # False: huge_page_copy makes plain
 def huge_page_copy(source: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``source`` that starts on a 2 MiB boundary of fresh memory marked
     ``MADV_HUGEPAGE``, so that Linux backs it with 2 MiB pages where transparent huge pages are
-    on (``madvise`` or ``always`` mode); a plain contiguous copy below one huge page, where
-    the platform has no such advice, or with :data:`HUGE_PAGES` off. The kernels stream weights, and in 4 KiB pages every
-    page costs a TLB miss and stops the L2 streamer at its boundary: a streaming read gets
-    25-35% more bandwidth from 2 MiB pages on the 2-core Sapphire Rapids VM."""
+    on (``madvise`` or ``always`` mode); a plain contiguous copy below one huge page, where the
+    platform has no such advice, or with :data:`HUGE_PAGES` off. The kernels stream weights, and
+    in 4 KiB pages every page costs a TLB miss and stops the L2 streamer at its boundary: a
+    streaming read gets 25-35% more bandwidth from 2 MiB pages on the 2-core Sapphire Rapids VM."""
     nbytes = source.numel() * source.element_size()
     if nbytes < HUGE_PAGE or not HUGE_PAGES:
         return source.contiguous().clone()
