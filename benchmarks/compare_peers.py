@@ -16,6 +16,7 @@ scales and zeros). Rows (``--rows``):
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
   autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric, on the
                                         model with its fused experts split into nn.Linear (UnfusedExperts)
+  autoround:w4a16:g16                   the same with groups of 16 columns (more bits per weight)
   gptqmodel:w4a16                       GPTQModel (pip install gptqmodel), group 128
 
 AutoRound quantizes only nn.Linear modules, so before it runs every fused experts module
@@ -126,7 +127,7 @@ def group_int4_bits(weights: dict[str, torch.Tensor], group: int, group_bits: in
     return total / sum(w.numel() for w in weights.values())
 
 
-def run_autoround(fp_model, tokenizer, calib, iters: int) -> tuple[torch.nn.Module, dict]:
+def run_autoround(fp_model, tokenizer, calib, iters: int, group: int) -> tuple[torch.nn.Module, dict]:
     from auto_round import AutoRound
 
     model = copy.deepcopy(fp_model)
@@ -137,12 +138,12 @@ def run_autoround(fp_model, tokenizer, calib, iters: int) -> tuple[torch.nn.Modu
         raise RuntimeError(f"the unfused experts change the logits by up to {diff:.2e}")
     before = decoder_weights(model)
     texts = [tokenizer.decode(row) for row in calib]
-    ar = AutoRound(model, tokenizer, bits=4, group_size=PEER_GROUP, sym=True, iters=iters, nsamples=calib.shape[0], seqlen=calib.shape[1], dataset=texts, device_map="cpu")
+    ar = AutoRound(model, tokenizer, bits=4, group_size=group, sym=True, iters=iters, nsamples=calib.shape[0], seqlen=calib.shape[1], dataset=texts, device_map="cpu")
     model, _ = ar.quantize()
     after = dict(model.named_parameters())
     changed = {n: w for n, w in before.items() if not torch.equal(after[n].detach().to(w.dtype), w)}
     # symmetric INT4: 4-bit codes + one fp16 scale per group, over the weights it changed
-    return model, {"bits_per_weight": round(group_int4_bits(changed, PEER_GROUP, FP16_BITS), 4),
+    return model, {"bits_per_weight": round(group_int4_bits(changed, group, FP16_BITS), 4), "group_size": group,
                    "quantized_share": round(quantized_share(before, model), 4), "iters": iters,
                    "unfused_experts_modules": unfused, "unfused_max_abs_logit_diff": diff}
 
@@ -160,7 +161,10 @@ def run_gptqmodel(fp_model, tokenizer, calib, model_path: str) -> tuple[torch.nn
 def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Module, dict]:
     parts = spec.split(":")
     if parts[0] == "autoround":
-        return run_autoround(fp_model, tokenizer, calib, args.autoround_iters)
+        group = parts[2] if len(parts) > 2 else f"g{PEER_GROUP}"
+        if len(parts) > 3 or not (group.startswith("g") and group[1:].isdigit() and int(group[1:]) > 0):
+            raise ValueError(f"row {spec!r}: autoround rows are autoround:w4a16 or autoround:w4a16:gN (N columns per group)")
+        return run_autoround(fp_model, tokenizer, calib, args.autoround_iters, int(group[1:]))
     if parts[0] == "gptqmodel":
         return run_gptqmodel(fp_model, tokenizer, calib, args.model)
     method, mode = parts[0], parts[1]

@@ -3,10 +3,12 @@ transformers' fused 3-D experts, and the group-wise INT4 bit count."""
 
 import copy
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import model_config
+from benchmarks import compare_peers
 from benchmarks.compare_peers import UnfusedExperts, decoder_weights, group_int4_bits, unfuse_experts
 
 SMALL = dict(vocab_size=64, hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
@@ -55,3 +57,8 @@ def test_group_int4_bits_pads_the_last_group():
     assert group_int4_bits({"a": torch.zeros(4, 192)}, 128, 16) == 4 + 32 / 192  # 2 groups, the second padded
     assert group_int4_bits({"a": torch.zeros(4, 64)}, 128, 16) == 4.25  # one group of 64
     assert group_int4_bits({"a": torch.zeros(1, 256), "b": torch.zeros(2, 64)}, 128, 16) == (256 * 4.125 + 128 * 4.25) / 384
+
+
+def test_autoround_row_names_its_group_size():
+    with pytest.raises(ValueError, match=r"row 'autoround:w4a16:16': autoround rows are autoround:w4a16 or autoround:w4a16:gN"):
+        compare_peers.run_row("autoround:w4a16:16", None, None, None, None)
