@@ -36,6 +36,7 @@ from codequant.core.activations import ActQuantSpec
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.router import FusedRouter, fuse_routers
+from codequant.utils import atomic_write_text
 
 
 def gpu_model(layers: int):
@@ -188,7 +189,7 @@ def main(argv: list[str]) -> None:
 
     def run(label):  # gpu-e2e.json rewritten after every model, so a run cut short keeps what it measured
         run_all(model, prompt, a.new, label, results, compiled, only)
-        json.dump(meta, open(os.path.join(a.out, "gpu-e2e.json"), "w"), indent=1)
+        atomic_write_text(os.path.join(a.out, "gpu-e2e.json"), json.dumps(meta, indent=1))
 
     run("bf16 (transformers grouped_mm experts)")
     quantize_randomly(model, ActQuantSpec(bits=16))

@@ -706,19 +706,22 @@ static PyObject* py_moe(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-static PyObject* py_bf16_linear(PyObject*, PyObject* args) {
-  // bf16_linear(x, M, K, w, N, y, threads): y [M, N] float32 = x [M, K] float32 @ w^T, w [N, K]
-  // bf16 (a plain lm_head), rows split over the pool as linear() splits packed rows.
-  long long x, M, K, w, N, y;
-  int threads;
-  if (!PyArg_ParseTuple(args, "LLLLLLi", &x, &M, &K, &w, &N, &y, &threads)) return nullptr;
+// y [M, N] float32 = x [M, K] float32 @ w^T for a plain bf16 weight w [N, K] (an lm_head, a
+// router), rows split over the pool.
+static void bf16_linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int threads) {
   if (N * K * 2 < 65536) threads = 1;  // too small to be worth waking the pool
   const int64_t R = N / (8 * (int64_t)std::max(threads, 1)) + 1, items = (N + R - 1) / R;
   const Isa* isa = g_isa;
+  parallel_for(threads, items, [&](int64_t i) { isa->bf16_rows(w, K, x, K, M, y, N, i * R, std::min<int64_t>(N, (i + 1) * R)); });
+}
+
+static PyObject* py_bf16_linear(PyObject*, PyObject* args) {
+  // bf16_linear(x, M, K, w, N, y, threads): see bf16_linear.
+  long long x, M, K, w, N, y;
+  int threads;
+  if (!PyArg_ParseTuple(args, "LLLLLLi", &x, &M, &K, &w, &N, &y, &threads)) return nullptr;
   Py_BEGIN_ALLOW_THREADS
-  parallel_for(threads, items, [&](int64_t i) {
-    isa->bf16_rows((const uint16_t*)w, K, (const float*)x, K, M, (float*)y, N, i * R, std::min<int64_t>(N, (i + 1) * R));
-  });
+  bf16_linear((const float*)x, M, K, (const uint16_t*)w, N, (float*)y, threads);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -929,10 +932,7 @@ static void route(const DecodeLayer& L, const uint16_t* h, int64_t* ids, float* 
       x[c] = rb(x[c] + rb(xh - x[c]));
     }
   }
-  const int64_t chunks = threads > 1 ? 2 * (int64_t)threads : 1, R = (E + chunks - 1) / chunks;
-  float* lp = logits.data();
-  const float* xp = x.data();
-  parallel_for(threads, chunks, [&](int64_t i) { g_isa->bf16_rows(L.router, H, xp, H, 1, lp, E, i * R, std::min(E, (i + 1) * R)); });
+  bf16_linear(x.data(), 1, H, L.router, E, logits.data(), threads);
   float mx = -INFINITY;
   for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e] = rb(logits[e]));
   float sum = 0.f;

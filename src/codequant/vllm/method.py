@@ -387,7 +387,8 @@ class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)
-        if layer.weight.device.type == "cpu" and layer.weight.dtype is torch.bfloat16:  # as linear_bf16 streams it
+        if (layer.weight.device.type == "cpu" and layer.weight.dtype is torch.bfloat16
+                and 2 * layer.weight.numel() >= self.MIN_HEAD_BYTES):  # a head linear_bf16 streams
             layer.weight.data = cpu_kernels.huge_page_copy(layer.weight.data)
         share_process_cpus()
 
