@@ -325,6 +325,24 @@ def test_huge_page_copy_is_an_equal_copy_in_2mib_pages(monkeypatch):
     assert y.data_ptr() % cpu.HUGE_PAGE == 0 and anon_huge_page_bytes(y.data_ptr()) >= cpu.HUGE_PAGE
 
 
+@pytest.mark.parametrize("shape", [(6, 40), (2, 9, 160), (4101, 640)])  # N % 4 != 0, rows padded, over one huge page
+def test_interleaved_indices_layout(shape):
+    """Rows padded to RB = ceil(KP/128) * 64 bytes; in each tile of 4 rows the rows' 64-byte pieces alternate."""
+    idx = torch.randint(0, 256, shape, dtype=torch.uint8)
+    out = cpu.interleaved_indices(idx)
+    *lead, n, half = shape
+    rb = -(-half // 64) * 64
+    rows = torch.nn.functional.pad(idx.reshape(-1, n, half), (0, rb - half))
+    expected = []
+    for e in range(rows.shape[0]):
+        for t in range(n // 4):
+            for piece in range(rb // 64):
+                expected += [rows[e, 4 * t + r, 64 * piece:64 * (piece + 1)] for r in range(4)]
+        expected += [rows[e, r] for r in range(n // 4 * 4, n)]
+    assert out.shape == (*lead, n * rb) and torch.equal(out.reshape(-1), torch.cat(expected))
+    assert cpu.interleaved_indices(idx) is out  # cached
+
+
 def test_decode_threads_moves_a_large_bf16_head_into_huge_pages():
     class Toy(torch.nn.Module):
         def __init__(self):

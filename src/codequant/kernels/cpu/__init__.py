@@ -54,6 +54,7 @@ gradients) and activation widths of 9-15 bits are not supported (the table runs 
 from __future__ import annotations
 
 import contextlib
+import math
 import functools
 import mmap
 import weakref
@@ -71,7 +72,7 @@ except ImportError as exc:  # the compiled extension is missing: no cpu backend
 
 __all__ = [
     "linear", "moe", "isa", "available_isas", "use_isa", "decode_threads", "linear_bf16", "attention_decode", "rms_norm", "int8_codebook",
-    "interleaved_indices", "huge_page_copy", "INT8_HALF_STEP",
+    "interleaved_indices", "huge_page_copy", "huge_page_empty", "INT8_HALF_STEP",
 ]
 
 INT8_HALF_STEP = 0.5  # tolerance unit: half an int8 codebook step (see module doc)
@@ -79,22 +80,26 @@ HUGE_PAGE = 2 << 20  # bytes in a transparent huge page (x86-64)
 HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")  # False: huge_page_copy makes plain copies (benchmarks compare)
 
 
-def huge_page_copy(source: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``source`` that starts on a 2 MiB boundary of fresh memory marked
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous tensor that starts on a 2 MiB boundary of fresh memory marked
     ``MADV_HUGEPAGE``, so that Linux backs it with 2 MiB pages where transparent huge pages are
-    on (``madvise`` or ``always`` mode); a plain contiguous copy below one huge page, where the
-    platform has no such advice, or with :data:`HUGE_PAGES` off. The kernels stream weights, and
-    in 4 KiB pages every page costs a TLB miss and stops the L2 streamer at its boundary: a
-    streaming read gets 25-35% more bandwidth from 2 MiB pages on the 2-core Sapphire Rapids VM."""
-    nbytes = source.numel() * source.element_size()
+    on (``madvise`` or ``always`` mode); plain memory below one huge page, where the platform has
+    no such advice, or with :data:`HUGE_PAGES` off. The kernels stream weights, and in 4 KiB
+    pages every page costs a TLB miss and stops the L2 streamer at its boundary: a streaming read
+    gets 25-35% more bandwidth from 2 MiB pages on the 2-core Sapphire Rapids VM."""
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not HUGE_PAGES:
-        return source.contiguous().clone()
+        return torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the page faults then map 2 MiB pages
     raw = torch.frombuffer(buf, dtype=torch.uint8)  # holds buf (the mapping) for the tensor's life
     start = -raw.data_ptr() % HUGE_PAGE
-    out = raw[start:start + nbytes].view(source.dtype).view(source.shape)
-    return out.copy_(source)
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def huge_page_copy(source: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``source`` in :func:`huge_page_empty` memory."""
+    return huge_page_empty(tuple(source.shape), source.dtype).copy_(source)
 
 
 def isa() -> str:
@@ -393,8 +398,10 @@ def interleaved_indices(indices: torch.Tensor) -> torch.Tensor:
     rb = -(-half // 64) * 64
     rows = torch.nn.functional.pad(indices.reshape(-1, n, half), (0, rb - half))
     e, n4 = rows.shape[0], n // 4 * 4
-    tiles = rows[:, :n4].reshape(e, n4 // 4, 4, rb // 64, 64).transpose(2, 3).reshape(e, n4 * rb)
-    out = huge_page_copy(torch.cat((tiles, rows[:, n4:].reshape(e, (n - n4) * rb)), dim=1).reshape(*lead, n * rb))
+    out = huge_page_empty((e, n * rb), torch.uint8)  # written in place: no intermediate copy of the weight
+    out[:, :n4 * rb].view(e, n4 // 4, rb // 64, 4, 64).copy_(rows[:, :n4].reshape(e, n4 // 4, 4, rb // 64, 64).transpose(2, 3))
+    out[:, n4 * rb:].copy_(rows[:, n4:].reshape(e, (n - n4) * rb))
+    out = out.view(*lead, n * rb)
     if hit is None:
         weakref.finalize(indices, _forget_il, key)
     _il_cache[key] = (stamp, out)
