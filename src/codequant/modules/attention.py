@@ -71,7 +71,8 @@ def _is_qkv_attention(module: nn.Module) -> bool:
 
 
 def _input_transform(linear: nn.Module):
-    """What a CodeQuantLinear does to x before its rows and how its rows are stored (None: not one)."""
+    """What CodeQuantLinears must share for their rows to be concatenated: K, online Hadamard block,
+    activation spec, backend, codebook groups, bias dtype (or none), device; None: not one."""
     if not isinstance(linear, CodeQuantLinear):
         return None
     bias = None if linear.bias is None else linear.bias.dtype
