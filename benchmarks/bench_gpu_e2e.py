@@ -10,15 +10,17 @@ architecture adapter) every attention linear by CodeQuantLinear and every expert
 RANDOM packed indices and codebooks (speed does not depend on the values); routers, norms,
 embeddings and lm_head stay bf16; the CodeQuant model's routers run fused (``fuse_routers``: the
 CUDA router kernel, one launch per layer), with ``--routers both`` first as transformers' own
-(``transformers``: only so). Greedy decode of --new tokens after a --prompt token
+(``transformers``: only so), and its q/k/v projections as one linear (``fuse_qkv``: one launch
+per layer), with ``--qkv both`` first as three (``separate``: only so). Greedy decode of --new tokens after a --prompt token
 prompt, batch 1, timed without and with CUDA graphs (StaticCache, one decode step per
 graph replay), and with CUDA graphs of the model with every decoder layer under
 ``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
 ``codequant::linear`` / ``codequant::moe`` / ``codequant::route`` ops; one compile per layer index, because
 transformers' static cache specializes on it; the compile time is printed, not timed);
-``--compiled-only``: only the last. With ``--routers both`` the W4A16 and the W4A4 model each run
-with transformers' and with fused routers. Writes gpu-e2e.json (the command line in it) after
-every model.
+``--compiled-only``: only the last. The W4A16 and the W4A4 model run in each of the chosen
+router and q/k/v settings (all the separate q/k/v ones first: fusing is not undone); ``vs_bf16``
+is each rate over the bf16 model's in the same mode. Writes gpu-e2e.json (the command line in it)
+after every model.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from benchmarks.common import QWEN3_30B_A3B, cuda_graph, install_codequant, model_config, random_model, random_packed_on
 from codequant.adapters import get_adapter
 from codequant.core.activations import ActQuantSpec
+from codequant.modules.attention import fuse_qkv
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.modules.router import FusedRouter, fuse_routers
@@ -172,6 +175,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--compiled-only", action="store_true", help="only the compiled CUDA-graph decode")
     ap.add_argument("--routers", choices=["fused", "transformers", "both"], default="fused",
                     help="the CodeQuant model's routers: fused (CUDA router kernel), transformers' own, or both in turn")
+    ap.add_argument("--qkv", choices=["fused", "separate", "both"], default="fused",
+                    help="the CodeQuant model's q/k/v projections: one linear (fuse_qkv), three, or both in turn")
     a = ap.parse_args(argv)
     if a.no_compile and a.compiled_only:
         ap.error("--no-compile and --compiled-only exclude each other")
@@ -189,20 +194,24 @@ def main(argv: list[str]) -> None:
 
     def run(label):  # gpu-e2e.json rewritten after every model, so a run cut short keeps what it measured
         run_all(model, prompt, a.new, label, results, compiled, only)
+        rec, base = results[-1], results[0]
+        for key, tps in list(rec.items()):
+            if key.startswith("tokens_per_s") and tps and base.get(key):
+                rec["vs_bf16" + key.removeprefix("tokens_per_s")] = round(tps / base[key], 3)
         atomic_write_text(os.path.join(a.out, "gpu-e2e.json"), json.dumps(meta, indent=1))
 
     run("bf16 (transformers grouped_mm experts)")
     quantize_randomly(model, ActQuantSpec(bits=16))
     print(f"quantized; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
-    if a.routers != "fused":
-        run("CodeQuant W4A16 (attention + experts), transformers routers")
-    if a.routers != "transformers":
-        print(f"fused routers: {fuse_routers(model)}", flush=True)
-        run("CodeQuant W4A16 (attention + experts), fused routers")
-    set_act(model, ActQuantSpec(bits=4))
-    if a.routers != "transformers":
-        run("CodeQuant W4A4 (attention + experts), fused routers")
-    if a.routers != "fused":
-        print(f"transformers routers again: {unfuse_routers(model)}", flush=True)
-        run("CodeQuant W4A4 (attention + experts), transformers routers")
+    both = [False, True]
+    for qkv in {"separate": [False], "fused": [True], "both": both}[a.qkv]:
+        if qkv:
+            print(f"fused q/k/v: {fuse_qkv(model)}", flush=True)
+        for mode, bits in (("W4A16", 16), ("W4A4", 4)):
+            set_act(model, ActQuantSpec(bits=bits))
+            for routers in {"transformers": [False], "fused": [True], "both": both}[a.routers]:
+                if turned := fuse_routers(model) if routers else unfuse_routers(model):
+                    print(f"{'fused' if routers else 'transformers'} routers: {turned}", flush=True)
+                run(f"CodeQuant {mode} (attention + experts), {'fused' if routers else 'transformers'} routers, "
+                    f"q/k/v {'fused' if qkv else 'separate'}")
     print(json.dumps(results, indent=1))

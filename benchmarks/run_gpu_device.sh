@@ -17,7 +17,7 @@ for s in $STEPS; do
 import time, torch; t = time.time()
 from codequant.kernels.gpu import cuda_gemv
 print('ext', cuda_gemv.load(verbose=False), 'build s', round(time.time() - t, 1))" 2>&1 | tail -5 | tee -a $LOG ;;
-    tests) timeout 240 python3 -m pytest -rf --tb=line tests/kernels/test_cuda.py tests/kernels/test_cuda_router.py 2>&1 | tail -60 | tee -a $LOG ;;
+    tests) timeout 300 python3 -m pytest -rf --tb=line tests/kernels/test_cuda.py tests/kernels/test_cuda_router.py tests/kernels/test_cuda_qkv.py 2>&1 | tail -60 | tee -a $LOG ;;
     decode) timeout 200 python3 -m benchmarks gpu-decode --out $OUT $SWEEP 2>&1 | tee -a $LOG ;;
     bench) timeout ${BENCH_S:-300} python3 -m benchmarks gpu --out $OUT 2>&1 | tee -a $LOG ;;
     gputests) timeout 400 python3 -m pytest -rf --tb=line tests/kernels/test_gpu.py 2>&1 | tail -20 | tee -a $LOG ;;

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from codequant.core.format import pack
+from codequant.modules.attention import fuse_qkv
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
 from codequant.core.activations import ActQuantSpec
@@ -66,6 +67,18 @@ def test_compiled_modules_with_inductor_match_eager(device):
 @pytest.mark.parametrize("arch", SUPPORTED_TINY)
 def test_quantized_model_compiles_fullgraph_and_matches_eager(arch):
     model = quantize_tiny(tiny_model(arch, seed=3)).eval()
+    ids = tiny_input_ids(2, 12)
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_fused_qkv_model_compiles_fullgraph_and_matches_eager(arch):
+    """Attention blocks with q/k/v as one op (fuse_qkv): still one graph, the eager outputs."""
+    model = quantize_tiny(tiny_model(arch, seed=3)).eval()
+    assert fuse_qkv(model, device_type=None) == 2
     ids = tiny_input_ids(2, 12)
     with torch.no_grad():
         want = model(ids).logits

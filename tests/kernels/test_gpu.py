@@ -18,6 +18,8 @@ from codequant import kernels  # noqa: E402
 from codequant.kernels import Case, KernelFallbackError, Op, kernel_options, reference, select  # noqa: E402
 from codequant.kernels.gpu import ops  # noqa: E402
 from codequant.core.activations import ActQuantSpec  # noqa: E402
+from codequant.modules.attention import concat_rows  # noqa: E402
+from codequant.modules.linear import CodeQuantLinear  # noqa: E402
 from tests.helpers.errors import rel_err  # noqa: E402
 from tests.helpers.limits import GPU_BF16, GPU_EXACT, OUTPUT_16BIT  # noqa: E402
 from tests.helpers.packed import random_packed  # noqa: E402
@@ -65,6 +67,27 @@ def test_linear_matches_reference(n, k, m, mode):
     ref = reference.linear(x.float(), w, act)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, ref) < (GPU_BF16 if mode == "w4a16" else GPU_EXACT + OUTPUT_16BIT)
+
+
+# q, k, v rows and K: small for the interpreter; Qwen3-30B-A3B and Llama-3-8B / Mixtral-8x7B on CUDA
+QKV_SHAPES = [((64, 32, 32), 192)] if not CUDA else [((4096, 512, 512), 2048), ((4096, 1024, 1024), 4096)]
+
+
+@pytest.mark.parametrize("rows,k", QKV_SHAPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_fused_qkv_weight_matches_separate_linears(rows, k, m, mode):
+    """fuse_qkv's weight (q, k, v rows concatenated: modules.attention.concat_rows) through the GPU
+    kernels: each projection's columns of its output are that projection's output."""
+    g = _gen(sum(rows) + k + m)
+    linears = [CodeQuantLinear.from_packed(random_packed(n, k, generator=g, device=DEVICE)) for n in rows]
+    x = (torch.randn(m, k, generator=g) * 2).to(DEVICE, torch.bfloat16)
+    act = W4A16 if mode == "w4a16" else W4A4
+    fused = concat_rows(linears).packed
+    y = gpu_linear(x, fused, act)
+    assert rel_err(y, reference.linear(x.float(), fused, act)) < (GPU_BF16 if mode == "w4a16" else GPU_EXACT + OUTPUT_16BIT)
+    for part, linear in zip(y.split(rows, -1), linears):
+        assert rel_err(part, gpu_linear(x, linear.packed, act)) < OUTPUT_16BIT
 
 
 @pytest.mark.parametrize("config", [

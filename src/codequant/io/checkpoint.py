@@ -69,6 +69,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..core.format import FORMAT_VERSION, PackedWeight, pack_for_disk, unpack_from_disk
+from ..modules.attention import FusedQKV
 from ..modules.linear import CodeQuantLinear
 from ..modules.registry import module_kind, quantized_modules
 from ..utils import current_umask
@@ -119,6 +120,9 @@ def build_quantization_config(model: nn.Module, bits: int | None = None, extra: 
     """The ``quantization_config`` dict of a quantized model (checksums left empty)."""
     from .. import __version__
 
+    if any(isinstance(module, FusedQKV) for module in model.modules()):
+        raise ValueError("the model's q/k/v projections are fused (fuse_qkv, applied when a checkpoint loads on CUDA); "
+                         "a checkpoint stores them apart: save the model before fusing")
     modules = quantized_modules(model)
     if not any(module.packed_parts for module in modules.values()):
         raise ValueError("the model has no CodeQuant modules (CodeQuantLinear, CodeQuantExperts or CodeQuantRouter)")

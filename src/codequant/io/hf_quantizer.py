@@ -13,7 +13,8 @@ Importing this module (``import codequant`` does) registers
   loading it unpacks them to the in-memory layout (:func:`codequant.core.format.unpack_from_disk`),
   checks padding and row sums and finishes the routers (weight = W_hat), then fuses every
   softmax top-k router (:func:`codequant.modules.router.fuse_routers`: one CUDA launch per
-  layer for decode batches), and
+  layer for decode batches) and, on CUDA, the q/k/v projections of each attention block
+  (:func:`codequant.modules.attention.fuse_qkv`: one packed linear, one launch), and
 * a check before transformers runs a ``trust_remote_code`` module file of a CodeQuant
   checkpoint (``codequant_remote.py``): its sha256 must match config.json's checksum. A process
   that has not imported codequant yet runs the file once before any codequant code can check
@@ -45,6 +46,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.format import FORMAT_VERSION, PackedWeight, unpack_from_disk
+from ..modules.attention import fuse_qkv
 from ..modules.registry import install_from_spec, module_kind
 from ..modules.router import fuse_routers
 from .checkpoint import check_file_tensors, check_packed_values, verify_checkpoint_files, verify_remote_code
@@ -221,6 +223,7 @@ class CodeQuantHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         finish_loaded_model(model, self.quantization_config.modules)
         fuse_routers(model)
+        fuse_qkv(model)
         return model
 
     def is_serializable(self):
