@@ -13,6 +13,7 @@ scales and zeros). Rows (``--rows``):
   codequant:w4a4:feedback / :nearest    the same with 4-bit per-token activations
   codequant:w4a16:nearest:block4        ... then block-output tuning for 4 epochs (block_tuning_epochs)
   codequant:w4a16:nearest:head          ... with the lm_head quantized too (weight-only, --quantize-head)
+  codequant:w4a4:feedback:clip0.9       ... with activations clipped to 0.9 of each token's range (act_clip)
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
   autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric, on the
                                         model with its fused experts split into nn.Linear (UnfusedExperts)
@@ -68,10 +69,10 @@ def quantized_share(before: dict[str, torch.Tensor], model) -> float:
 
 
 def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str, block_tuning_epochs: int = 0,
-                  lm_head: bool = False) -> tuple[torch.nn.Module, dict]:
+                  lm_head: bool = False, act_clip: float = QuantConfig.act_clip) -> tuple[torch.nn.Module, dict]:
     targets = (*QuantConfig.targets, "lm_head") if lm_head else QuantConfig.targets
     config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device=device,
-                         block_tuning_epochs=block_tuning_epochs, targets=targets)
+                         block_tuning_epochs=block_tuning_epochs, targets=targets, act_clip=act_clip)
     result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=False, calibration=calib)
     stages = result.report["seconds_per_stage"]
     info = {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
@@ -170,13 +171,24 @@ def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Modul
     method, mode = parts[0], parts[1]
     if mode not in ABITS:
         raise ValueError(f"row {spec!r}: mode must be one of {', '.join(ABITS)}")
-    epochs = 0
+    epochs, clip = 0, QuantConfig.act_clip
     for option in parts[3:]:
-        if not (option == "head" or (option.startswith("block") and option[5:].isdigit())):
-            raise ValueError(f"row {spec!r}: parts after the third must be blockN (N epochs of block-output tuning) or head")
-        epochs = int(option[5:]) if option != "head" else epochs
+        if option.startswith("block") and option[5:].isdigit():
+            epochs = int(option[5:])
+        elif option.startswith("clip") and _is_ratio(option[4:]):
+            clip = float(option[4:])
+        elif option != "head":
+            raise ValueError(f"row {spec!r}: parts after the third must be blockN (N epochs of block-output tuning), clipR "
+                             "(activation clip ratio R in (0, 1]) or head")
     return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device, epochs,
-                         "head" in parts[3:])
+                         "head" in parts[3:], clip)
+
+
+def _is_ratio(text: str) -> bool:
+    try:
+        return 0 < float(text) <= 1
+    except ValueError:
+        return False
 
 
 def main(argv: list[str]) -> int:

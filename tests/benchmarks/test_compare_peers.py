@@ -62,3 +62,15 @@ def test_group_int4_bits_pads_the_last_group():
 def test_autoround_row_names_its_group_size():
     with pytest.raises(ValueError, match=r"row 'autoround:w4a16:16': autoround rows are autoround:w4a16 or autoround:w4a16:gN"):
         compare_peers.run_row("autoround:w4a16:16", None, None, None, None)
+
+
+def test_codequant_row_options_reach_the_config(monkeypatch):
+    seen = []
+    monkeypatch.setattr(compare_peers, "run_codequant", lambda *args: seen.append(args[3:]))
+    args = type("Args", (), {"device": "cpu"})()
+    compare_peers.run_row("codequant:w4a4:feedback:clip0.9:block2", None, None, None, args)
+    compare_peers.run_row("rtn:w4a4", None, None, None, args)
+    assert seen == [("codequant", "w4a4", "feedback", "cpu", 2, False, 0.9), ("rtn", "w4a4", "nearest", "cpu", 0, False, 1.0)]
+    for bad in ("codequant:w4a4:nearest:clip1.5", "codequant:w4a4:nearest:clipx", "codequant:w4a4:nearest:fast"):
+        with pytest.raises(ValueError, match=r"parts after the third must be blockN .*, clipR \(activation clip ratio R in \(0, 1\]\) or head"):
+            compare_peers.run_row(bad, None, None, None, args)
