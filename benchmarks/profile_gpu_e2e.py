@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 -m benchmarks gpu-profile-e2e
 
 The model of bench_gpu_e2e.py (bf16, then CodeQuant W4A16 with random packed weights, with
-transformers' routers and then fused ones; ``--no-bf16`` skips the first), every
+transformers' routers, then fused ones, then q/k/v fused too; ``--no-bf16`` skips the first), every
 decoder layer under torch.compile; five decode steps under torch.profiler (no CUDA graph:
 kernel durations are the same, the gaps are not counted). Prints the kernel time per step by
 category and the largest kernels.
@@ -20,6 +20,7 @@ from transformers import StaticCache
 
 from benchmarks.bench_gpu_e2e import compile_layers, gpu_model, quantize_randomly
 from codequant.core.activations import ActQuantSpec
+from codequant.modules.attention import fuse_qkv
 from codequant.modules.router import fuse_routers
 
 # (substring of the kernel name, category), first match wins
@@ -81,3 +82,5 @@ def main(argv: list[str]) -> None:
     prof(model, "W4A16, transformers routers", layers)
     fuse_routers(model)
     prof(model, "W4A16, fused routers", layers)
+    fuse_qkv(model)
+    prof(model, "W4A16, fused routers and q/k/v", layers)
