@@ -54,8 +54,8 @@ gradients) and activation widths of 9-15 bits are not supported (the table runs 
 from __future__ import annotations
 
 import contextlib
-import math
 import functools
+import math
 import mmap
 import weakref
 
