@@ -33,7 +33,7 @@ def _config_from_args(args):
         "method": args.method, "wbits": args.wbits, "abits": args.abits, "group_size": args.group_size,
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "device": args.device, "seed": args.seed,
         "max_gpu_memory": args.max_gpu_memory, "stream": True if args.stream else None,
-        "block_tuning_epochs": args.block_tuning_epochs,
+        "block_tuning_epochs": args.block_tuning_epochs, "act_clip": args.act_clip, "weight_assignment": args.weight_assignment,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     config = QuantConfig.from_file(args.config, **overrides) if args.config else QuantConfig.from_dict(overrides, source="command line")
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--wbits", type=int, help="weight bits: 2..4 (default 4: 16 centroids)")
     q.add_argument("--abits", type=int, help="activation bits: 2..8, or 16 for none (default 4)")
     q.add_argument("--group-size", type=int, help="columns per codebook (default: the whole row)")
+    q.add_argument("--act-clip", type=float, metavar="R", help="quantize each token's activations over R times its range, 0 < R <= 1 (default 1: no clipping)")
+    q.add_argument("--weight-assignment", choices=["nearest", "feedback"],
+                   help="codebook indices by nearest centroid (default) or with Hessian error feedback, column by column")
     q.add_argument("--calib", help="calibration text: file, directory or HF dataset (default: sampled from the model)")
     q.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")

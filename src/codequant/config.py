@@ -133,6 +133,8 @@ class QuantConfig:
             raise ValueError(f"--wbits must be between 2 and 4 (codebooks of 4 to 16 centroids), got {self.wbits}")
         if not (2 <= self.abits <= 8 or self.abits == 16):
             raise ValueError(f"--abits must be between 2 and 8, or 16 for no activation quantization, got {self.abits}")
+        if not 0 < self.act_clip <= 1:
+            raise ValueError(f"--act-clip must be in (0, 1]: the share of each token's range that activations are quantized over, got {self.act_clip}")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"--group-size must be a positive number of columns, got {self.group_size}")
         if self.weight_assignment not in ASSIGNMENTS:

@@ -189,6 +189,8 @@ def test_empty_calibration_file(capsys, tmp_path, tiny_dir):
     ("--wbits", "5", "--wbits must be between 2 and 4 (codebooks of 4 to 16 centroids), got 5"),
     ("--abits", "1", "--abits must be between 2 and 8, or 16 for no activation quantization, got 1"),
     ("--block-tuning-epochs", "-1", "--block-tuning-epochs must be 0 (off) or a positive number of epochs, got -1"),
+    ("--act-clip", "0", "--act-clip must be in (0, 1]: the share of each token's range that activations are quantized over, got 0.0"),
+    ("--act-clip", "1.5", "--act-clip must be in (0, 1]: the share of each token's range that activations are quantized over, got 1.5"),
     ("--group-size", "48", "--group-size 48 does not divide the row length 64 of model.layers.0.self_attn.q_proj; choose a divisor of 64"),
 ])
 def test_bad_numbers(capsys, tmp_path, tiny_dir, flag, value, message):
@@ -221,6 +223,16 @@ def test_phimoe_checkpoint_round_trip_keeps_folded_layernorm_biases(tmp_path, re
     ids = tiny_input_ids(2, 16, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_accuracy_flags_reach_the_config(tmp_path):
+    from codequant.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x"), "--act-clip", "0.9", "--weight-assignment", "feedback"]))
+    assert (config.act_clip, config.weight_assignment) == (0.9, "feedback")
+    config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x")]))
+    assert (config.act_clip, config.weight_assignment) == (1.0, "nearest")
 
 
 def test_quantized_lm_head_is_weight_only_and_round_trips(tmp_path, reference_kernels):
