@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .config import ASSIGNMENTS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = REPO_ROOT / "models" / "codequant-moe-tiny"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--abits", type=int, help="activation bits: 2..8, or 16 for none (default 4)")
     q.add_argument("--group-size", type=int, help="columns per codebook (default: the whole row)")
     q.add_argument("--act-clip", type=float, metavar="R", help="quantize each token's activations over R times its range, 0 < R <= 1 (default 1: no clipping)")
-    q.add_argument("--weight-assignment", choices=["nearest", "feedback"],
+    q.add_argument("--weight-assignment", choices=ASSIGNMENTS,
                    help="codebook indices by nearest centroid (default) or with Hessian error feedback, column by column")
     q.add_argument("--calib", help="calibration text: file, directory or HF dataset (default: sampled from the model)")
     q.add_argument("--nsamples", type=int, help="calibration windows (default 128)")

@@ -94,7 +94,7 @@ class QuantConfig:
     rotation_tokens: int = 2048  # sampled tokens per norm output
     # stage 3: codebooks and ACCF
     kmeans_iters: int = 20
-    weight_assignment: str = "nearest"  # "nearest" (k-means) | "feedback" (Hessian error feedback, quantizers/feedback.py; not yet shown to lower KL)
+    weight_assignment: str = "nearest"  # "nearest" (k-means) | "feedback" (Hessian error feedback, quantizers/feedback.py; lower KL on the fixture, not yet checked on held-out models)
     feedback_alternations: int = 2  # walk + centroid refit rounds of the feedback assignment
     accf_epochs: int = 3
     accf_lr: float = 1e-4
