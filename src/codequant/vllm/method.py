@@ -385,16 +385,19 @@ class CpuLMHeadMethod(UnquantizedEmbeddingMethod):
     HEAD_ROWS = 1
     MIN_HEAD_BYTES = 64 << 20  # smaller heads (the fixture's 4 MB) decoded faster on vLLM's own GEMV
 
+    def streamed(self, weight: torch.Tensor) -> bool:
+        """A head ``linear_bf16`` runs: bf16 on the CPU, of at least :data:`MIN_HEAD_BYTES`."""
+        return weight.device.type == "cpu" and weight.dtype is torch.bfloat16 and 2 * weight.numel() >= self.MIN_HEAD_BYTES
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)
-        if (layer.weight.device.type == "cpu" and layer.weight.dtype is torch.bfloat16
-                and 2 * layer.weight.numel() >= self.MIN_HEAD_BYTES):  # a head linear_bf16 streams
+        if self.streamed(layer.weight):
             layer.weight.data = cpu_kernels.huge_page_copy(layer.weight.data)
         share_process_cpus()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (bias is None and x.device.type == "cpu" and x.dtype is torch.bfloat16 and layer.weight.dtype is torch.bfloat16
-                and x.dim() == 2 and x.shape[0] <= self.HEAD_ROWS and 2 * layer.weight.numel() >= self.MIN_HEAD_BYTES):
+        if (bias is None and x.device.type == "cpu" and x.dtype is torch.bfloat16 and x.dim() == 2
+                and x.shape[0] <= self.HEAD_ROWS and self.streamed(layer.weight)):
             return cpu_kernels.linear_bf16(x, layer.weight)
         return super().apply(layer, x, bias)
 
