@@ -25,6 +25,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "gpu-probe-launch": ("probe_gpu_launch", "W4A16 decode at fixed launch configs, PDL on / off"),
     "quantize-memory": ("bench_quantize_memory", "peak memory and time of quantize on real MoE shapes"),
     "vllm": ("bench_vllm", "vLLM serving speed on the CPU"),
+    "vllm-profile": ("profile_vllm_step", "where one CPU decode token goes under vLLM and under transformers"),
     "op-call-overhead": ("op_call_overhead", "host cost per call: pybind11 against a TORCH_LIBRARY op"),
     "checkpoint-sizes": ("checkpoint_sizes", "checkpoint sizes of the fixture at 4, 3 and 2 bits"),
     "compare-peers": ("compare_peers", "CodeQuant against AutoRound and GPTQModel"),

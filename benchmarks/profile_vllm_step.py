@@ -1,0 +1,141 @@
+"""Where one decode token goes on the CPU, under vLLM and under transformers + CodeQuant, for the
+same checkpoint at one request (greedy, bf16 activations):
+
+    .venv-vllm/bin/python -m benchmarks vllm-profile CHECKPOINT [CHECKPOINT ...] --out F [--threads 1]
+
+Each engine runs in its own child process (vLLM in-process, eager, as ``bench_vllm --vllm-in-process``
+starts it; transformers inside ``decode_threads``, as ``codequant generate`` decodes). Both
+generations are profiled with cProfile, one of 1 token and one of 1 + ``--tokens`` tokens; their
+difference divided by ``--tokens`` is one decode token:
+
+    step_ms        wall time per decode token (the profiled run)
+    kernels_ms     time inside the project's C++ kernels (builtins of codequant.kernels.cpu._lut),
+                   per entry point with its calls per token (run: one linear, moe: one MoE layer,
+                   decode_layer: one whole decoder layer of the lean step)
+    outside_ms     step_ms - kernels_ms: the engine's own work (modules between the kernels,
+                   attention, norms, routing, scheduler, input preparation, sampler)
+
+With checkpoints of the same shape at several depths, ``outside_ms`` against the layer count splits
+the engine's cost into a part per step and a part per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import command_line
+
+KERNEL_MODULE = "codequant.kernels.cpu._lut"
+
+
+def kernel_times(profile: cProfile.Profile) -> dict[str, tuple[float, int]]:
+    """{entry point: (seconds, calls)} of the project's kernels in ``profile``."""
+    out = {}
+    for (_file, _line, name), (_cc, calls, tottime, _cum, _callers) in pstats.Stats(profile).stats.items():
+        if KERNEL_MODULE in name:
+            out[name.split(".")[-1].rstrip(">")] = (tottime, calls)
+    return out
+
+
+def per_token(short: tuple, long: tuple, tokens: int) -> dict:
+    """One decode token from the profiles of a 1-token and a (1 + tokens)-token generation."""
+    (t_short, k_short), (t_long, k_long) = short, long
+    kernels = {}
+    for name, (seconds, calls) in k_long.items():
+        s0, c0 = k_short.get(name, (0.0, 0))
+        kernels[name] = {"ms": round((seconds - s0) / tokens * 1e3, 3), "calls": round((calls - c0) / tokens, 2)}
+    step = (t_long - t_short) / tokens * 1e3
+    total = sum(k["ms"] for k in kernels.values())
+    return {"step_ms": round(step, 3), "kernels_ms": round(total, 3), "outside_ms": round(step - total, 3), "kernels": kernels}
+
+
+def profiled(generate) -> tuple[float, dict]:
+    profile = cProfile.Profile()
+    t0 = time.perf_counter()
+    profile.enable()
+    generate()
+    profile.disable()
+    return time.perf_counter() - t0, kernel_times(profile)
+
+
+def child_vllm(model: str, tokens: int, prompt: list[int]) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, dtype="bfloat16", enforce_eager=True, max_model_len=len(prompt) + tokens + 8, max_num_seqs=1,
+              seed=0, skip_tokenizer_init=True)
+
+    def run(n):
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+        return lambda: llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+
+    run(1 + tokens)()  # warm-up
+    return per_token(profiled(run(1)), profiled(run(1 + tokens)), tokens)
+
+
+def child_transformers(model: str, tokens: int, prompt: list[int], threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import codequant  # noqa: F401  (registers the checkpoint format)
+    from codequant.kernels.cpu import decode_threads
+
+    torch.set_num_threads(threads)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    lm.generation_config.pad_token_id = lm.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+
+    def run(n):
+        def generate():
+            with torch.inference_mode(), decode_threads(threads, model=lm):
+                lm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return generate
+
+    run(1 + tokens)()  # warm-up
+    return per_token(profiled(run(1)), profiled(run(1 + tokens)), tokens)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+", type=Path, help="CodeQuant checkpoint directories (vLLM-servable)")
+    ap.add_argument("--out", type=Path, help="results JSON")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens profiled")
+    ap.add_argument("--engines", default="vllm,transformers")
+    ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    prompt = list(range(100, 116))
+    if args.child:
+        model = str(args.checkpoints[0])
+        row = (child_vllm(model, args.tokens, prompt) if args.child == "vllm"
+               else child_transformers(model, args.tokens, prompt, args.threads))
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    if args.out is None:
+        ap.error("--out is required")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", OMP_NUM_THREADS=str(args.threads))
+    report = {"command": command_line("vllm-profile", argv), "threads": args.threads, "tokens": args.tokens,
+              "statistic": __doc__.split("difference")[1].split("With checkpoints")[0].strip(), "checkpoints": {}}
+    for checkpoint in args.checkpoints:
+        rows = report["checkpoints"][str(checkpoint)] = {}
+        for engine in args.engines.split(","):
+            command = [sys.executable, "-m", "benchmarks", "vllm-profile", str(checkpoint), "--child", engine,
+                       "--threads", str(args.threads), "--tokens", str(args.tokens)]
+            proc = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"{engine} on {checkpoint} failed (exit status {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+            rows[engine] = json.loads(lines[-1].removeprefix("RESULT "))
+            print(checkpoint.name, engine, json.dumps(rows[engine]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(args.out)
