@@ -3,10 +3,12 @@
     PYTHONPATH=src python3 -m benchmarks gpu-profile-e2e
 
 The model of bench_gpu_e2e.py (bf16, then CodeQuant W4A16 with random packed weights, with
-transformers' routers, then fused ones, then q/k/v fused too; ``--no-bf16`` skips the first), every
+transformers' routers, then fused ones, then q/k/v fused too, then W4A4 with both fused;
+``--no-bf16`` skips the first, ``--fused-only`` the two W4A16 steps before q/k/v fusion), every
 decoder layer under torch.compile; five decode steps under torch.profiler (no CUDA graph:
-kernel durations are the same, the gaps are not counted). Prints the kernel time per step by
-category and the largest kernels.
+kernel durations are the same, the gaps are not counted), then the step as one CUDA graph (median
+replay time: kernels plus the gaps between them). Prints the kernel time per step by
+category and the largest kernels (us per step, launches per step).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import StaticCache
 
-from benchmarks.bench_gpu_e2e import compile_layers, gpu_model, quantize_randomly
+from benchmarks.bench_gpu_e2e import compile_layers, gpu_model, quantize_randomly, set_act
+from benchmarks.common import cuda_graph_us
 from codequant.core.activations import ActQuantSpec
 from codequant.modules.attention import fuse_qkv
 from codequant.modules.router import fuse_routers
@@ -26,7 +29,7 @@ from codequant.modules.router import fuse_routers
 # (substring of the kernel name, category), first match wins
 CATEGORIES = [
     ("cq::gemv", "codequant gemv"), ("cq::topk_sum", "codequant topk_sum"), ("cq::moe_align", "codequant route"),
-    ("cq::prep_x", "codequant prologue"), ("cq::route_kernel", "codequant router (fused)"), ("triton", "inductor (fused elementwise, norms, softmax)"),
+    ("cq::prep_x", "codequant prologue"), ("cq::route_", "codequant router (fused)"), ("triton", "inductor (fused elementwise, norms, softmax)"),
     ("sdpa", "attention (sdpa)"), ("flash", "attention (sdpa)"), ("topk", "torch.topk (router)"),
     ("sortkv", "torch.topk (router)"), ("grouped_gemm", "bf16 grouped GEMM (experts)"), ("cutlass", "bf16 grouped GEMM (experts)"),
     ("nvjet", "cuBLAS GEMV (dense bf16, router, lm_head)"), ("splitkreduce", "cuBLAS GEMV (dense bf16, router, lm_head)"),
@@ -55,32 +58,39 @@ def prof(model, label: str, layers: int, steps: int = 5):
             for _ in range(steps):
                 model(input_ids=tok, past_key_values=cache, cache_position=pos)
             torch.cuda.synchronize()
+        graph_us = cuda_graph_us([lambda: model(input_ids=tok, past_key_values=cache, cache_position=pos)])
     compile_layers(model, False)
-    sums, counts, names = collections.Counter(), collections.Counter(), collections.Counter()
+    sums, counts, names, launches = (collections.Counter() for _ in range(4))
     for ev in pr.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             c = category(ev.name)
             sums[c] += ev.device_time_total / steps
             counts[c] += 1 / steps
             names[ev.name[:90]] += ev.device_time_total / steps
+            launches[ev.name[:90]] += 1 / steps
     tot = sum(sums.values())
-    print(f"== {label}: kernel time per step {tot:.0f} us ({tot / layers:.1f} us / layer), kernels per step {sum(counts.values()):.0f}")
+    print(f"== {label}: kernel time per step {tot:.0f} us ({tot / layers:.1f} us / layer), kernels per step "
+          f"{sum(counts.values()):.0f}; the step as one CUDA graph {graph_us:.0f} us")
     for c, v in sums.most_common():
         print(f"   {c:44s} {v:8.0f} us  {counts[c]:6.0f} launches")
-    for n, v in names.most_common(14):
-        print(f"      {v:8.0f} us  {n}")
+    for n, v in names.most_common(24):
+        print(f"      {v:8.0f} us  {launches[n]:5.0f} x  {n}")
 
 
 def main(argv: list[str]) -> None:
-    if argv not in ([], ["--no-bf16"]):
-        raise SystemExit("gpu-profile-e2e takes no arguments but --no-bf16")
+    if not set(argv) <= {"--no-bf16", "--fused-only"}:
+        raise SystemExit("gpu-profile-e2e takes no arguments but --no-bf16 and --fused-only")
     layers = 48
     model = gpu_model(layers)
-    if not argv:
+    if "--no-bf16" not in argv:
         prof(model, "bf16", layers)
     quantize_randomly(model, ActQuantSpec(bits=16))
-    prof(model, "W4A16, transformers routers", layers)
+    if "--fused-only" not in argv:
+        prof(model, "W4A16, transformers routers", layers)
     fuse_routers(model)
-    prof(model, "W4A16, fused routers", layers)
+    if "--fused-only" not in argv:
+        prof(model, "W4A16, fused routers", layers)
     fuse_qkv(model)
     prof(model, "W4A16, fused routers and q/k/v", layers)
+    set_act(model, ActQuantSpec(bits=4))
+    prof(model, "W4A4, fused routers and q/k/v", layers)

@@ -3,7 +3,7 @@
 # every step's log appended to $OUT/run.log.
 # Usage (repository root, on the CUDA machine): OUT=/tmp/out bash benchmarks/run_gpu_device.sh [steps]
 # steps: any of build tests decode bench gputests probe e2e compile w4a4 router profile (default: all but compile, w4a4,
-# router and profile, in that order); $E2E_ARGS: more gpu-e2e options; $PROFILE_ARGS: --no-bf16 or none;
+# router and profile, in that order); $E2E_ARGS: more gpu-e2e options; $PROFILE_ARGS: --no-bf16, --fused-only or none;
 # w4a4 compares with the build of the csrc directory in $BASELINE when set ($W4A4_ARGS: more probe options)
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
