@@ -14,6 +14,9 @@ scales and zeros). Rows (``--rows``):
   codequant:w4a16:nearest:block4        ... then block-output tuning for 4 epochs (block_tuning_epochs)
   codequant:w4a16:nearest:head          ... with the lm_head quantized too (weight-only, --quantize-head)
   codequant:w4a4:feedback:clip0.9       ... with activations clipped to 0.9 of each token's range (act_clip)
+  codequant:w4a4:feedback:clipsearch    ... with each module's clip ratio searched (act_clip_search)
+  codequant:w4a4:feedback:ohad          ... with an online Hadamard before every o_proj too (o_proj_hadamard)
+  codequant:w4a4:feedback:router8       ... with the router's input at 8 bits (router_abits); options combine
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
   autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric, on the
                                         model with its fused experts split into nn.Linear (UnfusedExperts)
@@ -68,15 +71,16 @@ def quantized_share(before: dict[str, torch.Tensor], model) -> float:
     return changed / sum(w.numel() for w in before.values())
 
 
-def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str, block_tuning_epochs: int = 0,
-                  lm_head: bool = False, act_clip: float = QuantConfig.act_clip) -> tuple[torch.nn.Module, dict]:
-    targets = (*QuantConfig.targets, "lm_head") if lm_head else QuantConfig.targets
+def run_codequant(fp_model, tokenizer, calib, method: str, mode: str, assignment: str, device: str, options: dict) -> tuple[torch.nn.Module, dict]:
+    """``options``: further QuantConfig options of the row (:func:`row_options`)."""
     config = QuantConfig(method=method, abits=ABITS[mode], weight_assignment=assignment, nsamples=calib.shape[0], seqlen=calib.shape[1], device=device,
-                         block_tuning_epochs=block_tuning_epochs, targets=targets, act_clip=act_clip)
+                         **options)
     result = quantize(copy.deepcopy(fp_model), config, tokenizer=tokenizer, progress=False, calibration=calib)
     stages = result.report["seconds_per_stage"]
     info = {"bits_per_weight": result.report["bits_per_weight"], "quantized_share": 1.0}
-    if block_tuning_epochs:
+    if config.act_clip_search:
+        info["act_clip"] = result.report["act_clip"]
+    if config.block_tuning_epochs:
         info["block_tuning_seconds"] = round(stages.get("block tuning", 0.0) + stages.get("block tuning/reference", 0.0), 1)
         info["block_tuning_loss_per_epoch"] = result.report["block_tuning_loss_per_epoch"]
     return result.model, info
@@ -171,17 +175,29 @@ def run_row(spec: str, fp_model, tokenizer, calib, args) -> tuple[torch.nn.Modul
     method, mode = parts[0], parts[1]
     if mode not in ABITS:
         raise ValueError(f"row {spec!r}: mode must be one of {', '.join(ABITS)}")
-    epochs, clip = 0, QuantConfig.act_clip
-    for option in parts[3:]:
+    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device, row_options(spec, parts[3:]))
+
+
+def row_options(spec: str, parts: list[str]) -> dict:
+    """The QuantConfig options of a CodeQuant row's parts after the third (see the module doc)."""
+    options = {}
+    for option in parts:
         if option.startswith("block") and option[5:].isdigit():
-            epochs = int(option[5:])
+            options["block_tuning_epochs"] = int(option[5:])
+        elif option == "clipsearch":
+            options["act_clip_search"] = True
         elif option.startswith("clip") and _is_ratio(option[4:]):
-            clip = float(option[4:])
-        elif option != "head":
+            options["act_clip"] = float(option[4:])
+        elif option.startswith("router") and option[6:].isdigit():
+            options["router_abits"] = int(option[6:])
+        elif option == "ohad":
+            options["o_proj_hadamard"] = True
+        elif option == "head":
+            options["targets"] = (*QuantConfig.targets, "lm_head")
+        else:
             raise ValueError(f"row {spec!r}: parts after the third must be blockN (N epochs of block-output tuning), clipR "
-                             "(activation clip ratio R in (0, 1]) or head")
-    return run_codequant(fp_model, tokenizer, calib, method, mode, parts[2] if len(parts) > 2 else "nearest", args.device, epochs,
-                         "head" in parts[3:], clip)
+                             "(activation clip ratio R in (0, 1]), clipsearch, ohad, routerN (router input bits) or head")
+    return options
 
 
 def _is_ratio(text: str) -> bool:

@@ -76,7 +76,10 @@ class QuantConfig:
     group_size: int | None = None  # None: one codebook per row
     act_group_size: int = 0  # 0: one scale per token
     act_clip: float = 1.0
+    act_clip_search: bool = False  # each module's clip ratio searched on calibration data for the least output error (calibration/act_clip.py); act_clip unused
     online_hadamard: bool = True  # block Hadamard before every down projection (when abits < 16)
+    o_proj_hadamard: bool = False  # block Hadamard before every attention output projection too (when abits < 16)
+    router_abits: int | None = None  # bits of the router's input (None: abits); a mixed-precision choice: the router is about 0.5% of an MoE layer's multiply-adds per token
     value_rotation: bool = False  # per-head Hadamard R2 between v_proj and o_proj
     targets: tuple[str, ...] = DEFAULT_TARGETS
     # calibration
@@ -133,6 +136,10 @@ class QuantConfig:
             raise ValueError(f"--wbits must be between 2 and 4 (codebooks of 4 to 16 centroids), got {self.wbits}")
         if not (2 <= self.abits <= 8 or self.abits == 16):
             raise ValueError(f"--abits must be between 2 and 8, or 16 for no activation quantization, got {self.abits}")
+        if self.act_clip_search and self.act_clip != 1.0:
+            raise ValueError(f"--act-clip {self.act_clip} and --act-clip-search exclude each other: the search picks every module's clip ratio")
+        if self.router_abits is not None and not (2 <= self.router_abits <= 8 or self.router_abits == 16):
+            raise ValueError(f"--router-abits must be between 2 and 8, or 16 for an unquantized router input, got {self.router_abits}")
         if not 0 < self.act_clip <= 1:
             raise ValueError(f"--act-clip must be in (0, 1]: the share of each token's range that activations are quantized over, got {self.act_clip}")
         if self.group_size is not None and self.group_size <= 0:

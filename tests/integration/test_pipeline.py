@@ -231,8 +231,11 @@ def test_accuracy_flags_reach_the_config(tmp_path):
     parse = build_parser().parse_args
     config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x"), "--act-clip", "0.9", "--weight-assignment", "feedback"]))
     assert (config.act_clip, config.weight_assignment) == (0.9, "feedback")
+    config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x"), "--act-clip-search", "--o-proj-hadamard", "--router-abits", "8"]))
+    assert (config.act_clip_search, config.o_proj_hadamard, config.router_abits) == (True, True, 8)
     config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x")]))
     assert (config.act_clip, config.weight_assignment) == (1.0, "nearest")
+    assert (config.act_clip_search, config.o_proj_hadamard, config.router_abits) == (False, False, None)
 
 
 def test_quantized_lm_head_is_weight_only_and_round_trips(tmp_path, reference_kernels):
@@ -258,3 +261,57 @@ def test_quantized_lm_head_is_weight_only_and_round_trips(tmp_path, reference_ke
         torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
     out = evaluate(result.model, tiny_input_ids(4, 32, seed=7), fp, progress=False)
     assert out["kl"] < 0.5 and out["top1_agreement"] > 0.5
+
+
+def test_o_proj_hadamard_router_bits_and_clip_search_reach_the_modules_and_round_trip(tmp_path, reference_kernels):
+    """o_proj_hadamard puts the online Hadamard before o_proj only; router_abits sets the router's input
+    bits only; act_clip_search stores each module's searched ratio in its spec (q/k/v one ratio, so they
+    still fuse; shared-expert gate/up one ratio) and in the report. The checkpoint loads back the same."""
+    from transformers import AutoModelForCausalLM
+
+    from codequant.calibration.act_clip import CLIP_RATIOS
+
+    fp = tiny_model("qwen2_moe")
+    config = QuantConfig(**FAST, o_proj_hadamard=True, router_abits=8, act_clip_search=True)
+    result = quantize(copy.deepcopy(fp), config, tmp_path / "q", progress=False, calibration=_calibration())
+    clips = result.report["act_clip"]
+    for i, layer in enumerate(result.model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.o_proj.hadamard_block == 64 and attn.q_proj.hadamard_block == attn.k_proj.hadamard_block == 0
+        assert mlp.experts.hadamard_block == 64  # the down projections keep theirs
+        assert mlp.gate.act.bits == 8 and mlp.experts.act.bits == mlp.experts.down_act.bits == attn.o_proj.act.bits == 4
+        assert attn.q_proj.act == attn.k_proj.act == attn.v_proj.act
+        assert mlp.shared_expert.gate_proj.act == mlp.shared_expert.up_proj.act
+        prefix = f"model.layers.{i}"
+        assert clips[f"{prefix}.self_attn.o_proj"] == attn.o_proj.act.clip and clips[f"{prefix}.mlp.gate"] == mlp.gate.act.clip
+        assert clips[f"{prefix}.mlp.experts.down_proj"] == mlp.experts.down_act.clip
+    assert set(clips.values()) <= set(CLIP_RATIOS) and len(clips) == 2 * 11  # q k v o, router, gate_up, down, 4 shared-expert linears
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert loaded.model.layers[1].self_attn.o_proj.hadamard_block == 64 and loaded.model.layers[1].mlp.gate.act.bits == 8
+    ids = tiny_input_ids(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+    out = evaluate(result.model, tiny_input_ids(4, 32, seed=7), fp, progress=False)
+    assert out["kl"] < 0.5
+
+
+def test_activation_options_leave_w4a16_and_rtn_alone():
+    """Without quantized activations there is no online Hadamard and the router keeps --abits; plain
+    RTN (no rotation) gets no o_proj Hadamard either."""
+    fp = tiny_model("qwen3_moe")
+    w4a16 = quantize(copy.deepcopy(fp), QuantConfig(**{**FAST, "accf_epochs": 1}, abits=16, o_proj_hadamard=True), progress=False, calibration=_calibration())
+    layer = w4a16.model.model.layers[0]
+    assert layer.self_attn.o_proj.hadamard_block == 0 and not layer.mlp.gate.act.enabled
+    rtn = quantize(copy.deepcopy(fp), QuantConfig(**FAST, method="rtn", o_proj_hadamard=True, router_abits=8), progress=False, calibration=_calibration())
+    layer = rtn.model.model.layers[0]
+    assert layer.self_attn.o_proj.hadamard_block == 0 and (layer.mlp.gate.act.bits, layer.self_attn.o_proj.act.bits) == (8, 4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--router-abits", "1"], "--router-abits must be between 2 and 8, or 16 for an unquantized router input, got 1"),
+    (["--router-abits", "12"], "--router-abits must be between 2 and 8, or 16 for an unquantized router input, got 12"),
+    (["--act-clip", "0.9", "--act-clip-search"], "--act-clip 0.9 and --act-clip-search exclude each other: the search picks every module's clip ratio"),
+])
+def test_bad_activation_options(capsys, tmp_path, tiny_dir, argv, message):
+    err = _cli_error(capsys, str(tiny_dir), "--out", str(tmp_path / "o"), *argv, "--device", "cpu")
+    assert f"codequant: error: {message}" in err

@@ -26,6 +26,7 @@ from ..transforms.norm_fold import fold_norms
 from ..transforms.permutation import apply_pog
 from ..transforms.rotation import rotate_residual, rotate_value_heads
 from ..utils import atomic_save_tensors
+from .act_clip import ClipSearch
 from .layer_store import LayerStore
 from .layer_tuning import tune_layer
 from .layers import InMemoryLayers, LayerRunner, on_device
@@ -59,10 +60,15 @@ class Quantizer:
         self.plan = plan_memory(self.adapter.layers(model), self._routed_experts, max(config.accf_batch_tokens, 8 * config.seqlen), config.max_gpu_memory)
         self.partial = partial_dir(out_dir) if out_dir is not None else None
         self.act = ActQuantSpec(config.abits, config.act_group_size, config.act_clip)
+        router_bits = config.abits if config.router_abits is None else config.router_abits
+        self.router_act = ActQuantSpec(router_bits, config.act_group_size, config.act_clip)
         self.make_r1 = r1_rotation(config.recipe.rotation)
-        self.use_online_hadamard = config.online_hadamard and config.abits < 16 and self.make_r1 is not None
-        self.report: dict = {"unreached_experts": {}, "accf": {}, "block_tuning": {}}
-        self.store = LayerStore(self.adapter, self.act, config.wbits, self.device, self.partial, self.report)
+        # where the online block Hadamard runs, when activations are quantized and R1 rotates the stream:
+        # "down_proj" (every MLP / expert down projection), "o_proj" (every attention output projection)
+        online = config.abits < 16 and self.make_r1 is not None
+        self.online_hadamard = tuple(place for place, on in (("down_proj", config.online_hadamard), ("o_proj", config.o_proj_hadamard)) if on and online)
+        self.report: dict = {"unreached_experts": {}, "accf": {}, "block_tuning": {}, "act_clip": {}}
+        self.store = LayerStore(self.adapter, config.wbits, self.device, self.partial, self.report)
 
     # stage selection ---------------------------------------------------------------------
     def _selected(self, layer: nn.Module, target: QuantTarget) -> bool:
@@ -95,13 +101,57 @@ class Quantizer:
                              f"choose a divisor of {k}") from None
 
     def hadamard_for(self, layer: nn.Module, target: QuantTarget) -> int:
-        if not self.use_online_hadamard:
+        """The online Hadamard block before ``target``'s input (0: none): the largest power of two
+        dividing its input width, at the places in :attr:`online_hadamard`."""
+        if "o_proj" in self.online_hadamard and target.name == f"{self.adapter.layout.attention}.{self.adapter.layout.attention_writer}":
+            return largest_power_of_two_block(target.module.in_features)
+        if "down_proj" not in self.online_hadamard:
             return 0
         downs = {id(t.module) for t in self.adapter.down_projections(layer)}
         if id(target.module) not in downs:
             return 0
         k = target.module.down_proj.shape[-1] if target.kind == "experts" else target.module.in_features
         return largest_power_of_two_block(k)
+
+    def act_for(self, target: QuantTarget) -> ActQuantSpec:
+        """How ``target``'s input is quantized before any clip search: the router's spec (``router_abits``) or the run's."""
+        return self.router_act if target.kind == "router" else self.act
+
+    def input_specs(self, layer: nn.Module, targets: list[QuantTarget], inputs: dict[str, torch.Tensor], name: str) -> dict[str, ActQuantSpec]:
+        """The activation spec of each linear of ``targets`` (its inputs in ``inputs``): :meth:`act_for`,
+        with ``act_clip_search`` one clip ratio per set of targets reading equal inputs (q/k/v of one
+        attention), searched on their summed output error (:mod:`.act_clip`)."""
+        specs = {t.name: self.act_for(t) for t in targets}
+        if not self.config.act_clip_search:
+            return specs
+        groups: list[list[QuantTarget]] = []
+        for t in targets:
+            same = next((g for g in groups if specs[g[0].name] == specs[t.name] and self.hadamard_for(layer, g[0]) == self.hadamard_for(layer, t)
+                         and torch.equal(inputs[g[0].name], inputs[t.name])), None)
+            if same is None:
+                groups.append([t])
+            else:
+                same.append(t)
+        for group in groups:
+            spec = specs[group[0].name]
+            weights, hb = zip(*(self.weight_for(layer, t, spec) for t in group))
+            x = inputs[group[0].name].to(self.device)
+            best = self.searched(spec, [(block_hadamard(x, hb[0]) if hb[0] else x, torch.cat(weights))], [f"{name}.{t.name}" for t in group])
+            specs |= {t.name: best for t in group}
+        return specs
+
+    def searched(self, spec: ActQuantSpec, parts, names: list[str]) -> ActQuantSpec:
+        """``spec`` with the clip ratio of least summed output error over ``parts`` (an iterable of
+        (input [T, K] as the module sees it, weight [N, K])), reported for the modules ``names``;
+        ``spec`` itself without ``act_clip_search`` or when it quantizes nothing."""
+        if not (self.config.act_clip_search and spec.enabled):
+            return spec
+        search = ClipSearch(spec)
+        for x, w in parts:
+            search.add(x, w)
+        best = search.best()
+        self.report["act_clip"] |= {n: best.clip for n in names}
+        return best
 
     def _routed_experts(self, layer: nn.Module) -> nn.Module | None:
         return self.adapter.experts(layer) if self.adapter.is_moe(layer) else None
@@ -244,8 +294,9 @@ class Quantizer:
         # attention linears, on inputs from the full-precision attention
         with self.stage("attention"):
             inputs = collect_inputs({t.name: t.module for t in attention}, lambda: run(i, layer, x))
+            specs = self.input_specs(layer, attention, inputs, name)
             for t in attention:
-                books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+                books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}", specs[t.name])
         if not mlp:
             return books
         # MLP block, on inputs from the quantized attention
@@ -262,8 +313,9 @@ class Quantizer:
                         block(xm[s : s + self.plan.token_batch][None].to(self.device))
 
                 inputs = collect_inputs({t.name: t.module for t in mlp}, run_block)
+                specs = self.input_specs(layer, mlp, inputs, name)
                 for t in mlp:
-                    books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}")
+                    books[t.name] = calibrate_linear(self, layer, t, inputs.pop(t.name), f"{name}.{t.name}", specs[t.name])
         return books
 
     def weight_for(self, layer, t: QuantTarget, act: ActQuantSpec) -> tuple[torch.Tensor, int]:

@@ -26,28 +26,28 @@ class LayerStore:
     and restores it; ``bits`` is the run's index bit width (of the saved specs), ``report`` the
     run's report, whose per-layer part travels with the layer."""
 
-    def __init__(self, adapter: ArchitectureAdapter, act: ActQuantSpec, bits: int, device: torch.device, partial: Path | None, report: dict):
-        self.adapter, self.act, self.bits, self.device, self.partial, self.report = adapter, act, bits, device, partial, report
+    def __init__(self, adapter: ArchitectureAdapter, bits: int, device: torch.device, partial: Path | None, report: dict):
+        self.adapter, self.bits, self.device, self.partial, self.report = adapter, bits, device, partial, report
 
-    def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int, act: ActQuantSpec | None = None) -> None:
-        """``act``: how a linear quantizes its inputs (default: the run's)."""
+    def install(self, layer: nn.Module, t: QuantTarget, weight: PackedWeight, hadamard_block: int, act: ActQuantSpec) -> None:
+        """``act``: how the linear or router quantizes its inputs."""
         if t.kind == "router":
             if isinstance(t.module, CodeQuantRouter):  # re-tuned after its first install
                 t.module.set_packed(weight)
             else:
-                quantize_router(t.module, weight, self.act)
+                quantize_router(t.module, weight, act)
             return
         bias = None if t.module.bias is None else t.module.bias.detach().float()
-        layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, self.act if act is None else act, hadamard_block))
+        layer.set_submodule(t.name, CodeQuantLinear.from_packed(weight, bias, act, hadamard_block))
 
     def save_layer(self, layer: nn.Module, path: Path, layer_name: str) -> None:
         """The layer's checkpoint tensors (:func:`~codequant.io.checkpoint.checkpoint_state_dict`: packed
         modules, biases, norms; not what quantized modules rebuild at load), the spec of each quantized
-        module, the names of its parameters and its part of the report (unreached experts, ACCF and block-tuning losses)."""
+        module, the names of its parameters and its part of the report (unreached experts, ACCF and block-tuning losses, searched clip ratios)."""
         specs = {name: module.spec(self.bits) for name, module in quantized_modules(layer).items()}
         tensors = checkpoint_state_dict(layer)
         params = sorted(k for k, _ in layer.named_parameters() if k in tensors)
-        report = {key: {k: v for k, v in self.report[key].items() if k == layer_name or k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf", "block_tuning")}
+        report = {key: {k: v for k, v in self.report[key].items() if k == layer_name or k.startswith(layer_name + ".")} for key in ("unreached_experts", "accf", "block_tuning", "act_clip")}
         atomic_save_tensors(tensors, path, {"specs": json.dumps(specs), "params": json.dumps(params), "report": json.dumps(report)})
 
     def saved_layer_tensors(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

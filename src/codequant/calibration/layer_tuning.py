@@ -60,7 +60,7 @@ class SimulatedLayer:
             if t.kind == "experts":
                 if key.endswith(".gate_up"):
                     down = books[f"{t.name}.down"]
-                    experts = accf.SimulatedExperts(wb.book, down.book, t.module.act_fn, accf.InputTransform(q.act), accf.InputTransform(q.act, down.hadamard_block))
+                    experts = accf.SimulatedExperts(wb.book, down.book, t.module.act_fn, accf.InputTransform(wb.act), accf.InputTransform(down.act, down.hadamard_block))
                     layer.set_submodule(t.name, experts)
             elif t.kind == "router":
                 self.router = wb
@@ -68,16 +68,16 @@ class SimulatedLayer:
                 self.handle = t.module.register_forward_pre_hook(lambda _m, args: self.router_inputs.append(args[0].reshape(-1, args[0].shape[-1])), prepend=True)
             else:
                 layer.set_submodule(t.name, t.module)
-                self.sims.append(accf.SimulatedWeight(t.module, wb.book, accf.InputTransform(q.act, wb.hadamard_block)))
+                self.sims.append(accf.SimulatedWeight(t.module, wb.book, accf.InputTransform(wb.act, wb.hadamard_block)))
 
-    def router_kl(self, act) -> torch.Tensor | None:
+    def router_kl(self) -> torch.Tensor | None:
         """KL(full-precision router || quantized router) on the router inputs of the last forward."""
         if self.router is None or not self.router_inputs:
             return None
         x = torch.cat(self.router_inputs).float()
         self.router_inputs.clear()
         module = self.router.target.module
-        return accf.router_kl(x, self.router.weight, module.weight, getattr(module, "bias", None), act)
+        return accf.router_kl(x, self.router.weight, module.weight, getattr(module, "bias", None), self.router.act)
 
     def remove(self) -> None:
         if self.handle is not None:
@@ -102,7 +102,7 @@ def tune_layer(q: Quantizer, i: int, layer: nn.Module, books: dict[str, WeightBo
         out = layer(xb, **q.adapter.layer_kwargs(q.model, xb, None, i))
         out = out[0] if isinstance(out, tuple) else out
         loss = (out.float() - y_ref[batch].to(q.device)).pow(2).mean() / scale
-        kl = sim.router_kl(q.act)
+        kl = sim.router_kl()
         return loss if kl is None else loss + config.router_kl_weight * kl
 
     def reassign_all():

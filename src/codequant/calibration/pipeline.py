@@ -126,7 +126,8 @@ def quantize(
 
 
 def _report(q: Quantizer, data_source: str) -> dict:
-    """The run's report: method, bit widths, calibration source, bits per weight, unreached experts, ACCF and block-tuning losses."""
+    """The run's report: method, bit widths, calibration source, bits per weight, unreached experts, ACCF and block-tuning losses,
+    the clip ratios ``act_clip_search`` chose (module name: ratio)."""
     config = q.config
     return {
         "method": config.method,
@@ -138,6 +139,7 @@ def _report(q: Quantizer, data_source: str) -> dict:
         "unreached_experts": q.report["unreached_experts"],
         "accf_loss_per_epoch": q.report["accf"],
         "block_tuning_loss_per_epoch": q.report["block_tuning"],
+        "act_clip": q.report["act_clip"],
     }
 
 
@@ -148,7 +150,7 @@ def _save(q: Quantizer, tokenizer, out: Path, data_source: str, source: str | No
 
     model, config = q.model, q.config
     extra = {"method": config.method, "config": config.to_dict(), "calibration": data_source, "source_model": source,
-             "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": "down_proj" if q.use_online_hadamard else None}}
+             "rotations": {"r1": config.recipe.rotation, "r2": config.value_rotation, "online_hadamard": list(q.online_hadamard)}}
     save_dtype = getattr(model, "codequant_source_dtype", None) or torch.float32
     cast_float_params(model, save_dtype)
     saved = {q.adapter.layer_name(i): (lambda i=i: q.store.saved_layer_tensors(i, save_dtype)) for i in range(len(q.adapter.layers(model)))} if q.free_done else None

@@ -103,6 +103,12 @@ def all_token_experts_stats(experts: nn.Module, x: torch.Tensor, which: list[int
     return [(e, shared, InputStats.of(x, down_act, hessian, dev, lambda v, e=e: expert_hidden(experts, e, v, hadamard), batch)) for e in which]
 
 
+def routed_tokens(x: torch.Tensor, top_k_index: torch.Tensor, device: torch.device):
+    """(e, the tokens of x [T, H] routed to expert e, on ``device``) for every expert some token reached."""
+    for e in torch.unique(top_k_index).tolist():
+        yield e, x[torch.nonzero((top_k_index == e).any(-1)).squeeze(-1)].to(device)
+
+
 def experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, act: ActQuantSpec, down_act: ActQuantSpec,
                   hadamard: int, hessian: bool) -> tuple[list[InputStats], list[InputStats]]:
     """Per-expert input statistics of gate_up and down over each expert's routed tokens (x [T, H]
@@ -111,9 +117,7 @@ def experts_stats(experts: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor
     dev = experts.gate_up_proj.device
     gu = [InputStats.uninformed(hidden, hessian, dev) for _ in range(num)]
     dn = [InputStats.uninformed(inter, hessian, dev) for _ in range(num)]
-    for e in torch.unique(top_k_index).tolist():
-        tok = torch.nonzero((top_k_index == e).any(-1)).squeeze(-1)
-        xe = x[tok].to(dev)
+    for e, xe in routed_tokens(x, top_k_index, dev):
         gu[e], dn[e] = InputStats.of(xe, act, hessian), InputStats.of(expert_hidden(experts, e, xe, hadamard), down_act, hessian)
     if hessian:
         pool_expert_hessians(gu)

@@ -29,13 +29,15 @@ if TYPE_CHECKING:
 @dataclass
 class WeightBook:
     """A weight under calibration: its target, trainable codebook, the weight it approximates
-    (with the online Hadamard folded in), its input statistics and its Hadamard block."""
+    (with the online Hadamard folded in), its input statistics, its Hadamard block and how its
+    input is quantized."""
 
     target: QuantTarget
     book: accf.Codebook
     weight: torch.Tensor
     stats: WeightStats
     hadamard_block: int
+    act: ActQuantSpec
 
 
 def needs_hessian(config: QuantConfig) -> bool:
@@ -81,10 +83,10 @@ def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Te
                      act: ActQuantSpec | None = None) -> WeightBook:
     """A linear (or router) of driver ``q``'s layer (or the model, for its head) fitted on its own
     inputs x [T, K]: codebooks, then ACCF on the output MSE ||Q(x) W_hat^T - x W^T||^2 / ||x W^T||^2;
-    installed packed. ``act``: how its inputs are quantized (default: the run's). Returns its
+    installed packed. ``act``: how its inputs are quantized (default: :meth:`Quantizer.act_for`). Returns its
     :class:`WeightBook` (for block-output tuning)."""
     config = q.config
-    act = q.act if act is None else act
+    act = q.act_for(t) if act is None else act
     w, hb = q.weight_for(layer, t, act)
     transform = (lambda v: block_hadamard(v, hb)) if hb else None
     g = q.group(w.shape[-1], full_name)
@@ -101,23 +103,24 @@ def calibrate_linear(q: Quantizer, layer: nn.Module, t: QuantTarget, x: torch.Te
 
         history = accf.finetune([book], loss_fn, x.shape[0], config.accf_epochs, config.accf_lr, config.accf_batch_tokens, lambda: reassign(book, w, stats), config.seed, eval_tokens=4 * config.accf_batch_tokens)
         q.report["accf"][full_name] = history
-    wb = WeightBook(t, book, w, stats, hb)
-    install_books(q, layer, {t.name: wb}, act)
+    wb = WeightBook(t, book, w, stats, hb, act)
+    install_books(q, layer, {t.name: wb})
     return wb
 
 
-def install_books(q: Quantizer, layer: nn.Module, books: dict[str, WeightBook], act: ActQuantSpec | None = None) -> None:
-    """Replace each target of ``layer`` by its deployable packed module (a router already
-    quantized takes the new packed weight in place); an expert stack's two books are keyed
-    ``NAME.gate_up`` and ``NAME.down``. ``act``: how linears quantize their inputs (default: the run's)."""
+def install_books(q: Quantizer, layer: nn.Module, books: dict[str, WeightBook]) -> None:
+    """Replace each target of ``layer`` by its deployable packed module, its inputs quantized by
+    its book's ``act`` (a router already quantized takes the new packed weight in place); an
+    expert stack's two books are keyed ``NAME.gate_up`` and ``NAME.down``."""
     for key, wb in books.items():
         if wb.target.kind == "experts":
             if key.endswith(".gate_up"):
-                down = books[f"{wb.target.name}.down"].book
-                module = CodeQuantExperts.from_packed(pack_experts(wb.book, q.plan.expert_chunk), pack_experts(down, q.plan.expert_chunk), q.act, q.act, wb.hadamard_block)
+                down = books[f"{wb.target.name}.down"]
+                module = CodeQuantExperts.from_packed(pack_experts(wb.book, q.plan.expert_chunk), pack_experts(down.book, q.plan.expert_chunk),
+                                                      wb.act, down.act, down.hadamard_block)
                 layer.set_submodule(wb.target.name, module)
         else:
-            q.store.install(layer, wb.target, pack(wb.book.idx, wb.book.codebook.detach()), wb.hadamard_block, act)
+            q.store.install(layer, wb.target, pack(wb.book.idx, wb.book.codebook.detach()), wb.hadamard_block, wb.act)
 
 
 def pack_experts(book: accf.Codebook, chunk: int) -> PackedWeight:
