@@ -64,11 +64,40 @@ def summarize(concurrency: int, new_tokens: int, full: list[float], first: list[
     }
 
 
-def child_vllm(args) -> list[dict]:
-    from vllm import LLM, SamplingParams
+def engine_env(threads: int, in_process: bool) -> dict[str, str]:
+    """The environment an engine's child runs in (see the module doc)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", OMP_NUM_THREADS=str(threads))
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
 
-    llm = LLM(args.model, dtype="bfloat16", enforce_eager=True, max_model_len=args.prompt_len + args.new_tokens + 8,
-              max_num_seqs=max(args.concurrency), seed=0, skip_tokenizer_init=True)
+
+def vllm_engine(model: str, max_model_len: int, max_num_seqs: int):
+    """vLLM's offline engine as the benchmarks run it: bf16, eager, prompts as token ids."""
+    from vllm import LLM
+
+    return LLM(model, dtype="bfloat16", enforce_eager=True, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=0,
+               skip_tokenizer_init=True)
+
+
+def transformers_model(model: str, threads: int):
+    """The checkpoint under transformers in bf16 on ``threads`` torch threads, generating without EOS or padding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import codequant  # noqa: F401  (registers the checkpoint format)
+
+    torch.set_num_threads(threads)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    lm.generation_config.pad_token_id = lm.generation_config.eos_token_id = None
+    return lm
+
+
+def child_vllm(args) -> list[dict]:
+    from vllm import SamplingParams
+
+    llm = vllm_engine(args.model, args.prompt_len + args.new_tokens + 8, max(args.concurrency))
     vocab = llm.llm_engine.model_config.get_vocab_size()
     full_params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
     first_params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
@@ -92,14 +121,10 @@ def child_vllm(args) -> list[dict]:
 
 def child_transformers(args) -> list[dict]:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import codequant  # noqa: F401  (registers the checkpoint format)
     from codequant.kernels.cpu import decode_threads
 
-    torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
-    model.generation_config.pad_token_id = model.generation_config.eos_token_id = None
+    model = transformers_model(args.model, args.threads)
 
     def timed(batch, tokens):
         t0 = time.perf_counter()
@@ -147,10 +172,7 @@ def make_checkpoints(work: Path, layers: int, models: list[str], variants: list[
 
 
 def run_child(engine: str, model: Path, args) -> dict:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", OMP_NUM_THREADS=str(args.threads))
-    if args.vllm_in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env = engine_env(args.threads, args.vllm_in_process)
     command = [sys.executable, "-m", "benchmarks", "vllm", "--child", engine, "--model", str(model), "--threads", str(args.threads),
                "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats),
                "--concurrency", ",".join(map(str, args.concurrency))]

@@ -24,14 +24,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_vllm import engine_env, transformers_model, vllm_engine
 from benchmarks.common import command_line
+from codequant.utils import atomic_write_text
 
 KERNEL_MODULE = "codequant.kernels.cpu._lut"
 
@@ -67,10 +68,9 @@ def profiled(generate) -> tuple[float, dict]:
 
 
 def child_vllm(model: str, tokens: int, prompt: list[int]) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model, dtype="bfloat16", enforce_eager=True, max_model_len=len(prompt) + tokens + 8, max_num_seqs=1,
-              seed=0, skip_tokenizer_init=True)
+    llm = vllm_engine(model, len(prompt) + tokens + 8, 1)
 
     def run(n):
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
@@ -82,14 +82,10 @@ def child_vllm(model: str, tokens: int, prompt: list[int]) -> dict:
 
 def child_transformers(model: str, tokens: int, prompt: list[int], threads: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import codequant  # noqa: F401  (registers the checkpoint format)
     from codequant.kernels.cpu import decode_threads
 
-    torch.set_num_threads(threads)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
-    lm.generation_config.pad_token_id = lm.generation_config.eos_token_id = None
+    lm = transformers_model(model, threads)
     ids = torch.tensor([prompt])
 
     def run(n):
@@ -120,8 +116,7 @@ def main(argv: list[str]) -> None:
         return
     if args.out is None:
         ap.error("--out is required")
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}", OMP_NUM_THREADS=str(args.threads))
+    env = engine_env(args.threads, in_process=True)
     report = {"command": command_line("vllm-profile", argv), "threads": args.threads, "tokens": args.tokens,
               "statistic": __doc__.split("difference")[1].split("With checkpoints")[0].strip(), "checkpoints": {}}
     for checkpoint in args.checkpoints:
@@ -136,6 +131,4 @@ def main(argv: list[str]) -> None:
             rows[engine] = json.loads(lines[-1].removeprefix("RESULT "))
             print(checkpoint.name, engine, json.dumps(rows[engine]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
