@@ -17,7 +17,8 @@ graph replay), and with CUDA graphs of the model with every decoder layer under
 ``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
 ``codequant::linear`` / ``codequant::moe`` / ``codequant::route`` ops; one compile per layer index, because
 transformers' static cache specializes on it; the compile time is printed, not timed);
-``--compiled-only``: only the last. The W4A16 and the W4A4 model run in each of the chosen
+``--compiled-only``: only the last; ``--o-proj-hadamard``: a third model, W4A4 with the online block
+Hadamard before every o_proj (block 4096), as ``codequant quantize --o-proj-hadamard`` makes it. The W4A16 and the W4A4 model run in each of the chosen
 router and q/k/v settings (all the separate q/k/v ones first: fusing is not undone); ``vs_bf16``
 is each rate over the bf16 model's in the same mode. Writes gpu-e2e.json (the command line in it)
 after every model.
@@ -35,6 +36,7 @@ import torch
 from benchmarks.common import QWEN3_30B_A3B, cuda_graph, install_codequant, model_config, random_model, random_packed_on
 from codequant.adapters import get_adapter
 from codequant.core.activations import ActQuantSpec
+from codequant.core.hadamard import largest_power_of_two_block
 from codequant.modules.attention import fuse_qkv
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
@@ -61,6 +63,14 @@ def set_act(model, act: ActQuantSpec):
             m.act = act
         elif isinstance(m, CodeQuantExperts):
             m.act = m.down_act = act
+
+
+def set_o_proj_hadamard(model, on: bool):
+    """The online block Hadamard before every attention output projection (block = its input width's
+    largest power of two, as ``--o-proj-hadamard`` quantizes), or none."""
+    for layer in get_adapter(model).layers(model):
+        o = layer.self_attn.o_proj
+        o.hadamard_block = largest_power_of_two_block(o.in_features) if on else 0
 
 
 @torch.no_grad()
@@ -177,6 +187,8 @@ def main(argv: list[str]) -> None:
                     help="the CodeQuant model's routers: fused (CUDA router kernel), transformers' own, or both in turn")
     ap.add_argument("--qkv", choices=["fused", "separate", "both"], default="fused",
                     help="the CodeQuant model's q/k/v projections: one linear (fuse_qkv), three, or both in turn")
+    ap.add_argument("--o-proj-hadamard", action="store_true",
+                    help="also W4A4 with the online Hadamard before every o_proj (block: its whole input width)")
     a = ap.parse_args(argv)
     if a.no_compile and a.compiled_only:
         ap.error("--no-compile and --compiled-only exclude each other")
@@ -207,8 +219,10 @@ def main(argv: list[str]) -> None:
     for qkv in {"separate": [False], "fused": [True], "both": both}[a.qkv]:
         if qkv:
             print(f"fused q/k/v: {fuse_qkv(model)}", flush=True)
-        for mode, bits in (("W4A16", 16), ("W4A4", 4)):
+        modes = [("W4A16", 16, False), ("W4A4", 4, False)] + ([("W4A4 + o_proj Hadamard", 4, True)] if a.o_proj_hadamard else [])
+        for mode, bits, o_hadamard in modes:
             set_act(model, ActQuantSpec(bits=bits))
+            set_o_proj_hadamard(model, o_hadamard)
             for routers in {"transformers": [False], "fused": [True], "both": both}[a.routers]:
                 if turned := fuse_routers(model) if routers else unfuse_routers(model):
                     print(f"{'fused' if routers else 'transformers'} routers: {turned}", flush=True)

@@ -2,6 +2,9 @@
 
 H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]] (Sylvester); H_n / sqrt(n) is orthogonal.
 A block Hadamard of block h applies H_h / sqrt(h) to each run of h consecutive channels.
+Sylvester matrices factor as Kronecker products, H_ab = H_a (x) H_b for powers of two a, b, so a row
+x of length ab viewed as an a x b matrix X transforms as X -> H_a X H_b: (a + b) multiply-adds per
+channel instead of ab.
 """
 
 from __future__ import annotations
@@ -38,11 +41,19 @@ def _block_matrix(block: int, device: torch.device) -> torch.Tensor:
     return hadamard(block, torch.float32).to(device)
 
 
+# blocks up to this size are one matmul with H_block; larger ones go through the Kronecker factors
+_ONE_MATMUL_MAX_BLOCK = 128
+
+
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x @ blockdiag(H_block, ..., H_block) over the last dim (orthonormal, self-inverse)."""
+    """x @ blockdiag(H_block, ..., H_block) over the last dim (orthonormal, self-inverse); computed in float32, returned in x's dtype."""
     k = x.shape[-1]
-    h = _block_matrix(block, x.device)
-    y = x.float().reshape(*x.shape[:-1], k // block, block) @ h
+    y = x.float().reshape(*x.shape[:-1], k // block, block)
+    if block <= _ONE_MATMUL_MAX_BLOCK:
+        y = y @ _block_matrix(block, x.device)
+    else:
+        a = 1 << (block.bit_length() - 1) // 2
+        y = _block_matrix(a, x.device) @ y.reshape(*y.shape[:-1], a, block // a) @ _block_matrix(block // a, x.device)
     return y.reshape(x.shape).to(x.dtype)
 
 
