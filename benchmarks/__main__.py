@@ -23,6 +23,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "gpu-probe-decomp": ("probe_gpu_decomp", "the decode kernel without its lookup and / or mma"),
     "gpu-probe-w4a4": ("probe_gpu_w4a4", "W4A4 decode parts, against a baseline build"),
     "gpu-probe-launch": ("probe_gpu_launch", "W4A16 decode at fixed launch configs, PDL on / off"),
+    "hadamard": ("bench_hadamard", "the online block Hadamard: one matmul against its Kronecker factors"),
     "quantize-memory": ("bench_quantize_memory", "peak memory and time of quantize on real MoE shapes"),
     "vllm": ("bench_vllm", "vLLM serving speed on the CPU"),
     "vllm-profile": ("profile_vllm_step", "where one CPU decode token goes under vLLM and under transformers"),

@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 import codequant.kernels.cpu as cpu_kernels
 from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_read_bandwidth, cpu_seconds, install_codequant,
-                               model_config, random_model, random_packed_on, wait_until_idle)
+                               model_config, random_model, random_packed_on, set_online_hadamard, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
 from codequant.kernels import Op, implementations
@@ -72,9 +72,12 @@ def fitted_packed(weight: torch.Tensor) -> PackedWeight:
 
 def codequant_model(model: nn.Module, act: ActQuantSpec, random: bool) -> nn.Module:
     """A copy of ``model`` with its attention linears and experts on CodeQuant modules (random
-    packed weights when ``random``: speed only)."""
+    packed weights when ``random``: speed only, with the online Hadamard before the experts' down
+    projections where ``codequant quantize`` puts it, i.e. when activations are quantized)."""
     model = copy.deepcopy(model)
     install_codequant(model, act, random_packed_on("cpu") if random else fitted_packed)
+    if random:
+        set_online_hadamard(model, down=act.enabled)
     return model
 
 

@@ -17,8 +17,9 @@ graph replay), and with CUDA graphs of the model with every decoder layer under
 ``torch.compile`` (Inductor fuses the norms, RoPE, router and residual code around the
 ``codequant::linear`` / ``codequant::moe`` / ``codequant::route`` ops; one compile per layer index, because
 transformers' static cache specializes on it; the compile time is printed, not timed);
-``--compiled-only``: only the last; ``--o-proj-hadamard``: a third model, W4A4 with the online block
-Hadamard before every o_proj (block 4096), as ``codequant quantize --o-proj-hadamard`` makes it. The W4A16 and the W4A4 model run in each of the chosen
+``--compiled-only``: only the last. The W4A4 model has the online Hadamard before the experts' down
+projections (block 256) as ``codequant quantize`` makes it; ``--o-proj-hadamard``: a third model, W4A4
+with the Hadamard before every o_proj too (block 4096, ``codequant quantize --o-proj-hadamard``). The W4A16 and the W4A4 model run in each of the chosen
 router and q/k/v settings (all the separate q/k/v ones first: fusing is not undone); ``vs_bf16``
 is each rate over the bf16 model's in the same mode. Writes gpu-e2e.json (the command line in it)
 after every model.
@@ -33,10 +34,9 @@ import time
 
 import torch
 
-from benchmarks.common import QWEN3_30B_A3B, cuda_graph, install_codequant, model_config, random_model, random_packed_on
+from benchmarks.common import QWEN3_30B_A3B, cuda_graph, install_codequant, model_config, random_model, random_packed_on, set_online_hadamard
 from codequant.adapters import get_adapter
 from codequant.core.activations import ActQuantSpec
-from codequant.core.hadamard import largest_power_of_two_block
 from codequant.modules.attention import fuse_qkv
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
@@ -63,14 +63,6 @@ def set_act(model, act: ActQuantSpec):
             m.act = act
         elif isinstance(m, CodeQuantExperts):
             m.act = m.down_act = act
-
-
-def set_o_proj_hadamard(model, on: bool):
-    """The online block Hadamard before every attention output projection (block = its input width's
-    largest power of two, as ``--o-proj-hadamard`` quantizes), or none."""
-    for layer in get_adapter(model).layers(model):
-        o = layer.self_attn.o_proj
-        o.hadamard_block = largest_power_of_two_block(o.in_features) if on else 0
 
 
 @torch.no_grad()
@@ -222,7 +214,7 @@ def main(argv: list[str]) -> None:
         modes = [("W4A16", 16, False), ("W4A4", 4, False)] + ([("W4A4 + o_proj Hadamard", 4, True)] if a.o_proj_hadamard else [])
         for mode, bits, o_hadamard in modes:
             set_act(model, ActQuantSpec(bits=bits))
-            set_o_proj_hadamard(model, o_hadamard)
+            set_online_hadamard(model, down=bits < 16, o_proj=o_hadamard)
             for routers in {"transformers": [False], "fused": [True], "both": both}[a.routers]:
                 if turned := fuse_routers(model) if routers else unfuse_routers(model):
                     print(f"{'fused' if routers else 'transformers'} routers: {turned}", flush=True)

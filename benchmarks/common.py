@@ -165,6 +165,22 @@ def install_codequant(model, act, packed) -> None:
         layer.set_submodule(t.name, new)
 
 
+def set_online_hadamard(model, down: bool, o_proj: bool = False) -> None:
+    """The online block Hadamard blocks of ``codequant quantize`` on a model after
+    :func:`install_codequant`: before every routed expert's down projection (``down``: what
+    quantize does when activations are quantized) and before every o_proj (``o_proj``:
+    ``--o-proj-hadamard``); block = the largest power of two dividing the input width, 0: none."""
+    from codequant.core.hadamard import largest_power_of_two_block
+    from codequant.modules.experts import CodeQuantExperts
+
+    for _, t in codequant_targets(model):
+        m = t.module
+        if isinstance(m, CodeQuantExperts):
+            m.hadamard_block = largest_power_of_two_block(m.intermediate_dim) if down else 0
+        elif t.name.endswith("o_proj"):
+            m.hadamard_block = largest_power_of_two_block(m.in_features) if o_proj else 0
+
+
 def random_packed_on(device: str):
     """``packed`` for :func:`install_codequant`: random packed weights of each weight's shape on ``device``."""
     return lambda weight: random_packed(tuple(weight.shape[:-2]), *weight.shape[-2:], device)

@@ -14,6 +14,8 @@ def test_block_hadamard_equals_the_block_diagonal_matrix(block):
     y = block_hadamard(x, block)
     assert y.dtype == x.dtype and y.shape == x.shape
     torch.testing.assert_close(y, x @ dense, rtol=0, atol=2e-5 * x.abs().max().item())
+    for factored in (False, True):
+        torch.testing.assert_close(block_hadamard(x, block, factored), y, rtol=0, atol=2e-5 * x.abs().max().item())
     torch.testing.assert_close(block_hadamard(y, block), x, rtol=0, atol=4e-5 * x.abs().max().item())
 
 
