@@ -7,8 +7,8 @@ Blocks 64 to 4096 (the down projections of Qwen3-30B-A3B use 256, DeepSeek-V2-Li
 2048; ``--o-proj-hadamard`` uses the attention width: 4096 on Qwen3-30B-A3B) on rows of two
 blocks, at 1, 16 and 512 tokens; float32 input (the MoE's hidden activations are float32 there).
 ``one_matmul_wins_up_to``: per token count, the largest block at which one matmul is still the
-faster. codequant.core.hadamard.ONE_MATMUL_MAX_BLOCK is set per device from these: the largest block
-where one matmul wins at one token and the factors do not lose more at 16 tokens (CPU: 128).
+faster. codequant.core.hadamard.ONE_MATMUL_MAX_BLOCK is set from the CPU's: the largest block where
+one matmul wins at one token and the factors do not lose more at 16 tokens (128).
 """
 
 from __future__ import annotations

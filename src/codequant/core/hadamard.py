@@ -41,19 +41,20 @@ def _block_matrix(block: int, device: torch.device) -> torch.Tensor:
     return hadamard(block, torch.float32).to(device)
 
 
-# Blocks up to this size are one matmul with H_block, larger ones go through the Kronecker
-# factors (python -m benchmarks hadamard: the crossover of the two on each device).
-ONE_MATMUL_MAX_BLOCK = {"cpu": 128, "cuda": 128}
+# Blocks up to this size are one matmul with H_block, larger ones go through the Kronecker factors:
+# the crossover on the CPU (`python -m benchmarks hadamard`, benchmarks/results/hadamard-cpu-spr.json);
+# not yet measured on a GPU.
+ONE_MATMUL_MAX_BLOCK = 128
 
 
 def block_hadamard(x: torch.Tensor, block: int, factored: bool | None = None) -> torch.Tensor:
     """x @ blockdiag(H_block, ..., H_block) over the last dim (orthonormal, self-inverse); computed in
     float32, returned in x's dtype. ``factored``: through H_a X H_b (a x b = block) or one matmul with
-    H_block; None picks by ONE_MATMUL_MAX_BLOCK."""
+    H_block; None: the factors above ONE_MATMUL_MAX_BLOCK."""
     k = x.shape[-1]
     y = x.float().reshape(*x.shape[:-1], k // block, block)
     if factored is None:
-        factored = block > ONE_MATMUL_MAX_BLOCK.get(x.device.type, 128)
+        factored = block > ONE_MATMUL_MAX_BLOCK
     if factored:
         a = 1 << (block.bit_length() - 1) // 2
         y = _block_matrix(a, x.device) @ y.reshape(*y.shape[:-1], a, block // a) @ _block_matrix(block // a, x.device)
