@@ -170,15 +170,17 @@ def set_online_hadamard(model, down: bool, o_proj: bool = False) -> None:
     :func:`install_codequant`: before every routed expert's down projection (``down``: what
     quantize does when activations are quantized) and before every o_proj (``o_proj``:
     ``--o-proj-hadamard``); block = the largest power of two dividing the input width, 0: none."""
+    from codequant.adapters import get_adapter
     from codequant.core.hadamard import largest_power_of_two_block
     from codequant.modules.experts import CodeQuantExperts
 
-    for _, t in codequant_targets(model):
-        m = t.module
-        if isinstance(m, CodeQuantExperts):
-            m.hadamard_block = largest_power_of_two_block(m.intermediate_dim) if down else 0
-        elif t.name.endswith("o_proj"):
-            m.hadamard_block = largest_power_of_two_block(m.in_features) if o_proj else 0
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        for m in layer.modules():
+            if isinstance(m, CodeQuantExperts):
+                m.hadamard_block = largest_power_of_two_block(m.intermediate_dim) if down else 0
+        o = layer.get_submodule(f"{adapter.layout.attention}.{adapter.layout.attention_writer}")
+        o.hadamard_block = largest_power_of_two_block(o.in_features) if o_proj else 0
 
 
 def random_packed_on(device: str):
