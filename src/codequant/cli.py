@@ -37,6 +37,7 @@ def _config_from_args(args):
         "max_gpu_memory": args.max_gpu_memory, "stream": True if args.stream else None,
         "block_tuning_epochs": args.block_tuning_epochs, "act_clip": args.act_clip, "weight_assignment": args.weight_assignment,
         "act_clip_search": True if args.act_clip_search else None, "o_proj_hadamard": args.o_proj_hadamard, "router_abits": args.router_abits,
+        "act_group_size": args.act_group_size,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     config = QuantConfig.from_file(args.config, **overrides) if args.config else QuantConfig.from_dict(overrides, source="command line")
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--abits", type=int, help="activation bits: 2..8, or 16 for none (default 4)")
     q.add_argument("--group-size", type=int, help="columns per codebook (default: the whole row)")
     q.add_argument("--act-clip", type=float, metavar="R", help="quantize each token's activations over R times its range, 0 < R <= 1 (default 1: no clipping)")
+    q.add_argument("--act-group-size", type=int, metavar="N",
+                   help="one activation scale per N channels of a token (default 0: one per token); the CUDA decode kernels take per-token scales only")
     q.add_argument("--act-clip-search", action="store_true",
                    help="search each module's activation clip ratio on the calibration data for the least output error (instead of --act-clip)")
     q.add_argument("--o-proj-hadamard", action=argparse.BooleanOptionalAction,

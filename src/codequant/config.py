@@ -142,6 +142,8 @@ class QuantConfig:
             raise ValueError(f"--router-abits must be between 2 and 8, or 16 for an unquantized router input, got {self.router_abits}")
         if not 0 < self.act_clip <= 1:
             raise ValueError(f"--act-clip must be in (0, 1]: the share of each token's range that activations are quantized over, got {self.act_clip}")
+        if self.act_group_size < 0:
+            raise ValueError(f"--act-group-size must be a positive number of channels, or 0 for one scale per token, got {self.act_group_size}")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"--group-size must be a positive number of columns, got {self.group_size}")
         if self.weight_assignment not in ASSIGNMENTS:

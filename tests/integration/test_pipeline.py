@@ -231,11 +231,12 @@ def test_accuracy_flags_reach_the_config(tmp_path):
     parse = build_parser().parse_args
     config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x"), "--act-clip", "0.9", "--weight-assignment", "feedback"]))
     assert (config.act_clip, config.weight_assignment) == (0.9, "feedback")
-    config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x"), "--act-clip-search", "--o-proj-hadamard", "--router-abits", "8"]))
-    assert (config.act_clip_search, config.o_proj_hadamard, config.router_abits) == (True, True, 8)
+    config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x"), "--act-clip-search", "--o-proj-hadamard", "--router-abits", "8",
+                                      "--act-group-size", "64"]))
+    assert (config.act_clip_search, config.o_proj_hadamard, config.router_abits, config.act_group_size) == (True, True, 8, 64)
     config = _config_from_args(parse(["quantize", "--out", str(tmp_path / "x")]))
     assert (config.act_clip, config.weight_assignment) == (1.0, "nearest")
-    assert (config.act_clip_search, config.o_proj_hadamard, config.router_abits) == (False, False, None)
+    assert (config.act_clip_search, config.o_proj_hadamard, config.router_abits, config.act_group_size) == (False, False, None, 0)
 
 
 def test_quantized_lm_head_is_weight_only_and_round_trips(tmp_path, reference_kernels):
@@ -311,6 +312,9 @@ def test_activation_options_leave_w4a16_and_rtn_alone():
     (["--router-abits", "1"], "--router-abits must be between 2 and 8, or 16 for an unquantized router input, got 1"),
     (["--router-abits", "12"], "--router-abits must be between 2 and 8, or 16 for an unquantized router input, got 12"),
     (["--act-clip", "0.9", "--act-clip-search"], "--act-clip 0.9 and --act-clip-search exclude each other: the search picks every module's clip ratio"),
+    (["--act-group-size", "-8"], "--act-group-size must be a positive number of channels, or 0 for one scale per token, got -8"),
+    (["--act-group-size", "48"], "--act-group-size 48 does not divide the input width 64 of model.layers.0.self_attn.q_proj; "
+                                 "choose a divisor of 64, or 0 for one scale per token"),
 ])
 def test_bad_activation_options(capsys, tmp_path, tiny_dir, argv, message):
     err = _cli_error(capsys, str(tiny_dir), "--out", str(tmp_path / "o"), *argv, "--device", "cpu")

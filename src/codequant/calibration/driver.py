@@ -156,15 +156,25 @@ class Quantizer:
     def _routed_experts(self, layer: nn.Module) -> nn.Module | None:
         return self.adapter.experts(layer) if self.adapter.is_moe(layer) else None
 
+    def act_group(self, k: int, name: str) -> None:
+        """--act-group-size checked against the input width ``k`` of ``name`` when activations are quantized."""
+        g = self.config.act_group_size
+        if self.config.abits < 16 and g and k % g:
+            raise ValueError(f"--act-group-size {g} does not divide the input width {k} of {name}; "
+                             f"choose a divisor of {k}, or 0 for one scale per token")
+
     def check_group_sizes(self) -> None:
+        """Every codebook group and activation group divides its row, checked before calibration starts."""
         for i, layer in enumerate(self.adapter.layers(self.model)):
             for t in self.adapter.quant_targets(layer):
                 name = f"{self.adapter.layer_name(i)}.{t.name}"
                 if t.kind == "experts":
-                    self.group(t.module.gate_up_proj.shape[-1], f"{name}.gate_up_proj")
-                    self.group(t.module.down_proj.shape[-1], f"{name}.down_proj")
+                    widths = {f"{name}.gate_up_proj": t.module.gate_up_proj.shape[-1], f"{name}.down_proj": t.module.down_proj.shape[-1]}
                 else:
-                    self.group(t.module.weight.shape[-1], name)
+                    widths = {name: t.module.weight.shape[-1]}
+                for what, k in widths.items():
+                    self.group(k, what)
+                    self.act_group(k, what)
 
     # global transforms -----------------------------------------------------------------
     def transform(self, tokens: torch.Tensor) -> None:
