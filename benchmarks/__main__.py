@@ -28,6 +28,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "quantize-memory": ("bench_quantize_memory", "peak memory and time of quantize on real MoE shapes"),
     "vllm": ("bench_vllm", "vLLM serving speed on the CPU"),
     "vllm-profile": ("profile_vllm_step", "where one CPU decode token goes under vLLM and under transformers"),
+    "vllm-layers": ("profile_vllm_layers", "one vLLM decoder layer's CPU decode time, module by module"),
     "op-call-overhead": ("op_call_overhead", "host cost per call: pybind11 against a TORCH_LIBRARY op"),
     "checkpoint-sizes": ("checkpoint_sizes", "checkpoint sizes of the fixture at 4, 3 and 2 bits"),
     "compare-peers": ("compare_peers", "CodeQuant against AutoRound and GPTQModel"),

@@ -41,7 +41,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from .. import kernels
-from ..core.activations import fake_quantize_activations
+from ..core.activations import ActQuantSpec, fake_quantize_activations
 from ..core.format import CODEBOOK_DTYPE, CODEBOOK_SIZE, PackedWeight, padded_columns
 from ..core.hadamard import block_hadamard
 from ..io.checkpoint import INDEX_FILE, verify_checkpoint, weight_files
@@ -68,6 +68,7 @@ VERIFIED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2Moe
 VERIFIED_BITS = 4
 # the one latent size (kv_lora_rank + qk_rope_head_dim) vLLM's CPU MLA decode kernel runs: DeepSeek-V2's 512 + 64
 CPU_MLA_LATENT = 576
+UNQUANTIZED = ActQuantSpec(bits=16)  # a router's input, already fake-quantized
 USE_TRANSFORMERS = "serve it with transformers instead (`codequant generate DIR`, or from_pretrained after `import codequant`)"
 
 
@@ -261,8 +262,9 @@ class CodeQuantLinearMethod(LinearMethodBase):
     def __init__(self, names: list[str], specs: list[dict]):
         self.names, self.specs = names, specs
         self.act, self.hadamard_block = _act_and_block(names, specs)
-        # a quantized router computes Q_act(x) W_hat^T in float32 (codequant.modules.router): the reference path
-        self.backend = "reference" if specs[0]["kind"] == "router" else None
+        # a quantized router computes Q_act(x) W_hat^T in float32 (codequant.modules.router): its input is
+        # fake-quantized here and the kernel multiplies by W_hat itself (float32 centroids, unquantized input)
+        self.router = specs[0]["kind"] == "router"
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
@@ -306,14 +308,13 @@ class CodeQuantLinearMethod(LinearMethodBase):
         share_process_cpus()
         if layer.cq_world > 1:
             layer.row_sum.data.copy_(shard_row_sum(layer.indices.data, layer.codebook.data, layer.cq_in_features))
-        if self.backend == "reference":  # a router: W_hat once, as CodeQuantRouter keeps it
-            layer.cq_w_hat = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features).dequantize(torch.float32)
+        layer.cq_weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.backend == "reference":
-            return kernels.reference.dense_linear(x, layer.cq_w_hat, self.act, bias)
-        weight = PackedWeight(layer.indices, layer.codebook, layer.row_sum, layer.cq_in_features)
-        return kernels.linear(x, weight, self.act, bias, self.hadamard_block, self.backend)
+        if self.router and self.act.enabled:
+            x_hat = fake_quantize_activations(x.float(), self.act)
+            return kernels.linear(x_hat, layer.cq_weight, UNQUANTIZED, bias).to(x.dtype)
+        return kernels.linear(x, layer.cq_weight, self.act, bias, self.hadamard_block)
 
 
 class CodeQuantLMHeadMethod(CodeQuantLinearMethod):
@@ -466,14 +467,14 @@ class CodeQuantMoEMethod(FusedMoEMethodBase):
         share_process_cpus()
         if layer.cq_world > 1:
             layer.down_row_sum.data.copy_(shard_row_sum(layer.down_indices.data, layer.down_codebook.data, layer.cq_intermediate))
+        layer.cq_gate_up = PackedWeight(layer.gate_up_indices, layer.gate_up_codebook, layer.gate_up_row_sum, self.spec["hidden_dim"])
+        layer.cq_down = PackedWeight(layer.down_indices, layer.down_codebook, layer.down_row_sum, layer.cq_intermediate)
 
     def get_fused_moe_quant_config(self, layer):
         return None
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-        gate_up = PackedWeight(layer.gate_up_indices, layer.gate_up_codebook, layer.gate_up_row_sum, self.spec["hidden_dim"])
-        down = PackedWeight(layer.down_indices, layer.down_codebook, layer.down_row_sum, layer.cq_intermediate)
-        return kernels.moe(x, topk_ids, topk_weights, gate_up, down, self.act, self.down_act, self.hadamard_block)
+        return kernels.moe(x, topk_ids, topk_weights, layer.cq_gate_up, layer.cq_down, self.act, self.down_act, self.hadamard_block)
 
 
 def quantize_plain_linears(model: torch.nn.Module, config: CodeQuantVllmConfig) -> None:
