@@ -166,19 +166,22 @@ def install_codequant(model, act, packed) -> None:
 
 
 def set_online_hadamard(model, down: bool, o_proj: bool = False) -> None:
-    """The online block Hadamard blocks of ``codequant quantize`` on a model after
-    :func:`install_codequant`: before every routed expert's down projection (``down``: what
-    quantize does when activations are quantized) and before every o_proj (``o_proj``:
-    ``--o-proj-hadamard``); block = the largest power of two dividing the input width, 0: none."""
+    """The online block Hadamard blocks of ``codequant quantize`` on a model of CodeQuant modules:
+    before every down projection, routed experts' and dense (``down``: what quantize does when
+    activations are quantized), and before every o_proj (``o_proj``: ``--o-proj-hadamard``);
+    block = the largest power of two dividing the input width, 0: none."""
     from codequant.adapters import get_adapter
     from codequant.core.hadamard import largest_power_of_two_block
     from codequant.modules.experts import CodeQuantExperts
+    from codequant.modules.linear import CodeQuantLinear
 
     adapter = get_adapter(model)
     for layer in adapter.layers(model):
-        for m in layer.modules():
+        for name, m in layer.named_modules():
             if isinstance(m, CodeQuantExperts):
                 m.hadamard_block = largest_power_of_two_block(m.intermediate_dim) if down else 0
+            elif isinstance(m, CodeQuantLinear) and name.endswith("down_proj"):
+                m.hadamard_block = largest_power_of_two_block(m.in_features) if down else 0
         o = layer.get_submodule(f"{adapter.layout.attention}.{adapter.layout.attention_writer}")
         o.hadamard_block = largest_power_of_two_block(o.in_features) if o_proj else 0
 

@@ -26,11 +26,18 @@ from tests.helpers.tiny_models import char_tokenizer, tiny_model
 def make_checkpoint(out: Path, act_bits: int, source: Path = FIXTURE, bits: int = 4, group_size: int | None = 32,
                     dtype: torch.dtype = torch.float32, lm_head: bool = False, act: ActQuantSpec | None = None) -> Path:
     """Quantize ``source`` (in ``dtype``) with ``bits``-bit codebooks of ``group_size`` columns (None: a row) and
-    ``act_bits`` activations into ``out`` (``act``: every input quantized by it instead of quantize_tiny's specs);
-    ``lm_head``: the head too, weight-only (as ``--quantize-head`` makes it)."""
+    ``act_bits`` activations into ``out`` (``act``: every input quantized by it, and the online Hadamard blocks
+    where ``codequant quantize`` puts them, instead of quantize_tiny's specs and blocks); ``lm_head``: the head
+    too, weight-only (as ``--quantize-head`` makes it)."""
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     quantize_tiny(model, bits=bits, group_size=group_size, lm_head=lm_head)
-    set_act(model, act) if act is not None else _set_act_bits(model, act_bits)
+    if act is not None:
+        from benchmarks.common import set_online_hadamard
+
+        set_act(model, act)
+        set_online_hadamard(model, down=act.enabled)
+    else:
+        _set_act_bits(model, act_bits)
     if lm_head:
         model.lm_head.act = ActQuantSpec(bits=16)
     label = f"W4A{act_bits}" + (" with lm_head" if lm_head else "")
