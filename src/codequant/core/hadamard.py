@@ -42,7 +42,7 @@ def _block_matrix(block: int, device: torch.device) -> torch.Tensor:
 
 
 # Blocks up to this size are one matmul with H_block, larger ones go through the Kronecker factors:
-# the crossover on the CPU (`python -m benchmarks hadamard`, benchmarks/results/hadamard-cpu-spr.json);
+# the crossover on the CPU (`python -m benchmarks hadamard`, benchmarks/results/hadamard-cpu-epyc.json);
 # not yet measured on a GPU.
 ONE_MATMUL_MAX_BLOCK = 128
 
