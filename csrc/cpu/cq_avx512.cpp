@@ -21,8 +21,8 @@ namespace {
 
 bool f32_ok(const Weight& w) { return w.il && (w.NG == 1 || w.G % 32 == 0); }
 
-// Both the codebook group and the activation group are whole rows or multiples of 128
-// columns ("wide": one table per 128-column step), or multiples of 32 ("narrow").
+// Codebook groups of whole rows or multiples of 128 columns and activation groups of whole rows or
+// multiples of 64 ("wide": one table per 128-column step), or multiples of 32 ("narrow").
 inline bool wide_ok(int64_t g, int64_t k) { return g == k || g % 128 == 0; }
 bool i8_ok(const Weight& w, const ActQ& a) {
   return w.il && (w.NG == 1 || w.G % 32 == 0) && (a.NA == 1 || a.GA % 32 == 0);
@@ -239,7 +239,7 @@ void i8_narrow(const Weight& w, const ActQ& a, float* y, int64_t ldy, const floa
 CQ_I8_ROWS(i8_rows_narrow, i8_narrow)
 
 void i8_rows(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  if (wide_ok(w.G, w.K) && wide_ok(a.GA, w.K))
+  if (wide_ok(w.G, w.K) && (wide_ok(a.GA, w.K) || a.GA % 64 == 0))
     i8_rows_wide_best(w, a, y, ldy, bias, n0, n1);
   else
     i8_rows_narrow(w, a, y, ldy, bias, n0, n1);

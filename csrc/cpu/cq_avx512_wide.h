@@ -3,8 +3,8 @@
 // cq_avx512_vbmi.cpp with CQ_VBMI 1, compiled with -mavx512vbmi too (vpermb lookups), so that
 // no VBMI instruction can reach the functions that run on AVX-512 CPUs without it.
 //
-// Codebook and activation groups whole rows or multiples of 128 columns: one table per
-// row and 128-column step. NR rows x MB tokens per pass (activation codes loaded once per
+// Codebook groups whole rows or multiples of 128 columns, activation groups whole rows or multiples
+// of 64 (HALF below for the odd multiples): one table per row and 128-column step. NR rows x MB tokens per pass (activation codes loaded once per
 // NR rows, unpacked weights used for MB tokens); int32 sums are scaled into float at the
 // end of each segment of columns sharing the codebook scale and the activation scale.
 // With NR = 4 the four rows' sums are reduced together and scaled as one 4-lane vector
@@ -12,22 +12,24 @@
 // nibbles accumulate into separate registers (two dependency chains per row). The first
 // token block prefetches (see below); later blocks find the tile in L1.
 
-// [sum(a0), sum(a1), sum(a2), sum(a3)] of int32 lanes.
-inline __m128i hsum4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
-  const __m256i b0 = _mm256_add_epi32(_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1));
-  const __m256i b1 = _mm256_add_epi32(_mm512_castsi512_si256(a1), _mm512_extracti64x4_epi64(a1, 1));
-  const __m256i b2 = _mm256_add_epi32(_mm512_castsi512_si256(a2), _mm512_extracti64x4_epi64(a2, 1));
-  const __m256i b3 = _mm256_add_epi32(_mm512_castsi512_si256(a3), _mm512_extracti64x4_epi64(a3, 1));
+// [sum(b0), sum(b1), sum(b2), sum(b3)] of int32 lanes.
+inline __m128i hsum4_epi32(__m256i b0, __m256i b1, __m256i b2, __m256i b3) {
   const __m256i d = _mm256_hadd_epi32(_mm256_hadd_epi32(b0, b1), _mm256_hadd_epi32(b2, b3));
   return _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
 }
+inline __m256i lo256(__m512i a) { return _mm512_castsi512_si256(a); }
+inline __m256i hi256(__m512i a) { return _mm512_extracti64x4_epi64(a, 1); }
+inline __m256i both256(__m512i a) { return _mm256_add_epi32(lo256(a), hi256(a)); }
 
-template <int NR, int MB>
+// HALF: activation groups of an odd multiple of 64 columns. The codes of a 128-column step are stored
+// [0-31, 64-95, 32-63, 96-127], so int32 lanes 0-7 of each accumulator sum columns 0-63 of the step and
+// lanes 8-15 columns 64-127: every step is flushed, each 256-bit half with its own activation scale.
+template <int NR, int MB, bool HALF>
 void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
   constexpr int NACC = MB == 1 ? 2 : 1;  // accumulators per row and token
   const int64_t KQ = q_columns(w.KP), nsteps = KQ / 128;
   const int64_t G = w.NG == 1 ? KQ : w.G, GA = a.NA == 1 ? KQ : a.GA;
-  const int64_t S = gcd64(G, GA);
+  const int64_t S = HALF ? 128 : gcd64(G, GA);
   int64_t step;
   const uint8_t* p = il_row(w, n, &step);
   const bool stream = a.M == 1 && ((uintptr_t)p & 63) == 0;
@@ -101,16 +103,32 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
           for (int m = 0; m < MB; ++m) acc[r][m][0] = _mm512_add_epi32(acc[r][m][0], acc[r][m][NACC - 1]);
       if (NR == 4) {
         const __m128 scg = _mm_set_ps(sc[3 * w.NG + col / G], sc[2 * w.NG + col / G], sc[w.NG + col / G], sc[col / G]);
+        const int64_t glo = col / GA, ghi = (col + 64) / GA < a.NA ? (col + 64) / GA : glo;  // past K: zero codes
         for (int m = 0; m < MB; ++m) {
-          const __m128i sums = hsum4_epi32(acc[0][m][0], acc[1 % NR][m][0], acc[2 % NR][m][0], acc[3 % NR][m][0]);
-          const __m128 f = _mm_mul_ps(scg, _mm_set1_ps(a.s[(m0 + m) * a.NA + col / GA]));
-          part4[m] = _mm_add_ps(part4[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), f));
+          const float* sm = a.s + (m0 + m) * a.NA;
+          if (HALF) {
+            const __m128i lo = hsum4_epi32(lo256(acc[0][m][0]), lo256(acc[1 % NR][m][0]), lo256(acc[2 % NR][m][0]), lo256(acc[3 % NR][m][0]));
+            const __m128i hi = hsum4_epi32(hi256(acc[0][m][0]), hi256(acc[1 % NR][m][0]), hi256(acc[2 % NR][m][0]), hi256(acc[3 % NR][m][0]));
+            part4[m] = _mm_add_ps(part4[m], _mm_mul_ps(_mm_cvtepi32_ps(lo), _mm_mul_ps(scg, _mm_set1_ps(sm[glo]))));
+            part4[m] = _mm_add_ps(part4[m], _mm_mul_ps(_mm_cvtepi32_ps(hi), _mm_mul_ps(scg, _mm_set1_ps(sm[ghi]))));
+          } else {
+            const __m128i sums = hsum4_epi32(both256(acc[0][m][0]), both256(acc[1 % NR][m][0]), both256(acc[2 % NR][m][0]), both256(acc[3 % NR][m][0]));
+            part4[m] = _mm_add_ps(part4[m], _mm_mul_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(scg, _mm_set1_ps(sm[glo]))));
+          }
         }
       } else {
+        const int64_t glo = col / GA, ghi = (col + 64) / GA < a.NA ? (col + 64) / GA : glo;
         for (int r = 0; r < NR; ++r) {
           const float scg = sc[r * w.NG + col / G];
-          for (int m = 0; m < MB; ++m)
-            part[r][m] += (float)_mm512_reduce_add_epi32(acc[r][m][0]) * (scg * a.s[(m0 + m) * a.NA + col / GA]);
+          for (int m = 0; m < MB; ++m) {
+            const float* sm = a.s + (m0 + m) * a.NA;
+            if (HALF) {
+              part[r][m] += (float)_mm512_mask_reduce_add_epi32(0x00FF, acc[r][m][0]) * (scg * sm[glo]);
+              part[r][m] += (float)_mm512_mask_reduce_add_epi32(0xFF00, acc[r][m][0]) * (scg * sm[ghi]);
+            } else {
+              part[r][m] += (float)_mm512_reduce_add_epi32(acc[r][m][0]) * (scg * sm[glo]);
+            }
+          }
         }
       }
       for (int r = 0; r < NR; ++r)
@@ -146,16 +164,25 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
   }
 }
 
-template <int NR>
+template <int NR, bool HALF>
 void i8_wide_tiles(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n) {
   int64_t m = 0;
-  for (; m + 4 <= a.M; m += 4) i8_wide<NR, 4>(w, a, y, ldy, bias, n, m);
-  if (a.M - m >= 2) { i8_wide<NR, 2>(w, a, y, ldy, bias, n, m); m += 2; }
-  if (a.M - m >= 1) { i8_wide<NR, 1>(w, a, y, ldy, bias, n, m); m += 1; }
+  for (; m + 4 <= a.M; m += 4) i8_wide<NR, 4, HALF>(w, a, y, ldy, bias, n, m);
+  if (a.M - m >= 2) { i8_wide<NR, 2, HALF>(w, a, y, ldy, bias, n, m); m += 2; }
+  if (a.M - m >= 1) { i8_wide<NR, 1, HALF>(w, a, y, ldy, bias, n, m); m += 1; }
 }
 
-void i8_rows_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+template <bool HALF>
+void i8_rows_wide_as(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) i8_wide_tiles<4>(w, a, y, ldy, bias, n);
-  for (; n < n1; ++n) i8_wide_tiles<1>(w, a, y, ldy, bias, n);
+  for (; n + 4 <= n1; n += 4) i8_wide_tiles<4, HALF>(w, a, y, ldy, bias, n);
+  for (; n < n1; ++n) i8_wide_tiles<1, HALF>(w, a, y, ldy, bias, n);
+}
+
+// Codebook groups of whole rows or multiples of 128 columns; activation groups of whole rows or multiples of 64.
+void i8_rows_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  if (a.NA > 1 && a.GA % 128)
+    i8_rows_wide_as<true>(w, a, y, ldy, bias, n0, n1);
+  else
+    i8_rows_wide_as<false>(w, a, y, ldy, bias, n0, n1);
 }

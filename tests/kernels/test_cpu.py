@@ -93,6 +93,19 @@ def test_linear_matches_reference(case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,ga,g", [(384, 64, 384), (384, 192, 128), (192, 64, 192), (320, 64, 320)])
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_linear_activation_groups_of_64_columns(isa, k, ga, g, m):
+    """Activation groups of an odd multiple of 64 (each 128-column step spans two of them, and the last
+    step may pass K): every group's scale reaches its own columns. Groups of x differ 30x in range, so a
+    scale taken from the neighbouring group is far outside the tolerance."""
+    weight = random_packed(6, k, group_size=g, seed=k + ga + m)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen) * torch.tensor([30.0, 1.0]).repeat(k // 64 // 2 + 1)[: k // 64].repeat_interleave(64)
+    check_linear(x, weight, ActQuantSpec(4, ga), None, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n,k,g", [(768, 2048, 2048), (64, 2048, 128), (48, 768, 64), (40, 1408, 32), (4096, 1024, 128)])
 def test_linear_expert_shapes(isa, n, k, g):
     weight = random_packed(n, k, group_size=g, seed=n + k + g)
