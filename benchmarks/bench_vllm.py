@@ -171,6 +171,20 @@ def make_checkpoints(work: Path, layers: int, models: list[str], variants: list[
     return dirs
 
 
+RESULT = "RESULT "  # a benchmark child prints its result as one line: RESULT <json>
+
+
+def child_result(proc: subprocess.CompletedProcess):
+    """The JSON of a finished child's last RESULT line, or None when it failed or printed none."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    return json.loads(lines[-1].removeprefix(RESULT)) if lines and not proc.returncode else None
+
+
+def child_failure(proc: subprocess.CompletedProcess) -> str:
+    """Exit status and the last 3000 characters of a failed child's output."""
+    return f"exit status {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+
+
 def run_child(engine: str, model: Path, args) -> dict:
     env = engine_env(args.threads, args.vllm_in_process)
     command = [sys.executable, "-m", "benchmarks", "vllm", "--child", engine, "--model", str(model), "--threads", str(args.threads),
@@ -178,12 +192,10 @@ def run_child(engine: str, model: Path, args) -> dict:
                "--concurrency", ",".join(map(str, args.concurrency))]
     t0 = time.time()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        return {"error": f"exit status {proc.returncode}", "log_tail": tail, "wall_s": round(time.time() - t0, 1)}
-    return {"rows": json.loads(lines[-1].removeprefix("RESULT ")), "wall_s": round(time.time() - t0, 1),
-            "loadavg_after": os.getloadavg()}
+    rows = child_result(proc)
+    if rows is None:
+        return {"error": f"exit status {proc.returncode}", "log_tail": (proc.stdout + proc.stderr)[-3000:], "wall_s": round(time.time() - t0, 1)}
+    return {"rows": rows, "wall_s": round(time.time() - t0, 1), "loadavg_after": os.getloadavg()}
 
 
 def median_rows(runs: list[dict]) -> list[dict]:
@@ -238,7 +250,7 @@ def main(argv: list[str]) -> None:
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     if args.child:
         rows = child_vllm(args) if args.child == "vllm" else child_transformers(args)
-        print("RESULT " + json.dumps(rows), flush=True)
+        print(RESULT + json.dumps(rows), flush=True)
         return
     if args.out is None:
         ap.error("--out is required")

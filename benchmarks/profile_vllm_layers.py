@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_vllm import engine_env, vllm_engine
+from benchmarks.bench_vllm import RESULT, child_failure, child_result, engine_env, vllm_engine
 from benchmarks.common import command_line
 from codequant.utils import atomic_write_text
 
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     prompt = list(range(100, 116))
     if args.child:
-        print("RESULT " + json.dumps(child(str(args.checkpoints[0]), args.tokens, prompt)), flush=True)
+        print(RESULT + json.dumps(child(str(args.checkpoints[0]), args.tokens, prompt)), flush=True)
         return
     if args.out is None:
         ap.error("--out is required")
@@ -151,10 +151,9 @@ def main(argv: list[str]) -> None:
     for checkpoint in args.checkpoints:
         command = [sys.executable, "-m", "benchmarks", "vllm-layers", str(checkpoint), "--child", "--tokens", str(args.tokens)]
         proc = subprocess.run(command, env=engine_env(args.threads, in_process=True), capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{checkpoint} failed (exit status {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-        row = report["checkpoints"][str(checkpoint)] = json.loads(lines[-1].removeprefix("RESULT "))
+        row = report["checkpoints"][str(checkpoint)] = child_result(proc)
+        if row is None:
+            sys.exit(f"{checkpoint} failed, {child_failure(proc)}")
         print(checkpoint.name, json.dumps(row, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_vllm import engine_env, transformers_model, vllm_engine
+from benchmarks.bench_vllm import RESULT, child_failure, child_result, engine_env, transformers_model, vllm_engine
 from benchmarks.common import command_line
 from codequant.utils import atomic_write_text
 
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
         model = str(args.checkpoints[0])
         row = (child_vllm(model, args.tokens, prompt) if args.child == "vllm"
                else child_transformers(model, args.tokens, prompt, args.threads))
-        print("RESULT " + json.dumps(row), flush=True)
+        print(RESULT + json.dumps(row), flush=True)
         return
     if args.out is None:
         ap.error("--out is required")
@@ -125,10 +125,9 @@ def main(argv: list[str]) -> None:
             command = [sys.executable, "-m", "benchmarks", "vllm-profile", str(checkpoint), "--child", engine,
                        "--threads", str(args.threads), "--tokens", str(args.tokens)]
             proc = subprocess.run(command, env=env, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.exit(f"{engine} on {checkpoint} failed (exit status {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-            rows[engine] = json.loads(lines[-1].removeprefix("RESULT "))
+            rows[engine] = child_result(proc)
+            if rows[engine] is None:
+                sys.exit(f"{engine} on {checkpoint} failed, {child_failure(proc)}")
             print(checkpoint.name, engine, json.dumps(rows[engine]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
