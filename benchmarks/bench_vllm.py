@@ -180,11 +180,6 @@ def child_result(proc: subprocess.CompletedProcess):
     return json.loads(lines[-1].removeprefix(RESULT)) if lines and not proc.returncode else None
 
 
-def child_failure(proc: subprocess.CompletedProcess) -> str:
-    """Exit status and the last 3000 characters of a failed child's output."""
-    return f"exit status {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
-
-
 def run_child(engine: str, model: Path, args) -> dict:
     env = engine_env(args.threads, args.vllm_in_process)
     command = [sys.executable, "-m", "benchmarks", "vllm", "--child", engine, "--model", str(model), "--threads", str(args.threads),

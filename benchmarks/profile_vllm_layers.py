@@ -25,13 +25,11 @@ import argparse
 import collections
 import json
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from benchmarks.bench_vllm import RESULT, child_failure, child_result, engine_env, vllm_engine
+from benchmarks.bench_vllm import RESULT, vllm_engine
 from benchmarks.common import command_line
+from benchmarks.profile_vllm_step import PROMPT, profile_arguments, profile_child
 from codequant.utils import atomic_write_text
 
 TIMED_KERNELS = ("run", "moe", "bf16_linear")
@@ -133,27 +131,18 @@ def child(model: str, tokens: int, prompt: list[int]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", type=Path, help="CodeQuant checkpoint directories (vLLM-servable)")
-    ap.add_argument("--out", type=Path, help="results JSON")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tokens", type=int, default=64, help="decode tokens profiled")
+    ap = profile_arguments(__doc__)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    prompt = list(range(100, 116))
     if args.child:
-        print(RESULT + json.dumps(child(str(args.checkpoints[0]), args.tokens, prompt)), flush=True)
+        print(RESULT + json.dumps(child(str(args.checkpoints[0]), args.tokens, PROMPT)), flush=True)
         return
     if args.out is None:
         ap.error("--out is required")
     report = {"command": command_line("vllm-layers", argv), "threads": args.threads, "tokens": args.tokens,
               "statistic": __doc__.split("so each figure is per decode step:")[1].strip(), "checkpoints": {}}
     for checkpoint in args.checkpoints:
-        command = [sys.executable, "-m", "benchmarks", "vllm-layers", str(checkpoint), "--child", "--tokens", str(args.tokens)]
-        proc = subprocess.run(command, env=engine_env(args.threads, in_process=True), capture_output=True, text=True)
-        row = report["checkpoints"][str(checkpoint)] = child_result(proc)
-        if row is None:
-            sys.exit(f"{checkpoint} failed, {child_failure(proc)}")
+        row = report["checkpoints"][str(checkpoint)] = profile_child("vllm-layers", checkpoint, args)
         print(checkpoint.name, json.dumps(row, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_vllm import RESULT, child_failure, child_result, engine_env, transformers_model, vllm_engine
+from benchmarks.bench_vllm import RESULT, child_result, engine_env, transformers_model, vllm_engine
 from benchmarks.common import command_line
 from codequant.utils import atomic_write_text
 
@@ -98,36 +98,51 @@ def child_transformers(model: str, tokens: int, prompt: list[int], threads: int)
     return per_token(profiled(run(1)), profiled(run(1 + tokens)), tokens)
 
 
-def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROMPT = list(range(100, 116))  # the profiled request's prompt token ids
+
+
+def profile_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options this profiler and ``vllm-layers`` share: checkpoints, --out, --threads, --tokens."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", type=Path, help="CodeQuant checkpoint directories (vLLM-servable)")
     ap.add_argument("--out", type=Path, help="results JSON")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens profiled")
+    return ap
+
+
+def profile_child(benchmark: str, checkpoint: Path, args, *options: str) -> dict:
+    """The result of ``python -m benchmarks BENCHMARK CHECKPOINT --child OPTIONS`` run in an in-process
+    vLLM engine's environment on ``args.threads`` threads; exits with its output when it fails."""
+    command = [sys.executable, "-m", "benchmarks", benchmark, str(checkpoint), "--child", *options,
+               "--threads", str(args.threads), "--tokens", str(args.tokens)]
+    proc = subprocess.run(command, env=engine_env(args.threads, in_process=True), capture_output=True, text=True)
+    row = child_result(proc)
+    if row is None:
+        sys.exit(f"{' '.join((benchmark, *options))} on {checkpoint} failed (exit status {proc.returncode}):\n"
+                 f"{(proc.stdout + proc.stderr)[-3000:]}")
+    return row
+
+
+def main(argv: list[str]) -> None:
+    ap = profile_arguments(__doc__)
     ap.add_argument("--engines", default="vllm,transformers")
     ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    prompt = list(range(100, 116))
     if args.child:
         model = str(args.checkpoints[0])
-        row = (child_vllm(model, args.tokens, prompt) if args.child == "vllm"
-               else child_transformers(model, args.tokens, prompt, args.threads))
+        row = (child_vllm(model, args.tokens, PROMPT) if args.child == "vllm"
+               else child_transformers(model, args.tokens, PROMPT, args.threads))
         print(RESULT + json.dumps(row), flush=True)
         return
     if args.out is None:
         ap.error("--out is required")
-    env = engine_env(args.threads, in_process=True)
     report = {"command": command_line("vllm-profile", argv), "threads": args.threads, "tokens": args.tokens,
               "statistic": __doc__.split("difference")[1].split("With checkpoints")[0].strip(), "checkpoints": {}}
     for checkpoint in args.checkpoints:
         rows = report["checkpoints"][str(checkpoint)] = {}
         for engine in args.engines.split(","):
-            command = [sys.executable, "-m", "benchmarks", "vllm-profile", str(checkpoint), "--child", engine,
-                       "--threads", str(args.threads), "--tokens", str(args.tokens)]
-            proc = subprocess.run(command, env=env, capture_output=True, text=True)
-            rows[engine] = child_result(proc)
-            if rows[engine] is None:
-                sys.exit(f"{engine} on {checkpoint} failed, {child_failure(proc)}")
+            rows[engine] = profile_child("vllm-profile", checkpoint, args, engine)
             print(checkpoint.name, engine, json.dumps(rows[engine]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
