@@ -18,6 +18,7 @@ scales and zeros). Rows (``--rows``):
   codequant:w4a4:feedback:ohad          ... with an online Hadamard before every o_proj too (o_proj_hadamard)
   codequant:w4a4:feedback:router8       ... with the router's input at 8 bits (router_abits); options combine
   codequant:w4a4:nearest:agroup64       ... with one activation scale per 64 channels of a token (act_group_size)
+  codequant:w4a4:nearest:vrot           ... with a per-head Hadamard between v_proj and o_proj (value_rotation, R2)
   rtn:w4a4 / gptq:w4a16 / ...           CodeQuant's own baselines (any ``method:mode``)
   autoround:w4a16                       AutoRound (pip install auto-round), group 128, symmetric, on the
                                         model with its fused experts split into nn.Linear (UnfusedExperts)
@@ -193,6 +194,8 @@ def row_options(spec: str, parts: list[str]) -> dict:
             options["router_abits"] = int(option[6:])
         elif option == "ohad":
             options["o_proj_hadamard"] = True
+        elif option == "vrot":
+            options["value_rotation"] = True
         elif option.startswith("agroup") and option[6:].isdigit():
             options["act_group_size"] = int(option[6:])
         elif option == "head":
@@ -200,7 +203,7 @@ def row_options(spec: str, parts: list[str]) -> dict:
         else:
             raise ValueError(f"row {spec!r}: parts after the third must be blockN (N epochs of block-output tuning), clipR "
                              "(activation clip ratio R in (0, 1]), clipsearch, ohad, routerN (router input bits), agroupN (one activation "
-                             "scale per N channels) or head")
+                             "scale per N channels), vrot (value rotation R2) or head")
     return options
 
 

@@ -71,14 +71,17 @@ def test_codequant_row_options_reach_the_config(monkeypatch):
     compare_peers.run_row("codequant:w4a4:feedback:clip0.9:block2", None, None, None, args)
     compare_peers.run_row("codequant:w4a4:nearest:ohad:clipsearch:router8:head", None, None, None, args)
     compare_peers.run_row("rtn:w4a4:nearest:agroup64", None, None, None, args)
+    compare_peers.run_row("codequant:w4a4:nearest:vrot", None, None, None, args)
     compare_peers.run_row("rtn:w4a4", None, None, None, args)
     assert seen == [("codequant", "w4a4", "feedback", "cpu", {"act_clip": 0.9, "block_tuning_epochs": 2}),
                     ("codequant", "w4a4", "nearest", "cpu", {"o_proj_hadamard": True, "act_clip_search": True, "router_abits": 8,
                                                              "targets": (*compare_peers.QuantConfig.targets, "lm_head")}),
                     ("rtn", "w4a4", "nearest", "cpu", {"act_group_size": 64}),
+                    ("codequant", "w4a4", "nearest", "cpu", {"value_rotation": True}),
                     ("rtn", "w4a4", "nearest", "cpu", {})]
     for bad in ("codequant:w4a4:nearest:clip1.5", "codequant:w4a4:nearest:clipx", "codequant:w4a4:nearest:fast", "codequant:w4a4:nearest:routerx",
                 "codequant:w4a4:nearest:agroup"):
         with pytest.raises(ValueError, match=r"parts after the third must be blockN .*, clipR \(activation clip ratio R in \(0, 1\]\), "
-                                             r"clipsearch, ohad, routerN \(router input bits\), agroupN \(one activation scale per N channels\) or head"):
+                                             r"clipsearch, ohad, routerN \(router input bits\), agroupN \(one activation scale per N channels\), "
+                                             r"vrot \(value rotation R2\) or head"):
             compare_peers.run_row(bad, None, None, None, args)
