@@ -29,8 +29,9 @@ the kernel table (:mod:`codequant.kernels.gpu`).
   launches; quantized activations (or the block Hadamard) add a prologue before each GEMV
   that gathers, pairs and quantizes. Dense bf16 expert weights run through the same kernels
   (``WBF16``), the comparison that isolates the weight format.
-* :func:`route`: an MoE router (bf16 / fp16 weights [E, H]) for up to ROUTE_MAX_T tokens in one
-  launch: logits, softmax, top-k, renormalization (:class:`codequant.modules.router.Routing`).
+* :func:`route`: an MoE router (bf16 / fp16 weights [E, H]) for up to ROUTE_MAX_T tokens in two
+  launches (logits over many blocks; softmax, top-k and renormalization in one block, with PDL):
+  :class:`codequant.modules.router.Routing`.
 
 Kernel design in the .cu file and benchmarks/notes-gpu.md.
 """
@@ -85,10 +86,9 @@ SLOT_BLOCKS_MAX_SHARE = 4
 
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-# the router kernel's limits (cq_gemv.h): tokens, experts, top-k, and the [T, E] fp32 logits in 48 KB of shared memory
+# the router kernels' limits (cq_gemv.h): tokens, experts, top-k, and T * E (the top-k launch holds 8 bytes per
+# logit in shared memory, within ROUTE_MAX_SMEM)
 ROUTE_MAX_T, ROUTE_MAX_E, ROUTE_MAX_K, ROUTE_MAX_LOGITS = 16, 1024, 32, 12 * 1024
-# expert rows per block of the router's cluster at least this many (one per warp), clusters of up to 8 blocks (sm_90)
-ROUTE_ROWS_PER_BLOCK = 16
 
 
 def enabled() -> bool:
@@ -439,19 +439,10 @@ def route_supported(x: torch.Tensor, weight: torch.Tensor, top_k: int) -> bool:
             and 1 <= t <= ROUTE_MAX_T and e <= ROUTE_MAX_E and t * e <= ROUTE_MAX_LOGITS and 1 <= top_k <= min(e, ROUTE_MAX_K))
 
 
-def route_cluster(n_experts: int, device) -> int:
-    """Blocks of the router's launch: a cluster of up to 8 (sm_90) with at least ROUTE_ROWS_PER_BLOCK expert rows each."""
-    c = 1
-    if _device_props(device)[1] >= 9:
-        while c < 8 and n_experts >= 2 * c * ROUTE_ROWS_PER_BLOCK:
-            c *= 2
-    return c
-
-
 def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm: bool, scale: float, fp32_logits: bool,
           fp32_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits [T, E], weights [T, k], index int64 [T, k]) of softmax top-k routing for a call
-    :func:`route_supported` accepts, in one launch: l = x W^T (fp32 sums; in x's dtype unless
+    :func:`route_supported` accepts, in two launches: l = x W^T (fp32 sums; in x's dtype unless
     ``fp32_logits``), p = softmax(l) in fp32, the k largest p best first (ties: the lower expert
     index), divided by their sum when ``renorm``, times ``scale``; weights in float32 when
     ``fp32_weights``, else in the logits' dtype."""
@@ -465,6 +456,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm: bool, scale
     logits = torch.empty(t, e, dtype=ldtype, device=x.device)
     weights = torch.empty(t, top_k, dtype=torch.float32 if fp32_weights else ldtype, device=x.device)
     index = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
-    ext.route(x, weight.contiguous(), logits, weights, index, not fp32_logits, renorm, scale, route_cluster(e, x.device),
-              _pdl(x.device))
+    ws = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    ext.route(x, weight.contiguous(), logits, weights, index, not fp32_logits, renorm, scale, ws, _pdl(x.device))
     return logits, weights, index

@@ -765,25 +765,19 @@ __global__ void moe_align_kernel(const void* ids, int ids64, int S, int E, int b
   }
 }
 
-// ---------------------------------------------------------------- fused router (one launch per MoE layer)
+// ---------------------------------------------------------------- fused router (two launches per MoE layer)
 // logits l[t, e] = sum_h x[t, h] W[e, h] (fp32 sums, rounded to the 16-bit type when round_logits, as
 // F.linear in that type does), p[t] = softmax(l[t]) in fp32, the top_k experts by l (the order of p;
 // ties to the lower expert index, NaN above every number as in torch.topk), their p renormalized to
-// sum 1 when renorm, times scale. A cluster of C blocks (sm_90; C = 1 elsewhere) splits the E weight
-// rows, each warp reducing whole rows; every block writes its logits into the shared memory of
-// cluster rank 0, which then runs the softmax and the top-k, one warp per token.
-// Launched with PDL, it fetches its first weight rows before waiting for the launch that wrote x;
-// it never triggers its dependents early (see route_kernel).
-constexpr int ROUTE_WARPS = 16;
-constexpr int ROUTE_SEG = 8;  // 16-B weight chunks per lane loaded together (2048 columns per warp)
-
-// (v, e) before (bv, be) in the router's order: larger first, NaN above everything, ties to the lower index
-__device__ __forceinline__ bool route_before(float v, int e, float bv, int be) {
-  const bool n = v != v, bn = bv != bv;
-  if (n != bn) return n;
-  if (!n && v != bv) return v > bv;
-  return e < be;
-}
+// sum 1 when renorm, times scale.
+// Launch 1 (route_logits_kernel): one expert row per warp, ROUTE_WARPS rows per block, fp32 logits
+// to a workspace [T, E]; with PDL it fetches its weight rows before waiting for the launch that wrote
+// x, and lets launch 2 start at once. Launch 2 (route_topk_kernel, one block, PDL): waits for launch 1,
+// ranks every logit of a token against all others (rank = the logits before it in the order above;
+// rank < top_k is a pick), softmax sums by block reduction. It never triggers its dependents early
+// (see route_topk_kernel).
+constexpr int ROUTE_WARPS = 4;  // warps (expert rows) per block of the logits launch
+constexpr int ROUTE_SEG = 8;    // 16-B weight chunks per lane loaded together (2048 columns per warp)
 
 template <bool BF16>
 __device__ __forceinline__ float route_half(uint32_t u, int hi) {
@@ -803,13 +797,14 @@ __device__ __forceinline__ float route_dot8(const uint4& a, const uint4& b, floa
   return s;
 }
 
-// Logits of experts e0..e1-1 for every token, one row per warp at a time; store(t * E + e, l) by lane 0.
-// The weights of the first rows are fetched before waiting for the previous launch (which wrote x).
-template <bool BF16, typename Store>
-__device__ __forceinline__ void route_logits(const RouteParams& p, int e0, int e1, Store store) {
+// Launch 1: the logits of expert rows e = blockIdx.x * ROUTE_WARPS + warp (+ gridDim.x * ROUTE_WARPS ...)
+// for every token, into p.ws [T, E] (fp32, rounded to the 16-bit type first when round_logits).
+template <bool BF16>
+__global__ void __launch_bounds__(ROUTE_WARPS * 32) route_logits_kernel(const RouteParams p) {
+  launch_dependents();  // the top-k launch waits for this whole grid (griddepcontrol.wait)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nch = p.H >> 3;
   bool waited = !p.pdl;
-  for (int e = e0 + warp; e < e1; e += ROUTE_WARPS) {
+  for (int e = blockIdx.x * ROUTE_WARPS + warp; e < p.E; e += gridDim.x * ROUTE_WARPS) {
     float acc[ROUTE_MAX_T];
 #pragma unroll
     for (int t = 0; t < ROUTE_MAX_T; ++t) acc[t] = 0.f;
@@ -843,82 +838,78 @@ __device__ __forceinline__ void route_logits(const RouteParams& p, int e0, int e
 #pragma unroll
         for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if (p.round_logits) v = BF16 ? __bfloat162float(__float2bfloat16_rn(v)) : __half2float(__float2half_rn(v));
-        if (lane == 0) store(t * p.E + e, v);
+        if (lane == 0) p.ws[t * p.E + e] = v;
       }
     }
   }
   if (!waited) grid_dependency_wait();  // every write of this launch comes after the previous launch
 }
 
-// Softmax and top-k of the logits lg [T, E] (shared memory), one warp per token.
-__device__ __forceinline__ void route_topk(const RouteParams& p, const float* lg) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int t = warp; t < p.T; t += ROUTE_WARPS) {
-    const float* l = lg + t * p.E;
-    float m = -INFINITY;
-    for (int e = lane; e < p.E; e += 32) m = fmaxf(m, l[e]);
-#pragma unroll
-    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float s = 0.f;
-    for (int e = lane; e < p.E; e += 32) {
-      s += expf(l[e] - m);
-      if (p.logits) store_out(p.logits, (size_t)t * p.E + e, p.ltype, l[e]);
-    }
-#pragma unroll
-    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    uint32_t taken = 0;  // bit i: expert lane + 32 i picked
-    float mine = 0.f;    // lane j < top_k: the j-th pick's probability and expert
-    int mine_e = 0;
-    for (int j = 0; j < p.topk; ++j) {
-      float bv = -INFINITY;
-      int be = 0x7fffffff;
-      for (int i = 0, e = lane; e < p.E; ++i, e += 32)
-        if (!((taken >> i) & 1u) && route_before(l[e], e, bv, be)) bv = l[e], be = e;
-#pragma unroll
-      for (int o = 16; o; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-        if (route_before(ov, oe, bv, be)) bv = ov, be = oe;
-      }
-      if ((be & 31) == lane) taken |= 1u << (be >> 5);
-      if (lane == j) mine = expf(bv - m) / s, mine_e = be;
-    }
-    float z = lane < p.topk ? mine : 0.f;
-#pragma unroll
-    for (int o = 16; o; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
-    if (lane < p.topk) {
-      store_out(p.weights, (size_t)t * p.topk + lane, p.wtype, (p.renorm ? mine / z : mine) * p.scale);
-      p.index[(size_t)t * p.topk + lane] = mine_e;
-    }
-  }
+// A logit as an unsigned key whose order is the router's: larger first, +0 = -0, NaN above +inf.
+__device__ __forceinline__ uint32_t route_key(float v) {
+  if (v != v) return 0xffffffffu;
+  const uint32_t u = __float_as_uint(v == 0.f ? 0.f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-template <int C, bool BF16>
-__global__ void __launch_bounds__(ROUTE_WARPS * 32) route_kernel(RouteParams p) {
-  extern __shared__ float lg[];  // [T, E] logits, gathered in cluster rank 0
+// Launch 2: shared memory holds the logits lg [T * E], their keys [T * E], the picks [T * topk] and
+// the per-warp softmax sums [T * ROUTE_TOPK_WARPS].
+__global__ void __launch_bounds__(ROUTE_TOPK_WARPS * 32) route_topk_kernel(const RouteParams p) {
   // No launch_dependents(): the launches after this one start when it has finished. The W4A4 MoE's
   // prologue (PDL) lets its gate_up GEMV start at once, and that GEMV reads the expert ids before it
   // waits (to fetch the expert's first weights), so a trigger here let it read expert ids not yet
   // written (an illegal address in the W4A4 end-to-end decode, tests/kernels/test_cuda_router.py).
-  if (C > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uint32_t rank, remote;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(remote) : "r"((uint32_t)__cvta_generic_to_shared(lg)));
-    const int per = (p.E + C - 1) / C, e0 = (int)rank * per;
-    route_logits<BF16>(p, e0, min(p.E, e0 + per), [&](int i, float v) {
-      asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote + 4u * (uint32_t)i), "f"(v) : "memory");
-    });
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-    if (rank != 0) return;
-#else
-    __trap();  // clusters need sm_90; the host launches C > 1 only there
-#endif
-  } else {
-    route_logits<BF16>(p, 0, p.E, [&](int i, float v) { lg[i] = v; });
-    __syncthreads();
+  extern __shared__ float lg[];
+  const int n = p.T * p.E, nth = ROUTE_TOPK_WARPS * 32, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  uint32_t* key = reinterpret_cast<uint32_t*>(lg + n);
+  int* pick = reinterpret_cast<int*>(key + n);
+  float* part = reinterpret_cast<float*>(pick + p.T * p.topk);
+  grid_dependency_wait();  // the logits launch has finished and its writes are visible
+  for (int i = tid; i < n; i += nth) {
+    const float v = __ldcg(p.ws + i);
+    lg[i] = v;
+    key[i] = route_key(v);
+    if (p.logits) store_out(p.logits, i, p.ltype, v);
   }
-  route_topk(p, lg);
+  __syncthreads();
+  for (int i = tid; i < n; i += nth) {  // rank of (t, e): the logits of token t before it
+    const int t = i / p.E, e = i - t * p.E;
+    const uint32_t* kt = key + t * p.E;
+    const uint32_t mine = kt[e];
+    int above = 0, tied = 0;
+    for (int j = 0; j < p.E; ++j) {
+      const uint32_t o = kt[j];
+      above += o > mine;
+      tied += (o == mine) & (j < e);
+    }
+    const int r = above + tied;
+    if (r < p.topk) pick[t * p.topk + r] = e;
+  }
+  __syncthreads();
+  for (int t = 0; t < p.T; ++t) {  // softmax denominators: sum of exp(l - max), max = the first pick
+    const float* l = lg + t * p.E;
+    const float m = l[pick[t * p.topk]];
+    float s = 0.f;
+    for (int e = tid; e < p.E; e += nth) s += expf(l[e] - m);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) part[t * ROUTE_TOPK_WARPS + warp] = s;
+  }
+  __syncthreads();
+  for (int i = tid; i < p.T * p.topk; i += nth) {
+    const int t = i / p.topk;
+    const float* l = lg + t * p.E;
+    const int* pt = pick + t * p.topk;
+    const float m = l[pt[0]];
+    float s = 0.f, z = 0.f;
+#pragma unroll
+    for (int w = 0; w < ROUTE_TOPK_WARPS; ++w) s += part[t * ROUTE_TOPK_WARPS + w];
+    for (int j = 0; j < p.topk; ++j) z += expf(l[pt[j]] - m) / s;
+    const int e = pt[i - t * p.topk];
+    const float mine = expf(l[e] - m) / s;
+    store_out(p.weights, i, p.wtype, (p.renorm ? mine / z : mine) * p.scale);
+    p.index[i] = e;
+  }
 }
 
 constexpr int MAX_SMEM = 227 * 1024;
@@ -1018,37 +1009,21 @@ int cq_gemv(GemvParams p, int R, int W, int bf16_dot, int stages, int blocks_y, 
   return (int)cudaErrorInvalidValue;
 }
 
-int cq_route(const RouteParams& p, int cluster, cudaStream_t st) {
+int cq_route(const RouteParams& p, cudaStream_t st) {
   using namespace cq;
+  const size_t smem = route_smem_bytes(p.T, p.E, p.topk);
   if (p.T < 1 || p.T > ROUTE_MAX_T || p.E < 1 || p.E > ROUTE_MAX_E || p.topk < 1 || p.topk > ROUTE_MAX_K || p.topk > p.E ||
-      p.H % 8 || (size_t)p.T * p.E * sizeof(float) > ROUTE_MAX_SMEM)
+      p.H % 8 || smem > ROUTE_MAX_SMEM)
     return (int)cudaErrorInvalidValue;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(cluster);
-  cfg.blockDim = dim3(ROUTE_WARPS * 32);
-  cfg.dynamicSmemBytes = (size_t)p.T * p.E * sizeof(float);
-  cfg.stream = st;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster;
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
+  static bool attr = false;  // once: allow more than 48 KB of dynamic shared memory
+  if (!attr) {
+    const cudaError_t e = cudaFuncSetAttribute(route_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)ROUTE_MAX_SMEM);
+    if (e != cudaSuccess) return (int)e;
+    attr = true;
   }
-  if (p.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  const bool bf16 = p.xtype == 0;
-#define CQ_ROUTE(CC)                                                                           \
-  if (cluster == CC)                                                                           \
-    return (int)(bf16 ? cudaLaunchKernelEx(&cfg, route_kernel<CC, true>, p) : cudaLaunchKernelEx(&cfg, route_kernel<CC, false>, p));
-  CQ_ROUTE(1) CQ_ROUTE(2) CQ_ROUTE(4) CQ_ROUTE(8)
-#undef CQ_ROUTE
-  return (int)cudaErrorInvalidValue;
+  const dim3 grid((p.E + ROUTE_WARPS - 1) / ROUTE_WARPS), block(ROUTE_WARPS * 32);
+  cudaError_t e = p.xtype == 0 ? launch_pdl(route_logits_kernel<true>, grid, block, 0, st, p.pdl != 0, p)
+                               : launch_pdl(route_logits_kernel<false>, grid, block, 0, st, p.pdl != 0, p);
+  if (e != cudaSuccess) return (int)e;
+  return (int)launch_pdl(route_topk_kernel, dim3(1), dim3(ROUTE_TOPK_WARPS * 32), smem, st, p.pdl != 0, p);
 }

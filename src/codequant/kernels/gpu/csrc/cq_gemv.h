@@ -55,10 +55,13 @@ struct GemvParams {
                              // launch's output), 2 = waits first (MoE gate_up: the expert ids come from the router)
 };
 
-// The router of an MoE layer in one launch (cq_gemv.cu, route_kernel): logits of x [T, H] against W [E, H]
-// (16-bit, fp32 sums), softmax, top-k, optional renormalization and scale.
+// The router of an MoE layer in two launches (cq_gemv.cu, route_logits_kernel, route_topk_kernel): logits of
+// x [T, H] against W [E, H] (16-bit, fp32 sums), softmax, top-k, optional renormalization and scale.
 constexpr int ROUTE_MAX_T = 16, ROUTE_MAX_E = 1024, ROUTE_MAX_K = 32;
-constexpr size_t ROUTE_MAX_SMEM = 48 * 1024;  // the [T, E] fp32 logits in shared memory
+constexpr int ROUTE_TOPK_WARPS = 8;  // warps of the top-k launch
+constexpr size_t ROUTE_MAX_SMEM = 99 * 1024;  // the top-k launch's shared memory (route_smem_bytes), sm_86's limit
+// the top-k launch's shared memory: fp32 logits and their order keys [T, E], picks [T, topk], softmax partial sums
+inline size_t route_smem_bytes(int T, int E, int topk) { return (size_t)T * (8 * E + 4 * topk + 4 * ROUTE_TOPK_WARPS); }
 struct RouteParams {
   const void* x;       // [T, ldx] 16-bit (xtype 0 bf16, 1 fp16), 16-B aligned rows
   int ldx, xtype;
@@ -72,6 +75,7 @@ struct RouteParams {
   void* weights;       // [T, topk] in wtype
   int wtype;
   long long* index;    // [T, topk] int64, best first
+  float* ws;           // [T, E] fp32 workspace: the logits launch's output
   int pdl;             // launched with PDL (x is the previous launch's output)
 };
 
@@ -82,5 +86,4 @@ int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_block
 // out[t, n] = sum_k ys[t * topk + k, n] for t < T, n < H, out in otype (0 bf16, 1 fp16, 2 fp32); pdl: launched
 // with PDL (after a gemv, which lets dependents start early).
 int cq_topk_sum(const float* ys, void* out, int otype, int T, int H, int topk, int pdl, cudaStream_t st);
-// cluster: blocks splitting the expert rows (1, or 2 / 4 / 8 on sm_90).
-int cq_route(const RouteParams& p, int cluster, cudaStream_t st);
+int cq_route(const RouteParams& p, cudaStream_t st);

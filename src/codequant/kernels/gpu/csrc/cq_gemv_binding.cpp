@@ -163,10 +163,11 @@ void topk_sum(torch::Tensor ys, torch::Tensor out, int64_t topk, bool pdl) {
                     c10::cuda::getCurrentCUDAStream().stream()), "topk_sum");
 }
 
-// The router in one launch: logits [T, E] (or empty), weights [T, k] (bf16, fp16 or fp32) and index int64 [T, k]
-// <- x [T, H] (16-bit, 16-byte aligned rows) and W [E, H] (x's dtype); see RouteParams in cq_gemv.h.
+// The router in two launches: logits [T, E] (or empty), weights [T, k] (bf16, fp16 or fp32) and index int64 [T, k]
+// <- x [T, H] (16-bit, 16-byte aligned rows) and W [E, H] (x's dtype), ws a float32 workspace [T, E]; see RouteParams
+// in cq_gemv.h.
 void route(torch::Tensor x, torch::Tensor w, torch::Tensor logits, torch::Tensor weights, torch::Tensor index, bool round_logits,
-           bool renorm, double scale, int64_t cluster, bool pdl) {
+           bool renorm, double scale, torch::Tensor ws, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && (uintptr_t)x.data_ptr() % 16 == 0,
               "x must be a CUDA [T, H] tensor with unit column stride and 16-byte aligned rows");
   TORCH_CHECK(x.dtype() == torch::kBFloat16 || x.dtype() == torch::kFloat16, "x must be bf16 or fp16");
@@ -176,6 +177,8 @@ void route(torch::Tensor x, torch::Tensor w, torch::Tensor logits, torch::Tensor
   TORCH_CHECK(index.dtype() == torch::kInt64 && index.is_contiguous() && index.size(0) == T, "index must be contiguous int64 [T, k]");
   TORCH_CHECK(weights.is_contiguous() && weights.sizes() == index.sizes(), "weights must be contiguous [T, k]");
   TORCH_CHECK(!logits.numel() || (logits.is_contiguous() && logits.size(0) == T && logits.size(1) == E), "logits must be contiguous [T, E]");
+  TORCH_CHECK(ws.is_cuda() && ws.dtype() == torch::kFloat32 && ws.is_contiguous() && ws.numel() >= (int64_t)T * E,
+              "ws must be a contiguous float32 CUDA tensor of T * E elements");
   RouteParams p{};
   p.x = x.data_ptr();
   p.ldx = (int)x.stride(0);
@@ -193,8 +196,9 @@ void route(torch::Tensor x, torch::Tensor w, torch::Tensor logits, torch::Tensor
   p.weights = weights.data_ptr();
   p.wtype = dtype_code(weights);
   p.index = reinterpret_cast<long long*>(index.data_ptr<int64_t>());
+  p.ws = ws.data_ptr<float>();
   p.pdl = pdl;
-  check(cq_route(p, (int)cluster, c10::cuda::getCurrentCUDAStream().stream()), "route");
+  check(cq_route(p, c10::cuda::getCurrentCUDAStream().stream()), "route");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -202,5 +206,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "CodeQuant decode GEMV (M <= 16 rows per block), dense or per-expert");
   m.def("moe_align", &moe_align, "group MoE slots by expert into padded runs");
   m.def("topk_sum", &topk_sum, "sum each token's top-k slot rows");
-  m.def("route", &route, "MoE router in one launch: logits, softmax, top-k, renormalization");
+  m.def("route", &route, "MoE router in two launches: logits, then softmax, top-k, renormalization");
 }
