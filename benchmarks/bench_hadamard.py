@@ -8,7 +8,8 @@ Blocks 64 to 4096 (the down projections of Qwen3-30B-A3B use 256, DeepSeek-V2-Li
 blocks, at 1, 16 and 512 tokens; float32 input (the MoE's hidden activations are float32 there).
 ``one_matmul_wins_up_to``: per token count, the largest block at which one matmul is still the
 faster. codequant.core.hadamard.ONE_MATMUL_MAX_BLOCK is set from the CPU's: the largest block where
-one matmul wins at one token and the factors do not lose more at 16 tokens (128).
+one matmul wins at one token and the factors do not lose more at 16 tokens (128); on CUDA
+(ONE_MATMUL_MAX_BLOCK_CUDA, ..._MANY_ROWS) from the H100's: 1024 at up to 16 rows, 256 above.
 """
 
 from __future__ import annotations

@@ -24,3 +24,9 @@ def test_block_hadamard_keeps_a_16_bit_input_dtype():
     y = block_hadamard(x, 512)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), (x.float().reshape(4, 2, 512) @ hadamard(512)).reshape(4, 1024), rtol=1e-2, atol=1e-2)
+
+
+def test_one_matmul_up_to_the_measured_crossover_on_the_cpu():
+    from codequant.core.hadamard import ONE_MATMUL_MAX_BLOCK, one_matmul_max_block
+
+    assert one_matmul_max_block(torch.zeros(1, 4096)) == one_matmul_max_block(torch.zeros(512, 4096)) == ONE_MATMUL_MAX_BLOCK == 128

@@ -223,6 +223,36 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     assert rel_err(y, ref) < (CUDA_BF16 if mode == "w4a16" else 8e-3)
 
 
+def test_block_hadamard_crossover_on_cuda():
+    """One matmul up to block 1024 at up to 16 rows, up to 256 above (hadamard-gpu-h100.json); same values either way."""
+    from codequant.core.hadamard import block_hadamard, one_matmul_max_block
+
+    few, many = torch.randn(16, 2048, device="cuda"), torch.randn(17, 2048, device="cuda")
+    assert one_matmul_max_block(few) == 1024 and one_matmul_max_block(many) == 256
+    for x in (few, many):
+        torch.testing.assert_close(block_hadamard(x, 1024), block_hadamard(x, 1024, factored=True), rtol=0, atol=1e-5 * x.abs().max().item())
+
+
+@pytest.mark.parametrize("e,topk,h,i,hb", [(128, 8, 2048, 768, 256), (8, 2, 1024, 14336, 2048), (16, 4, 512, 384, 128)])
+@pytest.mark.parametrize("t", [1, 16])
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_moe_hadamard_in_the_prologue(monkeypatch, e, topk, h, i, hb, t, mode):
+    """The down projection's block Hadamard done by the prologue (fast Walsh-Hadamard transform in
+    shared memory; 56 KB of it for I = 14336) gives the outputs of block_hadamard before an unfused
+    prologue, and the reference's."""
+    act = W4A16 if mode == "w4a16" else W4A4
+    x, idx, w, gu, dn = moe_case(e, topk, h, i, t, seed=i + t)
+    assert cuda_gemv.prep_hadamard_ok(i, hb)
+    assert not cuda_gemv.prep_hadamard_ok(384, 256) and not cuda_gemv.prep_hadamard_ok(18944 * 2, 256)
+    fused = cuda_gemv.moe(x, idx, w, gu, dn, act, act, hb)
+    monkeypatch.setattr(cuda_gemv, "prep_hadamard_ok", lambda k, block: False)
+    unfused = cuda_gemv.moe(x, idx, w, gu, dn, act, act, hb)
+    ref = reference.moe(x.float(), idx, w, gu, dn, act, act, hb)
+    # W4A4: a code may round the other way where the two transforms' float sums differ in the last bit
+    assert rel_err(fused, unfused) < (OUTPUT_16BIT if mode == "w4a16" else 2e-3)
+    assert rel_err(fused, ref) < (CUDA_BF16 if mode == "w4a16" else 8e-3)
+
+
 @pytest.mark.parametrize("e,topk,h,i,t", [(128, 8, 2048, 768, 1), (128, 8, 2048, 768, 4), (128, 8, 2048, 768, 16),
                                             (8, 2, 1024, 1408, 1), (8, 2, 1024, 1408, 7)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -41,20 +41,30 @@ def _block_matrix(block: int, device: torch.device) -> torch.Tensor:
     return hadamard(block, torch.float32).to(device)
 
 
-# Blocks up to this size are one matmul with H_block, larger ones go through the Kronecker factors:
-# the crossover on the CPU (`python -m benchmarks hadamard`, benchmarks/results/hadamard-cpu-epyc.json);
-# not yet measured on a GPU.
+# Blocks up to this size are one matmul with H_block, larger ones go through the Kronecker factors: the
+# crossovers of `python -m benchmarks hadamard` (benchmarks/results/hadamard-cpu-epyc.json, one CPU thread;
+# hadamard-gpu-h100.json, where one matmul wins up to block 1024 at up to 16 rows of x and up to 256 at 512).
 ONE_MATMUL_MAX_BLOCK = 128
+ONE_MATMUL_MAX_BLOCK_CUDA = 1024
+ONE_MATMUL_MAX_BLOCK_CUDA_MANY_ROWS = 256  # above CUDA_FEW_ROWS rows
+CUDA_FEW_ROWS = 16
+
+
+def one_matmul_max_block(x: torch.Tensor) -> int:
+    """The largest block :func:`block_hadamard` does as one matmul for x (its device and row count)."""
+    if not x.is_cuda:
+        return ONE_MATMUL_MAX_BLOCK
+    return ONE_MATMUL_MAX_BLOCK_CUDA if x.numel() <= CUDA_FEW_ROWS * x.shape[-1] else ONE_MATMUL_MAX_BLOCK_CUDA_MANY_ROWS
 
 
 def block_hadamard(x: torch.Tensor, block: int, factored: bool | None = None) -> torch.Tensor:
     """x @ blockdiag(H_block, ..., H_block) over the last dim (orthonormal, self-inverse); computed in
     float32, returned in x's dtype. ``factored``: through H_a X H_b (a x b = block) or one matmul with
-    H_block; None: the factors above ONE_MATMUL_MAX_BLOCK."""
+    H_block; None: the factors above :func:`one_matmul_max_block`."""
     k = x.shape[-1]
     y = x.float().reshape(*x.shape[:-1], k // block, block)
     if factored is None:
-        factored = block > ONE_MATMUL_MAX_BLOCK
+        factored = block > one_matmul_max_block(x)
     if factored:
         a = 1 << (block.bit_length() - 1) // 2
         y = _block_matrix(a, x.device) @ y.reshape(*y.shape[:-1], a, block // a) @ _block_matrix(block // a, x.device)

@@ -27,7 +27,8 @@ the kernel table (:mod:`codequant.kernels.gpu`).
   by the routing weight and scatters to the slots, one launch that sums each token's slots.
   W4A16 on 16-bit x reads x and h in place (h written in the dot type), so decode is three
   launches; quantized activations (or the block Hadamard) add a prologue before each GEMV
-  that gathers, pairs and quantizes. Dense bf16 expert weights run through the same kernels
+  that gathers, pairs, applies the down projection's block Hadamard (a fast Walsh-Hadamard
+  transform in shared memory) and quantizes. Dense bf16 expert weights run through the same kernels
   (``WBF16``), the comparison that isolates the weight format.
 * :func:`route`: an MoE router (bf16 / fp16 weights [E, H]) for up to ROUTE_MAX_T tokens in two
   launches (logits over many blocks; softmax, top-k and renormalization in one block, with PDL):
@@ -89,6 +90,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 # the router kernels' limits (cq_gemv.h): tokens, experts, top-k, and T * E (the top-k launch holds 8 bytes per
 # logit in shared memory, within ROUTE_MAX_SMEM)
 ROUTE_MAX_T, ROUTE_MAX_E, ROUTE_MAX_K, ROUTE_MAX_LOGITS = 16, 1024, 32, 12 * 1024
+PREP_HADAMARD_MAX_KP = 16384  # the prologue's block Hadamard holds a row of up to this many fp32 in shared memory (cq_gemv.h)
 
 
 def enabled() -> bool:
@@ -253,16 +255,22 @@ def _int8_path(act: ActQuantSpec) -> bool:
 
 
 def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantSpec, rows=None, nslots=0, topk=0,
-          pdl: bool = False):
+          pdl: bool = False, hadamard_block: int = 0):
     """x words of x's rows: 16-bit pairs [n_rows, KP/2] or int8 codes [n_rows, KP/4], and the
-    per-row scales of quantized activations (``pdl``: x is the previous launch's output)."""
+    per-row scales of quantized activations (``pdl``: x is the previous launch's output;
+    ``hadamard_block``: each row through the block Hadamard first, see :func:`prep_hadamard_ok`)."""
     i8 = _int8_path(act)
     xp = torch.empty(n_rows, kp // (4 if i8 else 2), dtype=torch.int32, device=x.device)
     xs = torch.empty(n_rows, dtype=torch.float32, device=x.device) if act.enabled else _none(x.device)
     none = _none(x.device)
     ext.prep_x(x, xp, xs, rows if rows is not None else none, nslots, topk, bf16, act.bits if act.enabled else 16,
-               float(act.clip), i8, pdl)
+               float(act.clip), i8, pdl, hadamard_block)
     return xp, xs
+
+
+def prep_hadamard_ok(k: int, block: int) -> bool:
+    """The prologue applies the block Hadamard itself (in shared memory) to rows of width k."""
+    return block > 0 and k % block == 0 and -(-k // 64) * 64 <= PREP_HADAMARD_MAX_KP
 
 
 def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
@@ -399,14 +407,15 @@ def moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     _, w_g = config(-(-i_dim // 16) * 2 * active, h_dim, sms, MOE_WARPS_PER_SM)
     ext.gemv(xin, x_direct, xs, *w_gu, none, h, bexp, rows, none, bm, h_dim, s, bm, int(Epilogue.SWIGLU),
              i_dim, bf16, 2, min(w_g, 8), MOE_STAGES, False, topk if x_direct else 0, (2 if x_direct else 1) if pdl else 0)
-    if hadamard_block:
+    fused_hadamard = prep_hadamard_ok(i_dim, hadamard_block)
+    if hadamard_block and not fused_hadamard:
         h = block_hadamard(h, hadamard_block)
     # down, scaled by the routing weight, scattered to the slots -> sum over k
     if h_direct:
         bf16, hin, hs = h_dtype == torch.bfloat16, h, none
     else:
         bf16 = not down_act.enabled
-        hin, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0, pdl)
+        hin, hs = _prep(ext, h, kp_i, n_rows, bf16, down_act, rows, s, 0, pdl, hadamard_block if fused_hadamard else 0)
     y_slots = torch.empty(s, h_dim, dtype=torch.float32, device=x.device)
     r_d, w_d = config(-(-h_dim // 16) * active, i_dim, sms, MOE_WARPS_PER_SM)
     # PDL: the down GEMV fetches its first weights and tables while the launch writing h finishes

@@ -244,7 +244,10 @@ constexpr int PREP_THREADS = 1024;
 // quant, the row is quantized per token (bits, clip) and the pair words hold the exact codes q - z
 // (fp16) and xscale[r] = s. Thread unit u = pair words 8u..8u+7 = columns c0..c0+7 and c0+32..c0+39,
 // c0 = 64 (u / 4) + 8 (u % 4), thread i holding unit i: loaded, reduced to the row's min / max and
-// written from registers.
+// written from registers. With hblock, the row first goes to shared memory (fp32, KP floats of dynamic
+// shared memory) and through the fast Walsh-Hadamard transform of each hblock run: log2(hblock)
+// butterfly stages (a, b) -> (a + b, a - b) over all threads, then the units are read from there
+// times 1 / sqrt(hblock) (the online Hadamard before a down projection, without its own launches).
 __global__ void __launch_bounds__(PREP_THREADS) prep_x_kernel(const PrepParams p) {
   launch_dependents();
   grid_dependency_wait();  // (returns at once unless launched with PDL)
@@ -264,10 +267,34 @@ __global__ void __launch_bounds__(PREP_THREADS) prep_x_kernel(const PrepParams p
   const size_t base = (size_t)src * p.ldx;
   const bool vec = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && p.ldx % (p.itype == 2 ? 4 : 8) == 0;
   auto col0 = [](int u) { return ((u >> 2) << 6) + ((u & 3) << 3); };
+  extern __shared__ float hrow[];  // [KP] with hblock
+  const float hscale = p.hblock > 0 ? rsqrtf((float)p.hblock) : 1.f;
   auto load_unit = [&](int u, float* v) {
-    load8(p.x, base, col0(u), p.K, p.itype, vec, v);
-    load8(p.x, base, col0(u) + 32, p.K, p.itype, vec, v + 8);
+    if (p.hblock > 0) {
+      const int c0 = col0(u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        v[i] = hrow[c0 + i] * hscale;
+        v[8 + i] = hrow[c0 + 32 + i] * hscale;
+      }
+    } else {
+      load8(p.x, base, col0(u), p.K, p.itype, vec, v);
+      load8(p.x, base, col0(u) + 32, p.K, p.itype, vec, v + 8);
+    }
   };
+  if (p.hblock > 0) {
+    for (int c = threadIdx.x * 8; c < p.KP; c += nth * 8) load8(p.x, base, c, p.K, p.itype, vec, hrow + c);
+    __syncthreads();
+    for (int h = 1; h < p.hblock; h <<= 1) {  // pairs (i, i + h) inside each run of 2h columns
+      for (int q = threadIdx.x; q < p.K / 2; q += nth) {
+        const int i = (q / h) * 2 * h + q % h;
+        const float a = hrow[i], b = hrow[i + h];
+        hrow[i] = a + b;
+        hrow[i + h] = a - b;
+      }
+      __syncthreads();
+    }
+  }
   float v[16];  // this thread's unit threadIdx.x
   if (threadIdx.x < units) {
     load_unit(threadIdx.x, v);
@@ -960,7 +987,15 @@ int cq_prep_x(const PrepParams& p, int rows_out, cudaStream_t st) {
   if (rows_out <= 0) return 0;
   // latency-bound: one unit of 8 pair words per thread where the row allows, at most PREP_THREADS
   const int units = p.KP >> 4, threads = units < cq::PREP_THREADS ? (units + 31) / 32 * 32 : cq::PREP_THREADS;
-  return (int)cq::launch_pdl(cq::prep_x_kernel, dim3(rows_out), dim3(threads), 0, st, p.pdl != 0, p);
+  const size_t smem = p.hblock > 0 ? (size_t)p.KP * sizeof(float) : 0;
+  static bool attr = false;
+  if (smem > 48 * 1024 && !attr) {
+    const cudaError_t e = cudaFuncSetAttribute(cq::prep_x_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)(PREP_HADAMARD_MAX_KP * sizeof(float)));
+    if (e != cudaSuccess) return (int)e;
+    attr = true;
+  }
+  return (int)cq::launch_pdl(cq::prep_x_kernel, dim3(rows_out), dim3(threads), smem, st, p.pdl != 0, p);
 }
 
 int cq_moe_align(const void* ids, int ids64, int S, int E, int bm, int max_blocks, int* sorted, int* bexp, cudaStream_t st) {

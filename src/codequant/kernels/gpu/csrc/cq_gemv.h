@@ -21,7 +21,11 @@ struct PrepParams {
   float clip;
   int i8;              // int8 codes (bytes), two per 16-bit unit, instead of 16-bit pair words
   int pdl;             // launched with PDL (x is the previous launch's output)
+  int hblock;          // > 0: the block Hadamard H_hblock / sqrt(hblock) applied to each row first (K % hblock == 0,
+                       // KP <= PREP_HADAMARD_MAX_KP: the row is transformed in shared memory)
 };
+
+constexpr int PREP_HADAMARD_MAX_KP = 16384;  // 64 KB of fp32 row in shared memory
 
 // y = x @ W^T on packed weights (or dense bf16 weights wd), M <= 16 rows of x per block.
 struct GemvParams {

@@ -27,12 +27,14 @@ void check(int err, const char* what) { TORCH_CHECK(err == 0, what, " launch fai
 // in bf16 or fp16, or quantized per row to `bits` (codes in fp16, scales to xscale [rows_out]);
 // i8: the codes as int8 pairs instead, xp [rows_out, KP/4]; pdl: launched with PDL after the kernel writing x.
 void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tensor rows, int64_t nslots, int64_t topk,
-            bool bf16, int64_t bits, double clip, bool i8, bool pdl) {
+            bool bf16, int64_t bits, double clip, bool i8, bool pdl, int64_t hblock) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "x must be a CUDA [rows, K] tensor with unit column stride");
   TORCH_CHECK(xp.is_cuda() && xp.is_contiguous() && xp.dim() == 2 && xp.element_size() == 4, "xp must be contiguous int32 [rows, KP/2]");
   const int K = (int)x.size(1), KP = (int)xp.size(1) * (i8 ? 4 : 2);
   TORCH_CHECK(!i8 || bits <= 7, "int8 codes need bits <= 7");
   TORCH_CHECK(KP % 64 == 0 && K <= KP && K > KP - 64, "xp width does not match K");
+  TORCH_CHECK(hblock == 0 || (hblock > 0 && (hblock & (hblock - 1)) == 0 && K % hblock == 0 && KP <= PREP_HADAMARD_MAX_KP),
+              "hblock must be 0 or a power of two dividing K, with KP <= ", PREP_HADAMARD_MAX_KP);
   const bool quant = bits < 16;
   TORCH_CHECK(!quant || (xscale.numel() >= xp.size(0) && xscale.dtype() == torch::kFloat32), "xscale must be fp32 [rows]");
   TORCH_CHECK(!rows.numel() || (rows.dtype() == torch::kInt32 && rows.numel() >= xp.size(0)), "rows must be int32 [rows]");
@@ -53,6 +55,7 @@ void prep_x(torch::Tensor x, torch::Tensor xp, torch::Tensor xscale, torch::Tens
   p.clip = (float)clip;
   p.i8 = i8;
   p.pdl = pdl;
+  p.hblock = (int)hblock;
   check(cq_prep_x(p, (int)xp.size(0), c10::cuda::getCurrentCUDAStream().stream()), "prep_x");
 }
 
@@ -202,7 +205,7 @@ void route(torch::Tensor x, torch::Tensor w, torch::Tensor logits, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("prep_x", &prep_x, "pair / gather / quantize x rows into pair words");
+  m.def("prep_x", &prep_x, "pair / gather / (block-Hadamard) / quantize x rows into pair words");
   m.def("gemv", &gemv, "CodeQuant decode GEMV (M <= 16 rows per block), dense or per-expert");
   m.def("moe_align", &moe_align, "group MoE slots by expert into padded runs");
   m.def("topk_sum", &topk_sum, "sum each token's top-k slot rows");
