@@ -223,6 +223,26 @@ def test_moe_matches_reference(e, topk, h, i, t, mode):
     assert rel_err(y, ref) < (CUDA_BF16 if mode == "w4a16" else 8e-3)
 
 
+@pytest.mark.parametrize("n,k,hb", [(2048, 4096, 4096), (4096, 14336, 2048), (256, 192, 64)])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_linear_hadamard_in_the_prologue(n, k, hb, m, mode):
+    """The online Hadamard before a linear (o_proj's, block 4096 on Qwen3-30B-A3B) done by the prologue:
+    the outputs of block_hadamard then the kernel, and the reference's; the table's linear passes it down."""
+    from codequant.core.hadamard import block_hadamard
+
+    act = W4A16 if mode == "w4a16" else W4A4
+    w = random_packed(n, k, seed=n + k + m, device="cuda")
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    fused = run_kernel(x, w, act=act, hadamard_block=hb)
+    unfused = run_kernel(block_hadamard(x.float(), hb), w, act=act)  # fp32 x H, as the prologue keeps it
+    ref = reference.linear(block_hadamard(x.float(), hb), w, act)
+    assert rel_err(fused, unfused) < (OUTPUT_16BIT if mode == "w4a16" else 2e-3)
+    assert rel_err(fused, ref) < (CUDA_BF16 if mode == "w4a16" else 8e-3)
+    assert select(Case(Op.LINEAR, x, w, act)).hadamard
+    assert rel_err(kernels.linear(x, w, act, None, hb), fused) < 1e-6
+
+
 def test_block_hadamard_crossover_on_cuda():
     """One matmul up to block 1024 at up to 16 rows, up to 256 above (hadamard-gpu-h100.json); same values either way."""
     from codequant.core.hadamard import block_hadamard, one_matmul_max_block

@@ -55,6 +55,28 @@ def test_a_registered_implementation_runs_where_it_supports_the_call(doubled):
         assert select(Case(Op.LINEAR, x, w, W4A4)).name == "reference"
 
 
+def test_the_online_hadamard_is_applied_once_by_the_caller_or_by_a_kernel_that_takes_it(doubled):
+    from codequant.core.hadamard import block_hadamard
+
+    w, x = weight(), torch.randn(3, 64, dtype=torch.float64)
+    expect = 2 * kernels.reference.linear(block_hadamard(x, 16), w, W4A4)
+    torch.testing.assert_close(kernels.linear(x, w, W4A4, hadamard_block=16), expect)  # "doubled" gets x H
+    seen = []
+
+    def fused(x, w, act, bias=None, hadamard_block=0):
+        seen.append(hadamard_block)
+        return 2 * kernels.reference.linear(block_hadamard(x, hadamard_block) if hadamard_block else x, w, act, bias)
+
+    kernels.register(Op.LINEAR, "fused", fused, lambda case: case.x.dtype == torch.float64, backend="test", device="cpu",
+                     priority=200, hadamard=True)
+    try:
+        torch.testing.assert_close(kernels.linear(x, w, W4A4, hadamard_block=16), expect)  # x itself, and the block
+        torch.testing.assert_close(kernels.linear(x, w, W4A4), 2 * kernels.reference.linear(x, w, W4A4))
+    finally:
+        kernels.unregister(Op.LINEAR, "fused")
+    assert seen == [16, 0]
+
+
 def test_the_table_is_tried_by_priority(doubled):
     names = [k.name for k in kernels.implementations(Op.LINEAR)]
     assert names[0] == "doubled" and names[-1] == "reference"

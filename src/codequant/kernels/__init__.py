@@ -72,11 +72,14 @@ def moe(
 
 
 def _run_linear(x, weight, act, bias, hadamard_block, backend):
-    if hadamard_block:
-        from ..core.hadamard import block_hadamard
+    kernel = select(Case(Op.LINEAR, x, weight, act), backend)
+    if not hadamard_block:
+        return kernel.fn(x, weight, act, bias)
+    if kernel.hadamard:
+        return kernel.fn(x, weight, act, bias, hadamard_block)
+    from ..core.hadamard import block_hadamard
 
-        x = block_hadamard(x, hadamard_block)
-    return select(Case(Op.LINEAR, x, weight, act), backend).fn(x, weight, act, bias)
+    return kernel.fn(block_hadamard(x, hadamard_block), weight, act, bias)
 
 
 def _run_moe(x, top_k_index, top_k_weights, gate_up, down, act, down_act, hadamard_block, backend):

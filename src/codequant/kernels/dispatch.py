@@ -175,6 +175,7 @@ class Kernel:
     fn: Callable
     supports: Callable[[Case], bool]
     priority: int = 0
+    hadamard: bool = False  # a linear fn taking hadamard_block and applying the online Hadamard itself
 
 
 class KernelFallbackError(RuntimeError):
@@ -188,10 +189,11 @@ _logged: set = set()
 
 
 def register(op: Op, name: str, fn: Callable, supports: Callable[[Case], bool], *, backend: str,
-             device: str | None, priority: int = 0) -> Kernel:
+             device: str | None, priority: int = 0, hadamard: bool = False) -> Kernel:
     """Add an implementation of ``op`` for tensors of ``device`` type (None: any), replacing one of
-    the same name; higher priority is tried first."""
-    kernel = Kernel(op, name, backend, device, fn, supports, priority)
+    the same name; higher priority is tried first. ``hadamard``: a linear ``fn`` takes a fifth
+    argument, the online Hadamard block, and applies it (else the caller transforms x first)."""
+    kernel = Kernel(op, name, backend, device, fn, supports, priority, hadamard)
     table = [k for k in _TABLE[op] if k.name != name] + [kernel]
     table.sort(key=lambda k: -k.priority)
     _TABLE[op] = table

@@ -23,7 +23,8 @@ import triton  # noqa: F401  (ImportError here: no Triton, no GPU backend)
 from ..dispatch import Op, register
 from . import cuda_gemv, ops, prefill
 
-register(Op.LINEAR, "cuda_gemv", cuda_gemv.run_linear, cuda_gemv.supports_linear, backend="gpu", device="cuda", priority=30)
+register(Op.LINEAR, "cuda_gemv", cuda_gemv.run_linear, cuda_gemv.supports_linear, backend="gpu", device="cuda", priority=30,
+         hadamard=True)
 register(Op.LINEAR, "prefill_fp8", prefill.linear_fp8, prefill.supports_fp8, backend="gpu", device="cuda", priority=20)
 register(Op.LINEAR, "prefill", prefill.linear, prefill.supports_linear, backend="gpu", device="cuda", priority=10)
 register(Op.LINEAR, "triton", ops.linear, ops.supports_linear, backend="gpu", device="cuda")

@@ -237,13 +237,14 @@ def supports_linear(case: Case) -> bool:
     return supports_packed(case) and supported(case.x, case.weight, case.act) and load() is not None
 
 
-def run_linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None) -> torch.Tensor:
+def run_linear(x: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None = None,
+               hadamard_block: int = 0) -> torch.Tensor:
     """:func:`linear` on x [..., K] (a call :func:`supports_linear` accepts), y in x's dtype."""
     from .ops import rows_of
 
     x2 = rows_of(x, weight.in_features)
     y = torch.empty(x2.shape[0], weight.out_features, dtype=x.dtype, device=x.device)
-    if not linear(x2, weight, act, bias, y):
+    if not linear(x2, weight, act, bias, y, hadamard_block=hadamard_block):
         raise RuntimeError("the CUDA decode kernel declined a call its predicate accepted")
     return y.reshape(*x.shape[:-1], weight.out_features)
 
@@ -286,8 +287,9 @@ def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
 
 def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torch.Tensor | None, y: torch.Tensor,
            r: int | None = None, w: int | None = None, stages: int = STAGES, smem_lut: bool | None = None,
-           pdl: bool | None = None) -> bool:
-    """y[:] = Q_act(x2) @ W_hat^T (+ bias) for x2 [M <= 16, K]; False when this path does not apply.
+           pdl: bool | None = None, hadamard_block: int = 0) -> bool:
+    """y[:] = Q_act(x2 H) @ W_hat^T (+ bias) for x2 [M <= 16, K], H the online block Hadamard (0: none;
+    in the prologue where :func:`prep_hadamard_ok`); False when this path does not apply.
     ``r``, ``w``, ``stages``, ``smem_lut``, ``pdl`` override the launch heuristics (benchmarks)."""
     if not supported(x2, weight, act):
         return False
@@ -296,11 +298,13 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
         return False
     m, k = x2.shape
     n = weight.out_features
+    if hadamard_block and not prep_hadamard_ok(k, hadamard_block):
+        x2, hadamard_block = block_hadamard(x2, hadamard_block), 0
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     sms = _sm_count(x2.device)
     tiles = -(-n // 16)
-    direct = (not act.enabled and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
+    direct = (not act.enabled and not hadamard_block and x2.dtype != torch.float32 and k % 64 == 0 and x2.stride(0) % 8 == 0
               and x2.data_ptr() % 16 == 0)
     if r is None or w is None:
         r0, w0 = dense_config(tiles, k, sms, direct)
@@ -320,7 +324,7 @@ def linear(x2: torch.Tensor, weight: PackedWeight, act: ActQuantSpec, bias: torc
     if pdl is None:
         pdl = r == 2 or tiles < sms // 2 or (direct and tiles <= sms and w != 8) or (not direct and m <= 4)
     pdl = pdl and _pdl(x2.device)
-    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl)
+    xin, xs = (x2, none) if direct else _prep(ext, x2, kp, m, bf16_dot, act, pdl=pdl, hadamard_block=hadamard_block)
     out = y if y.is_contiguous() else torch.empty(y.shape, dtype=torch.float32, device=y.device)
     ext.gemv(xin, direct, xs, *lut, none, b, out, none, none, none, m, k, 0, 0, int(Epilogue.PLAIN), 0,
              bf16_dot, r, w, stages, (k >= SMEM_LUT_MIN_K and m <= SMEM_LUT_MAX_M) if smem_lut is None else smem_lut, 0,
