@@ -19,7 +19,9 @@ graph replay), and with CUDA graphs of the model with every decoder layer under
 transformers' static cache specializes on it; the compile time is printed, not timed);
 ``--compiled-only``: only the last. The W4A4 model has the online Hadamard before the experts' down
 projections (block 256) as ``codequant quantize`` makes it; ``--o-proj-hadamard``: a third model, W4A4
-with the Hadamard before every o_proj too (block 4096, ``codequant quantize --o-proj-hadamard``). The W4A16 and the W4A4 model run in each of the chosen
+with the Hadamard before every o_proj too (block 4096, ``codequant quantize --o-proj-hadamard``);
+the CUDA kernels' prologue applies these Hadamards (``--prologue-hadamard off``: block_hadamard
+before it, ``both``: each W4A4 model both ways in turn). The W4A16 and the W4A4 model run in each of the chosen
 router and q/k/v settings (all the separate q/k/v ones first: fusing is not undone); ``vs_bf16``
 is each rate over the bf16 model's in the same mode. Writes gpu-e2e.json (the command line in it)
 after every model.
@@ -37,6 +39,7 @@ import torch
 from benchmarks.common import QWEN3_30B_A3B, cuda_graph, install_codequant, model_config, random_model, random_packed_on, set_online_hadamard
 from codequant.adapters import get_adapter
 from codequant.core.activations import ActQuantSpec
+from codequant.kernels import kernel_options
 from codequant.modules.attention import fuse_qkv
 from codequant.modules.experts import CodeQuantExperts
 from codequant.modules.linear import CodeQuantLinear
@@ -181,6 +184,8 @@ def main(argv: list[str]) -> None:
                     help="the CodeQuant model's q/k/v projections: one linear (fuse_qkv), three, or both in turn")
     ap.add_argument("--o-proj-hadamard", action="store_true",
                     help="also W4A4 with the online Hadamard before every o_proj (block: its whole input width)")
+    ap.add_argument("--prologue-hadamard", choices=["on", "off", "both"], default="on",
+                    help="W4A4: the online Hadamard in the CUDA prologue, as block_hadamard before it, or both in turn")
     a = ap.parse_args(argv)
     if a.no_compile and a.compiled_only:
         ap.error("--no-compile and --compiled-only exclude each other")
@@ -218,6 +223,8 @@ def main(argv: list[str]) -> None:
             for routers in {"transformers": [False], "fused": [True], "both": both}[a.routers]:
                 if turned := fuse_routers(model) if routers else unfuse_routers(model):
                     print(f"{'fused' if routers else 'transformers'} routers: {turned}", flush=True)
-                run(f"CodeQuant {mode} (attention + experts), {'fused' if routers else 'transformers'} routers, "
-                    f"q/k/v {'fused' if qkv else 'separate'}")
+                for in_prologue in {"on": [True], "off": [False], "both": both[::-1]}[a.prologue_hadamard] if bits < 16 else [True]:
+                    with kernel_options(cuda_prologue_hadamard=in_prologue):
+                        run(f"CodeQuant {mode} (attention + experts), {'fused' if routers else 'transformers'} routers, "
+                            f"q/k/v {'fused' if qkv else 'separate'}" + ("" if in_prologue else ", Hadamard before the prologue"))
     print(json.dumps(results, indent=1))

@@ -256,7 +256,7 @@ def test_block_hadamard_crossover_on_cuda():
 @pytest.mark.parametrize("e,topk,h,i,hb", [(128, 8, 2048, 768, 256), (8, 2, 1024, 14336, 2048), (16, 4, 512, 384, 128)])
 @pytest.mark.parametrize("t", [1, 16])
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
-def test_moe_hadamard_in_the_prologue(monkeypatch, e, topk, h, i, hb, t, mode):
+def test_moe_hadamard_in_the_prologue(e, topk, h, i, hb, t, mode):
     """The down projection's block Hadamard done by the prologue (fast Walsh-Hadamard transform in
     shared memory; 56 KB of it for I = 14336) gives the outputs of block_hadamard before an unfused
     prologue, and the reference's."""
@@ -265,8 +265,9 @@ def test_moe_hadamard_in_the_prologue(monkeypatch, e, topk, h, i, hb, t, mode):
     assert cuda_gemv.prep_hadamard_ok(i, hb)
     assert not cuda_gemv.prep_hadamard_ok(384, 256) and not cuda_gemv.prep_hadamard_ok(18944 * 2, 256)
     fused = cuda_gemv.moe(x, idx, w, gu, dn, act, act, hb)
-    monkeypatch.setattr(cuda_gemv, "prep_hadamard_ok", lambda k, block: False)
-    unfused = cuda_gemv.moe(x, idx, w, gu, dn, act, act, hb)
+    with kernel_options(cuda_prologue_hadamard=False):
+        assert not cuda_gemv.prep_hadamard_ok(i, hb)
+        unfused = cuda_gemv.moe(x, idx, w, gu, dn, act, act, hb)
     ref = reference.moe(x.float(), idx, w, gu, dn, act, act, hb)
     # W4A4: a code may round the other way where the two transforms' float sums differ in the last bit
     assert rel_err(fused, unfused) < (OUTPUT_16BIT if mode == "w4a16" else 2e-3)

@@ -135,8 +135,10 @@ def test_options_seed_from_the_environment_and_restore(monkeypatch):
     monkeypatch.setenv("CODEQUANT_KERNELS_STRICT", "1")
     monkeypatch.setenv("CODEQUANT_GPU_W4A4_PREFILL", "fp8")
     monkeypatch.setenv("CODEQUANT_CUDA_PDL", "0")
+    monkeypatch.setenv("CODEQUANT_CUDA_PROLOGUE_HADAMARD", "0")
     seeded = KernelOptions.from_env()
-    assert seeded == KernelOptions(backend="reference", strict=True, gpu_w4a4_prefill="fp8", cuda_pdl=False)
+    assert seeded == KernelOptions(backend="reference", strict=True, gpu_w4a4_prefill="fp8", cuda_pdl=False,
+                                   cuda_prologue_hadamard=False)
     before = options()
     with kernel_options(strict=True, cuda_gemv=False) as inside:
         assert inside.strict and not inside.cuda_gemv and options() is inside

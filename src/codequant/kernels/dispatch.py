@@ -69,6 +69,8 @@ class KernelOptions:
     cuda_w4a4_int8: quantized activations of up to 7 bits on integer tensor cores in the CUDA
         kernels (int8 codebooks).
     cuda_pdl: programmatic dependent launch of the CUDA kernels (sm_90+).
+    cuda_prologue_hadamard: the CUDA kernels' prologue applies the online block Hadamard (else
+        block_hadamard runs before it: the comparison for benchmarks).
     """
 
     backend: str | None = None
@@ -77,6 +79,7 @@ class KernelOptions:
     cuda_gemv: bool = True
     cuda_w4a4_int8: bool = False
     cuda_pdl: bool = True
+    cuda_prologue_hadamard: bool = True
 
     def __post_init__(self):
         if self.backend is not None:
@@ -87,8 +90,8 @@ class KernelOptions:
     @classmethod
     def from_env(cls) -> "KernelOptions":
         """Defaults from ``CODEQUANT_BACKEND``, ``CODEQUANT_KERNELS_STRICT=1``,
-        ``CODEQUANT_GPU_W4A4_PREFILL``, ``CODEQUANT_CUDA_GEMV=0``, ``CODEQUANT_CUDA_W4A4_INT8=1``
-        and ``CODEQUANT_CUDA_PDL=0``."""
+        ``CODEQUANT_GPU_W4A4_PREFILL``, ``CODEQUANT_CUDA_GEMV=0``, ``CODEQUANT_CUDA_W4A4_INT8=1``,
+        ``CODEQUANT_CUDA_PDL=0`` and ``CODEQUANT_CUDA_PROLOGUE_HADAMARD=0``."""
         env = os.environ.get
         return cls(
             backend=env("CODEQUANT_BACKEND") or None,
@@ -97,6 +100,7 @@ class KernelOptions:
             cuda_gemv=env("CODEQUANT_CUDA_GEMV", "1") != "0",
             cuda_w4a4_int8=env("CODEQUANT_CUDA_W4A4_INT8", "0") == "1",
             cuda_pdl=env("CODEQUANT_CUDA_PDL", "1") != "0",
+            cuda_prologue_hadamard=env("CODEQUANT_CUDA_PROLOGUE_HADAMARD", "1") != "0",
         )
 
 

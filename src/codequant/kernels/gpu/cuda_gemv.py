@@ -270,8 +270,9 @@ def _prep(ext, x: torch.Tensor, kp: int, n_rows: int, bf16: bool, act: ActQuantS
 
 
 def prep_hadamard_ok(k: int, block: int) -> bool:
-    """The prologue applies the block Hadamard itself (in shared memory) to rows of width k."""
-    return block > 0 and k % block == 0 and -(-k // 64) * 64 <= PREP_HADAMARD_MAX_KP
+    """The prologue applies the block Hadamard itself (in shared memory) to rows of width k
+    (``KernelOptions.cuda_prologue_hadamard``)."""
+    return options().cuda_prologue_hadamard and block > 0 and k % block == 0 and -(-k // 64) * 64 <= PREP_HADAMARD_MAX_KP
 
 
 def _lut_args(w: PackedWeight, act: ActQuantSpec) -> tuple:
