@@ -21,6 +21,9 @@ MAX_OTHER_CPU of a CPU is run again (at most 3 tries) unless ``--no-idle-wait``.
 name with the suffix ``-4k-pages`` (``codequant-w4a8-4k-pages``) runs its own copy of the model
 with the kernels' weight copies (interleaved indices, bf16 head) in 4 KiB pages instead of 2 MiB
 pages (codequant.kernels.cpu.huge_page_copy), and the read bandwidth is then also measured in 4 KiB pages.
+The suffix ``-page-prefetch`` (after it, if both) runs the AVX-512 kernels with one index-stream prefetch
+per 128-column step 4 KiB ahead (the Zen 4 rule) where the CPU's default prefetches every line 8 KiB ahead
+(Intel, AMD Zen 5: ``_lut.prefetch_lines``).
 ``--llamacpp PATH``: llama.cpp rows beside them, timed in the same rounds: ``PATH`` is a
 ``llama-bench`` (``benchmarks/llamacpp/build.sh 0.3.36 llama-bench`` builds it), run on the
 same random model written as a GGUF (benchmarks/llamacpp/gguf_model.py: Q4_0 attention,
@@ -59,6 +62,16 @@ from codequant.quantizers.codebook import fit_codebooks
 
 ACTS = {f"codequant-{mode}": ActQuantSpec(bits) for mode, bits in ACT_BITS.items()}
 SMALL_PAGES = "-4k-pages"  # variant suffix: the kernels' weight copies in 4 KiB pages
+PAGE_PREFETCH = "-page-prefetch"  # variant suffix: one index-stream prefetch per step, 4 KiB ahead (not every line)
+
+
+def act_variant(name: str) -> str:
+    """The ACTS name of a variant, without its suffixes."""
+    return name.removesuffix(PAGE_PREFETCH).removesuffix(SMALL_PAGES)
+
+
+def small_pages(name: str) -> bool:
+    return SMALL_PAGES in name
 LLAMACPP = ("llama.cpp-q4_0", "llama-bench")  # (variant, mode) of the llama.cpp rows
 GGUF_DIR = ROOT / "benchmarks" / "_build" / "gguf"
 PROMPT_TOKENS = 16
@@ -122,14 +135,17 @@ def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens
     all0, own0, wall0 = *cpu_seconds(), time.time()
     ms = {}
     for v, m, t in settings:
-        cpu_kernels.HUGE_PAGES = not v.endswith(SMALL_PAGES)  # read when a model's first step makes its copies
+        cpu_kernels.HUGE_PAGES = not small_pages(v)  # read when a model's first step makes its copies
+        default = cpu_kernels._lut.prefetch_lines(False)  # the CPU's
+        cpu_kernels._lut.prefetch_lines(default and not v.endswith(PAGE_PREFETCH))
         with threads_mode(m, t, variants[v]):
             ms[(v, m, t)] = decode_ms(variants[v], prompt, new_tokens)
+        cpu_kernels._lut.prefetch_lines(default)
     cpu_kernels.HUGE_PAGES = True
     results = llama(new_tokens) if llama else []
     for res in results:
         ms[(*LLAMACPP, res["n_threads"])] = 1e-6 * res["samples_ns"][0] / new_tokens
-    pages = [True, False] if any(v.endswith(SMALL_PAGES) for v, _, _ in settings) else [True]
+    pages = [True, False] if any(small_pages(v) for v, _, _ in settings) else [True]
     gbps = {(t, huge): cpu_read_bandwidth(t, nbytes=1 << 29, reps=3, huge_pages=huge)
             for t in sorted({t for _, _, t in settings}) for huge in pages}
     all1, own1 = cpu_seconds()
@@ -199,7 +215,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     names = args.variants.split(",")
-    unknown = {n.removesuffix(SMALL_PAGES) for n in names} - {"bf16", *ACTS}
+    unknown = {act_variant(n) for n in names} - {"bf16", *ACTS}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}")
     threads, modes = [int(t) for t in args.threads.split(",")], args.modes.split(",")
@@ -224,7 +240,7 @@ def main(argv: list[str]) -> None:
             source = args.model
         base.generation_config.pad_token_id = base.generation_config.eos_token_id = None
         prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-        variants = {name: base if name == "bf16" else codequant_model(base, ACTS[name.removesuffix(SMALL_PAGES)], layers > 0)
+        variants = {name: base if name == "bf16" else codequant_model(base, ACTS[act_variant(name)], layers > 0)
                     for name in names}
         bytes_per_layer |= {name: layer_read_bytes(model) for name, model in variants.items() if name != "bf16" and layers}
         if args.llamacpp:
@@ -268,7 +284,7 @@ def main(argv: list[str]) -> None:
             if len(pts) > 1:
                 fits.append({"variant": v, "mode": m, "threads": t, **fit(list(pts), list(pts.values()))})
                 if v in bytes_per_layer:  # b against the time to read a layer's weights at the measured bandwidth
-                    gbps = statistics.median(read_gbps[(t, not v.endswith(SMALL_PAGES))])
+                    gbps = statistics.median(read_gbps[(t, not small_pages(v))])
                     bound = bytes_per_layer[v] / gbps / 1e6
                     fits[-1] |= {"bytes_per_layer": bytes_per_layer[v], "read_gbps": round(gbps, 2),
                                  "b_at_read_bandwidth_ms": round(bound, 3), "b_over_read_bound": round(fits[-1]["b_ms_per_layer"] / bound, 3)}

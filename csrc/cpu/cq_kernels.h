@@ -122,8 +122,8 @@ void i8_rows_wide_vbmi(const Weight& w, const ActQ& a, float* y, int64_t ldy, co
 // Switches for tests and experiments (_lut.tune(i, v)); all 0 by default.
 enum { TUNE_NO_VBMI = 1 };  // 1: AVX-512 kernels use vpshufb + masks even where vpermb (VBMI) exists
 extern int64_t g_tune[8];
-// Prefetch every line of a weight stream into L2 ahead of use (Intel CPUs: set at import; see
-// the AVX-512 kernels). AMD's prefetchers do better with one prefetch per 4 KiB page step.
+// Prefetch every line of a weight stream into L2 ahead of use (set at import on Intel CPUs and AMD
+// Zen 5; see the AVX-512 kernels). Zen 4's prefetchers do better with one prefetch per 4 KiB page step.
 extern bool g_prefetch_lines;
 
 static inline int64_t q_columns(int64_t KP) { return (KP + 127) / 128 * 128; }

@@ -24,6 +24,7 @@
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define CQ_X86 1
 #endif
@@ -1151,6 +1152,16 @@ static PyObject* py_spin_us(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(g_spin_us.exchange(std::max(0LL, us)));
 }
 
+static PyObject* py_prefetch_lines(PyObject*, PyObject* args) {
+  // prefetch_lines(flag) -> old: the AVX-512 kernels prefetch every line of the index stream 8 KiB
+  // ahead (else one line per 128-column step, 4 KiB ahead).
+  int flag;
+  if (!PyArg_ParseTuple(args, "p", &flag)) return nullptr;
+  const bool old = g_prefetch_lines;
+  g_prefetch_lines = flag;
+  return PyBool_FromLong(old);
+}
+
 static PyObject* py_worker_cpus(PyObject*, PyObject* args) {
   // worker_cpus(cpus) -> bool: pin the pool's workers to these CPU numbers (empty: as created).
   PyObject* seq;
@@ -1214,6 +1225,8 @@ static PyMethodDef methods[] = {
     {"read_bytes", py_read_bytes, METH_VARARGS, "Streaming read of a buffer (bandwidth probe); returns a checksum."},
     {"tune", py_tune, METH_VARARGS, "tune(i, v) -> old value: set switch i (see cq_kernels.h; 1: no vpermb)."},
     {"spin_us", py_spin_us, METH_VARARGS, "spin_us(us) -> old: how long idle pool workers spin before they sleep."},
+    {"prefetch_lines", py_prefetch_lines, METH_VARARGS,
+     "prefetch_lines(flag) -> old: prefetch every index line 8 KiB ahead (else one per step, 4 KiB ahead)."},
     {"worker_cpus", py_worker_cpus, METH_VARARGS, "worker_cpus(cpus) -> bool: pin the pool's workers to these CPUs (empty: as created)."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set: portable, avx2 or avx512."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
@@ -1222,11 +1235,21 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lut", "CodeQuant CPU lookup-table kernels.", -1, methods};
 
+#ifdef CQ_X86
+// The CPU family of an AMD processor (base + extended family of CPUID leaf 1): 0x19 Zen 3 / 4, 0x1A Zen 5.
+static unsigned amd_family() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const unsigned base = (a >> 8) & 0xF;
+  return base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+}
+#endif
+
 PyMODINIT_FUNC PyInit__lut(void) {
   g_isa = best_isa();
 #ifdef CQ_X86
   __builtin_cpu_init();
-  g_prefetch_lines = __builtin_cpu_is("intel");
+  g_prefetch_lines = __builtin_cpu_is("intel") || (__builtin_cpu_is("amd") && amd_family() >= 0x1A);
 #endif
   if (const char* env = getenv("CODEQUANT_CPU_ISA")) {
     if (*env) {

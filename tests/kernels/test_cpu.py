@@ -233,6 +233,23 @@ def test_threads_do_not_change_results():
             assert torch.equal(one, cpu.linear(x, weight, act, threads=threads))
 
 
+def test_prefetch_modes_do_not_change_results():
+    """Every-line or per-step prefetching of the index stream (the CPU's default, or set for an A/B):
+    the same bits, and the setter hands back the mode it replaces."""
+    weight = random_packed(512, 2048, seed=4)
+    x = torch.randn(1, 2048)
+    default = _lut.prefetch_lines(True)
+    try:
+        assert _lut.prefetch_lines(False) is True
+        for act in (ActQuantSpec(8), ActQuantSpec(4)):
+            per_step = cpu.linear(x, weight, act)
+            assert _lut.prefetch_lines(True) is False
+            assert torch.equal(cpu.linear(x, weight, act), per_step)
+            _lut.prefetch_lines(False)
+    finally:
+        _lut.prefetch_lines(default)
+
+
 @pytest.mark.parametrize("act", [ActQuantSpec(16), ActQuantSpec(8)])
 def test_time_run_computes_linear(act):
     """The benchmark's native timing loop runs the same kernel call as linear()."""
