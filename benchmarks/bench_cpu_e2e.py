@@ -71,6 +71,7 @@ def act_variant(name: str) -> str:
 
 
 def small_pages(name: str) -> bool:
+    """Whether a variant's weight copies are in 4 KiB pages."""
     return SMALL_PAGES in name
 LLAMACPP = ("llama.cpp-q4_0", "llama-bench")  # (variant, mode) of the llama.cpp rows
 GGUF_DIR = ROOT / "benchmarks" / "_build" / "gguf"

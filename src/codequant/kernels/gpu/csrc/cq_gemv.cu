@@ -247,7 +247,7 @@ constexpr int PREP_THREADS = 1024;
 // written from registers. With hblock, the row first goes to shared memory (fp32, KP floats of dynamic
 // shared memory) and through the fast Walsh-Hadamard transform of each hblock run: log2(hblock)
 // butterfly stages (a, b) -> (a + b, a - b) over all threads, then the units are read from there
-// times 1 / sqrt(hblock) (the online Hadamard before a down projection, without its own launches).
+// times 1 / sqrt(hblock) (the online Hadamard before a down or o projection, without launches of its own).
 __global__ void __launch_bounds__(PREP_THREADS) prep_x_kernel(const PrepParams p) {
   launch_dependents();
   grid_dependency_wait();  // (returns at once unless launched with PDL)
