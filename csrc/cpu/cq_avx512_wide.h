@@ -102,9 +102,10 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
       if (NACC == 2)
         for (int r = 0; r < NR; ++r)
           for (int m = 0; m < MB; ++m) acc[r][m][0] = _mm512_add_epi32(acc[r][m][0], acc[r][m][NACC - 1]);
+      // activation groups of the step's two halves (HALF; glo alone otherwise); past K: zero codes
+      const int64_t glo = col / GA, ghi = (col + 64) / GA < a.NA ? (col + 64) / GA : glo;
       if (NR == 4) {
         const __m128 scg = _mm_set_ps(sc[3 * w.NG + col / G], sc[2 * w.NG + col / G], sc[w.NG + col / G], sc[col / G]);
-        const int64_t glo = col / GA, ghi = (col + 64) / GA < a.NA ? (col + 64) / GA : glo;  // past K: zero codes
         for (int m = 0; m < MB; ++m) {
           const float* sm = a.s + (m0 + m) * a.NA;
           if (HALF) {
@@ -118,7 +119,6 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
           }
         }
       } else {
-        const int64_t glo = col / GA, ghi = (col + 64) / GA < a.NA ? (col + 64) / GA : glo;
         for (int r = 0; r < NR; ++r) {
           const float scg = sc[r * w.NG + col / G];
           for (int m = 0; m < MB; ++m) {
