@@ -32,7 +32,10 @@ of the prompt's length, on each thread count; the report adds the fit for llama.
 tokens/s ratio CodeQuant / llama.cpp per (layers, threads). Every round also measures the read
 bandwidth on each thread count (benchmarks.common.cpu_read_bandwidth, 512 MiB); with several
 layer counts each fit gives b against the time to read one layer's weights (layer_read_bytes,
-llamacpp_layer_read_bytes) at the median of those bandwidths.
+llamacpp_layer_read_bytes) at the median of those bandwidths, and at the median of quick reads
+taken right before and after each of its settings (``adjacent_read_gbps``): on a VM whose 2-thread
+bandwidth changes within seconds (``cpu-threads-probe``) the end-of-round reads need not match
+what the decode steps had.
 """
 
 from __future__ import annotations
@@ -128,29 +131,40 @@ def llama_bench(binary: Path, gguf_path: Path, threads: list[int], new_tokens: i
     return json.loads(out.stdout)
 
 
-def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, dict, float]:
+def adjacent_read(threads: int, huge_pages: bool = True) -> float:
+    """A quick read bandwidth (GB/s, 256 MiB, best of 2) taken right before or after a timed setting."""
+    return cpu_read_bandwidth(threads, nbytes=1 << 28, reps=2, huge_pages=huge_pages)
+
+
+def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, dict, dict, float]:
     """One round: ms per token of every (variant, mode, threads) setting, then of llama.cpp on
     each thread count when ``llama`` (``llama(new_tokens)`` runs llama_bench), then the read
-    bandwidth (GB/s) on each thread count; also llama-bench's results and the share of a CPU
-    that other processes used meanwhile."""
+    bandwidth (GB/s) on each thread count; also llama-bench's results, the read bandwidth right
+    before and after each setting (their mean per setting: this VM's 2-thread bandwidth changes
+    within seconds) and the share of a CPU that other processes used meanwhile."""
     all0, own0, wall0 = *cpu_seconds(), time.time()
-    ms = {}
+    ms, adjacent = {}, {}
     for v, m, t in settings:
         cpu_kernels.HUGE_PAGES = not small_pages(v)  # read when a model's first step makes its copies
         default = cpu_kernels._lut.prefetch_lines(False)  # the CPU's
         cpu_kernels._lut.prefetch_lines(default and not v.endswith(PAGE_PREFETCH))
+        before = adjacent_read(t, not small_pages(v))
         with threads_mode(m, t, variants[v]):
             ms[(v, m, t)] = decode_ms(variants[v], prompt, new_tokens)
+        adjacent[(v, m, t)] = (before + adjacent_read(t, not small_pages(v))) / 2
         cpu_kernels._lut.prefetch_lines(default)
     cpu_kernels.HUGE_PAGES = True
+    thread_counts = sorted({t for _, _, t in settings})
+    before = {t: adjacent_read(t) for t in thread_counts} if llama else {}
     results = llama(new_tokens) if llama else []
     for res in results:
-        ms[(*LLAMACPP, res["n_threads"])] = 1e-6 * res["samples_ns"][0] / new_tokens
+        t = res["n_threads"]
+        ms[(*LLAMACPP, t)] = 1e-6 * res["samples_ns"][0] / new_tokens
+        adjacent[(*LLAMACPP, t)] = (before[t] + adjacent_read(t)) / 2
     pages = [True, False] if any(small_pages(v) for v, _, _ in settings) else [True]
-    gbps = {(t, huge): cpu_read_bandwidth(t, nbytes=1 << 29, reps=3, huge_pages=huge)
-            for t in sorted({t for _, _, t in settings}) for huge in pages}
+    gbps = {(t, huge): cpu_read_bandwidth(t, nbytes=1 << 29, reps=3, huge_pages=huge) for t in thread_counts for huge in pages}
     all1, own1 = cpu_seconds()
-    return ms, results, gbps, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
+    return ms, results, gbps, adjacent, max(0.0, (all1 - all0) - (own1 - own0)) / (time.time() - wall0)
 
 
 def layer_read_bytes(model: nn.Module) -> int:
@@ -225,7 +239,7 @@ def main(argv: list[str]) -> None:
     if (args.llamacpp or args.vocab_size) and not args.random_layers:
         raise SystemExit("--llamacpp and --vocab-size need --random-layers")
     assert any(k.backend == "cpu" for k in implementations(Op.MOE)), "the compiled CPU kernels are not loaded"
-    idle_log, round_log, rows, llamacpp_info, gguf_bytes, bytes_per_layer, read_gbps = [], [], [], {}, {}, {}, {}
+    idle_log, round_log, rows, llamacpp_info, gguf_bytes, bytes_per_layer, read_gbps, adjacent_gbps = [], [], [], {}, {}, {}, {}, {}
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     for layers in [int(n) for n in args.random_layers.split(",")] if args.random_layers else [0]:
         if layers:
@@ -257,7 +271,7 @@ def main(argv: list[str]) -> None:
         with torch.inference_mode():
             for r in range(args.repeats + 1):  # round 0 warms up
                 for attempt in range(3 if r and not args.no_idle_wait else 1):
-                    ms, results, gbps, other = timed_round(variants, settings, prompt, args.new_tokens if r else 4, llama)
+                    ms, results, gbps, adjacent, other = timed_round(variants, settings, prompt, args.new_tokens if r else 4, llama)
                     round_log.append({"layers": layers, "round": r, "attempt": attempt, "other_cpu": round(other, 3)})
                     if other <= MAX_OTHER_CPU:
                         break
@@ -267,6 +281,8 @@ def main(argv: list[str]) -> None:
                         samples[key].append(x)
                     for key, x in gbps.items():
                         read_gbps.setdefault(key, []).append(x)
+                    for key, x in adjacent.items():
+                        adjacent_gbps.setdefault(key, []).append(x)
                 for res in results:
                     llamacpp_info = {k: res[k] for k in ("build_commit", "cpu_info", "repack", "flash_attn", "type_k", "type_v", "poll")}
                     gguf_bytes[layers] = res["model_size"]
@@ -287,8 +303,11 @@ def main(argv: list[str]) -> None:
                 if v in bytes_per_layer:  # b against the time to read a layer's weights at the measured bandwidth
                     gbps = statistics.median(read_gbps[(t, not small_pages(v))])
                     bound = bytes_per_layer[v] / gbps / 1e6
+                    near = statistics.median(adjacent_gbps[(v, m, t)])
+                    near_bound = bytes_per_layer[v] / near / 1e6
                     fits[-1] |= {"bytes_per_layer": bytes_per_layer[v], "read_gbps": round(gbps, 2),
-                                 "b_at_read_bandwidth_ms": round(bound, 3), "b_over_read_bound": round(fits[-1]["b_ms_per_layer"] / bound, 3)}
+                                 "b_at_read_bandwidth_ms": round(bound, 3), "b_over_read_bound": round(fits[-1]["b_ms_per_layer"] / bound, 3),
+                                 "adjacent_read_gbps": round(near, 2), "b_over_adjacent_read_bound": round(fits[-1]["b_ms_per_layer"] / near_bound, 3)}
                 print(json.dumps(fits[-1]), flush=True)
             if (v, m) != LLAMACPP and args.llamacpp:
                 vs_llamacpp.append({"variant": v, "mode": m, "threads": t, "tokens_per_s_ratio_by_layers": {
