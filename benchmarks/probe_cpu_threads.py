@@ -9,7 +9,8 @@ the decode shapes of Qwen3-30B-A3B (q/k/v 5120x2048, o_proj 2048x4096, an expert
 down 2048x768, and a large 16384x4096), weights cycled through copies beyond the last-level cache, timed
 in C++ (``_lut.time_run``, median of 300 calls), then the read bandwidth again. GB/s count the packed
 bytes the kernel reads (indices, codebooks, row sums). On a VM the memory bandwidth two vCPUs get can
-change from one second to the next (the host places them), so each round's kernel numbers are reported
+change from one second to the next (the host's scheduling or other tenants; the cause is not visible from
+inside), so each round's kernel numbers are reported
 against the bandwidth measured just before and after them: kernel / read at 2 threads says whether the
 kernels or the machine limit the 2-thread speed at that moment.
 """
@@ -44,7 +45,7 @@ def read_series(seconds: float) -> list[dict]:
 
 
 def prepared_shapes(gen: torch.Generator) -> dict:
-    """name: (plans of the weight copies, x, y, packed bytes of one copy)."""
+    """name: (plans of the weight copies, the copies (kept alive with their plans), x, y, packed bytes of one copy)."""
     out = {}
     for name, (n, k) in SHAPES.items():
         probe = random_packed((), n, k, "cpu", gen)
