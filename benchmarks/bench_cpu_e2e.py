@@ -56,7 +56,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import codequant.kernels.cpu as cpu_kernels
-from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_read_bandwidth, cpu_seconds, install_codequant,
+from benchmarks.common import (ACT_BITS, MAX_OTHER_CPU, QWEN3_30B_A3B, ROOT, command_line, cpu_read_bandwidth, cpu_seconds, quick_read_bandwidth, install_codequant,
                                model_config, random_model, random_packed_on, set_online_hadamard, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight, pack
@@ -131,11 +131,6 @@ def llama_bench(binary: Path, gguf_path: Path, threads: list[int], new_tokens: i
     return json.loads(out.stdout)
 
 
-def adjacent_read(threads: int, huge_pages: bool = True) -> float:
-    """A quick read bandwidth (GB/s, 256 MiB, best of 2) taken right before or after a timed setting."""
-    return cpu_read_bandwidth(threads, nbytes=1 << 28, reps=2, huge_pages=huge_pages)
-
-
 def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens: int, llama) -> tuple[dict, list, dict, dict, float]:
     """One round: ms per token of every (variant, mode, threads) setting, then of llama.cpp on
     each thread count when ``llama`` (``llama(new_tokens)`` runs llama_bench), then the read
@@ -148,19 +143,19 @@ def timed_round(variants: dict, settings: list, prompt: torch.Tensor, new_tokens
         cpu_kernels.HUGE_PAGES = not small_pages(v)  # read when a model's first step makes its copies
         default = cpu_kernels._lut.prefetch_lines(False)  # the CPU's
         cpu_kernels._lut.prefetch_lines(default and not v.endswith(PAGE_PREFETCH))
-        before = adjacent_read(t, not small_pages(v))
+        before = quick_read_bandwidth(t, not small_pages(v))
         with threads_mode(m, t, variants[v]):
             ms[(v, m, t)] = decode_ms(variants[v], prompt, new_tokens)
-        adjacent[(v, m, t)] = (before + adjacent_read(t, not small_pages(v))) / 2
+        adjacent[(v, m, t)] = (before + quick_read_bandwidth(t, not small_pages(v))) / 2
         cpu_kernels._lut.prefetch_lines(default)
     cpu_kernels.HUGE_PAGES = True
     thread_counts = sorted({t for _, _, t in settings})
-    before = {t: adjacent_read(t) for t in thread_counts} if llama else {}
+    before = {t: quick_read_bandwidth(t) for t in thread_counts} if llama else {}
     results = llama(new_tokens) if llama else []
     for res in results:
         t = res["n_threads"]
         ms[(*LLAMACPP, t)] = 1e-6 * res["samples_ns"][0] / new_tokens
-        adjacent[(*LLAMACPP, t)] = (before[t] + adjacent_read(t)) / 2
+        adjacent[(*LLAMACPP, t)] = (before[t] + quick_read_bandwidth(t)) / 2
     pages = [True, False] if any(small_pages(v) for v, _, _ in settings) else [True]
     gbps = {(t, huge): cpu_read_bandwidth(t, nbytes=1 << 29, reps=3, huge_pages=huge) for t in thread_counts for huge in pages}
     all1, own1 = cpu_seconds()

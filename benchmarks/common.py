@@ -277,6 +277,12 @@ def cpu_read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5, huge_
     return nbytes / min(read() for _ in range(reps)) / 1e9
 
 
+def quick_read_bandwidth(threads: int, huge_pages: bool = True) -> float:
+    """:func:`cpu_read_bandwidth` of 256 MiB, best of 2: a read taken right beside a timed setting,
+    on a machine whose bandwidth changes within seconds (``cpu-threads-probe``)."""
+    return cpu_read_bandwidth(threads, nbytes=1 << 28, reps=2, huge_pages=huge_pages)
+
+
 def gpu_bandwidth() -> dict:
     """{"copy_gbps", "read_gbps"} of the GPU: a 4 GiB bf16 copy and a 4 GiB torch.amax, timed
     as :func:`cuda_graph_us`."""

@@ -3,7 +3,7 @@
     python -m benchmarks cpu-threads-probe --rounds 6 --series-seconds 60 --out benchmarks/results/cpu-threads-<name>.json
 
 First a time series: for ``--series-seconds`` the streaming read bandwidth with 2 and then 1 thread
-(``cpu_read_bandwidth``, 256 MiB, best of 2), over and over. Then ``--rounds`` rounds, each: the read
+(``quick_read_bandwidth``: 256 MiB, best of 2), over and over. Then ``--rounds`` rounds, each: the read
 bandwidth with 1 and 2 threads (512 MiB, best of 3), then the W4A8 linear at M = 1 with 1 and 2 threads on
 the decode shapes of Qwen3-30B-A3B (q/k/v 5120x2048, o_proj 2048x4096, an expert's gate_up 1536x2048 and
 down 2048x768, and a large 16384x4096), weights cycled through copies beyond the last-level cache, timed
@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.bench_cpu import packed_bytes
-from benchmarks.common import LLC_BYTES, command_line, copies_beyond, cpu_read_bandwidth, random_packed
+from benchmarks.common import LLC_BYTES, command_line, copies_beyond, cpu_read_bandwidth, quick_read_bandwidth, random_packed
 from codequant.core.activations import ActQuantSpec
 from codequant.kernels import cpu
 from codequant.kernels.cpu import _lut
@@ -39,8 +39,8 @@ def read_series(seconds: float) -> list[dict]:
     """[{t, read_2t, read_1t}] GB/s, sampled back to back for ``seconds``."""
     out, t0 = [], time.time()
     while time.time() - t0 < seconds:
-        out.append({"t": round(time.time() - t0, 2), "read_2t": round(cpu_read_bandwidth(2, 1 << 28, 2), 1),
-                    "read_1t": round(cpu_read_bandwidth(1, 1 << 28, 2), 1)})
+        out.append({"t": round(time.time() - t0, 2), "read_2t": round(quick_read_bandwidth(2), 1),
+                    "read_1t": round(quick_read_bandwidth(1), 1)})
     return out
 
 
