@@ -14,6 +14,7 @@ BENCHMARKS = {  # name: (module, what it measures)
     "cpu": ("bench_cpu", "CPU LUT kernels against torch and llama.cpp's ggml"),
     "cpu-act-groups": ("bench_cpu_act_groups", "CPU linear with activations per token against per channel group"),
     "cpu-e2e": ("bench_cpu_e2e", "CPU end-to-end decode, CodeQuant against bf16"),
+    "cpu-build-ab": ("ab_cpu_build", "the CPU linear kernels of this tree against another build, side by side"),
     "cpu-threads-probe": ("probe_cpu_threads", "the CPU kernels at 1 and 2 threads beside the read bandwidth measured around them"),
     "gpu": ("bench_gpu", "GPU dense and MoE kernels against cuBLAS, torch int4 and torch._grouped_mm"),
     "gpu-decode": ("bench_gpu_decode", "GPU decode (M <= 16) on the CUDA kernels"),

@@ -47,9 +47,9 @@ void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const floa
     for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
   int64_t gl = -1, gh = -1;
   __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0;  // tables of the low / high 32 columns
+  GroupCursor cg(w.G, w.NG - 1);
   for (int64_t b = 0; b < nb; ++b) {
-    int64_t g0 = w.NG == 1 ? 0 : (64 * b) / w.G, g1 = w.NG == 1 ? 0 : (64 * b + 32) / w.G;
-    if (g1 >= w.NG) g1 = w.NG - 1;
+    const int64_t g0 = cg.at(64 * b), g1 = cg.at(64 * b + 32);
     if (g0 != gl) {
       l0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g0)));
       h0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g0 + 8)));
@@ -115,10 +115,11 @@ void i8_block(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float
   for (int m = 0; m < MB; ++m) { acc[m] = _mm256_setzero_si256(); accf[m] = _mm256_setzero_ps(); }
   int64_t gl = -1, gh = -1;
   __m256i tl = _mm256_setzero_si256(), th = tl;
+  GroupCursor cg(G, w.NG - 1), fg(G, w.NG - 1), fga(GA, a.NA - 1);  // table groups; flushed segments' groups
+  int64_t next_flush = S;  // column where the next segment starts
   auto flush = [&](int64_t col) {  // the segment holding column col ends here
-    int64_t g = col / G, ga = col / GA;
-    if (g >= w.NG) g = w.NG - 1;
-    if (ga >= a.NA) ga = a.NA - 1;
+    const int64_t g = fg.at(col), ga = fga.at(col);
+    next_flush += S;
     for (int m = 0; m < MB; ++m) {
       const __m256i t = acc[m];
       const float f = sc[g] * a.s[(m0 + m) * a.NA + ga];
@@ -128,14 +129,13 @@ void i8_block(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float
   };
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t col = 64 * b;
-    int64_t g0 = col / G, g1 = (col + 32) / G;
-    if (g1 >= w.NG) g1 = w.NG - 1;
+    const int64_t g0 = cg.at(col), g1 = cg.at(col + 32);
     if (g0 != gl) { tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + 16 * g0))); gl = g0; }
     if (g1 != gh) { th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + 16 * g1))); gh = g1; }
     const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * b));
     const __m256i wl = _mm256_shuffle_epi8(tl, _mm256_and_si256(v, m0f));
     const __m256i wh = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f));
-    const bool split = (col + 32) % S == 0;  // the two halves belong to different segments
+    const bool split = col + 32 == next_flush;  // the two halves belong to different segments
     for (int m = 0; m < MB; ++m) {
       const __m256i q = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col));
       acc[m] = _mm256_add_epi32(acc[m], BITS8 ? dot_wide(q, wl) : dot_small(q, wl));
@@ -145,7 +145,7 @@ void i8_block(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float
       const __m256i q = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col + 32));
       acc[m] = _mm256_add_epi32(acc[m], BITS8 ? dot_wide(q, wh) : dot_small(q, wh));
     }
-    if ((col + 64) % S == 0 || b == nb - 1) flush(col + 32);
+    if (col + 64 == next_flush || b == nb - 1) flush(col + 32);
   }
   const float bn = bias ? bias[n] : 0.f;
   const float* rs = w.rs8 + n * a.NA;

@@ -41,6 +41,7 @@ void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const floa
   const bool whole = w.NG == 1 || w.G % 64 == 0;
   const int64_t bpg = w.NG == 1 ? nb : w.G / 64;
   __m512 cb0 = _mm512_setzero_ps(), cb1 = _mm512_setzero_ps();
+  GroupCursor cg(w.G, w.NG - 1);
   for (int64_t b = 0; b < nb; ++b) {
     if (whole) {
       if (b % bpg == 0) {
@@ -48,8 +49,7 @@ void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const floa
         cb1 = cb0;
       }
     } else {  // G a multiple of 32: the low nibbles (first 32 columns) and the high ones may differ
-      int64_t g0 = (64 * b) / w.G, g1 = (64 * b + 32) / w.G;
-      if (g1 >= w.NG) g1 = w.NG - 1;
+      const int64_t g0 = cg.at(64 * b), g1 = cg.at(64 * b + 32);
       cb0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cbrow + 16 * g0)));
       cb1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(cbrow + 16 * g1)));
     }
@@ -194,21 +194,23 @@ void i8_narrow(const Weight& w, const ActQ& a, float* y, int64_t ldy, const floa
   const float* sc = w.sc + n * w.NG;
   const __m512i m0f = _mm512_set1_epi8(0x0F);
   __m512 accf[MB];
+  CQ_UNROLL
   for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+  GroupCursor cg(G, w.NG - 1), cga(GA, a.NA - 1);
   for (int64_t s = 0; s < nsteps; ++s) {
     const int64_t col = 128 * s;
     int64_t g[4], ga[4];  // groups of the quarters [0-31], [32-63], [64-95], [96-127]
+    CQ_UNROLL
     for (int j = 0; j < 4; ++j) {
-      g[j] = (col + 32 * j) / G;
-      if (g[j] >= w.NG) g[j] = w.NG - 1;
-      ga[j] = (col + 32 * j) / GA;
-      if (ga[j] >= a.NA) ga[j] = a.NA - 1;
+      g[j] = cg.at(col + 32 * j);
+      ga[j] = cga.at(col + 32 * j);
     }
     const __m512i tlo = table4(cb + 16 * g[0], cb + 16 * g[2]);
     const __m512i thi = table4(cb + 16 * g[1], cb + 16 * g[3]);
     const __m512i v = load_step(p + 64 * s, rowbytes - 64 * s);
     const __m512i wlo = _mm512_shuffle_epi8(tlo, _mm512_and_si512(v, m0f));
     const __m512i whi = _mm512_shuffle_epi8(thi, _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+    CQ_UNROLL
     for (int m = 0; m < MB; ++m) {
       const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
       const float* sm = a.s + (m0 + m) * a.NA;
@@ -222,6 +224,7 @@ void i8_narrow(const Weight& w, const ActQ& a, float* y, int64_t ldy, const floa
   }
   const float bn = bias ? bias[n] : 0.f;
   const float* rs = w.rs8 + n * a.NA;
+  CQ_UNROLL
   for (int m = 0; m < MB; ++m) y[(m0 + m) * ldy + n] = finish(accf[m], a, rs, m0 + m) + bn;
 }
 

@@ -41,8 +41,11 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
   __m512i acc[NR][MB][NACC];
   float part[NR][MB];    // NR = 1
   __m128 part4[MB];      // NR = 4: the four rows' partial results
+  CQ_UNROLL
   for (int r = 0; r < NR; ++r)
+    CQ_UNROLL
     for (int m = 0; m < MB; ++m) {
+      CQ_UNROLL
       for (int j = 0; j < NACC; ++j) acc[r][m][j] = _mm512_setzero_si512();
       part[r][m] = 0.f;
     }
@@ -57,6 +60,7 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
   for (int64_t s = 0; s < nsteps; ++s) {
     const int64_t col = 128 * s;
     if (col == next_group) {
+      CQ_UNROLL
       for (int r = 0; r < NR; ++r)
         tab[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * (col / G))));
       next_group += G;
@@ -75,6 +79,7 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
       else
         _mm_prefetch((const char*)(p + s * step + 4096), _MM_HINT_T1);
     }
+    CQ_UNROLL
     for (int r = 0; r < NR; ++r) {
       // padded: whole 64-byte pieces. At one token (decode) each piece is used once: a
       // non-temporal load where aligned (-2 to -5% time from DRAM, and the stream leaves more
@@ -89,9 +94,11 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
       whi[r] = _mm512_shuffle_epi8(tab[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
 #endif
     }
+    CQ_UNROLL
     for (int m = 0; m < MB; ++m) {
       const uint8_t* q = a.q + (m0 + m) * a.ldq + col;
       const __m512i ql = _mm512_loadu_si512((const void*)q), qh = _mm512_loadu_si512((const void*)(q + 64));
+      CQ_UNROLL
       for (int r = 0; r < NR; ++r) {
         acc[r][m][0] = _mm512_dpbusd_epi32(acc[r][m][0], ql, wlo[r]);
         acc[r][m][NACC - 1] = _mm512_dpbusd_epi32(acc[r][m][NACC - 1], qh, whi[r]);
@@ -99,13 +106,17 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
     }
     if (col + 128 == next_flush || s == nsteps - 1) {
       next_flush += S;
-      if (NACC == 2)
+      if (NACC == 2) {
+        CQ_UNROLL
         for (int r = 0; r < NR; ++r)
+          CQ_UNROLL
           for (int m = 0; m < MB; ++m) acc[r][m][0] = _mm512_add_epi32(acc[r][m][0], acc[r][m][NACC - 1]);
+      }
       // activation groups of the step's two halves (HALF; glo alone otherwise); past K: zero codes
       const int64_t glo = col / GA, ghi = (col + 64) / GA < a.NA ? (col + 64) / GA : glo;
       if (NR == 4) {
         const __m128 scg = _mm_set_ps(sc[3 * w.NG + col / G], sc[2 * w.NG + col / G], sc[w.NG + col / G], sc[col / G]);
+        CQ_UNROLL
         for (int m = 0; m < MB; ++m) {
           const float* sm = a.s + (m0 + m) * a.NA;
           if (HALF) {
@@ -119,8 +130,10 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
           }
         }
       } else {
+        CQ_UNROLL
         for (int r = 0; r < NR; ++r) {
           const float scg = sc[r * w.NG + col / G];
+          CQ_UNROLL
           for (int m = 0; m < MB; ++m) {
             const float* sm = a.s + (m0 + m) * a.NA;
             if (HALF) {
@@ -132,8 +145,11 @@ void i8_wide(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float*
           }
         }
       }
+      CQ_UNROLL
       for (int r = 0; r < NR; ++r)
+        CQ_UNROLL
         for (int m = 0; m < MB; ++m)
+          CQ_UNROLL
           for (int j = 0; j < NACC; ++j) acc[r][m][j] = _mm512_setzero_si512();
     }
   }
