@@ -191,7 +191,7 @@ void i8_rows4(const Weight& w, const ActQ& a, float* y, const float* bias, int64
   GroupCursor cg(G, w.NG - 1), fg(G, w.NG - 1), fga(GA, a.NA - 1);
   int64_t next_flush = S;
   // L2 prefetch distance: at least 8 KiB, whole tiles (the four rows' streams are 4 * rowbytes
-  // apart from one tile to the next). From DRAM: 4096x2048 W4A4 324 -> 170 us, 2048x768 66 -> 43
+  // apart from one tile to the next). From DRAM: 4096x2048 W4A4 324 -> 170 us, 2048x768 66 -> 37-39
   // (AVX2 code on the AMD EPYC Zen 5 VM, 1 thread); the hardware prefetchers alone fall behind
   // on four streams in 4 KiB pages.
   const int64_t tile = 4 * rowbytes, ahead = tile * ((8192 + tile - 1) / tile);
