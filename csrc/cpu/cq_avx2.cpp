@@ -1,7 +1,7 @@
 // AVX2 kernels (AVX2 + FMA + F16C), for x86 CPUs without AVX-512.
 //
-// Float activations: vpermps holds 8 floats, so the 16 centroids sit in two registers;
-// both are looked up and bit 3 of the index (shifted into the sign bit) blends them.
+// Float activations: vpshufb looks up the low and the high byte of 32 fp16 centroids at once,
+// unpacking interleaves them and vcvtph2ps widens 8 at a time (lookup32).
 // Integer activations: one 32-byte load is one 64-column block; low and high nibbles
 // index the int8 codebook with vpshufb, and vpmaddubsw + vpmaddwd form the dot product
 // with the uint8 codes (natural column order). 8-bit codes could saturate vpmaddubsw,
@@ -22,10 +22,28 @@ bool i8_ok(const Weight& w, const ActQ& a) {
   return (w.NG == 1 || w.G % 32 == 0) && (a.NA == 1 || a.GA % 32 == 0);
 }
 
-inline __m256 lookup8(__m256i i, __m256 lo, __m256 hi) {
-  const __m256 a = _mm256_permutevar8x32_ps(lo, i);
-  const __m256 b = _mm256_permutevar8x32_ps(hi, i);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+// A codebook of 16 fp16 centroids as two byte tables, each in both 128-bit lanes: the low
+// bytes of the centroids (lo) and their high bytes (hi).
+struct Fp16Table {
+  __m256i lo, hi;
+};
+inline Fp16Table fp16_table(const uint16_t* cb) {
+  const __m256i bytes = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i*)cb),  // per lane: 8 low bytes, 8 high
+                                            _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  const __m256i split = _mm256_permute4x64_epi64(bytes, 0xD8);  // lanes: [low bytes 0-15], [high bytes 0-15]
+  return {_mm256_permute2x128_si256(split, split, 0x00), _mm256_permute2x128_si256(split, split, 0x11)};
+}
+// The centroids of 32 indices (low 4 bits of each byte) as float32, in four vectors of 8: columns
+// 0-7, 8-15, 16-23, 24-31 of the 32. vpshufb looks up both bytes of each fp16 centroid, unpacking
+// interleaves them (per 128-bit lane: columns 0-7 and 16-23, then 8-15 and 24-31), vcvtph2ps widens.
+inline void lookup32(__m256i idx, Fp16Table t, __m256 w[4]) {
+  const __m256i lo = _mm256_shuffle_epi8(t.lo, idx), hi = _mm256_shuffle_epi8(t.hi, idx);
+  const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+  w[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
+  w[1] = _mm256_cvtph_ps(_mm256_castsi256_si128(b));
+  w[2] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+  w[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(b, 1));
 }
 
 inline float hsum8(__m256 v) {
@@ -37,7 +55,7 @@ inline float hsum8(__m256 v) {
 
 template <int MB>
 void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
-  constexpr int NA = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  constexpr int NA = MB >= 8 ? 1 : 8 / MB;  // 8 independent sums per block: one FMA per chain and token
   const int64_t nb = w.KP / 64;
   const uint8_t* p = w.idx + n * (w.KP / 2);
   const uint16_t* cbrow = w.cb16 + n * w.NG * 16;
@@ -46,30 +64,29 @@ void f32_block(const Weight& w, const ActF& a, float* y, int64_t ldy, const floa
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
   int64_t gl = -1, gh = -1;
-  __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0;  // tables of the low / high 32 columns
+  Fp16Table t0{}, t1{};  // codebooks of the low / high 32 columns of a block
   GroupCursor cg(w.G, w.NG - 1);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t g0 = cg.at(64 * b), g1 = cg.at(64 * b + 32);
     if (g0 != gl) {
-      l0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g0)));
-      h0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g0 + 8)));
+      t0 = fp16_table(cbrow + 16 * g0);
       gl = g0;
     }
     if (g1 != gh) {
-      l1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g1)));
-      h1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cbrow + 16 * g1 + 8)));
+      t1 = fp16_table(cbrow + 16 * g1);
       gh = g1;
     }
-    for (int part = 0; part < 4; ++part) {  // bytes 8*part .. +7: columns 8*part.. and 32+8*part..
-      const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32 * b + 8 * part)));
-      const __m256 wl = lookup8(i, l0, h0);
-      const __m256 wh = lookup8(_mm256_srli_epi32(i, 4), l1, h1);
-      const float* xb = x + 64 * b + 8 * part;
-      for (int m = 0; m < MB; ++m) {
-        const float* xm = xb + m * a.ldx;
-        acc[m][part % NA] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xm), acc[m][part % NA]);
-        acc[m][(part + 1) % NA] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xm + 32), acc[m][(part + 1) % NA]);
-      }
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * b));  // byte j: columns j and 32 + j
+    __m256 wv[8];
+    lookup32(_mm256_and_si256(v, m0f), t0, wv);
+    lookup32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m0f), t1, wv + 4);
+    const float* xb = x + 64 * b;
+    CQ_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const float* xm = xb + m * a.ldx;
+      CQ_UNROLL
+      for (int j = 0; j < 8; ++j) acc[m][j % NA] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xm + 8 * j), acc[m][j % NA]);
     }
   }
   const float bn = bias ? bias[n] : 0.f;
