@@ -20,28 +20,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import subprocess
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import LLC_BYTES, command_line, copies_beyond, random_packed
+from benchmarks.bench_cpu import packed_bytes
+from benchmarks.common import LLC_BYTES, command_line, copies_beyond, cpu_model, random_packed
 from codequant.core.activations import ActQuantSpec
 from codequant.kernels import cpu as cpu_kernels
+from codequant.utils import atomic_write_text
 
 ACTS = {"w4a16": ActQuantSpec(16), "w4a8": ActQuantSpec(8), "w4a4": ActQuantSpec(4), "w4a4-g32": ActQuantSpec(4, 32),
         "w4a8-g128": ActQuantSpec(8, 128)}
 SHAPES = "2048x768,1536x2048,4096x2048"  # N x K of Qwen3-30B-A3B: expert down, expert gate_up, q_proj
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's machine type."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def load_build(path: Path, tag: str):
@@ -79,9 +72,9 @@ def main(argv: list[str]) -> None:
     try:
         for mode in args.modes.split(","):
             for n, k in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
-                nbytes = n * k // 2
-                copies = 1 if mode == "hot" else copies_beyond(LLC_BYTES, nbytes)
-                weights = [random_packed((), n, k, "cpu") for _ in range(copies)]
+                weights = [random_packed((), n, k, "cpu")]
+                weights += [random_packed((), n, k, "cpu") for _ in range(0 if mode == "hot" else copies_beyond(LLC_BYTES, packed_bytes(weights[0])) - 1)]
+                copies = len(weights)
                 for isa in args.isas.split(","):
                     for act_name in args.acts.split(","):
                         act = ACTS[act_name]
@@ -108,5 +101,5 @@ def main(argv: list[str]) -> None:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = dict(command=command_line("cpu-build-ab", argv), this_rev=rev, baseline_rev=args.baseline_rev,
                     cpu=cpu_model(), threads=1)
-        args.out.write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
         print("wrote", args.out)

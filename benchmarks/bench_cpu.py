@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (ACT_BITS, LLC_BYTES, MAX_OTHER_CPU, MIN_SECONDS, command_line, copies_beyond, cpu_median_us, cpu_read_bandwidth,
+from benchmarks.common import (ACT_BITS, LLC_BYTES, MAX_OTHER_CPU, MIN_SECONDS, command_line, copies_beyond, cpu_median_us, cpu_model, cpu_read_bandwidth,
                                cpu_seconds, random_packed, wait_until_idle)
 from codequant.core.activations import ActQuantSpec
 from codequant.core.format import PackedWeight
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> None:
     meta = {
         "command": command_line("cpu", argv),
         "machine": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "isa": cpu.isa(),
         "torch": torch.__version__,
@@ -260,13 +260,3 @@ def main(argv: list[str]) -> None:
     }
     args.out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1))
     plot(records, args.out.with_suffix(".png"))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

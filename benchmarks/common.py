@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import shlex
 import statistics
 import time
@@ -275,6 +276,17 @@ def cpu_read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5, huge_
 
     read()
     return nbytes / min(read() for _ in range(reps)) / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform reports."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def quick_read_bandwidth(threads: int, huge_pages: bool = True) -> float:
