@@ -111,167 +111,122 @@ void f32_rows(const Weight& w, const ActF& a, float* y, int64_t ldy, const float
 inline __m256i dot_small(__m256i q, __m256i w) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(q, w), _mm256_set1_epi16(1));
 }
-// Same for 8-bit codes: q = 128 * (q >> 7) + (q & 127), each part exact in vpmaddubsw.
-inline __m256i dot_wide(__m256i q, __m256i w) {
-  const __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x7F));
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 7), _mm256_set1_epi8(1));
-  return _mm256_add_epi32(dot_small(lo, w), _mm256_slli_epi32(dot_small(hi, w), 7));
-}
-
-template <int MB, bool BITS8>
-void i8_block(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
-  const int64_t nb = w.KP / 64;
-  const int64_t G = w.NG == 1 ? w.KP : w.G, GA = a.NA == 1 ? w.KP : a.GA;
-  const int64_t S = gcd64(G, GA);
-  const uint8_t* p = w.idx + n * (w.KP / 2);
-  const int8_t* cb = w.cb8 + n * w.NG * 16;
-  const float* sc = w.sc + n * w.NG;
-  const __m256i m0f = _mm256_set1_epi8(0x0F);
-  __m256i acc[MB];
-  __m256 accf[MB];
-  for (int m = 0; m < MB; ++m) { acc[m] = _mm256_setzero_si256(); accf[m] = _mm256_setzero_ps(); }
-  int64_t gl = -1, gh = -1;
-  __m256i tl = _mm256_setzero_si256(), th = tl;
-  GroupCursor cg(G, w.NG - 1), fg(G, w.NG - 1), fga(GA, a.NA - 1);  // table groups; flushed segments' groups
-  int64_t next_flush = S;  // column where the next segment starts
-  auto flush = [&](int64_t col) {  // the segment holding column col ends here
-    const int64_t g = fg.at(col), ga = fga.at(col);
-    next_flush += S;
-    for (int m = 0; m < MB; ++m) {
-      const __m256i t = acc[m];
-      const float f = sc[g] * a.s[(m0 + m) * a.NA + ga];
-      accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(f), accf[m]);
-      acc[m] = _mm256_setzero_si256();
-    }
-  };
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t col = 64 * b;
-    const int64_t g0 = cg.at(col), g1 = cg.at(col + 32);
-    if (g0 != gl) { tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + 16 * g0))); gl = g0; }
-    if (g1 != gh) { th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + 16 * g1))); gh = g1; }
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * b));
-    const __m256i wl = _mm256_shuffle_epi8(tl, _mm256_and_si256(v, m0f));
-    const __m256i wh = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f));
-    const bool split = col + 32 == next_flush;  // the two halves belong to different segments
-    for (int m = 0; m < MB; ++m) {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col));
-      acc[m] = _mm256_add_epi32(acc[m], BITS8 ? dot_wide(q, wl) : dot_small(q, wl));
-    }
-    if (split) flush(col);
-    for (int m = 0; m < MB; ++m) {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col + 32));
-      acc[m] = _mm256_add_epi32(acc[m], BITS8 ? dot_wide(q, wh) : dot_small(q, wh));
-    }
-    if (col + 64 == next_flush || b == nb - 1) flush(col + 32);
-  }
-  const float bn = bias ? bias[n] : 0.f;
-  const float* rs = w.rs8 + n * a.NA;
-  for (int m = 0; m < MB; ++m) {
-    float v = hsum8(accf[m]);
-    const float* s = a.s + (m0 + m) * a.NA;
-    const float* z = a.z + (m0 + m) * a.NA;
-    for (int64_t g = 0; g < a.NA; ++g) v -= s[g] * z[g] * rs[g];
-    y[(m0 + m) * ldy + n] = v + bn;
-  }
-}
-
-// 8-bit codes split once per block for every row: dot_wide(q, w) = dot_small(lo, w) + 128 dot_small(hi, w).
-struct Codes8 {
+// 8-bit codes as q = 128 * (q >> 7) + (q & 127), each part exact in vpmaddubsw: dot(q, w) =
+// dot_small(lo, w) + 128 dot_small(hi, w). 4-bit codes need no split (lo = hi = q, hi unused).
+struct Codes {
   __m256i lo, hi;
 };
-inline Codes8 split8(__m256i q) {
+template <bool BITS8>
+inline Codes codes(__m256i q) {
+  if (!BITS8) return {q, q};
   return {_mm256_and_si256(q, _mm256_set1_epi8(0x7F)), _mm256_and_si256(_mm256_srli_epi16(q, 7), _mm256_set1_epi8(1))};
 }
-inline __m256i dot_split(Codes8 q, __m256i w) {
+template <bool BITS8>
+inline __m256i dot(Codes q, __m256i w) {
+  if (!BITS8) return dot_small(q.lo, w);
   return _mm256_add_epi32(dot_small(q.lo, w), _mm256_slli_epi32(dot_small(q.hi, w), 7));
 }
 
-// Four rows at one token (decode): each block's activation codes are loaded (and 8-bit codes
-// split) once for the four rows; per row the integer sums and float steps of i8_block<1, BITS8>,
-// so the results are the same bit for bit.
-template <bool BITS8>
-void i8_rows4(const Weight& w, const ActQ& a, float* y, const float* bias, int64_t n) {
+// NR rows x MB tokens: each block's weights are looked up once for the MB tokens and each token's
+// codes loaded (and 8-bit codes split) once for the NR rows; NR = 4 runs at one token (decode),
+// NR = 1 for the other rows and token counts. Every row and token gets the same integer sums and
+// float steps whatever NR and MB are. With NR = 4 each row's stream is also prefetched into L2 a
+// whole number of 4-row tiles, at least 8 KiB, ahead: from DRAM 4096x2048 W4A4 324 -> 170 us,
+// 2048x768 66 -> 37-39 (AVX2 code on the AMD EPYC Zen 5 VM, 1 thread); the hardware prefetchers
+// alone fall behind on four streams in 4 KiB pages. Only the loops over rows are unrolled
+// (CQ_UNROLL): unrolled token loops made the 4-token tile 3-10% slower (16 ymm registers).
+template <int NR, int MB, bool BITS8>
+void i8_tile(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n, int64_t m0) {
   const int64_t nb = w.KP / 64, rowbytes = w.KP / 2;
   const int64_t G = w.NG == 1 ? w.KP : w.G, GA = a.NA == 1 ? w.KP : a.GA;
   const int64_t S = gcd64(G, GA);
   const uint8_t* p = w.idx + n * rowbytes;
   const int8_t* cb = w.cb8 + n * w.NG * 16;
+  const float* sc = w.sc + n * w.NG;
   const __m256i m0f = _mm256_set1_epi8(0x0F);
-  __m256i acc[4], tl[4], th[4];
-  __m256 accf[4];
+  __m256i acc[NR][MB], tl[NR], th[NR];
+  __m256 accf[NR][MB];
   CQ_UNROLL
-  for (int r = 0; r < 4; ++r) {
-    acc[r] = tl[r] = th[r] = _mm256_setzero_si256();
-    accf[r] = _mm256_setzero_ps();
+  for (int r = 0; r < NR; ++r) {
+    tl[r] = th[r] = _mm256_setzero_si256();
+    for (int m = 0; m < MB; ++m) {
+      acc[r][m] = _mm256_setzero_si256();
+      accf[r][m] = _mm256_setzero_ps();
+    }
   }
   int64_t gl = -1, gh = -1;
-  GroupCursor cg(G, w.NG - 1), fg(G, w.NG - 1), fga(GA, a.NA - 1);
-  int64_t next_flush = S;
-  // L2 prefetch distance: at least 8 KiB, whole tiles (the four rows' streams are 4 * rowbytes
-  // apart from one tile to the next). From DRAM: 4096x2048 W4A4 324 -> 170 us, 2048x768 66 -> 37-39
-  // (AVX2 code on the AMD EPYC Zen 5 VM, 1 thread); the hardware prefetchers alone fall behind
-  // on four streams in 4 KiB pages.
-  const int64_t tile = 4 * rowbytes, ahead = tile * ((8192 + tile - 1) / tile);
+  GroupCursor cg(G, w.NG - 1), fg(G, w.NG - 1), fga(GA, a.NA - 1);  // table groups; flushed segments' groups
+  int64_t next_flush = S;  // column where the next segment starts
+  const int64_t tile = NR * rowbytes, ahead = tile * ((8192 + tile - 1) / tile);
   auto flush = [&](int64_t col) {  // the segment holding column col ends here
     const int64_t g = fg.at(col), ga = fga.at(col);
     next_flush += S;
     CQ_UNROLL
-    for (int r = 0; r < 4; ++r) {
-      const float f = w.sc[(n + r) * w.NG + g] * a.s[ga];
-      accf[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(f), accf[r]);
-      acc[r] = _mm256_setzero_si256();
-    }
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MB; ++m) {
+        const float f = sc[r * w.NG + g] * a.s[(m0 + m) * a.NA + ga];
+        accf[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][m]), _mm256_set1_ps(f), accf[r][m]);
+        acc[r][m] = _mm256_setzero_si256();
+      }
   };
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t col = 64 * b;
     const int64_t g0 = cg.at(col), g1 = cg.at(col + 32);
     if (g0 != gl) {
       CQ_UNROLL
-      for (int r = 0; r < 4; ++r) tl[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * g0)));
+      for (int r = 0; r < NR; ++r) tl[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * g0)));
       gl = g0;
     }
     if (g1 != gh) {
       CQ_UNROLL
-      for (int r = 0; r < 4; ++r) th[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * g1)));
+      for (int r = 0; r < NR; ++r) th[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(cb + r * w.NG * 16 + 16 * g1)));
       gh = g1;
     }
-    const __m256i ql = _mm256_loadu_si256((const __m256i*)(a.q + col)), qh = _mm256_loadu_si256((const __m256i*)(a.q + col + 32));
-    const Codes8 sl = BITS8 ? split8(ql) : Codes8{ql, ql}, sh = BITS8 ? split8(qh) : Codes8{qh, qh};
-    __m256i wl[4], wh[4];
-    if (!(b & 1))  // once per 64-byte line of each row: the same line a whole number of 4-row tiles ahead
-      for (int r = 0; r < 4; ++r) _mm_prefetch((const char*)(p + r * rowbytes + 32 * b + ahead), _MM_HINT_T1);
+    if (NR == 4 && !(b & 1))  // once per 64-byte line of each row: the same line `ahead` bytes on
+      for (int r = 0; r < NR; ++r) _mm_prefetch((const char*)(p + r * rowbytes + 32 * b + ahead), _MM_HINT_T1);
+    __m256i wl[NR], wh[NR];
     CQ_UNROLL
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < NR; ++r) {
       const __m256i v = _mm256_loadu_si256((const __m256i*)(p + r * rowbytes + 32 * b));
       wl[r] = _mm256_shuffle_epi8(tl[r], _mm256_and_si256(v, m0f));
       wh[r] = _mm256_shuffle_epi8(th[r], _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f));
     }
-    CQ_UNROLL
-    for (int r = 0; r < 4; ++r) acc[r] = _mm256_add_epi32(acc[r], BITS8 ? dot_split(sl, wl[r]) : dot_small(ql, wl[r]));
+    for (int m = 0; m < MB; ++m) {
+      const Codes q = codes<BITS8>(_mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col)));
+      CQ_UNROLL
+      for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_add_epi32(acc[r][m], dot<BITS8>(q, wl[r]));
+    }
     if (col + 32 == next_flush) flush(col);  // the two halves belong to different segments
-    CQ_UNROLL
-    for (int r = 0; r < 4; ++r) acc[r] = _mm256_add_epi32(acc[r], BITS8 ? dot_split(sh, wh[r]) : dot_small(qh, wh[r]));
+    for (int m = 0; m < MB; ++m) {
+      const Codes q = codes<BITS8>(_mm256_loadu_si256((const __m256i*)(a.q + (m0 + m) * a.ldq + col + 32)));
+      CQ_UNROLL
+      for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_add_epi32(acc[r][m], dot<BITS8>(q, wh[r]));
+    }
     if (col + 64 == next_flush || b == nb - 1) flush(col + 32);
   }
   CQ_UNROLL
-  for (int r = 0; r < 4; ++r) {
-    float v = hsum8(accf[r]);
+  for (int r = 0; r < NR; ++r) {
+    const float bn = bias ? bias[n + r] : 0.f;
     const float* rs = w.rs8 + (n + r) * a.NA;
-    for (int64_t g = 0; g < a.NA; ++g) v -= a.s[g] * a.z[g] * rs[g];
-    y[n + r] = v + (bias ? bias[n + r] : 0.f);
+    for (int m = 0; m < MB; ++m) {
+      float v = hsum8(accf[r][m]);
+      const float* s = a.s + (m0 + m) * a.NA;
+      const float* z = a.z + (m0 + m) * a.NA;
+      for (int64_t g = 0; g < a.NA; ++g) v -= s[g] * z[g] * rs[g];
+      y[(m0 + m) * ldy + n + r] = v + bn;
+    }
   }
 }
 
 template <bool BITS8>
 void i8_rows_t(const Weight& w, const ActQ& a, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  if (a.M == 1) {
-    for (; n0 + 4 <= n1; n0 += 4) i8_rows4<BITS8>(w, a, y, bias, n0);
-  }
+  if (a.M == 1)
+    for (; n0 + 4 <= n1; n0 += 4) i8_tile<4, 1, BITS8>(w, a, y, ldy, bias, n0, 0);
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) i8_block<4, BITS8>(w, a, y, ldy, bias, n, m);
-    if (a.M - m >= 2) { i8_block<2, BITS8>(w, a, y, ldy, bias, n, m); m += 2; }
-    if (a.M - m >= 1) { i8_block<1, BITS8>(w, a, y, ldy, bias, n, m); m += 1; }
+    for (; m + 4 <= a.M; m += 4) i8_tile<1, 4, BITS8>(w, a, y, ldy, bias, n, m);
+    if (a.M - m >= 2) { i8_tile<1, 2, BITS8>(w, a, y, ldy, bias, n, m); m += 2; }
+    if (a.M - m >= 1) { i8_tile<1, 1, BITS8>(w, a, y, ldy, bias, n, m); m += 1; }
   }
 }
 
